@@ -1,0 +1,2 @@
+//! The `m2unet` command line.
+fn main() {}
