@@ -2,4 +2,5 @@
 
 pub mod config;
 pub mod cpu;
+pub mod engine;
 pub mod model;
