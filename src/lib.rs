@@ -2,5 +2,6 @@
 
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod engine;
 pub mod model;

@@ -1,0 +1,230 @@
+//! 3×3 convolutions: the implicit-GEMM tensor-core kernel (mma.sync fed by ldmatrix, cp.async
+//! multi-stage pipeline, swizzled shared memory, no im2col buffer; concat and bilinear ×2
+//! upsampling done by the loader; bias/ReLU/2×2 max-pool in the epilogue) and the direct
+//! kernel for the first layer's few fp32 input channels.
+#include "common.cuh"
+#include "ptx_helpers.cuh"
+
+// Block tile: BM pixels × BN output channels, K consumed BK at a time through STAGES
+// shared-memory stages. Four warps as 2 (M) × 2 (N), each computing 64 × 32 with 4 × 4
+// mma tiles of 16 × 8.
+constexpr int BM = 128, BN = 64, BK = 32, STAGES = 3, CONV_THREADS = 128;
+
+/// Offset (halves) of 16-byte chunk `ch` (0..3) of row `r` in a [rows][BK] fp16 tile. The
+/// XOR swizzle spreads the eight rows one ldmatrix phase reads over all 32 banks.
+__device__ __forceinline__ int swz(int r, int ch) { return r * BK + ((ch ^ ((r >> 1) & 3)) << 3); }
+
+/// Eight channels starting at c of the bilinear ×2 upsampling (align_corners=False) of the
+/// low-resolution NHWC tensor x at high-resolution pixel (yy, xx) of image n.
+__device__ __forceinline__ uint4 upsample_load(const ConvParams& p, int n, int yy, int xx, int c) {
+    float sy = fmaxf((yy + 0.5f) * 0.5f - 0.5f, 0.0f);
+    float sx = fmaxf((xx + 0.5f) * 0.5f - 0.5f, 0.0f);
+    int y0 = int(sy), x0 = int(sx);
+    int y1 = imin(y0 + 1, p.in_h - 1), x1 = imin(x0 + 1, p.in_w - 1);
+    float ly = sy - float(y0), lx = sx - float(x0);
+    const __half* base = p.x + size_t(n) * p.in_h * p.in_w * p.cin1 + c;
+    float a[8], b[8], cc[8], d[8], o[8];
+    unpack8(*reinterpret_cast<const uint4*>(base + (size_t(y0) * p.in_w + x0) * p.cin1), a);
+    unpack8(*reinterpret_cast<const uint4*>(base + (size_t(y0) * p.in_w + x1) * p.cin1), b);
+    unpack8(*reinterpret_cast<const uint4*>(base + (size_t(y1) * p.in_w + x0) * p.cin1), cc);
+    unpack8(*reinterpret_cast<const uint4*>(base + (size_t(y1) * p.in_w + x1) * p.cin1), d);
+    for (int i = 0; i < 8; ++i)
+        o[i] = (1.0f - ly) * ((1.0f - lx) * a[i] + lx * b[i]) + ly * ((1.0f - lx) * cc[i] + lx * d[i]);
+    return pack8(o);
+}
+
+template <bool UPSAMPLE>
+__device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
+    __shared__ __align__(128) __half sa[STAGES][BM * BK];
+    __shared__ __align__(128) __half sb[STAGES][BN * BK];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp & 1, wn = warp >> 1;
+    const int M = p.n * p.h * p.w;
+    const int cin = p.cin1 + p.cin2;
+    const int K = 9 * cin;
+    const int KT = (K + BK - 1) / BK;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+
+    // The loader: this thread fills 16-byte chunk `ch` of A rows row0 + 32·i and B rows
+    // row0 + 32·j of every stage.
+    const int ch = tid & 3, row0 = tid >> 2;
+    int an[4], ay[4], ax[4];
+    bool aok[4];
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int m = m0 + row0 + 32 * i;
+        aok[i] = m < M;
+        pixel_of_row(aok[i] ? m : 0, p.h, p.w, p.quad, an[i], ay[i], ax[i]);
+    }
+    auto load_stage = [&](int stage, int kt) {
+        int k = kt * BK + ch * 8;
+        bool kok = k < K;
+        int tap = kok ? k / cin : 0;
+        int c = k - tap * cin;
+        int dy = tap / 3 - 1, dx = tap % 3 - 1;
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            __half* dst = &sa[stage][swz(row0 + 32 * i, ch)];
+            int yy = ay[i] + dy, xx = ax[i] + dx;
+            bool ok = kok && aok[i] && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w;
+            if (UPSAMPLE) {
+                uint4 v = {0u, 0u, 0u, 0u};
+                if (ok) v = upsample_load(p, an[i], yy, xx, c);
+                *reinterpret_cast<uint4*>(dst) = v;
+            } else {
+                const __half* src = p.x;
+                if (ok) {
+                    size_t pix = (size_t(an[i]) * p.h + yy) * p.w + xx;
+                    src = c < p.cin1 ? p.x + pix * p.cin1 + c : p.x2 + pix * p.cin2 + (c - p.cin1);
+                }
+                cp_async16(dst, src, ok);
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            int nn = n0 + row0 + 32 * j;
+            bool ok = kok && nn < p.cout;
+            const __half* src = ok ? p.wt + size_t(nn) * K + k : p.wt;
+            cp_async16(&sb[stage][swz(row0 + 32 * j, ch)], src, ok);
+        }
+    };
+
+    float acc[4][4][4];
+    #pragma unroll
+    for (int i = 0; i < 4; ++i)
+        #pragma unroll
+        for (int j = 0; j < 4; ++j)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    #pragma unroll
+
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < KT) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        int next = kt + STAGES - 1;
+        if (next < KT) load_stage(next % STAGES, next);
+        cp_async_commit();
+        const __half* A = sa[kt % STAGES];
+        const __half* B = sb[kt % STAGES];
+        #pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks) {
+            unsigned af[4][4], bf[4][2];
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int r = wm * 64 + i * 16 + (lane & 15);
+                ldmatrix_x4(af[i], A + swz(r, ks * 2 + (lane >> 4)));
+            }
+            #pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                int r = wn * 32 + j * 16 + ((lane >> 4) << 3) + (lane & 7);
+                unsigned q[4];
+                ldmatrix_x4(q, B + swz(r, ks * 2 + ((lane >> 3) & 1)));
+                bf[2 * j][0] = q[0];
+                bf[2 * j][1] = q[1];
+                bf[2 * j + 1][0] = q[2];
+                bf[2 * j + 1][1] = q[3];
+            }
+            #pragma unroll
+            for (int i = 0; i < 4; ++i)
+                #pragma unroll
+                for (int j = 0; j < 4; ++j) mma_16816(acc[i][j], af[i], bf[j]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: bias, ReLU, fp16 NHWC store; the 2×2 max over rows 4q..4q+3 (lanes whose
+    // g = lane/4 differ in bits 0 and 1) for the pooled output.
+    const int g = lane >> 2, t = lane & 3;
+    const bool pool = p.y_pool != nullptr;
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        #pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            int m = m0 + wm * 64 + i * 16 + g + hf * 8;
+            bool mok = m < M;
+            int pn, py, px;
+            pixel_of_row(mok ? m : 0, p.h, p.w, p.quad, pn, py, px);
+            size_t out = ((size_t(pn) * p.h + py) * p.w + px) * p.cout;
+            size_t pout = ((size_t(pn) * (p.h / 2) + py / 2) * (p.w / 2) + px / 2) * p.cout;
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                int col = n0 + wn * 32 + j * 8 + 2 * t;
+                bool cok = col < p.cout;
+                float v0 = acc[i][j][2 * hf] + (cok ? p.bias[col] : 0.0f);
+                float v1 = acc[i][j][2 * hf + 1] + (cok ? p.bias[col + 1] : 0.0f);
+                if (p.relu) {
+                    v0 = fmaxf(v0, 0.0f);
+                    v1 = fmaxf(v1, 0.0f);
+                }
+                if (mok && cok)
+                    *reinterpret_cast<__half2*>(p.y + out + col) = __floats2half2_rn(v0, v1);
+                if (pool) {
+                    v0 = fmaxf(v0, __shfl_xor_sync(0xffffffffu, v0, 4));
+                    v1 = fmaxf(v1, __shfl_xor_sync(0xffffffffu, v1, 4));
+                    v0 = fmaxf(v0, __shfl_xor_sync(0xffffffffu, v0, 8));
+                    v1 = fmaxf(v1, __shfl_xor_sync(0xffffffffu, v1, 8));
+                    if ((g & 3) == 0 && mok && cok)
+                        *reinterpret_cast<__half2*>(p.y_pool + pout + col) = __floats2half2_rn(v0, v1);
+                }
+            }
+        }
+    }
+}
+
+/// Grid (⌈M/128⌉, ⌈cout/64⌉), 128 threads. Input x (and x2 concatenated) at full resolution.
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3x3_igemm(const ConvParams p) {
+    conv3x3_body<false>(p);
+}
+
+/// As conv3x3_igemm, with x the low-resolution tensor upsampled ×2 (bilinear) while loading.
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3x3_igemm_up(const ConvParams p) {
+    conv3x3_body<true>(p);
+}
+
+/// Direct 3×3 convolution of few-channel fp32 NCHW input to fp16 NHWC on CUDA cores; one
+/// thread per pixel, or per 2×2 window when the pooled output is wanted.
+/// Needs cout_real·cin·9 ≤ 4608 and cout_real ≤ 512.
+extern "C" __global__ void __launch_bounds__(128) conv3x3_first(const ConvFirstParams p) {
+    __shared__ float sw[4608];
+    __shared__ float sbias[512];
+    for (int i = threadIdx.x; i < p.cout_real * p.cin * 9; i += blockDim.x) sw[i] = p.wt[i];
+    for (int i = threadIdx.x; i < p.cout_real; i += blockDim.x) sbias[i] = p.bias[i];
+    __syncthreads();
+    const bool pool = p.y_pool != nullptr;
+    const int hh = pool ? p.h / 2 : p.h, ww = pool ? p.w / 2 : p.w;
+    const int units = p.n * hh * ww;
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= units) return;
+    const int ux = u % ww, uy = (u / ww) % hh, n = u / (ww * hh);
+    const int npx = pool ? 4 : 1;
+    for (int co0 = 0; co0 < p.cout; co0 += 8) {
+        float mx[8];
+        for (int e = 0; e < 8; ++e) mx[e] = -3.4e38f;
+        for (int q = 0; q < npx; ++q) {
+            int y = pool ? 2 * uy + (q >> 1) : uy, x = pool ? 2 * ux + (q & 1) : ux;
+            float o[8];
+            for (int e = 0; e < 8; ++e) o[e] = co0 + e < p.cout_real ? sbias[co0 + e] : 0.0f;
+            for (int ci = 0; ci < p.cin; ++ci) {
+                const float* plane = p.x + (size_t(n) * p.cin + ci) * p.h * p.w;
+                for (int tap = 0; tap < 9; ++tap) {
+                    int yy = y + tap / 3 - 1, xx = x + tap % 3 - 1;
+                    float v = (yy >= 0 && yy < p.h && xx >= 0 && xx < p.w) ? plane[yy * p.w + xx] : 0.0f;
+                    for (int e = 0; e < 8; ++e)
+                        if (co0 + e < p.cout_real) o[e] += v * sw[((co0 + e) * p.cin + ci) * 9 + tap];
+                }
+            }
+            for (int e = 0; e < 8; ++e) {
+                if (p.relu) o[e] = fmaxf(o[e], 0.0f);
+                mx[e] = fmaxf(mx[e], o[e]);
+            }
+            *reinterpret_cast<uint4*>(p.y + ((size_t(n) * p.h + y) * p.w + x) * p.cout + co0) = pack8(o);
+        }
+        if (pool)
+            *reinterpret_cast<uint4*>(p.y_pool + ((size_t(n) * hh + uy) * ww + ux) * p.cout + co0) = pack8(mx);
+    }
+}

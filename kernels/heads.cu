@@ -1,0 +1,77 @@
+//! The network's heads: the segmentation head (1×1 conv to class logits + argmax) and the
+//! hierarchical MIL head (concept scores with GCP pooling, small dense layers, bag pooling).
+#include "common.cuh"
+
+/// One thread per pixel. Needs classes ≤ 16 and classes·c_real ≤ 4096.
+extern "C" __global__ void seg_head(const SegHeadParams p) {
+    __shared__ float sw[4096];
+    __shared__ float sb[16];
+    for (int i = threadIdx.x; i < p.classes * p.c_real; i += blockDim.x) sw[i] = p.w[i];
+    for (int i = threadIdx.x; i < p.classes; i += blockDim.x) sb[i] = p.bias[i];
+    __syncthreads();
+    const long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= (long long)p.n * p.hw) return;
+    const int n = int(u / p.hw), pix = int(u % p.hw);
+    float o[16];
+    for (int k = 0; k < p.classes; ++k) o[k] = sb[k];
+    const __half* x = p.x + size_t(u) * p.c;
+    for (int c0 = 0; c0 < p.c_real; c0 += 8) {
+        float v[8];
+        unpack8(*reinterpret_cast<const uint4*>(x + c0), v);
+        for (int e = 0; e < 8 && c0 + e < p.c_real; ++e)
+            for (int k = 0; k < p.classes; ++k) o[k] += v[e] * sw[k * p.c_real + c0 + e];
+    }
+    int best = 0;
+    for (int k = 0; k < p.classes; ++k) {
+        if (o[k] > o[best]) best = k;
+        if (p.logits != nullptr) p.logits[(size_t(n) * p.classes + k) * p.hw + pix] = o[k];
+    }
+    if (p.labels != nullptr) p.labels[u] = (unsigned char)best;
+}
+
+/// Grid (m, ⌈k/64⌉), 64 threads, one concept per thread. Needs c_real ≤ 2048.
+extern "C" __global__ void __launch_bounds__(64) mil_concepts_gcp(const ConceptsGcpParams p) {
+    __shared__ float sx[2048];
+    const int m = blockIdx.x, k = blockIdx.y * 64 + threadIdx.x;
+    float mx = -3.4e38f, sum = 0.0f;
+    for (int i = 0; i < p.inst; ++i) {
+        __syncthreads();
+        const __half* row = p.x + (size_t(m) * p.inst + i) * p.c;
+        for (int c = threadIdx.x; c < p.c_real; c += 64) sx[c] = __half2float(row[c]);
+        __syncthreads();
+        if (k < p.k) {
+            float s = p.bias[k];
+            for (int c = 0; c < p.c_real; ++c) s += sx[c] * p.wt[size_t(c) * p.k + k];
+            mx = fmaxf(mx, s);
+            sum += s;
+        }
+    }
+    if (k < p.k) p.z[size_t(m) * p.k + k] = gcp_combine(p.gcp, mx, sum, p.inst);
+}
+
+/// One thread per output element.
+extern "C" __global__ void linear_f32(const LinearParams p) {
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= p.rows * p.fout) return;
+    const int r = u / p.fout, o = u % p.fout;
+    float s = p.bias[o];
+    const float* x = p.x + size_t(r) * p.fin;
+    const float* w = p.w + size_t(o) * p.fin;
+    for (int i = 0; i < p.fin; ++i) s += x[i] * w[i];
+    p.y[u] = p.act == 1 ? fmaxf(s, 0.0f) : s;
+}
+
+/// One thread per (bag, concept).
+extern "C" __global__ void gcp_bags(const GcpBagsParams p) {
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= p.bags * p.k) return;
+    const int b = u / p.k, k = u % p.k;
+    const int r0 = p.bag_start[b], r1 = p.bag_start[b + 1];
+    float mx = -3.4e38f, sum = 0.0f;
+    for (int r = r0; r < r1; ++r) {
+        float v = p.t[size_t(r) * p.k + k];
+        mx = fmaxf(mx, v);
+        sum += v;
+    }
+    p.g[u] = gcp_combine(p.gcp, mx, sum, r1 - r0);
+}

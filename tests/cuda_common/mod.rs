@@ -1,0 +1,134 @@
+//! Helpers shared by the CUDA tests: device choice, guarded buffers, fp16 packing, NHWC
+//! layout conversions and the normalised error mse(a,b)/mse(a,0).
+#![allow(dead_code)]
+
+use half::f16;
+use m2unet::cuda::{DevPtr, Device, DeviceKind};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The emulator, always; the tests run on a GPU instead when M2UNET_TEST_DEVICE=cuda.
+pub fn device() -> Device {
+    let kind = match std::env::var("M2UNET_TEST_DEVICE").as_deref() {
+        Ok("cuda") => DeviceKind::Gpu,
+        _ => DeviceKind::Emu,
+    };
+    let dev = Device::new(kind).expect("device");
+    println!("device: {}", dev.describe());
+    dev
+}
+
+const GUARD: usize = 256;
+const GUARD_BYTE: u8 = 0xA5;
+
+/// A device buffer with GUARD sentinel bytes on both sides that kernels must not touch.
+pub struct Guarded {
+    base: DevPtr,
+    pub ptr: DevPtr,
+    pub bytes: usize,
+}
+
+impl Guarded {
+    pub fn new(dev: &mut Device, bytes: usize) -> Self {
+        let base = dev.alloc(bytes + 2 * GUARD).unwrap();
+        let mut fill = vec![GUARD_BYTE; bytes + 2 * GUARD];
+        fill[GUARD..GUARD + bytes].fill(0);
+        dev.upload(base, &fill).unwrap();
+        Guarded {
+            base,
+            ptr: base.add(GUARD),
+            bytes,
+        }
+    }
+    pub fn with<T: bytemuck::Pod>(dev: &mut Device, data: &[T]) -> Self {
+        let g = Self::new(dev, std::mem::size_of_val(data));
+        dev.upload(g.ptr, data).unwrap();
+        g
+    }
+    pub fn addr(&self) -> u64 {
+        self.ptr.0
+    }
+    /// Panics when a sentinel byte changed.
+    pub fn check_guards(&self, dev: &Device, what: &str) {
+        let mut all = vec![0u8; self.bytes + 2 * GUARD];
+        dev.download(self.base, &mut all).unwrap();
+        let bad = all[..GUARD]
+            .iter()
+            .chain(&all[GUARD + self.bytes..])
+            .filter(|&&b| b != GUARD_BYTE)
+            .count();
+        assert_eq!(bad, 0, "{what}: {bad} guard bytes overwritten");
+    }
+    pub fn read_f16(&self, dev: &Device) -> Vec<f32> {
+        let mut v = vec![f16::ZERO; self.bytes / 2];
+        dev.download(self.ptr, &mut v).unwrap();
+        v.iter().map(|h| h.to_f32()).collect()
+    }
+    pub fn read_f32(&self, dev: &Device) -> Vec<f32> {
+        let mut v = vec![0f32; self.bytes / 4];
+        dev.download(self.ptr, &mut v).unwrap();
+        v
+    }
+    pub fn read_u8(&self, dev: &Device) -> Vec<u8> {
+        let mut v = vec![0u8; self.bytes];
+        dev.download(self.ptr, &mut v).unwrap();
+        v
+    }
+}
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+pub fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(lo..hi)).collect()
+}
+
+pub fn to_f16(v: &[f32]) -> Vec<f16> {
+    v.iter().map(|&x| f16::from_f32(x)).collect()
+}
+
+/// Values rounded through fp16 (what the device sees of an fp32 input).
+pub fn round_f16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| f16::from_f32(x).to_f32()).collect()
+}
+
+/// mse(reference, got) / mse(reference, 0); also asserts every value is finite.
+pub fn nerr(reference: &[f32], got: &[f32]) -> f64 {
+    assert_eq!(reference.len(), got.len());
+    let bad = got.iter().filter(|v| !v.is_finite()).count();
+    assert_eq!(bad, 0, "{bad} non-finite outputs");
+    let num: f64 = reference
+        .iter()
+        .zip(got)
+        .map(|(&a, &b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = reference.iter().map(|&a| (a as f64).powi(2)).sum();
+    num / den.max(1e-30)
+}
+
+/// NCHW [n,c,h,w] → NHWC [n,h,w,cp] with channels padded by zeros to cp.
+pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize, cp: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * h * w * cp];
+    for i in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                out[(i * h * w + p) * cp + ch] = x[(i * c + ch) * h * w + p];
+            }
+        }
+    }
+    out
+}
+
+/// NHWC [n,h,w,cp] → NCHW [n,c,h,w] (dropping padding channels).
+pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize, cp: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * c * h * w];
+    for i in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                out[(i * c + ch) * h * w + p] = x[(i * h * w + p) * cp + ch];
+            }
+        }
+    }
+    out
+}
