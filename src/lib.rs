@@ -3,4 +3,5 @@
 pub mod config;
 pub mod cpu;
 pub mod engine;
+pub mod io;
 pub mod model;
