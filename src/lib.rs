@@ -4,4 +4,5 @@ pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod engine;
+pub mod io;
 pub mod model;

@@ -1,0 +1,3 @@
+//! File formats: safetensors weights and tensors.
+
+pub mod weights;
