@@ -2,7 +2,9 @@
 //! GPU through cudarc or on the CPU emulator, behind one device layer and one orchestration.
 
 pub mod device;
+pub mod engine;
 pub mod kernels;
 pub mod weights;
 
 pub use device::{describe_devices, DevPtr, Device, DeviceKind};
+pub use engine::CudaEngine;
