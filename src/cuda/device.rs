@@ -49,7 +49,7 @@ pub struct DevPtr(pub u64);
 impl DevPtr {
     pub const NULL: DevPtr = DevPtr(0);
     /// The address `bytes` further on.
-    pub fn add(self, bytes: usize) -> DevPtr {
+    pub fn offset(self, bytes: usize) -> DevPtr {
         DevPtr(self.0 + bytes as u64)
     }
 }

@@ -334,7 +334,7 @@ impl Arena {
         (a, off)
     }
     fn at(&self, off: usize) -> u64 {
-        self.base.add(off).0
+        self.base.offset(off).0
     }
 }
 
@@ -462,7 +462,7 @@ impl CudaEngine {
         let c = self.model.config();
         let per = c.in_channels * c.patch * c.patch;
         ensure!(
-            !patches.is_empty() && patches.len() % per == 0,
+            !patches.is_empty() && patches.len().is_multiple_of(per),
             "patches must be [M, {}, {}, {}] (got {} values)",
             c.in_channels,
             c.patch,
@@ -495,13 +495,13 @@ impl CudaEngine {
             self.arena = Some(a);
         }
         let a = self.arena.as_ref().expect("arena just sized");
-        self.dev.upload(a.base.add(a.input), patches)?;
+        self.dev.upload(a.base.offset(a.input), patches)?;
         if let Some(bags) = bag_sizes {
             let mut starts = vec![0i32];
             for &b in bags {
                 starts.push(starts.last().unwrap() + b as i32);
             }
-            self.dev.upload(a.base.add(a.bag_start), &starts)?;
+            self.dev.upload(a.base.offset(a.bag_start), &starts)?;
         }
         Ok(())
     }
@@ -516,7 +516,7 @@ impl CudaEngine {
     }
 
     fn wp(&self, off: usize) -> u64 {
-        self.wbase.add(off).0
+        self.wbase.offset(off).0
     }
 
     /// One 3×3 conv + BN + ReLU at resolution h×h for m patches, writing `out` (and its 2×2
@@ -579,7 +579,7 @@ impl CudaEngine {
                     in_h: (h / 2) as i32,
                     in_w: (h / 2) as i32,
                     relu,
-                    quad: (h % 2 == 0) as i32,
+                    quad: h.is_multiple_of(2) as i32,
                 };
                 conv3x3(&self.dev, &p, up)?;
             }
@@ -788,8 +788,9 @@ impl CudaEngine {
             cls_logits: vec![0f32; bags * c.cls_classes],
         };
         self.dev
-            .download(a.base.add(a.seg_logits), &mut out.seg_logits)?;
-        self.dev.download(a.base.add(a.cls), &mut out.cls_logits)?;
+            .download(a.base.offset(a.seg_logits), &mut out.seg_logits)?;
+        self.dev
+            .download(a.base.offset(a.cls), &mut out.cls_logits)?;
         Ok(out)
     }
 
@@ -814,8 +815,8 @@ impl CudaEngine {
         ));
         for (rm, rv, off, c) in layers {
             let (mut mean, mut var) = (vec![0f32; c], vec![0f32; c]);
-            self.dev.download(self.wbase.add(rm), &mut mean)?;
-            self.dev.download(self.wbase.add(rv), &mut var)?;
+            self.dev.download(self.wbase.offset(rm), &mut mean)?;
+            self.dev.download(self.wbase.offset(rv), &mut var)?;
             self.model.buffers[off..off + c].copy_from_slice(&mean);
             self.model.buffers[off + c..off + 2 * c].copy_from_slice(&var);
         }
@@ -854,7 +855,7 @@ impl InferenceEngine for CudaEngine {
         let a = self.arena.as_ref().expect("arena");
         let p = self.model.config().patch;
         let mut labels = vec![0u8; m * p * p];
-        self.dev.download(a.base.add(a.labels), &mut labels)?;
+        self.dev.download(a.base.offset(a.labels), &mut labels)?;
         Ok(labels)
     }
 }

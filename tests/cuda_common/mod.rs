@@ -36,7 +36,7 @@ impl Guarded {
         dev.upload(base, &fill).unwrap();
         Guarded {
             base,
-            ptr: base.add(GUARD),
+            ptr: base.offset(GUARD),
             bytes,
         }
     }
@@ -134,6 +134,7 @@ pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize, cp: usize
 }
 
 /// Naive 3×3 convolution, stride 1, zero padding 1, NCHW f32.
+#[allow(clippy::too_many_arguments)]
 pub fn ref_conv3x3(
     x: &[f32],
     w: &[f32],
