@@ -15,6 +15,7 @@ fn gpu_or_skip(what: &str) -> bool {
     match Device::new(DeviceKind::Gpu) {
         Ok(d) => {
             println!("{what}: {}", d.describe());
+            print!("{}", m2unet::cuda::describe_devices());
             true
         }
         Err(e) => {
