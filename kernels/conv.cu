@@ -14,22 +14,40 @@ constexpr int BM = 128, BN = 64, BK = 32, STAGES = 3, CONV_THREADS = 128;
 /// XOR swizzle spreads the eight rows one ldmatrix phase reads over all 32 banks.
 __device__ __forceinline__ int swz(int r, int ch) { return r * BK + ((ch ^ ((r >> 1) & 3)) << 3); }
 
-/// Eight channels starting at c of the bilinear ×2 upsampling (align_corners=False) of the
-/// low-resolution NHWC tensor x at high-resolution pixel (yy, xx) of image n.
-__device__ __forceinline__ uint4 upsample_load(const ConvParams& p, int n, int yy, int xx, int c) {
+/// The four low-resolution neighbours (and weights) of one 8-channel vector of the bilinear ×2
+/// upsampling (align_corners=False) of x, fetched into registers before they are needed.
+struct UpFetch {
+    uint4 v[4];
+    float ly, lx;
+};
+
+/// Issues the loads of channels c..c+7 at high-resolution pixel (yy, xx) of image n.
+__device__ __forceinline__ void upsample_fetch(const ConvParams& p, int n, int yy, int xx, int c,
+                                               UpFetch& f) {
     float sy = fmaxf((yy + 0.5f) * 0.5f - 0.5f, 0.0f);
     float sx = fmaxf((xx + 0.5f) * 0.5f - 0.5f, 0.0f);
     int y0 = int(sy), x0 = int(sx);
     int y1 = imin(y0 + 1, p.in_h - 1), x1 = imin(x0 + 1, p.in_w - 1);
-    float ly = sy - float(y0), lx = sx - float(x0);
+    f.ly = sy - float(y0);
+    f.lx = sx - float(x0);
     const __half* base = p.x + size_t(n) * p.in_h * p.in_w * p.cin1 + c;
-    float a[8], b[8], cc[8], d[8], o[8];
-    unpack8(*reinterpret_cast<const uint4*>(base + (size_t(y0) * p.in_w + x0) * p.cin1), a);
-    unpack8(*reinterpret_cast<const uint4*>(base + (size_t(y0) * p.in_w + x1) * p.cin1), b);
-    unpack8(*reinterpret_cast<const uint4*>(base + (size_t(y1) * p.in_w + x0) * p.cin1), cc);
-    unpack8(*reinterpret_cast<const uint4*>(base + (size_t(y1) * p.in_w + x1) * p.cin1), d);
+    f.v[0] = *reinterpret_cast<const uint4*>(base + (size_t(y0) * p.in_w + x0) * p.cin1);
+    f.v[1] = *reinterpret_cast<const uint4*>(base + (size_t(y0) * p.in_w + x1) * p.cin1);
+    f.v[2] = *reinterpret_cast<const uint4*>(base + (size_t(y1) * p.in_w + x0) * p.cin1);
+    f.v[3] = *reinterpret_cast<const uint4*>(base + (size_t(y1) * p.in_w + x1) * p.cin1);
+}
+
+/// Interpolates a fetched vector.
+__device__ __forceinline__ uint4 upsample_blend(const UpFetch& f) {
+    float a[8], b[8], c[8], d[8], o[8];
+    unpack8(f.v[0], a);
+    unpack8(f.v[1], b);
+    unpack8(f.v[2], c);
+    unpack8(f.v[3], d);
+#pragma unroll
     for (int i = 0; i < 8; ++i)
-        o[i] = (1.0f - ly) * ((1.0f - lx) * a[i] + lx * b[i]) + ly * ((1.0f - lx) * cc[i] + lx * d[i]);
+        o[i] = (1.0f - f.ly) * ((1.0f - f.lx) * a[i] + f.lx * b[i]) +
+               f.ly * ((1.0f - f.lx) * c[i] + f.lx * d[i]);
     return pack8(o);
 }
 
@@ -50,76 +68,114 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
     const int ch = tid & 3, row0 = tid >> 2;
     int an[4], ay[4], ax[4];
     bool aok[4];
-    #pragma unroll
+#pragma unroll
     for (int i = 0; i < 4; ++i) {
         int m = m0 + row0 + 32 * i;
         aok[i] = m < M;
         pixel_of_row(aok[i] ? m : 0, p.h, p.w, p.quad, an[i], ay[i], ax[i]);
     }
-    auto load_stage = [&](int stage, int kt) {
+    // The k index of this thread's chunk in k-tile kt, with its tap (9 past the end) and channel.
+    auto chunk_k = [&](int kt, int& tap, int& c) {
         int k = kt * BK + ch * 8;
-        bool kok = k < K;
-        int tap = kok ? k / cin : 0;
-        int c = k - tap * cin;
+        tap = k < K ? k / cin : 9;
+        c = k - tap * cin;
+        return k;
+    };
+    // A rows through cp.async (plain and concatenated inputs).
+    auto load_a = [&](int stage, int kt) {
+        int tap, c;
+        chunk_k(kt, tap, c);
         int dy = tap / 3 - 1, dx = tap % 3 - 1;
-        #pragma unroll
+#pragma unroll
         for (int i = 0; i < 4; ++i) {
-            __half* dst = &sa[stage][swz(row0 + 32 * i, ch)];
             int yy = ay[i] + dy, xx = ax[i] + dx;
-            bool ok = kok && aok[i] && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w;
-            if (UPSAMPLE) {
-                uint4 v = {0u, 0u, 0u, 0u};
-                if (ok) v = upsample_load(p, an[i], yy, xx, c);
-                *reinterpret_cast<uint4*>(dst) = v;
-            } else {
-                const __half* src = p.x;
-                if (ok) {
-                    size_t pix = (size_t(an[i]) * p.h + yy) * p.w + xx;
-                    src = c < p.cin1 ? p.x + pix * p.cin1 + c : p.x2 + pix * p.cin2 + (c - p.cin1);
-                }
-                cp_async16(dst, src, ok);
+            bool ok = tap < 9 && aok[i] && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w;
+            const __half* src = p.x;
+            if (ok) {
+                size_t pix = (size_t(an[i]) * p.h + yy) * p.w + xx;
+                src = c < p.cin1 ? p.x + pix * p.cin1 + c : p.x2 + pix * p.cin2 + (c - p.cin1);
             }
+            cp_async16(&sa[stage][swz(row0 + 32 * i, ch)], src, ok);
         }
-        #pragma unroll
+    };
+    // A rows of the upsampled input: loaded into registers before a k-tile's MMAs, blended into
+    // shared memory after them, so that the loads' latency overlaps the MMAs.
+    UpFetch up[4];
+    bool upok[4];
+    auto fetch_up = [&](int kt) {
+        int tap, c;
+        chunk_k(kt, tap, c);
+        int dy = tap / 3 - 1, dx = tap % 3 - 1;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int yy = ay[i] + dy, xx = ax[i] + dx;
+            upok[i] = tap < 9 && aok[i] && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w;
+            if (upok[i]) upsample_fetch(p, an[i], yy, xx, c, up[i]);
+        }
+    };
+    auto store_up = [&](int stage) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            uint4 v = {0u, 0u, 0u, 0u};
+            if (upok[i]) v = upsample_blend(up[i]);
+            *reinterpret_cast<uint4*>(&sa[stage][swz(row0 + 32 * i, ch)]) = v;
+        }
+    };
+    auto load_b = [&](int stage, int kt) {
+        int tap, c;
+        int k = chunk_k(kt, tap, c);
+#pragma unroll
         for (int j = 0; j < 2; ++j) {
             int nn = n0 + row0 + 32 * j;
-            bool ok = kok && nn < p.cout;
+            bool ok = tap < 9 && nn < p.cout;
             const __half* src = ok ? p.wt + size_t(nn) * K + k : p.wt;
             cp_async16(&sb[stage][swz(row0 + 32 * j, ch)], src, ok);
         }
     };
 
     float acc[4][4][4];
-    #pragma unroll
+#pragma unroll
     for (int i = 0; i < 4; ++i)
-        #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j)
-            #pragma unroll
+#pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-    #pragma unroll
-
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < KT) load_stage(s, s);
+        if (s < KT) {
+            if (UPSAMPLE) {
+                fetch_up(s);
+                store_up(s);
+            } else {
+                load_a(s, s);
+            }
+            load_b(s, s);
+        }
         cp_async_commit();
     }
     for (int kt = 0; kt < KT; ++kt) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();
-        int next = kt + STAGES - 1;
-        if (next < KT) load_stage(next % STAGES, next);
+        const int next = kt + STAGES - 1;
+        if (next < KT) {
+            if (UPSAMPLE)
+                fetch_up(next);
+            else
+                load_a(next % STAGES, next);
+            load_b(next % STAGES, next);
+        }
         cp_async_commit();
         const __half* A = sa[kt % STAGES];
         const __half* B = sb[kt % STAGES];
-        #pragma unroll
+#pragma unroll
         for (int ks = 0; ks < BK / 16; ++ks) {
             unsigned af[4][4], bf[4][2];
-            #pragma unroll
+#pragma unroll
             for (int i = 0; i < 4; ++i) {
                 int r = wm * 64 + i * 16 + (lane & 15);
                 ldmatrix_x4(af[i], A + swz(r, ks * 2 + (lane >> 4)));
             }
-            #pragma unroll
+#pragma unroll
             for (int j = 0; j < 2; ++j) {
                 int r = wn * 32 + j * 16 + ((lane >> 4) << 3) + (lane & 7);
                 unsigned q[4];
@@ -129,11 +185,12 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
                 bf[2 * j + 1][0] = q[2];
                 bf[2 * j + 1][1] = q[3];
             }
-            #pragma unroll
+#pragma unroll
             for (int i = 0; i < 4; ++i)
-                #pragma unroll
+#pragma unroll
                 for (int j = 0; j < 4; ++j) mma_16816(acc[i][j], af[i], bf[j]);
         }
+        if (UPSAMPLE && next < KT) store_up(next % STAGES);
     }
     cp_async_wait<0>();
 
@@ -141,9 +198,9 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
     // g = lane/4 differ in bits 0 and 1) for the pooled output.
     const int g = lane >> 2, t = lane & 3;
     const bool pool = p.y_pool != nullptr;
-    #pragma unroll
+#pragma unroll
     for (int i = 0; i < 4; ++i) {
-        #pragma unroll
+    #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
             int m = m0 + wm * 64 + i * 16 + g + hf * 8;
             bool mok = m < M;
@@ -151,7 +208,7 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
             pixel_of_row(mok ? m : 0, p.h, p.w, p.quad, pn, py, px);
             size_t out = ((size_t(pn) * p.h + py) * p.w + px) * p.cout;
             size_t pout = ((size_t(pn) * (p.h / 2) + py / 2) * (p.w / 2) + px / 2) * p.cout;
-            #pragma unroll
+#pragma unroll
             for (int j = 0; j < 4; ++j) {
                 int col = n0 + wn * 32 + j * 8 + 2 * t;
                 bool cok = col < p.cout;
@@ -186,8 +243,62 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3x3_igemm_up(cons
     conv3x3_body<true>(p);
 }
 
-/// Direct 3×3 convolution of few-channel fp32 NCHW input to fp16 NHWC on CUDA cores; one
-/// thread per pixel, or per 2×2 window when the pooled output is wanted.
+/// One thread's share of the first layer: output channels co0..co0+7 of one pixel (POOL false)
+/// or of one 2×2 window and its max (POOL true), from the 3×3 (or 4×4) input neighbourhood.
+template <bool POOL>
+__device__ __forceinline__ void conv_first_unit(const ConvFirstParams& p, const float* sw,
+                                                const float* sbias, int n, int uy, int ux, int co0) {
+    constexpr int NP = POOL ? 4 : 1, NB = POOL ? 4 : 3;
+    const int y0 = POOL ? 2 * uy : uy, x0 = POOL ? 2 * ux : ux;
+    float o[NP][8];
+#pragma unroll
+    for (int q = 0; q < NP; ++q)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[q][e] = co0 + e < p.cout_real ? sbias[co0 + e] : 0.0f;
+    for (int ci = 0; ci < p.cin; ++ci) {
+        const float* plane = p.x + (size_t(n) * p.cin + ci) * p.h * p.w;
+        float nb[NB][NB];
+#pragma unroll
+        for (int dy = 0; dy < NB; ++dy)
+#pragma unroll
+            for (int dx = 0; dx < NB; ++dx) {
+                int yy = y0 + dy - 1, xx = x0 + dx - 1;
+                bool in = yy >= 0 && yy < p.h && xx >= 0 && xx < p.w;
+                nb[dy][dx] = in ? plane[yy * p.w + xx] : 0.0f;
+            }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            if (co0 + e >= p.cout_real) continue;
+            const float* wk = sw + ((co0 + e) * p.cin + ci) * 9;
+#pragma unroll
+            for (int tap = 0; tap < 9; ++tap)
+#pragma unroll
+                for (int q = 0; q < NP; ++q)
+                    o[q][e] += nb[q / 2 + tap / 3][q % 2 + tap % 3] * wk[tap];
+        }
+    }
+    float mx[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) mx[e] = -3.4e38f;
+#pragma unroll
+    for (int q = 0; q < NP; ++q) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            if (p.relu) o[q][e] = fmaxf(o[q][e], 0.0f);
+            mx[e] = fmaxf(mx[e], o[q][e]);
+        }
+        int y = y0 + q / 2, x = x0 + q % 2;
+        *reinterpret_cast<uint4*>(p.y + ((size_t(n) * p.h + y) * p.w + x) * p.cout + co0) = pack8(o[q]);
+    }
+    if (POOL) {
+        size_t off = ((size_t(n) * (p.h / 2) + uy) * (p.w / 2) + ux) * p.cout + co0;
+        *reinterpret_cast<uint4*>(p.y_pool + off) = pack8(mx);
+    }
+}
+
+/// Direct 3×3 convolution of few-channel fp32 NCHW input to fp16 NHWC on CUDA cores: one
+/// thread per 8 output channels of a pixel, or of a 2×2 window when the pooled output is
+/// wanted (consecutive threads write consecutive 16-byte pieces of a pixel).
 /// Needs cout_real·cin·9 ≤ 4608 and cout_real ≤ 512.
 extern "C" __global__ void __launch_bounds__(128) conv3x3_first(const ConvFirstParams p) {
     __shared__ float sw[4608];
@@ -197,34 +308,15 @@ extern "C" __global__ void __launch_bounds__(128) conv3x3_first(const ConvFirstP
     __syncthreads();
     const bool pool = p.y_pool != nullptr;
     const int hh = pool ? p.h / 2 : p.h, ww = pool ? p.w / 2 : p.w;
-    const int units = p.n * hh * ww;
-    const int u = blockIdx.x * blockDim.x + threadIdx.x;
-    if (u >= units) return;
-    const int ux = u % ww, uy = (u / ww) % hh, n = u / (ww * hh);
-    const int npx = pool ? 4 : 1;
-    for (int co0 = 0; co0 < p.cout; co0 += 8) {
-        float mx[8];
-        for (int e = 0; e < 8; ++e) mx[e] = -3.4e38f;
-        for (int q = 0; q < npx; ++q) {
-            int y = pool ? 2 * uy + (q >> 1) : uy, x = pool ? 2 * ux + (q & 1) : ux;
-            float o[8];
-            for (int e = 0; e < 8; ++e) o[e] = co0 + e < p.cout_real ? sbias[co0 + e] : 0.0f;
-            for (int ci = 0; ci < p.cin; ++ci) {
-                const float* plane = p.x + (size_t(n) * p.cin + ci) * p.h * p.w;
-                for (int tap = 0; tap < 9; ++tap) {
-                    int yy = y + tap / 3 - 1, xx = x + tap % 3 - 1;
-                    float v = (yy >= 0 && yy < p.h && xx >= 0 && xx < p.w) ? plane[yy * p.w + xx] : 0.0f;
-                    for (int e = 0; e < 8; ++e)
-                        if (co0 + e < p.cout_real) o[e] += v * sw[((co0 + e) * p.cin + ci) * 9 + tap];
-                }
-            }
-            for (int e = 0; e < 8; ++e) {
-                if (p.relu) o[e] = fmaxf(o[e], 0.0f);
-                mx[e] = fmaxf(mx[e], o[e]);
-            }
-            *reinterpret_cast<uint4*>(p.y + ((size_t(n) * p.h + y) * p.w + x) * p.cout + co0) = pack8(o);
-        }
-        if (pool)
-            *reinterpret_cast<uint4*>(p.y_pool + ((size_t(n) * hh + uy) * ww + ux) * p.cout + co0) = pack8(mx);
-    }
+    const int chunks = p.cout / 8;
+    const long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long unit = u / chunks;
+    if (unit >= (long long)p.n * hh * ww) return;
+    const int co0 = int(u % chunks) * 8;
+    const int ux = int(unit % ww), uy = int(unit / ww % hh);
+    const int n = int(unit / ((long long)ww * hh));
+    if (pool)
+        conv_first_unit<true>(p, sw, sbias, n, uy, ux, co0);
+    else
+        conv_first_unit<false>(p, sw, sbias, n, uy, ux, co0);
 }

@@ -12,41 +12,72 @@ extern "C" __global__ void seg_head(const SegHeadParams p) {
     const long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (u >= (long long)p.n * p.hw) return;
     const int n = int(u / p.hw), pix = int(u % p.hw);
+    // Fixed-size register accumulators (predicated on k < classes).
     float o[16];
-    for (int k = 0; k < p.classes; ++k) o[k] = sb[k];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) o[k] = k < p.classes ? sb[k] : 0.0f;
     const __half* x = p.x + size_t(u) * p.c;
     for (int c0 = 0; c0 < p.c_real; c0 += 8) {
         float v[8];
         unpack8(*reinterpret_cast<const uint4*>(x + c0), v);
-        for (int e = 0; e < 8 && c0 + e < p.c_real; ++e)
-            for (int k = 0; k < p.classes; ++k) o[k] += v[e] * sw[k * p.c_real + c0 + e];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            if (c0 + e >= p.c_real) break;
+#pragma unroll
+            for (int k = 0; k < 16; ++k)
+                if (k < p.classes) o[k] += v[e] * sw[k * p.c_real + c0 + e];
+        }
     }
     int best = 0;
-    for (int k = 0; k < p.classes; ++k) {
-        if (o[k] > o[best]) best = k;
+    float bestv = o[0];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+        if (k >= p.classes) break;
+        if (o[k] > bestv) {
+            bestv = o[k];
+            best = k;
+        }
         if (p.logits != nullptr) p.logits[(size_t(n) * p.classes + k) * p.hw + pix] = o[k];
     }
     if (p.labels != nullptr) p.labels[u] = (unsigned char)best;
 }
 
-/// Grid (m, ⌈k/64⌉), 64 threads, one concept per thread. Needs c_real ≤ 2048.
-extern "C" __global__ void __launch_bounds__(64) mil_concepts_gcp(const ConceptsGcpParams p) {
-    __shared__ float sx[2048];
-    const int m = blockIdx.x, k = blockIdx.y * 64 + threadIdx.x;
+/// Grid (m, ⌈k/32⌉), 256 threads: 32 concepts × 8 warps, warp w scoring instances w, w+8, …
+/// (8 instance rows staged in shared memory at a time), then max/sum combined over the warps.
+/// Needs c_real ≤ 2048.
+extern "C" __global__ void __launch_bounds__(256) mil_concepts_gcp(const ConceptsGcpParams p) {
+    __shared__ __half sx[8][2048];
+    __shared__ float smax[8][32], ssum[8][32];
+    const int m = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int k = blockIdx.y * 32 + lane;
+    const bool kok = k < p.k;
+    const float b = kok ? p.bias[k] : 0.0f;
     float mx = -3.4e38f, sum = 0.0f;
-    for (int i = 0; i < p.inst; ++i) {
+    for (int i0 = 0; i0 < p.inst; i0 += 8) {
         __syncthreads();
-        const __half* row = p.x + (size_t(m) * p.inst + i) * p.c;
-        for (int c = threadIdx.x; c < p.c_real; c += 64) sx[c] = __half2float(row[c]);
+        const int rows = imin(8, p.inst - i0);
+        for (int e = threadIdx.x; e < rows * p.c_real; e += 256) {
+            int r = e / p.c_real, c = e - r * p.c_real;
+            sx[r][c] = p.x[(size_t(m) * p.inst + i0 + r) * p.c + c];
+        }
         __syncthreads();
-        if (k < p.k) {
-            float s = p.bias[k];
-            for (int c = 0; c < p.c_real; ++c) s += sx[c] * p.wt[size_t(c) * p.k + k];
+        if (kok && warp < rows) {
+            float s = b;
+            for (int c = 0; c < p.c_real; ++c) s += __half2float(sx[warp][c]) * p.wt[size_t(c) * p.k + k];
             mx = fmaxf(mx, s);
             sum += s;
         }
     }
-    if (k < p.k) p.z[size_t(m) * p.k + k] = gcp_combine(p.gcp, mx, sum, p.inst);
+    smax[warp][lane] = mx;
+    ssum[warp][lane] = sum;
+    __syncthreads();
+    if (warp == 0 && kok) {
+        for (int w = 1; w < 8; ++w) {
+            mx = fmaxf(mx, smax[w][lane]);
+            sum += ssum[w][lane];
+        }
+        p.z[size_t(m) * p.k + k] = gcp_combine(p.gcp, mx, sum, p.inst);
+    }
 }
 
 /// One thread per output element.

@@ -285,6 +285,51 @@ impl Device {
     }
 }
 
+/// A point in the device's stream of work (a CUDA event, or the wall clock on the emulator).
+pub struct Mark {
+    event: Option<sys::CUevent>,
+    at: Instant,
+}
+
+impl Drop for Mark {
+    fn drop(&mut self) {
+        if let Some(e) = self.event.take() {
+            // Destroying an event cannot fail in a way worth reporting here.
+            let _ = unsafe { cu::event::destroy(e) };
+        }
+    }
+}
+
+impl Device {
+    /// Records a mark after the work launched so far.
+    pub fn mark(&self) -> Result<Mark> {
+        let event = match &self.gpu {
+            Some(g) => {
+                g.ctx.bind_to_thread().map_err(drv)?;
+                let e = cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(drv)?;
+                unsafe { cu::event::record(e, std::ptr::null_mut()) }.map_err(drv)?;
+                Some(e)
+            }
+            None => None,
+        };
+        Ok(Mark {
+            event,
+            at: Instant::now(),
+        })
+    }
+
+    /// Milliseconds between two marks (waits for the later one).
+    pub fn elapsed_ms(&self, from: &Mark, to: &Mark) -> Result<f32> {
+        match (from.event, to.event) {
+            (Some(a), Some(b)) => unsafe {
+                cu::event::synchronize(b).map_err(drv)?;
+                cu::event::elapsed(a, b).map_err(drv)
+            },
+            _ => Ok(to.at.duration_since(from.at).as_secs_f32() * 1e3),
+        }
+    }
+}
+
 impl Drop for Device {
     fn drop(&mut self) {
         let allocations: Vec<(u64, usize)> = self.allocations.drain().collect();

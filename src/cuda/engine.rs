@@ -3,7 +3,7 @@
 //! forward pass (eval or train-mode BatchNorm) as a short sequence of kernel launches that
 //! runs unchanged on a GPU or on the emulator.
 
-use super::device::{DevPtr, Device, DeviceKind};
+use super::device::{DevPtr, Device, DeviceKind, Mark};
 use super::kernels::*;
 use super::weights::{fold_bn, pack_conv3x3, pad8, padded, transpose};
 use crate::config::{GcpMode, ModelConfig, BN_EPS, BN_MOMENTUM};
@@ -11,6 +11,7 @@ use crate::engine::{InferenceEngine, Outputs};
 use crate::model::Model;
 use anyhow::{bail, ensure, Result};
 use bytemuck::Pod;
+use std::cell::RefCell;
 
 const ALIGN: usize = 256;
 
@@ -38,6 +39,8 @@ struct ConvW {
 
 /// A 3×3 conv followed by BatchNorm and ReLU.
 struct ConvLayer {
+    /// Module name, e.g. `dec2.conv1`.
+    name: String,
     /// Real input channels of each concatenated input tensor.
     parts: Vec<usize>,
     cout: usize,
@@ -118,6 +121,7 @@ fn build_weights(model: &Model) -> Result<(Weights, Vec<u8>)> {
             )
         };
         Ok(ConvLayer {
+            name: module.to_string(),
             parts,
             cout,
             eval,
@@ -375,6 +379,8 @@ pub struct CudaEngine {
     /// Running statistics changed on the device since the eval weights were folded.
     stale_eval: bool,
     arena: Option<Arena>,
+    /// While profiling: a device mark after each stage of the forward pass.
+    marks: RefCell<Option<Vec<(String, Mark)>>>,
 }
 
 impl CudaEngine {
@@ -404,6 +410,7 @@ impl CudaEngine {
             wbase,
             stale_eval: false,
             arena: None,
+            marks: RefCell::new(None),
         })
     }
 
@@ -456,6 +463,42 @@ impl CudaEngine {
             })?
         };
         Ok(ms / iters as f32)
+    }
+
+    /// Device milliseconds of each stage (every conv + BN + ReLU, the seg head, the MIL head)
+    /// of one eval forward, after a warm-up run.
+    pub fn profile_forward_eval(
+        &mut self,
+        patches: &[f32],
+        bag_sizes: &[usize],
+    ) -> Result<Vec<(String, f32)>> {
+        let m = self.check_input(patches, Some(bag_sizes))?;
+        if self.stale_eval {
+            self.refresh_weights()?;
+        }
+        self.prepare(patches, Some(bag_sizes), m)?;
+        self.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
+        self.dev.synchronize()?;
+        *self.marks.borrow_mut() = Some(vec![("start".to_string(), self.dev.mark()?)]);
+        let result = self.run(Mode::Eval, Heads::All, m, bag_sizes.len());
+        let marks = self.marks.borrow_mut().take().unwrap_or_default();
+        result?;
+        let mut out = vec![];
+        for pair in marks.windows(2) {
+            out.push((
+                pair[1].0.clone(),
+                self.dev.elapsed_ms(&pair[0].1, &pair[1].1)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Marks the end of a forward stage while profiling.
+    fn mark(&self, stage: &str) -> Result<()> {
+        if let Some(marks) = self.marks.borrow_mut().as_mut() {
+            marks.push((stage.to_string(), self.dev.mark()?));
+        }
+        Ok(())
     }
 
     fn check_input(&self, patches: &[f32], bag_sizes: Option<&[usize]>) -> Result<usize> {
@@ -633,7 +676,7 @@ impl CudaEngine {
                 },
             )?;
         }
-        Ok(())
+        self.mark(&l.name)
     }
 
     /// The whole forward pass on the device for m patches in `bags` bags.
@@ -691,6 +734,7 @@ impl CudaEngine {
                 pad_: 0,
             },
         )?;
+        self.mark("seg_head")?;
         if heads == Heads::Labels {
             return Ok(());
         }
@@ -777,7 +821,8 @@ impl CudaEngine {
             k2,
             c.cls_classes as i32,
             0,
-        )
+        )?;
+        self.mark("mil_head")
     }
 
     fn read_outputs(&self, m: usize, bags: usize) -> Result<Outputs> {

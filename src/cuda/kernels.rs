@@ -234,7 +234,7 @@ pub fn conv3x3_first(dev: &Device, p: &ConvFirstParams) -> Result<()> {
         "conv3x3_first: too many weights"
     );
     let pool = p.y_pool != 0;
-    let units = (p.n * p.h * p.w) as usize / if pool { 4 } else { 1 };
+    let units = (p.n * p.h * p.w) as usize / if pool { 4 } else { 1 } * (p.cout as usize / 8);
     dev.launch("conv3x3_first", [blocks(units, 128), 1, 1], [128, 1, 1], p)
 }
 
@@ -282,8 +282,8 @@ pub fn mil_concepts_gcp(dev: &Device, p: &ConceptsGcpParams) -> Result<()> {
     );
     dev.launch(
         "mil_concepts_gcp",
-        [p.m as u32, blocks(p.k as usize, 64), 1],
-        [64, 1, 1],
+        [p.m as u32, blocks(p.k as usize, 32), 1],
+        [256, 1, 1],
         p,
     )
 }

@@ -6,5 +6,5 @@ pub mod engine;
 pub mod kernels;
 pub mod weights;
 
-pub use device::{describe_devices, DevPtr, Device, DeviceKind};
+pub use device::{describe_devices, DevPtr, Device, DeviceKind, Mark};
 pub use engine::CudaEngine;
