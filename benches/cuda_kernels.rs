@@ -102,6 +102,9 @@ fn kernels(c: &mut Criterion) {
             in_w: (h / 2) as i32,
             relu: 1,
             quad: 1,
+            partial: 0,
+            splits: 1,
+            pad_: 0,
         };
         g.throughput(Throughput::Elements(
             (2 * m * cout * 9 * (cin1 + cin2)) as u64,

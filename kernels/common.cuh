@@ -56,12 +56,15 @@ struct ConvParams {
     const float* bias; // [cout]
     __half* y;         // output NHWC [n, h, w, cout]
     __half* y_pool;    // 2×2 max-pooled output [n, h/2, w/2, cout], or null
+    float* partial;    // split-K: fp32 partial sums [splits][M][cout] (GEMM row order)
     int n, h, w;       // output (= conv input) spatial size
     int cin1, cin2;    // channels of x and x2, multiples of 8
     int cout;          // output channels, a multiple of 8
     int in_h, in_w;    // the low-resolution size of x when it is upsampled ×2 while loading
     int relu;          // apply ReLU in the epilogue
     int quad;          // rows in 2×2-window order (needs even h and w; required for y_pool)
+    int splits;        // K split over gridDim.z blocks (1: no split; > 1: conv_splitk_reduce)
+    int pad_;
 };
 
 /// The first layer: 3×3 convolution of fp32 NCHW input with few channels (direct, CUDA cores).
@@ -166,7 +169,7 @@ __device__ __forceinline__ float gcp_combine(int mode, float mx, float sum, int 
 }
 
 // The Rust twins (src/cuda/kernels.rs) assert the same sizes.
-static_assert(sizeof(ConvParams) == 88, "ConvParams layout");
+static_assert(sizeof(ConvParams) == 104, "ConvParams layout");
 static_assert(sizeof(ConvFirstParams) == 72, "ConvFirstParams layout");
 static_assert(sizeof(BnStatsParams) == 32, "BnStatsParams layout");
 static_assert(sizeof(BnFinalizeParams) == 88, "BnFinalizeParams layout");

@@ -60,7 +60,10 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
     const int M = p.n * p.h * p.w;
     const int cin = p.cin1 + p.cin2;
     const int K = 9 * cin;
-    const int KT = (K + BK - 1) / BK;
+    // This block's share of the k-tiles (split-K over blockIdx.z).
+    const int kt_all = (K + BK - 1) / BK;
+    const int kt_begin = int(blockIdx.z) * kt_all / p.splits;
+    const int KT = (int(blockIdx.z) + 1) * kt_all / p.splits - kt_begin;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
 
     // The loader: this thread fills 16-byte chunk `ch` of A rows row0 + 32·i and B rows
@@ -76,7 +79,7 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
     }
     // The k index of this thread's chunk in k-tile kt, with its tap (9 past the end) and channel.
     auto chunk_k = [&](int kt, int& tap, int& c) {
-        int k = kt * BK + ch * 8;
+        int k = (kt_begin + kt) * BK + ch * 8;
         tap = k < K ? k / cin : 9;
         c = k - tap * cin;
         return k;
@@ -194,9 +197,28 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
     }
     cp_async_wait<0>();
 
+    const int g = lane >> 2, t = lane & 3;
+    if (p.splits > 1) {
+        // Split-K: raw fp32 sums, reduced (with bias, ReLU and pooling) by conv_splitk_reduce.
+        float* part = p.partial + size_t(blockIdx.z) * M * p.cout;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                int m = m0 + wm * 64 + i * 16 + g + hf * 8;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    int col = n0 + wn * 32 + j * 8 + 2 * t;
+                    if (m < M && col < p.cout)
+                        *reinterpret_cast<float2*>(part + size_t(m) * p.cout + col) =
+                            make_float2(acc[i][j][2 * hf], acc[i][j][2 * hf + 1]);
+                }
+            }
+        return;
+    }
+
     // Epilogue: bias, ReLU, fp16 NHWC store; the 2×2 max over rows 4q..4q+3 (lanes whose
     // g = lane/4 differ in bits 0 and 1) for the pooled output.
-    const int g = lane >> 2, t = lane & 3;
     const bool pool = p.y_pool != nullptr;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -233,7 +255,7 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
     }
 }
 
-/// Grid (⌈M/128⌉, ⌈cout/64⌉), 128 threads. Input x (and x2 concatenated) at full resolution.
+/// Grid (⌈M/128⌉, ⌈cout/64⌉, splits), 128 threads. Input x (and x2 concatenated) at full resolution.
 extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3x3_igemm(const ConvParams p) {
     conv3x3_body<false>(p);
 }
@@ -241,6 +263,45 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3x3_igemm(const C
 /// As conv3x3_igemm, with x the low-resolution tensor upsampled ×2 (bilinear) while loading.
 extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3x3_igemm_up(const ConvParams p) {
     conv3x3_body<true>(p);
+}
+
+/// Sums the split-K partials of conv3x3_igemm(_up) and applies its epilogue (bias, ReLU, fp16
+/// store, 2×2 max-pool). One thread per 8 channels of a GEMM row, or of 4 rows (a pooling
+/// window) when y_pool is set.
+extern "C" __global__ void conv_splitk_reduce(const ConvParams p) {
+    const int M = p.n * p.h * p.w;
+    const bool pool = p.y_pool != nullptr;
+    const int npx = pool ? 4 : 1;
+    const int chunks = p.cout / 8;
+    const long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= (long long)M / npx * chunks) return;
+    const int c0 = int(u % chunks) * 8;
+    const int m0 = int(u / chunks) * npx;
+    float mx[8];
+    for (int e = 0; e < 8; ++e) mx[e] = -3.4e38f;
+    int pn = 0, py = 0, px = 0;
+    for (int q = 0; q < npx; ++q) {
+        const int m = m0 + q;
+        float v[8];
+        for (int e = 0; e < 8; ++e) v[e] = p.bias[c0 + e];
+        for (int s = 0; s < p.splits; ++s) {
+            const float* src = p.partial + (size_t(s) * M + m) * p.cout + c0;
+            float4 a = *reinterpret_cast<const float4*>(src);
+            float4 b = *reinterpret_cast<const float4*>(src + 4);
+            v[0] += a.x, v[1] += a.y, v[2] += a.z, v[3] += a.w;
+            v[4] += b.x, v[5] += b.y, v[6] += b.z, v[7] += b.w;
+        }
+        for (int e = 0; e < 8; ++e) {
+            if (p.relu) v[e] = fmaxf(v[e], 0.0f);
+            mx[e] = fmaxf(mx[e], v[e]);
+        }
+        pixel_of_row(m, p.h, p.w, p.quad, pn, py, px);
+        *reinterpret_cast<uint4*>(p.y + ((size_t(pn) * p.h + py) * p.w + px) * p.cout + c0) = pack8(v);
+    }
+    if (pool) {
+        size_t off = ((size_t(pn) * (p.h / 2) + py / 2) * (p.w / 2) + px / 2) * p.cout + c0;
+        *reinterpret_cast<uint4*>(p.y_pool + off) = pack8(mx);
+    }
 }
 
 /// One thread's share of the first layer: output channels co0..co0+7 of one pixel (POOL false)

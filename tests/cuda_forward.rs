@@ -363,3 +363,33 @@ fn bad_bags_are_errors() {
     println!("errors: {e1} | {e2} | {e3}");
     assert!(e1.contains("at least 2") && e2.contains("sum to 4") && e3.contains("patches must be"));
 }
+
+#[test]
+fn profile_lists_every_stage() {
+    // One entry per conv of model.md (enc1–5: 2 each, dec5–2: 3 each), the seg head, the MIL
+    // head, in network order, each a non-negative time.
+    let c = ModelConfig::tiny();
+    let mut engine = CudaEngine::new(&Model::init(c, 3), DeviceKind::Emu).unwrap();
+    let x = vec![0.25f32; 2 * c.patch * c.patch];
+    let stages = engine.profile_forward_eval(&x, &[2]).unwrap();
+    let mut want = vec![];
+    for k in 1..=5 {
+        want.push(format!("enc{k}.conv1"));
+        want.push(format!("enc{k}.conv2"));
+    }
+    for k in (2..=5).rev() {
+        for l in ["up_conv", "conv1", "conv2"] {
+            want.push(format!("dec{k}.{l}"));
+        }
+    }
+    want.push("seg_head".into());
+    want.push("mil_head".into());
+    let names: Vec<&str> = stages.iter().map(|(s, _)| s.as_str()).collect();
+    let total: f32 = stages.iter().map(|(_, ms)| ms).sum();
+    println!(
+        "profile: {} stages, {total:.1} ms in all on the emulator",
+        stages.len()
+    );
+    assert_eq!(names, want.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(stages.iter().all(|(_, ms)| *ms >= 0.0));
+}

@@ -92,6 +92,9 @@ fn run_conv_case(case: &ConvCase, seed: u64) {
     let gb = Guarded::with(&mut dev, &m2unet::cuda::weights::padded(&bias, cp));
     let gy = Guarded::new(&mut dev, n * h * w * cp * 2);
     let gp = Guarded::new(&mut dev, n * (h / 2) * (w / 2) * cp * 2);
+    let cin_pad: usize = case.parts.iter().map(|&c| pad8(c)).sum();
+    let splits = conv_splits(n * h * w, cp, 9 * cin_pad);
+    let gpart = Guarded::new(&mut dev, splits * n * h * w * cp * 4);
     let p = ConvParams {
         x: gx[0].addr(),
         x2: gx.get(1).map_or(0, |g| g.addr()),
@@ -107,6 +110,8 @@ fn run_conv_case(case: &ConvCase, seed: u64) {
         cout: cp as i32,
         relu: case.relu as i32,
         quad: (h % 2 == 0 && w % 2 == 0) as i32,
+        partial: gpart.addr(),
+        splits: splits as i32,
         ..Default::default()
     };
     let t = std::time::Instant::now();
@@ -115,7 +120,7 @@ fn run_conv_case(case: &ConvCase, seed: u64) {
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let got = nhwc_to_nchw(&gy.read_f16(&dev), n, cout, h, w, cp);
     let e = nerr(&want, &got);
-    println!("conv3x3_igemm n={n} {h}x{w} cin={:?} cout={cout} pool={}: normalised error {e:.3e} (threshold 1e-5), {ms:.1} ms", case.parts, case.pool);
+    println!("conv3x3_igemm n={n} {h}x{w} cin={:?} cout={cout} pool={} split-K {splits}: normalised error {e:.3e} (threshold 1e-5), {ms:.1} ms", case.parts, case.pool);
     assert!(e < 1e-5, "error {e}");
     gy.check_guards(&dev, "conv y");
     let pad_out: Vec<f32> = gy
@@ -137,6 +142,7 @@ fn run_conv_case(case: &ConvCase, seed: u64) {
         assert!(ep < 1e-5);
     }
     gp.check_guards(&dev, "conv y_pool");
+    gpart.check_guards(&dev, "conv split-K partials");
 }
 
 #[test]
@@ -170,6 +176,25 @@ fn conv3x3_igemm_multi_tile_with_pool() {
             relu: true,
         },
         3,
+    );
+}
+
+#[test]
+fn conv3x3_igemm_split_k_with_pool() {
+    // A small grid over a long K (36 rows, 9·64 = 576): K is split over 4 blocks and reduced by
+    // conv_splitk_reduce, which also applies bias, ReLU and the 2×2 max-pool.
+    assert_eq!(conv_splits(36, 24, 576), 4);
+    run_conv_case(
+        &ConvCase {
+            n: 1,
+            h: 6,
+            w: 6,
+            parts: vec![64],
+            cout: 24,
+            pool: true,
+            relu: true,
+        },
+        13,
     );
 }
 

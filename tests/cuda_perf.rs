@@ -1,7 +1,7 @@
 //! GPU-only timings (skipped, saying why, without a GPU): eval forward of the paper preset at
 //! 8, 32 and 128 patches and the implicit-GEMM conv alone, timed with CUDA events. Each
 //! result is checked for finite outputs and printed as a `PERF` line that tools/gpu_check.sh
-//! reads. Set M2UNET_PERF_PATCHES (e.g. "8,32") to choose the batch sizes.
+//! reads, with a per-stage profile (PROFILE lines). Set M2UNET_PERF_PATCHES (e.g. "8,32") to choose the batch sizes.
 
 mod cuda_common;
 
@@ -62,6 +62,10 @@ fn gpu_forward_eval_paper_timing() {
             gflop / ms as f64
         );
         assert!(ms > 0.0);
+        let stages = engine.profile_forward_eval(&x, &bags).unwrap();
+        for (stage, sms) in &stages {
+            println!("PROFILE m={m} stage={stage} ms={sms:.4}");
+        }
     }
 }
 

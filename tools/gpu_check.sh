@@ -200,6 +200,17 @@ for m, (ms, gflop) in sorted(rust.items()):
     e = t.get("eager", {}).get(str(m))
     c = t.get("compile", {}).get(str(m))
     print(f"| M={m} | {ms:.2f} | {tf:.1f} | {f(100 * tf / peak if peak else None, 1)} | {f(e)} | {f(e / ms if e else None)} | {f(c)} | {f(c / ms if c else None)} |")
+prof = {}
+for line in open(f"{out}/perf_rust.txt"):
+    m = re.match(r"PROFILE m=(\d+) stage=(\S+) ms=([\d.]+)", line)
+    if m:
+        prof.setdefault(int(m[1]), []).append((m[2], float(m[3])))
+if prof:
+    ms_sizes = sorted(prof)
+    print("\n| stage (eval forward) | " + " | ".join(f"M={m} ms" for m in ms_sizes) + " |")
+    print("|---|" + "---|" * len(ms_sizes))
+    for i, (stage, _) in enumerate(prof[ms_sizes[0]]):
+        print(f"| {stage} | " + " | ".join(f"{prof[m][i][1]:.3f}" for m in ms_sizes) + " |")
 print("\n| conv3x3 (fp16, NHWC) | m2unet ms | TFLOP/s | torch/cuDNN ms | TFLOP/s | cuDNN/m2unet |")
 print("|---|---|---|---|---|---|")
 for name, (ms, gflop) in convs.items():

@@ -256,6 +256,8 @@ struct Arena {
     dec: Vec<[usize; 3]>,
     /// Train mode: the raw conv output before BatchNorm, BN partial statistics, scale, shift.
     z: usize,
+    /// Split-K partial sums (the largest any conv of the pass needs).
+    splitk: usize,
     partial: usize,
     scale: usize,
     shift: usize,
@@ -308,6 +310,19 @@ impl Arena {
         let max_px = m * p * p;
         let max_elems = (max_px * wp).max(m * (p / 16) * (p / 16) * bp);
         let z = take(max_elems * 2);
+        let splitk_bytes = conv_shapes(c, m)
+            .into_iter()
+            .map(|(rows, cout, k)| {
+                let s = conv_splits(rows, cout, k);
+                if s > 1 {
+                    s * rows * cout * 4
+                } else {
+                    0
+                }
+            })
+            .max()
+            .unwrap_or(0);
+        let splitk = take(splitk_bytes);
         let partial = take(bn_chunks(max_px) * 2 * wp.max(bp) * 4);
         let scale = take(wp.max(bp) * 4);
         let shift = take(wp.max(bp) * 4);
@@ -321,6 +336,7 @@ impl Arena {
             enc,
             dec,
             z,
+            splitk,
             partial,
             scale,
             shift,
@@ -340,6 +356,28 @@ impl Arena {
     fn at(&self, off: usize) -> u64 {
         self.base.offset(off).0
     }
+}
+
+/// (GEMM rows, padded cout, K) of every tensor-core conv of the forward pass for m patches.
+fn conv_shapes(c: &ModelConfig, m: usize) -> Vec<(usize, usize, usize)> {
+    let (wp, bp, p) = (pad8(c.enc_width), pad8(c.bottleneck_width), c.patch);
+    let mut v = vec![];
+    for k in 0..5 {
+        let r = p >> k;
+        let cout = if k == 4 { bp } else { wp };
+        // enc1.conv1 is the direct first-layer kernel; every other conv1 reads W channels.
+        if k > 0 {
+            v.push((m * r * r, cout, 9 * wp));
+        }
+        v.push((m * r * r, cout, 9 * cout));
+    }
+    for (i, low) in [bp, wp, wp, wp].into_iter().enumerate() {
+        let r = p >> (3 - i);
+        v.push((m * r * r, wp, 9 * low));
+        v.push((m * r * r, wp, 9 * 2 * wp));
+        v.push((m * r * r, wp, 9 * wp));
+    }
+    v
 }
 
 /// The input of one convolution.
@@ -606,6 +644,8 @@ impl CudaEngine {
                     _ => (0, 0),
                 };
                 let up = matches!(input, ConvIn::Upsample(_));
+                let cin1 = pad8(l.parts[0]);
+                let splits = conv_splits(m * h * h, cp, 9 * (cin1 + cin2 as usize));
                 let p = ConvParams {
                     x,
                     x2,
@@ -616,13 +656,16 @@ impl CudaEngine {
                     n: m as i32,
                     h: h as i32,
                     w: h as i32,
-                    cin1: pad8(l.parts[0]) as i32,
+                    cin1: cin1 as i32,
                     cin2,
                     cout: cp as i32,
                     in_h: (h / 2) as i32,
                     in_w: (h / 2) as i32,
                     relu,
                     quad: h.is_multiple_of(2) as i32,
+                    partial: a.at(a.splitk),
+                    splits: splits as i32,
+                    pad_: 0,
                 };
                 conv3x3(&self.dev, &p, up)?;
             }

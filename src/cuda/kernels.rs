@@ -32,6 +32,7 @@ pub struct ConvParams {
     pub bias: DevAddr,
     pub y: DevAddr,
     pub y_pool: DevAddr,
+    pub partial: DevAddr,
     pub n: i32,
     pub h: i32,
     pub w: i32,
@@ -42,6 +43,8 @@ pub struct ConvParams {
     pub in_w: i32,
     pub relu: i32,
     pub quad: i32,
+    pub splits: i32,
+    pub pad_: i32,
 }
 
 #[repr(C)]
@@ -182,7 +185,7 @@ pub struct GcpBagsParams {
 pub type DevAddr = u64;
 
 const _: () = {
-    assert!(std::mem::size_of::<ConvParams>() == 88);
+    assert!(std::mem::size_of::<ConvParams>() == 104);
     assert!(std::mem::size_of::<ConvFirstParams>() == 72);
     assert!(std::mem::size_of::<BnStatsParams>() == 32);
     assert!(std::mem::size_of::<BnFinalizeParams>() == 88);
@@ -203,7 +206,9 @@ fn blocks(units: usize, per_block: usize) -> u32 {
     units.div_ceil(per_block) as u32
 }
 
-/// Implicit-GEMM 3×3 convolution; `upsample` selects the loader that upsamples x ×2.
+/// Implicit-GEMM 3×3 convolution; `upsample` selects the loader that upsamples x ×2. With
+/// `splits` > 1 (see `conv_splits`), K is split over blocks and `partial` (fp32,
+/// splits·M·cout) is reduced by a second kernel.
 pub fn conv3x3(dev: &Device, p: &ConvParams, upsample: bool) -> Result<()> {
     ensure!(
         p.cin1 % 8 == 0 && p.cin2 % 8 == 0 && p.cout % 8 == 0,
@@ -217,14 +222,48 @@ pub fn conv3x3(dev: &Device, p: &ConvParams, upsample: bool) -> Result<()> {
         !upsample || p.cin2 == 0,
         "conv3x3: upsampling reads one tensor"
     );
+    let mut p = *p;
+    p.splits = p.splits.max(1);
+    ensure!(
+        p.splits == 1 || p.partial != 0,
+        "conv3x3: split-K needs a partial-sum buffer"
+    );
     let m = (p.n * p.h * p.w) as usize;
-    let grid = [blocks(m, CONV_BM), blocks(p.cout as usize, CONV_BN), 1];
+    let grid = [
+        blocks(m, CONV_BM),
+        blocks(p.cout as usize, CONV_BN),
+        p.splits as u32,
+    ];
     let name = if upsample {
         "conv3x3_igemm_up"
     } else {
         "conv3x3_igemm"
     };
-    dev.launch(name, grid, [128, 1, 1], p)
+    dev.launch(name, grid, [128, 1, 1], &p)?;
+    if p.splits > 1 {
+        let units = m / if p.y_pool != 0 { 4 } else { 1 } * (p.cout as usize / 8);
+        dev.launch(
+            "conv_splitk_reduce",
+            [blocks(units, 256), 1, 1],
+            [256, 1, 1],
+            &p,
+        )?;
+    }
+    Ok(())
+}
+
+/// SMs of the GPUs the kernels are tuned for (H100/H200: 132): split-K aims at two waves.
+const TARGET_BLOCKS: usize = 264;
+
+/// How many ways to split K for a conv of `rows` × `cout` with K = `k`: 1 when the grid already
+/// fills the GPU, else enough splits for about two waves, each of at least 4 k-tiles.
+pub fn conv_splits(rows: usize, cout: usize, k: usize) -> usize {
+    let tiles = rows.div_ceil(CONV_BM) * cout.div_ceil(CONV_BN);
+    let kt = k.div_ceil(32);
+    if tiles >= TARGET_BLOCKS || kt < 8 {
+        return 1;
+    }
+    TARGET_BLOCKS.div_ceil(tiles).min(kt / 4).clamp(1, 16)
 }
 
 /// The first layer's direct convolution.
