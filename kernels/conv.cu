@@ -8,7 +8,7 @@
 // Block tile: BM pixels × BN output channels, K consumed BK at a time through STAGES
 // shared-memory stages. Four warps as 2 (M) × 2 (N), each computing 64 × 32 with 4 × 4
 // mma tiles of 16 × 8.
-constexpr int BM = 128, BN = 64, BK = 32, STAGES = 3, CONV_THREADS = 128;
+constexpr int BM = 128, BN = 64, BK = 32, STAGES = 4, CONV_THREADS = 128;
 
 /// Offset (halves) of 16-byte chunk `ch` (0..3) of row `r` in a [rows][BK] fp16 tile. The
 /// XOR swizzle spreads the eight rows one ldmatrix phase reads over all 32 banks.

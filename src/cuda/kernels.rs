@@ -252,18 +252,18 @@ pub fn conv3x3(dev: &Device, p: &ConvParams, upsample: bool) -> Result<()> {
     Ok(())
 }
 
-/// SMs of the GPUs the kernels are tuned for (H100/H200: 132): split-K aims at two waves.
-const TARGET_BLOCKS: usize = 264;
+/// SMs of the GPUs the kernels are tuned for (H100/H200: 132).
+const SMS: usize = 132;
 
-/// How many ways to split K for a conv of `rows` × `cout` with K = `k`: 1 when the grid already
-/// fills the GPU, else enough splits for about two waves, each of at least 4 k-tiles.
+/// How many ways to split K for a conv of `rows` × `cout` with K = `k`: 1 when the grid fills
+/// at least one wave, else enough splits for about two waves, each of at least 4 k-tiles.
 pub fn conv_splits(rows: usize, cout: usize, k: usize) -> usize {
     let tiles = rows.div_ceil(CONV_BM) * cout.div_ceil(CONV_BN);
     let kt = k.div_ceil(32);
-    if tiles >= TARGET_BLOCKS || kt < 8 {
+    if tiles >= SMS || kt < 8 {
         return 1;
     }
-    TARGET_BLOCKS.div_ceil(tiles).min(kt / 4).clamp(1, 16)
+    (2 * SMS).div_ceil(tiles).min(kt / 4).clamp(1, 16)
 }
 
 /// The first layer's direct convolution.
