@@ -122,6 +122,12 @@ inline __half __float2half_rn(float f) { return (__half)f; }
 inline float __half2float(__half h) { return (float)h; }
 inline __half2 __floats2half2_rn(float a, float b) { return {(__half)a, (__half)b}; }
 inline float2 __half22float2(__half2 h) { return {(float)h.x, (float)h.y}; }
+inline __half2 __float2half2_rn(float f) { return {(__half)f, (__half)f}; }
+inline __half2 __hsub2(__half2 a, __half2 b) { return {(__half)(a.x - b.x), (__half)(a.y - b.y)}; }
+// One rounding, as the hardware's fused multiply-add: computed in float, rounded once.
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+    return {(__half)((float)a.x * (float)b.x + (float)c.x), (__half)((float)a.y * (float)b.y + (float)c.y)};
+}
 inline float __low2float(__half2 h) { return (float)h.x; }
 inline float __high2float(__half2 h) { return (float)h.y; }
 

@@ -37,18 +37,23 @@ __device__ __forceinline__ void upsample_fetch(const ConvParams& p, int n, int y
     f.v[3] = *reinterpret_cast<const uint4*>(base + (size_t(y1) * p.in_w + x1) * p.cin1);
 }
 
-/// Interpolates a fetched vector.
+/// Interpolates a fetched vector in fp16x2 arithmetic (the weights 0, ¼, ¾ are exact in fp16):
+/// top = a + lx·(b − a), bottom = c + lx·(d − c), result = top + ly·(bottom − top).
 __device__ __forceinline__ uint4 upsample_blend(const UpFetch& f) {
-    float a[8], b[8], c[8], d[8], o[8];
-    unpack8(f.v[0], a);
-    unpack8(f.v[1], b);
-    unpack8(f.v[2], c);
-    unpack8(f.v[3], d);
+    const __half2 lx = __float2half2_rn(f.lx), ly = __float2half2_rn(f.ly);
+    const __half2* a = reinterpret_cast<const __half2*>(&f.v[0]);
+    const __half2* b = reinterpret_cast<const __half2*>(&f.v[1]);
+    const __half2* c = reinterpret_cast<const __half2*>(&f.v[2]);
+    const __half2* d = reinterpret_cast<const __half2*>(&f.v[3]);
+    uint4 out;
+    __half2* o = reinterpret_cast<__half2*>(&out);
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
-        o[i] = (1.0f - f.ly) * ((1.0f - f.lx) * a[i] + f.lx * b[i]) +
-               f.ly * ((1.0f - f.lx) * c[i] + f.lx * d[i]);
-    return pack8(o);
+    for (int i = 0; i < 4; ++i) {
+        __half2 top = __hfma2(lx, __hsub2(b[i], a[i]), a[i]);
+        __half2 bot = __hfma2(lx, __hsub2(d[i], c[i]), c[i]);
+        o[i] = __hfma2(ly, __hsub2(bot, top), top);
+    }
+    return out;
 }
 
 template <bool UPSAMPLE>
@@ -273,10 +278,10 @@ extern "C" __global__ void conv_splitk_reduce(const ConvParams p) {
     const bool pool = p.y_pool != nullptr;
     const int npx = pool ? 4 : 1;
     const int chunks = p.cout / 8;
-    const long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (u >= (long long)M / npx * chunks) return;
-    const int c0 = int(u % chunks) * 8;
-    const int m0 = int(u / chunks) * npx;
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= M / npx * chunks) return;
+    const int c0 = (u % chunks) * 8;
+    const int m0 = u / chunks * npx;
     float mx[8];
     for (int e = 0; e < 8; ++e) mx[e] = -3.4e38f;
     int pn = 0, py = 0, px = 0;
@@ -370,12 +375,12 @@ extern "C" __global__ void __launch_bounds__(128) conv3x3_first(const ConvFirstP
     const bool pool = p.y_pool != nullptr;
     const int hh = pool ? p.h / 2 : p.h, ww = pool ? p.w / 2 : p.w;
     const int chunks = p.cout / 8;
-    const long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long unit = u / chunks;
-    if (unit >= (long long)p.n * hh * ww) return;
-    const int co0 = int(u % chunks) * 8;
-    const int ux = int(unit % ww), uy = int(unit / ww % hh);
-    const int n = int(unit / ((long long)ww * hh));
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    const int unit = u / chunks;
+    if (unit >= p.n * hh * ww) return;
+    const int co0 = (u - unit * chunks) * 8;
+    const int ux = unit % ww, r = unit / ww;
+    const int uy = r % hh, n = r / hh;
     if (pool)
         conv_first_unit<true>(p, sw, sbias, n, uy, ux, co0);
     else

@@ -9,9 +9,9 @@ extern "C" __global__ void seg_head(const SegHeadParams p) {
     for (int i = threadIdx.x; i < p.classes * p.c_real; i += blockDim.x) sw[i] = p.w[i];
     for (int i = threadIdx.x; i < p.classes; i += blockDim.x) sb[i] = p.bias[i];
     __syncthreads();
-    const long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (u >= (long long)p.n * p.hw) return;
-    const int n = int(u / p.hw), pix = int(u % p.hw);
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= p.n * p.hw) return;
+    const int n = u / p.hw, pix = u - n * p.hw;
     // Fixed-size register accumulators (predicated on k < classes).
     float o[16];
 #pragma unroll

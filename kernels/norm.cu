@@ -78,12 +78,11 @@ extern "C" __global__ void bn_apply(const BnApplyParams p) {
     const bool pool = p.y_pool != nullptr;
     const int cv = p.c / 8;
     const int hh = pool ? p.h / 2 : p.h, ww = pool ? p.w / 2 : p.w;
-    const long long units = (long long)p.n * hh * ww * cv;
-    const long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (u >= units) return;
-    const int c0 = int(u % cv) * 8;
-    const long long pix = u / cv;
-    const int ux = int(pix % ww), uy = int(pix / ww % hh), n = int(pix / (ww * hh));
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= p.n * hh * ww * cv) return;
+    const int pix = u / cv, c0 = (u - pix * cv) * 8;
+    const int ux = pix % ww, r = pix / ww;
+    const int uy = r % hh, n = r / hh;
     float sc[8], sh[8], mx[8];
     for (int e = 0; e < 8; ++e) {
         sc[e] = p.scale[c0 + e];

@@ -206,6 +206,15 @@ fn blocks(units: usize, per_block: usize) -> u32 {
     units.div_ceil(per_block) as u32
 }
 
+/// The kernels index threads and GEMM rows with 32-bit integers.
+fn check_i32(what: &str, units: usize) -> Result<()> {
+    ensure!(
+        units < i32::MAX as usize,
+        "{what}: {units} elements exceed the kernels' 32-bit indexing; use fewer patches per batch"
+    );
+    Ok(())
+}
+
 /// Implicit-GEMM 3×3 convolution; `upsample` selects the loader that upsamples x ×2. With
 /// `splits` > 1 (see `conv_splits`), K is split over blocks and `partial` (fp32,
 /// splits·M·cout) is reduced by a second kernel.
@@ -228,7 +237,8 @@ pub fn conv3x3(dev: &Device, p: &ConvParams, upsample: bool) -> Result<()> {
         p.splits == 1 || p.partial != 0,
         "conv3x3: split-K needs a partial-sum buffer"
     );
-    let m = (p.n * p.h * p.w) as usize;
+    let m = p.n as usize * p.h as usize * p.w as usize;
+    check_i32("conv3x3", m * p.cout as usize)?;
     let grid = [
         blocks(m, CONV_BM),
         blocks(p.cout as usize, CONV_BN),
@@ -274,6 +284,7 @@ pub fn conv3x3_first(dev: &Device, p: &ConvFirstParams) -> Result<()> {
     );
     let pool = p.y_pool != 0;
     let units = (p.n * p.h * p.w) as usize / if pool { 4 } else { 1 } * (p.cout as usize / 8);
+    check_i32("conv3x3_first", units)?;
     dev.launch("conv3x3_first", [blocks(units, 128), 1, 1], [128, 1, 1], p)
 }
 
@@ -298,6 +309,7 @@ pub fn bn_finalize(dev: &Device, p: &BnFinalizeParams) -> Result<()> {
 pub fn bn_apply(dev: &Device, p: &BnApplyParams) -> Result<()> {
     let pool = p.y_pool != 0;
     let units = (p.n * p.h * p.w) as usize / if pool { 4 } else { 1 } * (p.c as usize / 8);
+    check_i32("bn_apply", units)?;
     dev.launch("bn_apply", [blocks(units, 256), 1, 1], [256, 1, 1], p)
 }
 
