@@ -144,15 +144,18 @@ impl TensorFile {
             let start = data.len();
             let dtype = match t {
                 Tensor::F32 { data: v, .. } => {
-                    v.iter().for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
+                    v.iter()
+                        .for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
                     "F32"
                 }
                 Tensor::F16 { data: v, .. } => {
-                    v.iter().for_each(|x| data.extend_from_slice(&f16::from_f32(*x).to_le_bytes()));
+                    v.iter()
+                        .for_each(|x| data.extend_from_slice(&f16::from_f32(*x).to_le_bytes()));
                     "F16"
                 }
                 Tensor::I64 { data: v, .. } => {
-                    v.iter().for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
+                    v.iter()
+                        .for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
                     "I64"
                 }
             };
@@ -166,7 +169,10 @@ impl TensorFile {
         let mut text = String::from("{");
         if !self.metadata.is_empty() {
             let meta: BTreeMap<&String, &String> = self.metadata.iter().collect();
-            text += &format!("\"__metadata__\":{}", serde_json::to_string(&meta).expect("strings encode"));
+            text += &format!(
+                "\"__metadata__\":{}",
+                serde_json::to_string(&meta).expect("strings encode")
+            );
         }
         for (name, entry) in &header {
             if text.len() > 1 {
