@@ -4,3 +4,6 @@ pub mod config;
 pub mod cpu;
 pub mod engine;
 pub mod model;
+pub mod assess;
+pub mod data;
+pub mod io;
