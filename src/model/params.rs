@@ -11,7 +11,9 @@ use std::ops::Range;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Init {
     /// kaiming_uniform(a=√5) weight or the matching bias: U(−1/√fan_in, 1/√fan_in).
-    Uniform { fan_in: usize },
+    Uniform {
+        fan_in: usize,
+    },
     Ones,
     Zeros,
 }
@@ -84,24 +86,49 @@ struct Builder {
 
 impl Builder {
     fn tensor(&mut self, name: String, shape: Vec<usize>, init: Init) {
-        let entry = ParamEntry { name, shape, offset: self.n_params, init };
+        let entry = ParamEntry {
+            name,
+            shape,
+            offset: self.n_params,
+            init,
+        };
         self.n_params += entry.len();
         self.params.push(entry);
     }
     /// A 3×3 (k=3) or 1×1 (k=1) convolution with bias.
     fn conv(&mut self, module: &str, cin: usize, cout: usize, k: usize) {
         let fan_in = cin * k * k;
-        self.tensor(format!("{module}.weight"), vec![cout, cin, k, k], Init::Uniform { fan_in });
-        self.tensor(format!("{module}.bias"), vec![cout], Init::Uniform { fan_in });
+        self.tensor(
+            format!("{module}.weight"),
+            vec![cout, cin, k, k],
+            Init::Uniform { fan_in },
+        );
+        self.tensor(
+            format!("{module}.bias"),
+            vec![cout],
+            Init::Uniform { fan_in },
+        );
     }
     fn linear(&mut self, module: &str, fin: usize, fout: usize) {
-        self.tensor(format!("{module}.weight"), vec![fout, fin], Init::Uniform { fan_in: fin });
-        self.tensor(format!("{module}.bias"), vec![fout], Init::Uniform { fan_in: fin });
+        self.tensor(
+            format!("{module}.weight"),
+            vec![fout, fin],
+            Init::Uniform { fan_in: fin },
+        );
+        self.tensor(
+            format!("{module}.bias"),
+            vec![fout],
+            Init::Uniform { fan_in: fin },
+        );
     }
     fn bn(&mut self, module: &str, c: usize) {
         self.tensor(format!("{module}.weight"), vec![c], Init::Ones);
         self.tensor(format!("{module}.bias"), vec![c], Init::Zeros);
-        self.bns.push(BnEntry { module: module.to_string(), channels: c, offset: self.n_buffers });
+        self.bns.push(BnEntry {
+            module: module.to_string(),
+            channels: c,
+            offset: self.n_buffers,
+        });
         self.n_buffers += 2 * c;
     }
 }
@@ -110,7 +137,12 @@ impl ParamTable {
     pub fn new(config: ModelConfig) -> Self {
         let (w, b) = (config.enc_width, config.bottleneck_width);
         let (k1, k2) = (config.emb_concepts, config.img_concepts);
-        let mut t = Builder { params: vec![], bns: vec![], n_params: 0, n_buffers: 0 };
+        let mut t = Builder {
+            params: vec![],
+            bns: vec![],
+            n_params: 0,
+            n_buffers: 0,
+        };
         for (i, (cin, cout)) in [(config.in_channels, w), (w, w), (w, w), (w, w), (w, b)]
             .into_iter()
             .enumerate()
@@ -137,8 +169,18 @@ impl ParamTable {
             t.bn(&format!("{m}.bn2"), w);
         }
         t.conv("seg_head", w, config.seg_classes, 1);
-        let index = t.params.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
-        let bn_index = t.bns.iter().enumerate().map(|(i, e)| (e.module.clone(), i)).collect();
+        let index = t
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect();
+        let bn_index = t
+            .bns
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.module.clone(), i))
+            .collect();
         ParamTable {
             config,
             params: t.params,
@@ -207,7 +249,8 @@ impl Model {
             match p.init {
                 Init::Uniform { fan_in } => {
                     let bound = 1.0 / (fan_in as f32).sqrt();
-                    dst.iter_mut().for_each(|v| *v = rng.gen_range(-bound..bound));
+                    dst.iter_mut()
+                        .for_each(|v| *v = rng.gen_range(-bound..bound));
                 }
                 Init::Ones => dst.fill(1.0),
                 Init::Zeros => dst.fill(0.0),
@@ -218,7 +261,12 @@ impl Model {
             buffers[bn.var_range()].fill(1.0);
         }
         let batches_tracked = vec![0; table.bns.len()];
-        Model { table, params, buffers, batches_tracked }
+        Model {
+            table,
+            params,
+            buffers,
+            batches_tracked,
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -260,7 +308,13 @@ mod tests {
         assert_eq!(got.len(), expected.len());
         assert_eq!(t.n_params, 4_015_304);
         // Table 1's "K" is ×1024: enc1 37K, enc2 72K, enc5 2595K, mil_emb 193K, dec5 397K.
-        for (block, k) in [("enc1", 37), ("enc2", 72), ("enc5", 2595), ("mil_emb", 193), ("dec5", 397)] {
+        for (block, k) in [
+            ("enc1", 37),
+            ("enc2", 72),
+            ("enc5", 2595),
+            ("mil_emb", 193),
+            ("dec5", 397),
+        ] {
             let n = got.iter().find(|(b, _)| b == block).unwrap().1;
             assert_eq!((n as f64 / 1024.0).round() as usize, k, "{block}");
         }

@@ -1,0 +1,366 @@
+//! safetensors files: generic tensor maps (read any float dtype as f32, ints as i64; atomic
+//! writes) and model weights under the PyTorch state_dict names of docs/model.md.
+
+use crate::config::{GcpMode, ModelConfig};
+use crate::model::{Model, ParamTable};
+use anyhow::{anyhow, bail, Context, Result};
+use half::{bf16, f16};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// One tensor in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tensor {
+    F32 {
+        shape: Vec<usize>,
+        data: Vec<f32>,
+    },
+    /// Stored as f16 when written (weights shipped at half size).
+    F16 {
+        shape: Vec<usize>,
+        data: Vec<f32>,
+    },
+    I64 {
+        shape: Vec<usize>,
+        data: Vec<i64>,
+    },
+}
+
+impl Tensor {
+    pub fn f32(shape: &[usize], data: Vec<f32>) -> Self {
+        Tensor::F32 {
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+    pub fn i64(shape: &[usize], data: Vec<i64>) -> Self {
+        Tensor::I64 {
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+    pub fn scalar(v: f32) -> Self {
+        Tensor::F32 {
+            shape: vec![],
+            data: vec![v],
+        }
+    }
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Tensor::F32 { shape, .. } | Tensor::F16 { shape, .. } | Tensor::I64 { shape, .. } => {
+                shape
+            }
+        }
+    }
+}
+
+/// The named tensors and string metadata of one safetensors file.
+#[derive(Clone, Debug, Default)]
+pub struct TensorFile {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+fn floats<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| f(c.try_into().unwrap()))
+        .collect()
+}
+
+fn ints<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> i64) -> Vec<i64> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| f(c.try_into().unwrap()))
+        .collect()
+}
+
+impl TensorFile {
+    /// Reads every tensor: floating types become f32, integer types i64.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow!("{} is not a valid safetensors file: {e:?}", path.display()))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| anyhow!("{}: bad safetensors header: {e:?}", path.display()))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let shape = view.shape().to_vec();
+            let d = view.data();
+            let t = match view.dtype() {
+                Dtype::F32 => Tensor::F32 {
+                    shape,
+                    data: floats(d, f32::from_le_bytes),
+                },
+                Dtype::F64 => Tensor::F32 {
+                    shape,
+                    data: floats(d, |b| f64::from_le_bytes(b) as f32),
+                },
+                Dtype::F16 => Tensor::F32 {
+                    shape,
+                    data: floats(d, |b| f16::from_le_bytes(b).to_f32()),
+                },
+                Dtype::BF16 => Tensor::F32 {
+                    shape,
+                    data: floats(d, |b| bf16::from_le_bytes(b).to_f32()),
+                },
+                Dtype::I64 => Tensor::I64 {
+                    shape,
+                    data: ints(d, i64::from_le_bytes),
+                },
+                Dtype::I32 => Tensor::I64 {
+                    shape,
+                    data: ints(d, |b| i32::from_le_bytes(b) as i64),
+                },
+                Dtype::U8 => Tensor::I64 {
+                    shape,
+                    data: d.iter().map(|&v| v as i64).collect(),
+                },
+                other => bail!(
+                    "{}: tensor {name} has unsupported dtype {other:?}",
+                    path.display()
+                ),
+            };
+            tensors.insert(name, t);
+        }
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(TensorFile { tensors, metadata })
+    }
+
+    /// Writes the file atomically: a temporary file beside it, then a rename.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let encoded: Vec<(&String, Dtype, &[usize], Vec<u8>)> = self
+            .tensors
+            .iter()
+            .map(|(name, t)| match t {
+                Tensor::F32 { shape, data } => (
+                    name,
+                    Dtype::F32,
+                    shape.as_slice(),
+                    data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ),
+                Tensor::F16 { shape, data } => (
+                    name,
+                    Dtype::F16,
+                    shape.as_slice(),
+                    data.iter()
+                        .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                ),
+                Tensor::I64 { shape, data } => (
+                    name,
+                    Dtype::I64,
+                    shape.as_slice(),
+                    data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ),
+            })
+            .collect();
+        let views = encoded
+            .iter()
+            .map(|(name, dtype, shape, bytes)| {
+                Ok((
+                    (*name).clone(),
+                    TensorView::new(*dtype, shape.to_vec(), bytes)?,
+                ))
+            })
+            .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
+            .map_err(|e| anyhow!("cannot encode tensors for {}: {e:?}", path.display()))?;
+        let meta = (!self.metadata.is_empty()).then(|| self.metadata.clone());
+        let bytes = safetensors::serialize(views, &meta)
+            .map_err(|e| anyhow!("cannot encode {}: {e:?}", path.display()))?;
+        write_atomic(path, &bytes)
+    }
+
+    fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("missing tensor {name:?}"))
+    }
+
+    /// A floating tensor with its shape.
+    pub fn f32(&self, name: &str) -> Result<(&[usize], &[f32])> {
+        match self.get(name)? {
+            Tensor::F32 { shape, data } | Tensor::F16 { shape, data } => Ok((shape, data)),
+            Tensor::I64 { .. } => {
+                bail!("tensor {name:?} must be floating point, found an integer dtype")
+            }
+        }
+    }
+
+    /// An integer tensor with its shape.
+    pub fn i64(&self, name: &str) -> Result<(&[usize], &[i64])> {
+        match self.get(name)? {
+            Tensor::I64 { shape, data } => Ok((shape, data)),
+            _ => bail!("tensor {name:?} must have an integer dtype, found floating point"),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
+/// reader never sees a partial file and a killed writer leaves the old file intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow!("cannot write {}: {e}", path.display())
+    })
+}
+
+/// Precision of the learnable tensors and running statistics in a saved weights file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    F16,
+}
+
+/// The model's state_dict (learnable tensors, running_mean/var, num_batches_tracked) with the
+/// model config in the metadata.
+pub fn model_tensors(model: &Model, dtype: WeightDtype) -> TensorFile {
+    let float = |shape: &[usize], data: &[f32]| match dtype {
+        WeightDtype::F32 => Tensor::f32(shape, data.to_vec()),
+        WeightDtype::F16 => Tensor::F16 {
+            shape: shape.to_vec(),
+            data: data.to_vec(),
+        },
+    };
+    let mut file = TensorFile::default();
+    for p in &model.table.params {
+        file.tensors
+            .insert(p.name.clone(), float(&p.shape, &model.params[p.range()]));
+    }
+    for (i, bn) in model.table.bns.iter().enumerate() {
+        let c = [bn.channels];
+        file.tensors.insert(
+            format!("{}.running_mean", bn.module),
+            float(&c, &model.buffers[bn.mean_range()]),
+        );
+        file.tensors.insert(
+            format!("{}.running_var", bn.module),
+            float(&c, &model.buffers[bn.var_range()]),
+        );
+        file.tensors.insert(
+            format!("{}.num_batches_tracked", bn.module),
+            Tensor::i64(&[], vec![model.batches_tracked[i]]),
+        );
+    }
+    file.metadata = config_metadata(model.config());
+    file
+}
+
+/// The config fields that tensor shapes cannot tell, as safetensors metadata.
+pub fn config_metadata(cfg: &ModelConfig) -> HashMap<String, String> {
+    HashMap::from([
+        ("gcp".to_string(), cfg.gcp.to_string()),
+        ("patch".to_string(), cfg.patch.to_string()),
+        ("format".to_string(), "m2unet".to_string()),
+    ])
+}
+
+/// Infers the model config from tensor shapes (widths, concepts, classes) and the metadata
+/// (gcp mode, patch side; defaults max_minus_mean and 256).
+pub fn infer_config(file: &TensorFile) -> Result<ModelConfig> {
+    let dim = |name: &str, axis: usize| -> Result<usize> {
+        let (shape, _) = file.f32(name)?;
+        shape
+            .get(axis)
+            .copied()
+            .ok_or_else(|| anyhow!("tensor {name:?} has shape {shape:?}"))
+    };
+    let gcp = match file.metadata.get("gcp") {
+        Some(s) => s.parse::<GcpMode>()?,
+        None => GcpMode::MaxMinusMean,
+    };
+    let patch = match file.metadata.get("patch") {
+        Some(s) => s
+            .parse()
+            .map_err(|_| anyhow!("metadata patch={s:?} is not an integer"))?,
+        None => 256,
+    };
+    let cfg = ModelConfig {
+        patch,
+        in_channels: dim("enc1.conv1.weight", 1)?,
+        enc_width: dim("enc1.conv1.weight", 0)?,
+        bottleneck_width: dim("enc5.conv1.weight", 0)?,
+        emb_concepts: dim("mil_emb.concepts.weight", 0)?,
+        img_concepts: dim("mil_img.concepts.weight", 0)?,
+        seg_classes: dim("seg_head.weight", 0)?,
+        cls_classes: dim("classifier.weight", 0)?,
+        gcp,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Builds a model from a state_dict: every tensor must be present with its exact shape, and
+/// nothing else may be there.
+pub fn model_from_tensors(file: &TensorFile) -> Result<Model> {
+    let cfg = infer_config(file)?;
+    let table = ParamTable::new(cfg);
+    let mut model = Model::init(cfg, 0);
+    let mut expected: Vec<String> = vec![];
+    let mut take = |name: String, shape: &[usize], dst: &mut [f32]| -> Result<()> {
+        let (s, data) = file.f32(&name)?;
+        if s != shape {
+            bail!("tensor {name:?} has shape {s:?}, expected {shape:?}");
+        }
+        dst.copy_from_slice(data);
+        expected.push(name);
+        Ok(())
+    };
+    for p in &table.params {
+        take(p.name.clone(), &p.shape, &mut model.params[p.range()])?;
+    }
+    for bn in &table.bns {
+        let c = [bn.channels];
+        take(
+            format!("{}.running_mean", bn.module),
+            &c,
+            &mut model.buffers[bn.mean_range()],
+        )?;
+        take(
+            format!("{}.running_var", bn.module),
+            &c,
+            &mut model.buffers[bn.var_range()],
+        )?;
+    }
+    for (i, bn) in table.bns.iter().enumerate() {
+        let name = format!("{}.num_batches_tracked", bn.module);
+        let (s, data) = file.i64(&name)?;
+        if !s.is_empty() && s != [1] {
+            bail!("tensor {name:?} has shape {s:?}, expected a scalar");
+        }
+        model.batches_tracked[i] = data[0];
+        expected.push(name);
+    }
+    if let Some(extra) = file.tensors.keys().find(|k| !expected.contains(k)) {
+        bail!("unexpected tensor {extra:?} (not a parameter or buffer of M²UNet)");
+    }
+    Ok(model)
+}
+
+/// Loads a weights file (f32, f16 or bf16 tensors, PyTorch names).
+pub fn load_model(path: &Path) -> Result<Model> {
+    let file = TensorFile::read(path)?;
+    model_from_tensors(&file)
+        .with_context(|| format!("{} is not a usable M²UNet weights file", path.display()))
+}
+
+/// Saves the model's state_dict atomically.
+pub fn save_model(model: &Model, path: &Path, dtype: WeightDtype) -> Result<()> {
+    model_tensors(model, dtype).write(path)
+}
