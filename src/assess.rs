@@ -170,11 +170,17 @@ fn evenly(n: usize, k: usize) -> Vec<usize> {
     if n <= k {
         return (0..n).collect();
     }
-    (0..k).map(|i| ((i as f64 + 0.5) * n as f64 / k as f64) as usize).collect()
+    (0..k)
+        .map(|i| ((i as f64 + 0.5) * n as f64 / k as f64) as usize)
+        .collect()
 }
 
 /// Assesses one volume and writes its outputs (all or none).
-pub fn assess_volume(engine: &mut dyn InferenceEngine, path: &Path, opts: &AssessOptions) -> Result<Report> {
+pub fn assess_volume(
+    engine: &mut dyn InferenceEngine,
+    path: &Path,
+    opts: &AssessOptions,
+) -> Result<Report> {
     assess_volume_with_progress(engine, path, opts, &ProgressBar::hidden())
 }
 
@@ -222,16 +228,18 @@ pub fn assess_volume_with_progress(
     let p = cfg.patch;
     let mut seg = Vec::with_capacity(m * p * p);
     for chunk in vp.patches.chunks(opts.batch_size * p * p) {
-        let labels = engine.segment(chunk)?;
+        let labels = engine
+            .segment(chunk)
+            .with_context(|| format!("{name}: segmentation failed"))?;
         if labels.len() != chunk.len() {
             bail!(
-                "the engine returned {} labels for {} patch pixels",
+                "{name}: the engine returned {} labels for {} patch pixels",
                 labels.len(),
                 chunk.len()
             );
         }
         if let Some(&bad) = labels.iter().find(|&&l| l as usize > NUM_LOBES) {
-            bail!("the engine returned label {bad}, outside 0–{NUM_LOBES}");
+            bail!("{name}: the engine returned label {bad}, outside 0–{NUM_LOBES}");
         }
         seg.extend_from_slice(&labels);
         bar.inc((chunk.len() / (p * p)) as u64);
@@ -286,7 +294,10 @@ pub fn assess_volume_with_progress(
     }
     let out = engine.forward_eval(&bag_patches, &[bag.len()])?;
     if out.cls_logits.len() < 2 || out.cls_logits.iter().any(|v| !v.is_finite()) {
-        bail!("the engine returned invalid class logits {:?}", out.cls_logits);
+        bail!(
+            "the engine returned invalid class logits {:?}",
+            out.cls_logits
+        );
     }
     let logits = [out.cls_logits[0], out.cls_logits[1]];
     let probability = 1.0 / (1.0 + ((logits[0] - logits[1]) as f64).exp());
@@ -334,7 +345,12 @@ pub fn assess_volume_with_progress(
         },
         severity: Severity {
             probability,
-            class: if probability >= 0.5 { "severe" } else { "non-severe" }.to_string(),
+            class: if probability >= 0.5 {
+                "severe"
+            } else {
+                "non-severe"
+            }
+            .to_string(),
             logits,
         },
         lobes: lobe_reports,
@@ -453,8 +469,8 @@ pub fn write_preview(path: &Path, ct: &CanonicalCt, lobes: &[u8], slices: &[usiz
             }
         }
     }
-    let file = std::fs::File::create(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, tile_h as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
@@ -486,9 +502,7 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<(PathBuf, anyhow
                     p.is_file()
                         && (name.ends_with(".nii") || name.ends_with(".nii.gz"))
                         && !name.starts_with('.')
-                        && !["_lobes.nii", "_mask.nii"]
-                            .iter()
-                            .any(|s| name.contains(s))
+                        && !["_lobes.nii", "_mask.nii"].iter().any(|s| name.contains(s))
                 })
                 .collect();
             found.sort();
@@ -497,7 +511,10 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<(PathBuf, anyhow
         match listed {
             Ok(found) if found.is_empty() => failures.push((
                 input.clone(),
-                anyhow!("{}: the folder holds no .nii or .nii.gz file", input.display()),
+                anyhow!(
+                    "{}: the folder holds no .nii or .nii.gz file",
+                    input.display()
+                ),
             )),
             Ok(found) => files.extend(found),
             Err(e) => failures.push((
@@ -646,8 +663,8 @@ pub fn run_assess(
     let total = ok + failures.len();
     if !failures.is_empty() {
         eprintln!("{} of {total} volume(s) failed:", failures.len());
-        for (file, e) in &failures {
-            eprintln!("  {}: {e:#}", file.display());
+        for (_, e) in &failures {
+            eprintln!("  {e:#}");
         }
     } else if !args.quiet {
         eprintln!("{ok} of {total} volume(s) assessed");

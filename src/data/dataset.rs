@@ -244,7 +244,13 @@ fn mix(a: u64, b: u64) -> u64 {
 }
 
 /// The bag of manifest row `index` in `epoch`: its slices depend only on (seed, epoch, index).
-pub fn load_bag(entry: &ManifestEntry, index: usize, cfg: &BagConfig, seed: u64, epoch: u64) -> Result<Bag> {
+pub fn load_bag(
+    entry: &ManifestEntry,
+    index: usize,
+    cfg: &BagConfig,
+    seed: u64,
+    epoch: u64,
+) -> Result<Bag> {
     let (ct, labels) = load_case(entry)?;
     let mut rng = ChaCha8Rng::seed_from_u64(mix(mix(seed, epoch), index as u64));
     make_bag(entry, &ct, &labels, cfg, &mut rng)

@@ -174,7 +174,10 @@ impl Anatomy {
             j(0.24, 0.02),
             j(0.33, 0.03),
         ];
-        let oblique = [(j(-0.05, 0.05), j(0.45, 0.05)), (j(0.0, 0.05), j(0.5, 0.05))];
+        let oblique = [
+            (j(-0.05, 0.05), j(0.45, 0.05)),
+            (j(0.0, 0.05), j(0.5, 0.05)),
+        ];
         let horizontal = j(0.06, 0.04);
         let bu = j(0.86, 0.03);
         let bv = j(0.64, 0.03);
@@ -612,7 +615,12 @@ impl Phantom {
         mh.intent_code = 1002;
         mh.cal_max = 5.0;
         mh.descrip = b"m2unet synth lobe mask".to_vec();
-        write_nifti(&dir.join(&truth.mask), &mh, VoxelData::U8(&native_mask), gzip)?;
+        write_nifti(
+            &dir.join(&truth.mask),
+            &mh,
+            VoxelData::U8(&native_mask),
+            gzip,
+        )?;
         let json = serde_json::to_string_pretty(&truth)?;
         let json_path = dir.join(format!("{case_id}.json"));
         std::fs::write(&json_path, json)
@@ -624,7 +632,9 @@ impl Phantom {
 fn parse_triple<T: std::str::FromStr>(s: &str, what: &str) -> Result<[T; 3], String> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     if parts.len() != 3 {
-        return Err(format!("{what} must be three comma-separated numbers, e.g. 128,128,96"));
+        return Err(format!(
+            "{what} must be three comma-separated numbers, e.g. 128,128,96"
+        ));
     }
     let mut out = Vec::with_capacity(3);
     for p in parts {
@@ -633,7 +643,8 @@ fn parse_triple<T: std::str::FromStr>(s: &str, what: &str) -> Result<[T; 3], Str
                 .map_err(|_| format!("{what}: {p:?} is not a valid number"))?,
         );
     }
-    out.try_into().map_err(|_| format!("{what}: three values needed"))
+    out.try_into()
+        .map_err(|_| format!("{what}: three values needed"))
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 3], String> {
@@ -719,13 +730,20 @@ pub fn case_spec(args: &SynthArgs, index: usize, severe: bool) -> Result<Phantom
             Orientation::from_axcodes(o, [1; 3])?;
             o.to_ascii_uppercase()
         }
-        None => ["RAS", "LPS", "LAS"].choose(&mut rng).expect("non-empty").to_string(),
+        None => ["RAS", "LPS", "LAS"]
+            .choose(&mut rng)
+            .expect("non-empty")
+            .to_string(),
     };
     let dtype = match args.dtype {
         Some(d) => d,
-        None => *[StoredDtype::Int16, StoredDtype::Float32, StoredDtype::Uint16]
-            .choose(&mut rng)
-            .expect("non-empty"),
+        None => *[
+            StoredDtype::Int16,
+            StoredDtype::Float32,
+            StoredDtype::Uint16,
+        ]
+        .choose(&mut rng)
+        .expect("non-empty"),
     };
     let xform = *[XformKind::Both, XformKind::SformOnly, XformKind::QformOnly]
         .choose(&mut rng)

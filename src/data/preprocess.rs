@@ -285,7 +285,10 @@ pub fn paste_nearest(patch: &[u8], p: usize, crop: &CropBox, nx: usize, ny: usiz
     let (x_lo, x_hi) = range(crop.x0, crop.w, nx);
     let (y_lo, y_hi) = range(crop.y0, crop.h, ny);
     let cell = |c: usize, origin: f64, extent: f64| -> usize {
-        (((c as f64 + 0.5 - origin) * p as f64 / extent).floor().max(0.0) as usize).min(p - 1)
+        (((c as f64 + 0.5 - origin) * p as f64 / extent)
+            .floor()
+            .max(0.0) as usize)
+            .min(p - 1)
     };
     for y in y_lo..y_hi {
         let v = cell(y, crop.y0, crop.h);
@@ -297,7 +300,11 @@ pub fn paste_nearest(patch: &[u8], p: usize, crop: &CropBox, nx: usize, ny: usiz
 
 /// The body, crop box and normalised P×P patch of slice `z`; `None` when the slice holds no
 /// body (no component of at least `min_body_pixels`).
-pub fn slice_patch(ct: &CanonicalCt, z: usize, cfg: &PreprocessConfig) -> Option<(CropBox, Vec<f32>)> {
+pub fn slice_patch(
+    ct: &CanonicalCt,
+    z: usize,
+    cfg: &PreprocessConfig,
+) -> Option<(CropBox, Vec<f32>)> {
     let [nx, ny, _] = ct.dims;
     let slice = ct.slice(z);
     let body = body_mask(slice, nx, ny, cfg.body_threshold_hu)?;
@@ -350,7 +357,14 @@ pub fn label_patches(labels: &[u8], dims: [usize; 3], slices: &[SliceCrop], p: u
     out.par_chunks_mut(p * p)
         .zip(slices.par_iter())
         .for_each(|(dst, s)| {
-            resize_nearest(&labels[s.z * n..(s.z + 1) * n], dims[0], dims[1], &s.crop, p, dst)
+            resize_nearest(
+                &labels[s.z * n..(s.z + 1) * n],
+                dims[0],
+                dims[1],
+                &s.crop,
+                p,
+                dst,
+            )
         });
     out
 }

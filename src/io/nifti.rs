@@ -556,7 +556,8 @@ pub fn header_affine(header: &NiftiHeader, name: &str) -> Result<([[f64; 4]; 4],
 }
 
 fn det3(a: &[[f64; 4]; 4]) -> f64 {
-    a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+    a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+        - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
         + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
 }
 
@@ -571,9 +572,21 @@ fn qform_affine(h: &NiftiHeader, name: &str) -> Result<[[f64; 4]; 4]> {
     }
     let a = (1.0 - bcd).max(0.0).sqrt();
     let r = [
-        [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
-        [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
-        [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
+        [
+            a * a + b * b - c * c - d * d,
+            2.0 * (b * c - a * d),
+            2.0 * (b * d + a * c),
+        ],
+        [
+            2.0 * (b * c + a * d),
+            a * a + c * c - b * b - d * d,
+            2.0 * (c * d - a * b),
+        ],
+        [
+            2.0 * (b * d - a * c),
+            2.0 * (c * d + a * b),
+            a * a + d * d - c * c - b * b,
+        ],
     ];
     let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
     let s = [
@@ -703,9 +716,15 @@ impl VoxelData<'_> {
     fn extend_le(&self, out: &mut Vec<u8>) {
         match self {
             VoxelData::U8(v) => out.extend_from_slice(v),
-            VoxelData::I16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            VoxelData::U16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            VoxelData::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            VoxelData::I16(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            VoxelData::U16(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            VoxelData::F32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         }
     }
 }
@@ -761,7 +780,9 @@ fn serialise_header(h: &NiftiHeader, out: &mut Vec<u8>) {
     out.extend_from_slice(&h.session_error.to_le_bytes());
     out.push(h.regular);
     out.push(h.dim_info);
-    h.dim.iter().for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
+    h.dim
+        .iter()
+        .for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
     for f in [h.intent_p1, h.intent_p2, h.intent_p3] {
         out.extend_from_slice(&f.to_le_bytes());
     }
