@@ -1001,3 +1001,129 @@ fn dataset_bags_are_stratified_seeded_prefetched_and_split_by_patient() {
         }
     }
 }
+
+/// Naive reference of the body mask: pixel flood fills (8-connected body, 4-connected
+/// background from the border), first largest component in raster order.
+fn body_mask_reference(
+    slice: &[f32],
+    nx: usize,
+    ny: usize,
+    thr: f32,
+) -> Option<(Vec<bool>, [usize; 4])> {
+    let fg: Vec<bool> = slice.iter().map(|&v| v > thr).collect();
+    let mut comp = vec![0usize; nx * ny];
+    let (mut best, mut best_size, mut next) = (0, 0, 0);
+    for s in 0..nx * ny {
+        if !fg[s] || comp[s] != 0 {
+            continue;
+        }
+        next += 1;
+        comp[s] = next;
+        let mut stack = vec![s];
+        let mut size = 0;
+        while let Some(p) = stack.pop() {
+            size += 1;
+            let (x, y) = ((p % nx) as i64, (p / nx) as i64);
+            for dy in -1..=1 {
+                for dx in -1..=1 {
+                    let (qx, qy) = (x + dx, y + dy);
+                    if qx >= 0 && qy >= 0 && qx < nx as i64 && qy < ny as i64 {
+                        let q = qy as usize * nx + qx as usize;
+                        if fg[q] && comp[q] == 0 {
+                            comp[q] = next;
+                            stack.push(q);
+                        }
+                    }
+                }
+            }
+        }
+        if size > best_size {
+            (best, best_size) = (next, size);
+        }
+    }
+    if best_size == 0 {
+        return None;
+    }
+    let body: Vec<bool> = comp.iter().map(|&c| c == best).collect();
+    let mut bbox = [nx, 0, ny, 0];
+    for (p, _) in body.iter().enumerate().filter(|(_, &b)| b) {
+        let (x, y) = (p % nx, p / nx);
+        bbox = [
+            bbox[0].min(x),
+            bbox[1].max(x),
+            bbox[2].min(y),
+            bbox[3].max(y),
+        ];
+    }
+    let mut outside = vec![false; nx * ny];
+    let mut stack: Vec<usize> = (0..nx * ny)
+        .filter(|&p| {
+            let (x, y) = (p % nx, p / nx);
+            (x == 0 || y == 0 || x == nx - 1 || y == ny - 1) && !body[p]
+        })
+        .collect();
+    for &p in &stack {
+        outside[p] = true;
+    }
+    while let Some(p) = stack.pop() {
+        let (x, y) = (p % nx, p / nx);
+        let mut nb = Vec::new();
+        if x > 0 {
+            nb.push(p - 1)
+        }
+        if x + 1 < nx {
+            nb.push(p + 1)
+        }
+        if y > 0 {
+            nb.push(p - nx)
+        }
+        if y + 1 < ny {
+            nb.push(p + nx)
+        }
+        for q in nb {
+            if !body[q] && !outside[q] {
+                outside[q] = true;
+                stack.push(q);
+            }
+        }
+    }
+    Some((outside.iter().map(|o| !o).collect(), bbox))
+}
+
+#[test]
+fn body_mask_matches_a_naive_flood_fill_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let (nx, ny) = (57usize, 43usize);
+    let mut differing = 0;
+    for trial in 0..30 {
+        let mut img = vec![-1000f32; nx * ny];
+        for _ in 0..rng.gen_range(1..6) {
+            let (cx, cy) = (rng.gen_range(0.0..nx as f64), rng.gen_range(0.0..ny as f64));
+            let (ro, ri) = (rng.gen_range(3.0..20.0), rng.gen_range(0.0..10.0));
+            for (p, v) in img.iter_mut().enumerate() {
+                let r = (((p % nx) as f64 - cx).powi(2) + ((p / nx) as f64 - cy).powi(2)).sqrt();
+                if r < ro && r >= ri {
+                    *v = 40.0;
+                }
+            }
+        }
+        for v in img.iter_mut() {
+            if rng.gen_bool(0.08) {
+                *v = if *v > 0.0 { -900.0 } else { 100.0 };
+            }
+        }
+        let got = body_mask(&img, nx, ny, -500.0);
+        let want = body_mask_reference(&img, nx, ny, -500.0);
+        match (got, want) {
+            (Some(g), Some((mask, bbox))) => {
+                let diff = g.mask.iter().zip(&mask).filter(|(a, b)| a != b).count();
+                assert_eq!([g.xmin, g.xmax, g.ymin, g.ymax], bbox, "trial {trial}");
+                assert_eq!(g.pixels, mask.iter().filter(|&&m| m).count());
+                differing += diff;
+            }
+            (g, w) => panic!("trial {trial}: {:?} vs {:?}", g.is_some(), w.is_some()),
+        }
+    }
+    println!("body mask vs naive flood fill over 30 random slices: {differing} pixels differ");
+    assert_eq!(differing, 0);
+}

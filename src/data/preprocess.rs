@@ -94,94 +94,116 @@ pub struct BodyMask {
     pub pixels: usize,
 }
 
-/// Threshold, largest 8-connected component, holes filled (background 4-connected to the
-/// border stays background). `None` when no pixel passes the threshold.
-pub fn body_mask(slice: &[f32], nx: usize, ny: usize, threshold: f32) -> Option<BodyMask> {
-    let fg: Vec<bool> = slice.iter().map(|&v| v > threshold).collect();
-    let mut comp = vec![0u32; nx * ny];
-    let mut stack = Vec::new();
-    let mut best = (0u32, 0usize);
-    let mut next = 0u32;
-    for start in 0..nx * ny {
-        if !fg[start] || comp[start] != 0 {
-            continue;
-        }
-        next += 1;
-        comp[start] = next;
-        stack.push(start);
-        let mut size = 0usize;
-        while let Some(p) = stack.pop() {
-            size += 1;
-            let (x, y) = ((p % nx) as isize, (p / nx) as isize);
-            for dy in -1..=1isize {
-                for dx in -1..=1isize {
-                    let (qx, qy) = (x + dx, y + dy);
-                    if qx < 0 || qy < 0 || qx >= nx as isize || qy >= ny as isize {
-                        continue;
-                    }
-                    let q = qy as usize * nx + qx as usize;
-                    if fg[q] && comp[q] == 0 {
-                        comp[q] = next;
-                        stack.push(q);
-                    }
+/// Union-find over per-row spans `[x0, x1)` (rows delimited by `row_start`): spans of adjacent
+/// rows join when they overlap, or with `diagonal` also when they touch at a corner
+/// (8-connectivity). Returns each span's root, the lowest span index of its component.
+fn span_roots(spans: &[(u32, u32)], row_start: &[usize], diagonal: bool) -> Vec<u32> {
+    let mut parent: Vec<u32> = (0..spans.len() as u32).collect();
+    let reach = diagonal as u32;
+    for r in 1..row_start.len().saturating_sub(1) {
+        let (mut i, a_end) = (row_start[r], row_start[r + 1]);
+        let (mut j, b_end) = (row_start[r - 1], row_start[r]);
+        while i < a_end && j < b_end {
+            let ((a0, a1), (b0, b1)) = (spans[i], spans[j]);
+            if a0 < b1 + reach && b0 < a1 + reach {
+                let (ra, rb) = (find(&mut parent, i as u32), find(&mut parent, j as u32));
+                if ra != rb {
+                    parent[ra.max(rb) as usize] = ra.min(rb);
                 }
             }
-        }
-        if size > best.1 {
-            best = (next, size);
+            if a1 <= b1 {
+                i += 1;
+            } else {
+                j += 1;
+            }
         }
     }
-    if best.1 == 0 {
+    (0..spans.len() as u32)
+        .map(|k| find(&mut parent, k))
+        .collect()
+}
+
+/// Threshold, largest 8-connected component, holes filled (background 4-connected to the
+/// border stays background). `None` when no pixel passes the threshold. Works on row spans,
+/// so its cost is one pass over the pixels plus one per span.
+pub fn body_mask(slice: &[f32], nx: usize, ny: usize, threshold: f32) -> Option<BodyMask> {
+    let mut spans: Vec<(u32, u32)> = Vec::new();
+    let mut row_start = Vec::with_capacity(ny + 1);
+    for row in slice.chunks(nx) {
+        row_start.push(spans.len());
+        let mut x = 0;
+        while x < nx {
+            if row[x] > threshold {
+                let x0 = x;
+                while x < nx && row[x] > threshold {
+                    x += 1;
+                }
+                spans.push((x0 as u32, x as u32));
+            } else {
+                x += 1;
+            }
+        }
+    }
+    row_start.push(spans.len());
+    if spans.is_empty() {
         return None;
     }
-    let mut mask: Vec<bool> = comp.iter().map(|&c| c == best.0).collect();
+    let roots = span_roots(&spans, &row_start, true);
+    let mut size = vec![0usize; spans.len()];
+    for (k, &(x0, x1)) in spans.iter().enumerate() {
+        size[roots[k] as usize] += (x1 - x0) as usize;
+    }
+    let mut best = 0usize;
+    for k in 0..spans.len() {
+        if size[k] > size[best] {
+            best = k;
+        }
+    }
     let (mut xmin, mut xmax, mut ymin, mut ymax) = (nx, 0, ny, 0);
+    let mut gaps: Vec<(u32, u32)> = Vec::new();
+    let mut gap_start = Vec::with_capacity(ny + 1);
     for y in 0..ny {
-        for x in 0..nx {
-            if mask[y * nx + x] {
-                xmin = xmin.min(x);
-                xmax = xmax.max(x);
-                ymin = ymin.min(y);
-                ymax = ymax.max(y);
+        gap_start.push(gaps.len());
+        let mut x = 0u32;
+        for k in row_start[y]..row_start[y + 1] {
+            if roots[k] as usize != best {
+                continue;
             }
+            let (x0, x1) = spans[k];
+            xmin = xmin.min(x0 as usize);
+            xmax = xmax.max(x1 as usize - 1);
+            ymin = ymin.min(y);
+            ymax = ymax.max(y);
+            if x0 > x {
+                gaps.push((x, x0));
+            }
+            x = x1;
+        }
+        if (x as usize) < nx {
+            gaps.push((x, nx as u32));
         }
     }
-    let mut outside = vec![false; nx * ny];
+    gap_start.push(gaps.len());
+    let gap_roots = span_roots(&gaps, &gap_start, false);
+    let mut outside = vec![false; gaps.len()];
     for y in 0..ny {
-        for x in 0..nx {
-            let p = y * nx + x;
-            let border = x == 0 || y == 0 || x == nx - 1 || y == ny - 1;
-            if border && !mask[p] && !outside[p] {
-                outside[p] = true;
-                stack.push(p);
+        for k in gap_start[y]..gap_start[y + 1] {
+            let (x0, x1) = gaps[k];
+            if y == 0 || y == ny - 1 || x0 == 0 || x1 as usize == nx {
+                outside[gap_roots[k] as usize] = true;
             }
         }
     }
-    while let Some(p) = stack.pop() {
-        let (x, y) = (p % nx, p / nx);
-        let mut visit = |q: usize| {
-            if !mask[q] && !outside[q] {
-                outside[q] = true;
-                stack.push(q);
+    let mut mask = vec![true; nx * ny];
+    let mut pixels = nx * ny;
+    for y in 0..ny {
+        for k in gap_start[y]..gap_start[y + 1] {
+            if outside[gap_roots[k] as usize] {
+                let (x0, x1) = gaps[k];
+                mask[y * nx + x0 as usize..y * nx + x1 as usize].fill(false);
+                pixels -= (x1 - x0) as usize;
             }
-        };
-        if x > 0 {
-            visit(p - 1);
         }
-        if x + 1 < nx {
-            visit(p + 1);
-        }
-        if y > 0 {
-            visit(p - nx);
-        }
-        if y + 1 < ny {
-            visit(p + nx);
-        }
-    }
-    let mut pixels = 0;
-    for (m, o) in mask.iter_mut().zip(&outside) {
-        *m = !*o;
-        pixels += *m as usize;
     }
     Some(BodyMask {
         mask,
