@@ -144,6 +144,33 @@ fn geometry_orientations_dtypes_spacings_round_trip() {
             .fold(0.0, f64::max);
         println!("  affine error vs the written geometry {aff_err:e}");
         assert!(aff_err < 1e-4);
+        let ct = CanonicalCt::from_volume(&vol);
+        let vp = volume_patches(&ct, &PreprocessConfig::new(96));
+        let mut back = paste_patches(
+            &label_patches(&mask, ct.dims, &vp.slices, 96),
+            &vp.slices,
+            ct.dims,
+            96,
+        );
+        keep_largest_components(&mut back, ct.dims);
+        let dices: Vec<f64> = (1..=5).map(|l| dice(&back, &mask, l)).collect();
+        println!("  crop → resize (P = 96) → inverse: Dice per lobe {dices:.4?}");
+        assert!(dices.iter().all(|&d| d >= 0.98));
+        let written = dir.path().join(format!("{id}_lobes.nii.gz"));
+        write_label_map(&written, &vol, &vol.orientation.from_canonical(&back), true).unwrap();
+        let (a, b) = (
+            crate_header(&dir.path().join(format!("{id}.{ext}"))),
+            crate_header(&written),
+        );
+        assert_eq!(
+            (a.dim, a.pixdim, a.srow_x, a.srow_y, a.srow_z),
+            (b.dim, b.pixdim, b.srow_x, b.srow_y, b.srow_z)
+        );
+        assert_eq!(
+            (a.quatern_b, a.quatern_c, a.quatern_d),
+            (b.quatern_b, b.quatern_c, b.quatern_d)
+        );
+        assert_eq!(read_volume(&written).unwrap().affine, vol.affine);
     }
 }
 
@@ -1126,4 +1153,119 @@ fn body_mask_matches_a_naive_flood_fill_reference() {
     }
     println!("body mask vs naive flood fill over 30 random slices: {differing} pixels differ");
     assert_eq!(differing, 0);
+}
+
+#[test]
+fn run_assess_expands_folders_and_its_status_says_whether_all_succeeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let s = spec(
+        [48, 40, 12],
+        [1.0, 1.0, 3.0],
+        "LPS",
+        StoredDtype::Int16,
+        XformKind::Both,
+        true,
+    );
+    generate(&s, 8).write(&input, "good", 8, true).unwrap();
+    let good = input.join("good.nii.gz");
+    let mask = input.join("good_mask.nii.gz");
+    let args =
+        |inputs: Vec<PathBuf>, out: Option<PathBuf>, force: bool| m2unet::assess::AssessArgs {
+            inputs,
+            weights: PathBuf::from("weights.safetensors"),
+            out,
+            device: "cpu".into(),
+            batch_size: 4,
+            max_bag: 8,
+            preview: false,
+            quiet: true,
+            force,
+            label_scheme: LabelScheme::Lungmask,
+        };
+    let factory = |w: &Path, d: &str| -> Result<Box<dyn InferenceEngine>> {
+        assert_eq!((w, d), (Path::new("weights.safetensors"), "cpu"));
+        Ok(Box::new(OracleEngine::new(&good, &mask, 32)))
+    };
+    let all_ok =
+        m2unet::assess::run_assess(&args(vec![input.clone()], None, false), factory).unwrap();
+    let mut beside: Vec<String> = std::fs::read_dir(&input)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    beside.sort();
+    println!("folder input, outputs beside it: status {all_ok}, folder now {beside:?}");
+    assert!(all_ok);
+    assert!(beside.contains(&"good_lobes.nii.gz".to_string()));
+    assert!(!beside.iter().any(|n| n.starts_with("good_mask_")));
+
+    let byte = NiftiHeader {
+        dim: [3, 32, 32, 8, 1, 1, 1, 1],
+        ..NiftiHeader::default()
+    };
+    let values: Vec<u8> = (0..32 * 32 * 8).map(|i| (i % 251) as u8).collect();
+    let not_hu = input.join("photo.nii");
+    write_nifti(&not_hu, &byte, VoxelData::U8(&values), false).unwrap();
+    std::fs::write(input.join("broken.nii"), b"not an image at all").unwrap();
+    let out = dir.path().join("out");
+    let all_ok = m2unet::assess::run_assess(
+        &args(vec![input.clone()], Some(out.clone()), false),
+        factory,
+    )
+    .unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    println!("folder with a non-HU and a broken file: status {all_ok}, outputs {names:?}");
+    assert!(!all_ok);
+    assert_eq!(names, ["good_lobes.nii.gz", "good_report.json"]);
+    let mut engine = OracleEngine::new(&good, &mask, 32);
+    let err = assess_volume(&mut engine, &not_hu, &AssessOptions::default()).unwrap_err();
+    println!("non-HU volume: {err}");
+    assert!(err.to_string().contains("Hounsfield") && err.to_string().contains("--force"));
+    let status = m2unet::assess::run_assess(
+        &args(vec![dir.path().join("empty_dir_missing")], Some(out), false),
+        factory,
+    )
+    .unwrap();
+    assert!(!status, "a missing input must fail the run");
+}
+
+#[test]
+fn synth_command_line_writes_a_set_and_rejects_bad_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_m2unet");
+    let run = std::process::Command::new(bin)
+        .args(["synth", "--out"])
+        .arg(dir.path())
+        .args([
+            "--count", "2", "--seed", "3", "--shape", "48,48,24", "--dtype", "uint16",
+        ])
+        .output()
+        .unwrap();
+    println!(
+        "synth: status {:?}, stderr {:?}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success());
+    let rows = read_manifest(&dir.path().join("manifest.csv")).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().any(|r| r.label == 0) && rows.iter().any(|r| r.label == 1));
+    for r in &rows {
+        assert_eq!(read_volume(&r.image).unwrap().dtype, "uint16");
+    }
+    let bad = std::process::Command::new(bin)
+        .args(["synth", "--out"])
+        .arg(dir.path().join("x"))
+        .args(["--shape", "2,2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    println!("bad --shape: status {:?}, stderr {stderr}", bad.status);
+    assert!(!bad.status.success() && stderr.contains("--shape"));
+    assert!(!dir.path().join("x").exists());
 }

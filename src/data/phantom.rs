@@ -41,7 +41,7 @@ pub enum XformKind {
 /// Everything that defines one phantom besides its seed.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PhantomSpec {
-    /// Canonical (RAS) grid size: R–L, A–P, I–S voxels.
+    /// Canonical (RAS) grid size: voxels left→right, posterior→anterior, inferior→superior.
     pub shape: [usize; 3],
     /// Canonical voxel spacing in mm.
     pub spacing: [f64; 3],
@@ -683,8 +683,8 @@ pub struct SynthArgs {
     /// Seed of the whole set (case i uses a stream derived from it).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Grid size X,Y,Z in canonical order (right–left, anterior–posterior, superior–inferior
-    /// voxels); drawn per case when absent.
+    /// Grid size X,Y,Z in voxels along the canonical axes (left→right, posterior→anterior,
+    /// inferior→superior); drawn per case when absent.
     #[arg(long, value_parser = parse_shape)]
     pub shape: Option<[usize; 3]>,
     /// Voxel spacing X,Y,Z in mm (canonical order); drawn per case (0.6–1.0 mm in-plane,
