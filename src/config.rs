@@ -96,7 +96,7 @@ impl ModelConfig {
 
     /// Checks the invariants the engines rely on.
     pub fn validate(&self) -> Result<()> {
-        if self.patch == 0 || self.patch % 16 != 0 {
+        if self.patch == 0 || !self.patch.is_multiple_of(16) {
             bail!("patch side {} is not a positive multiple of 16", self.patch);
         }
         for (name, v) in [

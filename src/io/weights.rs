@@ -5,7 +5,7 @@ use crate::config::{GcpMode, ModelConfig};
 use crate::model::{Model, ParamTable};
 use anyhow::{anyhow, bail, Context, Result};
 use half::{bf16, f16};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -130,48 +130,59 @@ impl TensorFile {
         Ok(TensorFile { tensors, metadata })
     }
 
-    /// Writes the file atomically: a temporary file beside it, then a rename.
+    /// Writes the file atomically (a temporary file beside it, then a rename). The bytes are a
+    /// function of the contents alone: tensors and metadata keys in sorted order.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let encoded: Vec<(&String, Dtype, &[usize], Vec<u8>)> = self
-            .tensors
-            .iter()
-            .map(|(name, t)| match t {
-                Tensor::F32 { shape, data } => (
-                    name,
-                    Dtype::F32,
-                    shape.as_slice(),
-                    data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                ),
-                Tensor::F16 { shape, data } => (
-                    name,
-                    Dtype::F16,
-                    shape.as_slice(),
-                    data.iter()
-                        .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                        .collect(),
-                ),
-                Tensor::I64 { shape, data } => (
-                    name,
-                    Dtype::I64,
-                    shape.as_slice(),
-                    data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                ),
-            })
-            .collect();
-        let views = encoded
-            .iter()
-            .map(|(name, dtype, shape, bytes)| {
-                Ok((
-                    (*name).clone(),
-                    TensorView::new(*dtype, shape.to_vec(), bytes)?,
-                ))
-            })
-            .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
-            .map_err(|e| anyhow!("cannot encode tensors for {}: {e:?}", path.display()))?;
-        let meta = (!self.metadata.is_empty()).then(|| self.metadata.clone());
-        let bytes = safetensors::serialize(views, &meta)
-            .map_err(|e| anyhow!("cannot encode {}: {e:?}", path.display()))?;
-        write_atomic(path, &bytes)
+        write_atomic(path, &self.encode())
+    }
+
+    /// The safetensors encoding: u64 header length, JSON header (space-padded to 8 bytes), data.
+    fn encode(&self) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        let mut data: Vec<u8> = vec![];
+        for (name, t) in &self.tensors {
+            let start = data.len();
+            let dtype = match t {
+                Tensor::F32 { data: v, .. } => {
+                    v.iter().for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
+                    "F32"
+                }
+                Tensor::F16 { data: v, .. } => {
+                    v.iter().for_each(|x| data.extend_from_slice(&f16::from_f32(*x).to_le_bytes()));
+                    "F16"
+                }
+                Tensor::I64 { data: v, .. } => {
+                    v.iter().for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
+                    "I64"
+                }
+            };
+            let entry = serde_json::json!({
+                "dtype": dtype,
+                "shape": t.shape(),
+                "data_offsets": [start, data.len()],
+            });
+            header.insert(name.clone(), entry);
+        }
+        let mut text = String::from("{");
+        if !self.metadata.is_empty() {
+            let meta: BTreeMap<&String, &String> = self.metadata.iter().collect();
+            text += &format!("\"__metadata__\":{}", serde_json::to_string(&meta).expect("strings encode"));
+        }
+        for (name, entry) in &header {
+            if text.len() > 1 {
+                text.push(',');
+            }
+            text += &format!("{}:{}", serde_json::Value::String(name.clone()), entry);
+        }
+        text.push('}');
+        while text.len() % 8 != 0 {
+            text.push(' ');
+        }
+        let mut out = Vec::with_capacity(8 + text.len() + data.len());
+        out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(&data);
+        out
     }
 
     fn get(&self, name: &str) -> Result<&Tensor> {

@@ -1,1 +1,581 @@
-//! (being written)
+//! BatchNorm2d/1d fused with its ReLU: train and eval forward, train backward, folding into a conv.
+
+use crate::config::{BN_EPS, BN_MOMENTUM};
+use rayon::prelude::*;
+
+fn check_shapes(what: &str, x: usize, n: usize, c: usize, hw: usize, per_channel: &[usize]) {
+    assert_eq!(
+        x,
+        n * c * hw,
+        "{what}: x is not [n, c, hw] = [{n}, {c}, {hw}]"
+    );
+    for &len in per_channel {
+        assert_eq!(
+            len, c,
+            "{what}: a per-channel buffer does not have {c} entries"
+        );
+    }
+}
+
+/// Independent accumulators per channel sum (breaks the f64 add latency chain).
+const LANES: usize = 8;
+
+/// Σ over the n·hw values of channel ch of f(index in x), K sums at once, in f64. Value j of
+/// each plane goes to lane j mod LANES and the lanes are added in order at the end, so the
+/// result is fixed by the shape alone.
+fn channel_sums<const K: usize>(
+    n: usize,
+    c: usize,
+    hw: usize,
+    ch: usize,
+    f: impl Fn(usize) -> [f64; K],
+) -> [f64; K] {
+    let mut lanes = [[0.0f64; K]; LANES];
+    for i in 0..n {
+        let base = (i * c + ch) * hw;
+        let full = hw - hw % LANES;
+        for j in (0..full).step_by(LANES) {
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                for (a, b) in lane.iter_mut().zip(f(base + j + l)) {
+                    *a += b;
+                }
+            }
+        }
+        for j in full..hw {
+            for (a, b) in lanes[j % LANES].iter_mut().zip(f(base + j)) {
+                *a += b;
+            }
+        }
+    }
+    let mut total = [0.0f64; K];
+    for lane in &lanes {
+        for (t, v) in total.iter_mut().zip(lane) {
+            *t += v;
+        }
+    }
+    total
+}
+
+/// y = relu(x·scale[ch] + shift[ch]), parallel over the (image, channel) planes.
+fn affine_relu(x: &[f32], c: usize, hw: usize, scale: &[f32], shift: &[f32], y: &mut [f32]) {
+    if y.is_empty() {
+        return;
+    }
+    y.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(plane, (yp, xp))| {
+            let (a, b) = (scale[plane % c], shift[plane % c]);
+            for (yv, &xv) in yp.iter_mut().zip(xp) {
+                let v = xv * a + b;
+                *yv = if v > 0.0 { v } else { 0.0 };
+            }
+        });
+}
+
+/// Training-mode BatchNorm + ReLU over x [n, c, hw] with batch statistics (cnt = n·hw values
+/// per channel, biased variance to normalise): y = relu(γ·(x−mean)·invstd + β), applied as
+/// y = relu(x·a + b) with a = γ·invstd and b = β − mean·a (PyTorch's CPU form). Writes mean
+/// and invstd = 1/sqrt(var_biased + eps) per channel for the backward, and updates the running
+/// statistics as PyTorch: rm = (1−momentum)·rm + momentum·mean,
+/// rv = (1−momentum)·rv + momentum·var_biased·cnt/(cnt−1). Statistics are computed in f64
+/// (two passes). Panics if cnt < 2 (PyTorch refuses a single value per channel in training).
+#[allow(clippy::too_many_arguments)]
+pub fn bn_relu_train_forward(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    y: &mut [f32],
+    mean: &mut [f32],
+    invstd: &mut [f32],
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+) {
+    check_shapes(
+        "bn_relu_train_forward",
+        x.len(),
+        n,
+        c,
+        hw,
+        &[
+            gamma.len(),
+            beta.len(),
+            mean.len(),
+            invstd.len(),
+            running_mean.len(),
+            running_var.len(),
+        ],
+    );
+    assert_eq!(y.len(), x.len(), "bn_relu_train_forward: bad y length");
+    let cnt = n * hw;
+    assert!(
+        cnt >= 2,
+        "bn_relu_train_forward: expected more than 1 value per channel when training, got {cnt}"
+    );
+    let stats: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let [sum] = channel_sums(n, c, hw, ch, |i| [x[i] as f64]);
+            let m = sum / cnt as f64;
+            let [ss] = channel_sums(n, c, hw, ch, |i| {
+                let d = x[i] as f64 - m;
+                [d * d]
+            });
+            let var = ss / cnt as f64;
+            (m, var)
+        })
+        .collect();
+    let mom = BN_MOMENTUM as f64;
+    let mut scale = vec![0.0f32; c];
+    let mut shift = vec![0.0f32; c];
+    for (ch, &(m, var)) in stats.iter().enumerate() {
+        let is = 1.0 / (var + BN_EPS as f64).sqrt();
+        let a = gamma[ch] as f64 * is;
+        scale[ch] = a as f32;
+        shift[ch] = (beta[ch] as f64 - m * a) as f32;
+        mean[ch] = m as f32;
+        invstd[ch] = is as f32;
+        let unbiased = var * cnt as f64 / (cnt - 1) as f64;
+        running_mean[ch] = ((1.0 - mom) * running_mean[ch] as f64 + mom * m) as f32;
+        running_var[ch] = ((1.0 - mom) * running_var[ch] as f64 + mom * unbiased) as f32;
+    }
+    affine_relu(x, c, hw, &scale, &shift, y);
+}
+
+/// Evaluation-mode BatchNorm + ReLU over x [n, c, hw]: y = relu(γ·(x−rm)/sqrt(rv+eps) + β),
+/// applied as relu(x·a + b) with a = γ/sqrt(rv+eps), b = β − rm·a (computed in f64).
+#[allow(clippy::too_many_arguments)]
+pub fn bn_relu_eval_forward(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    y: &mut [f32],
+) {
+    check_shapes(
+        "bn_relu_eval_forward",
+        x.len(),
+        n,
+        c,
+        hw,
+        &[
+            gamma.len(),
+            beta.len(),
+            running_mean.len(),
+            running_var.len(),
+        ],
+    );
+    assert_eq!(y.len(), x.len(), "bn_relu_eval_forward: bad y length");
+    let (scale, shift): (Vec<f32>, Vec<f32>) = (0..c)
+        .map(|ch| {
+            let a = gamma[ch] as f64 / (running_var[ch] as f64 + BN_EPS as f64).sqrt();
+            (
+                a as f32,
+                (beta[ch] as f64 - running_mean[ch] as f64 * a) as f32,
+            )
+        })
+        .unzip();
+    affine_relu(x, c, hw, &scale, &shift, y);
+}
+
+/// Backward of [`bn_relu_train_forward`]. y is the forward's output (ReLU mask = y > 0), mean
+/// and invstd the statistics it saved. With g = dy·[y > 0] and x̂ = (x−mean)·invstd, per
+/// channel (sums over its cnt = n·hw values, in f64): dβ = Σ g, dγ = Σ g·x̂,
+/// dx = γ·invstd·(g − dβ/cnt − x̂·dγ/cnt) (sums in f64, the final affine map in f32).
+/// Outputs are overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_relu_backward(
+    x: &[f32],
+    y: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    gamma: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    check_shapes(
+        "bn_relu_backward",
+        x.len(),
+        n,
+        c,
+        hw,
+        &[
+            gamma.len(),
+            mean.len(),
+            invstd.len(),
+            dgamma.len(),
+            dbeta.len(),
+        ],
+    );
+    for (name, len) in [("y", y.len()), ("dy", dy.len()), ("dx", dx.len())] {
+        assert_eq!(len, x.len(), "bn_relu_backward: bad {name} length");
+    }
+    let masked = |i: usize| if y[i] > 0.0 { dy[i] as f64 } else { 0.0 };
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
+            let [db, dg] = channel_sums(n, c, hw, ch, |i| {
+                let g = masked(i);
+                [g, g * (x[i] as f64 - m) * is]
+            });
+            (db, dg)
+        })
+        .collect();
+    let cnt = (n * hw) as f64;
+    // Per channel, with k = γ·invstd: dx = k·g + cx·(x − mean) + c0, cx = −invstd·k·dγ/cnt,
+    // c0 = −k·dβ/cnt; the coefficients are computed in f64 and applied in f32 (x − mean first,
+    // so inputs far from zero lose no precision).
+    let coef: Vec<[f32; 4]> = sums
+        .iter()
+        .enumerate()
+        .map(|(ch, &(db, dg))| {
+            let is = invstd[ch] as f64;
+            let k = gamma[ch] as f64 * is;
+            let cx = -is * k * dg / cnt;
+            [k as f32, cx as f32, (-k * db / cnt) as f32, mean[ch]]
+        })
+        .collect();
+    for (ch, &(db, dg)) in sums.iter().enumerate() {
+        dbeta[ch] = db as f32;
+        dgamma[ch] = dg as f32;
+    }
+    if dx.is_empty() {
+        return;
+    }
+    dx.par_chunks_mut(hw)
+        .zip(
+            x.par_chunks(hw)
+                .zip(y.par_chunks(hw).zip(dy.par_chunks(hw))),
+        )
+        .enumerate()
+        .for_each(|(plane, (dxp, (xp, (yp, dyp))))| {
+            let [k, cx, c0, m] = coef[plane % c];
+            for (((d, &xv), &yv), &g) in dxp.iter_mut().zip(xp).zip(yp).zip(dyp) {
+                let g = if yv > 0.0 { g } else { 0.0 };
+                *d = k * g + cx * (xv - m) + c0;
+            }
+        });
+}
+
+/// Folds evaluation-mode BatchNorm into the preceding conv/linear with weights w [cout, k]
+/// (k = cin·kh·kw) and bias b [cout]: with s = γ/sqrt(rv+eps) per output channel,
+/// w' = w·s and b' = (b − rm)·s + β. Computed in f64, written as f32.
+#[allow(clippy::too_many_arguments)]
+pub fn fold_bn(
+    w: &[f32],
+    b: &[f32],
+    cout: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    w_out: &mut [f32],
+    b_out: &mut [f32],
+) {
+    assert!(cout > 0, "fold_bn: cout must be positive");
+    assert!(w.len().is_multiple_of(cout), "fold_bn: w is not [cout, k]");
+    assert_eq!(w_out.len(), w.len(), "fold_bn: bad w_out length");
+    for (name, len) in [
+        ("b", b.len()),
+        ("gamma", gamma.len()),
+        ("beta", beta.len()),
+        ("running_mean", running_mean.len()),
+        ("running_var", running_var.len()),
+        ("b_out", b_out.len()),
+    ] {
+        assert_eq!(len, cout, "fold_bn: {name} does not have {cout} entries");
+    }
+    let k = w.len() / cout;
+    for o in 0..cout {
+        let s = gamma[o] as f64 / (running_var[o] as f64 + BN_EPS as f64).sqrt();
+        for j in o * k..(o + 1) * k {
+            w_out[j] = (w[j] as f64 * s) as f32;
+        }
+        b_out[o] = ((b[o] as f64 - running_mean[o] as f64) * s + beta[o] as f64) as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::ops::tensor::test_support::*;
+
+    /// f64 twin of the training forward: per channel, mean and biased variance over the
+    /// batch, then relu(γ·(x−mean)/sqrt(var+eps) + β).
+    fn bn_relu_f64(
+        x: &[f64],
+        n: usize,
+        c: usize,
+        hw: usize,
+        gamma: &[f64],
+        beta: &[f64],
+    ) -> Vec<f64> {
+        let mut y = vec![0.0; x.len()];
+        for ch in 0..c {
+            let idx: Vec<usize> = (0..n)
+                .flat_map(|i| (0..hw).map(move |p| (i * c + ch) * hw + p))
+                .collect();
+            let cnt = idx.len() as f64;
+            let m = idx.iter().map(|&i| x[i]).sum::<f64>() / cnt;
+            let var = idx.iter().map(|&i| (x[i] - m).powi(2)).sum::<f64>() / cnt;
+            for &i in &idx {
+                let v = gamma[ch] * (x[i] - m) / (var + BN_EPS as f64).sqrt() + beta[ch];
+                y[i] = v.max(0.0);
+            }
+        }
+        y
+    }
+
+    struct Case {
+        n: usize,
+        c: usize,
+        hw: usize,
+    }
+
+    #[test]
+    fn bn_relu_backward_matches_finite_differences() {
+        let mut g = rng(40);
+        let cases = [
+            Case { n: 3, c: 2, hw: 5 },
+            Case { n: 2, c: 3, hw: 7 },
+            Case { n: 6, c: 1, hw: 1 },
+            Case { n: 4, c: 5, hw: 1 },
+        ];
+        for Case { n, c, hw } in cases {
+            let len = n * c * hw;
+            let x = rand_vec(&mut g, len, -2.0, 2.0);
+            let gamma = rand_vec(&mut g, c, 0.5, 1.5);
+            let beta = rand_vec(&mut g, c, -0.3, 0.3);
+            let r = rand_vec(&mut g, len, -1.0, 1.0);
+            let (mut y, mut mean, mut invstd) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
+            let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
+            bn_relu_train_forward(
+                &x,
+                n,
+                c,
+                hw,
+                &gamma,
+                &beta,
+                &mut y,
+                &mut mean,
+                &mut invstd,
+                &mut rm,
+                &mut rv,
+            );
+            let (xf, gf, bf) = (to_f64(&x), to_f64(&gamma), to_f64(&beta));
+            let fwd_err = rel_err(&y, &bn_relu_f64(&xf, n, c, hw, &gf, &bf));
+            let mut dx = vec![f32::NAN; len];
+            let (mut dg, mut db) = (vec![f32::NAN; c], vec![f32::NAN; c]);
+            bn_relu_backward(
+                &x, &y, n, c, hw, &gamma, &mean, &invstd, &r, &mut dx, &mut dg, &mut db,
+            );
+            let h = 1e-6;
+            let fd_x = fd_grad(|v| dot(&r, &bn_relu_f64(v, n, c, hw, &gf, &bf)), &xf, h);
+            let fd_g = fd_grad(|v| dot(&r, &bn_relu_f64(&xf, n, c, hw, v, &bf)), &gf, h);
+            let fd_b = fd_grad(|v| dot(&r, &bn_relu_f64(&xf, n, c, hw, &gf, v)), &bf, h);
+            let (ex, eg, eb) = (
+                rel_err(&dx, &fd_x),
+                rel_err(&dg, &fd_g),
+                rel_err(&db, &fd_b),
+            );
+            println!(
+                "bn n={n} c={c} hw={hw}: forward {fwd_err:.3e}, dx {ex:.3e}, dgamma {eg:.3e}, dbeta {eb:.3e}"
+            );
+            assert!(fwd_err < 1e-6, "bn forward error {fwd_err}");
+            assert!(
+                ex < 1e-4 && eg < 1e-4 && eb < 1e-4,
+                "bn backward errors {ex} {eg} {eb}"
+            );
+        }
+    }
+
+    #[test]
+    fn bn_train_forward_normalises_and_updates_running_stats() {
+        let mut g = rng(41);
+        let (n, c, hw) = (4, 3, 50);
+        let len = n * c * hw;
+        // Channel ch has its own offset and spread; β is large so the ReLU never clips.
+        let x: Vec<f32> = rand_vec(&mut g, len, -1.0, 1.0)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let ch = (i / hw) % c;
+                v * (1.0 + ch as f32) + 3.0 * ch as f32 - 2.0
+            })
+            .collect();
+        let gamma = [0.5f32, 2.0, 1.5];
+        let beta = [10.0f32, 20.0, 30.0];
+        let (mut y, mut mean, mut invstd) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
+        let (mut rm, mut rv) = (vec![0.5f32; c], vec![2.0f32; c]);
+        bn_relu_train_forward(
+            &x,
+            n,
+            c,
+            hw,
+            &gamma,
+            &beta,
+            &mut y,
+            &mut mean,
+            &mut invstd,
+            &mut rm,
+            &mut rv,
+        );
+        let mut worst: f64 = 0.0;
+        for ch in 0..c {
+            let vals = |v: &[f32]| -> Vec<f64> {
+                (0..n)
+                    .flat_map(|i| (0..hw).map(move |p| (i * c + ch) * hw + p))
+                    .map(|i| v[i] as f64)
+                    .collect()
+            };
+            let (xs, ys) = (vals(&x), vals(&y));
+            let cnt = xs.len() as f64;
+            let xm = xs.iter().sum::<f64>() / cnt;
+            let xss = xs.iter().map(|v| (v - xm).powi(2)).sum::<f64>();
+            let ym = ys.iter().sum::<f64>() / cnt;
+            let yvar = ys.iter().map(|v| (v - ym).powi(2)).sum::<f64>() / cnt;
+            // Expected variance of y: γ²·var/(var+eps).
+            let var_b = xss / cnt;
+            let want_yvar = (gamma[ch] as f64).powi(2) * var_b / (var_b + BN_EPS as f64);
+            let want_rm = 0.9 * 0.5 + 0.1 * xm;
+            let want_rv = 0.9 * 2.0 + 0.1 * xss / (cnt - 1.0);
+            let errs = [
+                (ym - beta[ch] as f64).abs() / beta[ch] as f64,
+                (yvar - want_yvar).abs() / want_yvar,
+                (yvar - (gamma[ch] as f64).powi(2)).abs() / (gamma[ch] as f64).powi(2),
+                (rm[ch] as f64 - want_rm).abs() / want_rm.abs(),
+                (rv[ch] as f64 - want_rv).abs() / want_rv,
+                (mean[ch] as f64 - xm).abs() / xm.abs().max(1.0),
+                (invstd[ch] as f64 - 1.0 / (var_b + BN_EPS as f64).sqrt()).abs()
+                    * (var_b + BN_EPS as f64).sqrt(),
+            ];
+            let shown: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();
+            println!("bn stats channel {ch}: relative errors (mean y, var y, var y vs γ², rm, rv, mean, invstd) {shown:?}");
+            worst = errs.iter().cloned().fold(worst, f64::max);
+        }
+        // γ² vs γ²·var/(var+eps) differs by at most eps/var ≈ 1e-5 here.
+        assert!(worst < 5e-5, "bn statistics error {worst}");
+    }
+
+    #[test]
+    fn bn_eval_forward_and_fold_match_reference() {
+        let mut g = rng(42);
+        let (n, cin, cout, hw) = (2, 4, 3, 6);
+        let x = rand_vec(&mut g, n * cin * hw, -1.0, 1.0);
+        let w = rand_vec(&mut g, cout * cin, -1.0, 1.0);
+        let b = rand_vec(&mut g, cout, -0.5, 0.5);
+        let gamma = rand_vec(&mut g, cout, 0.5, 1.5);
+        let beta = rand_vec(&mut g, cout, -0.5, 0.5);
+        let rm = rand_vec(&mut g, cout, -0.3, 0.3);
+        let rv = rand_vec(&mut g, cout, 0.5, 2.0);
+        // A 1×1 conv (linear over channels) in f64: z[i, o, p] = Σ_j w[o, j]·x[i, j, p] + b[o].
+        let linear = |w: &[f64], b: &[f64]| -> Vec<f64> {
+            let mut z = vec![0.0; n * cout * hw];
+            for i in 0..n {
+                for o in 0..cout {
+                    for p in 0..hw {
+                        z[(i * cout + o) * hw + p] = b[o]
+                            + (0..cin)
+                                .map(|j| w[o * cin + j] * x[(i * cin + j) * hw + p] as f64)
+                                .sum::<f64>();
+                    }
+                }
+            }
+            z
+        };
+        let z = linear(&to_f64(&w), &to_f64(&b));
+        let reference: Vec<f64> = z
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let o = (i / hw) % cout;
+                let s = gamma[o] as f64 / (rv[o] as f64 + 1e-5).sqrt();
+                ((v - rm[o] as f64) * s + beta[o] as f64).max(0.0)
+            })
+            .collect();
+        let zf: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+        let mut y = vec![0.0; zf.len()];
+        bn_relu_eval_forward(&zf, n, cout, hw, &gamma, &beta, &rm, &rv, &mut y);
+        let eval_err = rel_err(&y, &reference);
+        let (mut wf, mut bf) = (vec![0.0; w.len()], vec![0.0; cout]);
+        fold_bn(&w, &b, cout, &gamma, &beta, &rm, &rv, &mut wf, &mut bf);
+        let folded: Vec<f64> = linear(&to_f64(&wf), &to_f64(&bf))
+            .iter()
+            .map(|v| v.max(0.0))
+            .collect();
+        let fold_err = folded
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        println!("bn eval forward error {eval_err:.3e}, folded conv error {fold_err:.3e}");
+        assert!(eval_err < 1e-6, "eval forward error {eval_err}");
+        assert!(fold_err < 1e-6, "fold error {fold_err}");
+    }
+
+    #[test]
+    fn bn_train_is_bit_identical_across_thread_counts() {
+        let mut g = rng(43);
+        let (n, c, hw) = (4, 16, 64 * 64);
+        let len = n * c * hw;
+        let x = rand_vec(&mut g, len, -1.0, 1.0);
+        let dy = rand_vec(&mut g, len, -1.0, 1.0);
+        let gamma = rand_vec(&mut g, c, 0.5, 1.5);
+        let beta = rand_vec(&mut g, c, -0.3, 0.3);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("thread pool");
+            pool.install(|| {
+                let (mut y, mut mean, mut invstd) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
+                let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
+                bn_relu_train_forward(
+                    &x,
+                    n,
+                    c,
+                    hw,
+                    &gamma,
+                    &beta,
+                    &mut y,
+                    &mut mean,
+                    &mut invstd,
+                    &mut rm,
+                    &mut rv,
+                );
+                let mut dx = vec![0.0; len];
+                let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
+                bn_relu_backward(
+                    &x, &y, n, c, hw, &gamma, &mean, &invstd, &dy, &mut dx, &mut dg, &mut db,
+                );
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+                [y, mean, invstd, rm, rv, dx, dg, db].map(|v| bits(&v))
+            })
+        };
+        let first = run(1);
+        let mut differing = 0;
+        for threads in [1, 3, 4] {
+            let again = run(threads);
+            differing += first
+                .iter()
+                .zip(&again)
+                .map(|(a, b)| a.iter().zip(b).filter(|(p, q)| p != q).count())
+                .sum::<usize>();
+        }
+        println!("bn train forward/backward on {len} values: {differing} differing bits-words across runs with 1, 1, 3, 4 threads");
+        assert_eq!(differing, 0);
+    }
+}

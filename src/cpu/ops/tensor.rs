@@ -1,1 +1,302 @@
-//! (being written)
+//! Elementwise and layout operators: ReLU, channel concat/split and the [n,c,s]↔[n,s,c] transpose.
+
+use rayon::prelude::*;
+
+/// Elements per rayon task for the elementwise operators.
+const ELEM_CHUNK: usize = 1 << 14;
+/// Side of the square tiles of the transpose (keeps both reads and writes in cache).
+const TILE: usize = 32;
+
+/// y = max(x, 0).
+pub fn relu_forward(x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "relu_forward: x and y differ in length");
+    y.par_chunks_mut(ELEM_CHUNK)
+        .zip(x.par_chunks(ELEM_CHUNK))
+        .for_each(|(yc, xc)| {
+            for (yv, &xv) in yc.iter_mut().zip(xc) {
+                *yv = if xv > 0.0 { xv } else { 0.0 };
+            }
+        });
+}
+
+/// dx = dy where y > 0, else 0 (y is the forward's output).
+pub fn relu_backward(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+    assert_eq!(
+        y.len(),
+        dy.len(),
+        "relu_backward: y and dy differ in length"
+    );
+    assert_eq!(
+        y.len(),
+        dx.len(),
+        "relu_backward: y and dx differ in length"
+    );
+    dx.par_chunks_mut(ELEM_CHUNK)
+        .zip(y.par_chunks(ELEM_CHUNK).zip(dy.par_chunks(ELEM_CHUNK)))
+        .for_each(|(dxc, (yc, dyc))| {
+            for ((d, &yv), &g) in dxc.iter_mut().zip(yc).zip(dyc) {
+                *d = if yv > 0.0 { g } else { 0.0 };
+            }
+        });
+}
+
+/// out [n, ca+cb, hw] = concat over channels of a [n, ca, hw] then b [n, cb, hw].
+/// Panics if ca or cb is 0 or a buffer length does not match.
+pub fn concat_channels(
+    a: &[f32],
+    ca: usize,
+    b: &[f32],
+    cb: usize,
+    n: usize,
+    hw: usize,
+    out: &mut [f32],
+) {
+    assert!(
+        ca > 0 && cb > 0,
+        "concat_channels: both parts need channels"
+    );
+    assert_eq!(
+        a.len(),
+        n * ca * hw,
+        "concat_channels: a is not [n, ca, hw]"
+    );
+    assert_eq!(
+        b.len(),
+        n * cb * hw,
+        "concat_channels: b is not [n, cb, hw]"
+    );
+    assert_eq!(
+        out.len(),
+        n * (ca + cb) * hw,
+        "concat_channels: bad out length"
+    );
+    if out.is_empty() {
+        return;
+    }
+    let (la, lb) = (ca * hw, cb * hw);
+    out.par_chunks_mut(la + lb)
+        .zip(a.par_chunks(la).zip(b.par_chunks(lb)))
+        .for_each(|(o, (ai, bi))| {
+            o[..la].copy_from_slice(ai);
+            o[la..].copy_from_slice(bi);
+        });
+}
+
+/// Inverse of [`concat_channels`] for gradients: splits d [n, ca+cb, hw] into da [n, ca, hw]
+/// and db [n, cb, hw]. Panics if ca or cb is 0 or a buffer length does not match.
+pub fn split_channels(
+    d: &[f32],
+    ca: usize,
+    cb: usize,
+    n: usize,
+    hw: usize,
+    da: &mut [f32],
+    db: &mut [f32],
+) {
+    assert!(ca > 0 && cb > 0, "split_channels: both parts need channels");
+    assert_eq!(d.len(), n * (ca + cb) * hw, "split_channels: bad d length");
+    assert_eq!(
+        da.len(),
+        n * ca * hw,
+        "split_channels: da is not [n, ca, hw]"
+    );
+    assert_eq!(
+        db.len(),
+        n * cb * hw,
+        "split_channels: db is not [n, cb, hw]"
+    );
+    if d.is_empty() {
+        return;
+    }
+    let (la, lb) = (ca * hw, cb * hw);
+    d.par_chunks(la + lb)
+        .zip(da.par_chunks_mut(la).zip(db.par_chunks_mut(lb)))
+        .for_each(|(di, (ai, bi))| {
+            ai.copy_from_slice(&di[..la]);
+            bi.copy_from_slice(&di[la..]);
+        });
+}
+
+/// Transpose [n, c, s] → [n, s, c]: y[i, p, k] = x[i, k, p]. Called with (c, s) swapped it
+/// transposes back, so it is also its own backward.
+pub fn transpose_cs(x: &[f32], n: usize, c: usize, s: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), n * c * s, "transpose_cs: x is not [n, c, s]");
+    assert_eq!(y.len(), n * c * s, "transpose_cs: bad y length");
+    if y.is_empty() {
+        return;
+    }
+    y.par_chunks_mut(c * s)
+        .zip(x.par_chunks(c * s))
+        .for_each(|(yi, xi)| {
+            // Output rows p0..p0+TILE of one image form one task.
+            yi.par_chunks_mut(c * TILE)
+                .enumerate()
+                .for_each(|(blk, yb)| {
+                    let p0 = blk * TILE;
+                    let rows = yb.len() / c;
+                    for k0 in (0..c).step_by(TILE) {
+                        let k1 = (k0 + TILE).min(c);
+                        for dp in 0..rows {
+                            let yrow = &mut yb[dp * c..(dp + 1) * c];
+                            for k in k0..k1 {
+                                yrow[k] = xi[k * s + p0 + dp];
+                            }
+                        }
+                    }
+                });
+        });
+}
+
+/// Helpers shared by the operator tests: seeded random buffers, finite differences and error
+/// measures.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    pub fn rng(seed: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(seed)
+    }
+
+    /// Uniform values in [lo, hi).
+    pub fn rand_vec(rng: &mut ChaCha8Rng, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..len).map(|_| rng.gen_range(lo..hi)).collect()
+    }
+
+    pub fn to_f64(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&x| x as f64).collect()
+    }
+
+    /// Σ r⊙y in f64.
+    pub fn dot(r: &[f32], y: &[f64]) -> f64 {
+        assert_eq!(r.len(), y.len());
+        r.iter().zip(y).map(|(&a, &b)| a as f64 * b).sum()
+    }
+
+    /// Central finite-difference gradient of f at x with step h.
+    pub fn fd_grad(f: impl Fn(&[f64]) -> f64, x: &[f64], h: f64) -> Vec<f64> {
+        let mut xp = x.to_vec();
+        (0..x.len())
+            .map(|i| {
+                let v = xp[i];
+                xp[i] = v + h;
+                let fp = f(&xp);
+                xp[i] = v - h;
+                let fm = f(&xp);
+                xp[i] = v;
+                (fp - fm) / (2.0 * h)
+            })
+            .collect()
+    }
+
+    /// max |a − b| / max |b| (b the reference; an all-zero reference gives the absolute error).
+    pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len(), "rel_err: length mismatch");
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y).abs())
+            .fold(0.0, f64::max);
+        let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
+        if scale > 0.0 {
+            diff / scale
+        } else {
+            diff
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn relu_backward_matches_finite_differences() {
+        let mut g = rng(1);
+        let len = 1000;
+        let x = rand_vec(&mut g, len, -1.0, 1.0);
+        let r = rand_vec(&mut g, len, -1.0, 1.0);
+        let mut y = vec![0.0; len];
+        relu_forward(&x, &mut y);
+        let twin = |x: &[f64]| -> Vec<f64> { x.iter().map(|&v| v.max(0.0)).collect() };
+        let fwd_err = rel_err(&y, &twin(&to_f64(&x)));
+        let mut dx = vec![0.0; len];
+        relu_backward(&y, &r, &mut dx);
+        let fd = fd_grad(|x| dot(&r, &twin(x)), &to_f64(&x), 1e-6);
+        let err = rel_err(&dx, &fd);
+        println!("relu: forward error {fwd_err:.3e}, backward vs FD error {err:.3e}");
+        assert_eq!(fwd_err, 0.0);
+        assert!(err < 1e-6, "relu backward error {err}");
+    }
+
+    #[test]
+    fn concat_and_split_match_index_loops() {
+        let mut g = rng(2);
+        let (n, ca, cb, hw) = (3, 2, 5, 7);
+        let a = rand_vec(&mut g, n * ca * hw, -1.0, 1.0);
+        let b = rand_vec(&mut g, n * cb * hw, -1.0, 1.0);
+        let mut out = vec![0.0; n * (ca + cb) * hw];
+        concat_channels(&a, ca, &b, cb, n, hw, &mut out);
+        let mut mismatches = 0;
+        for i in 0..n {
+            for k in 0..ca + cb {
+                for p in 0..hw {
+                    let want = if k < ca {
+                        a[(i * ca + k) * hw + p]
+                    } else {
+                        b[(i * cb + k - ca) * hw + p]
+                    };
+                    mismatches += usize::from(out[(i * (ca + cb) + k) * hw + p] != want);
+                }
+            }
+        }
+        // split is concat's adjoint: d(Σ r⊙concat(a, b))/d(a, b) = split(r), checked by FD.
+        let r = rand_vec(&mut g, out.len(), -1.0, 1.0);
+        let mut da = vec![0.0; a.len()];
+        let mut db = vec![0.0; b.len()];
+        split_channels(&r, ca, cb, n, hw, &mut da, &mut db);
+        let concat_f64 = |ab: &[f64]| -> Vec<f64> {
+            let (a, b) = ab.split_at(n * ca * hw);
+            let mut o = Vec::new();
+            for i in 0..n {
+                o.extend_from_slice(&a[i * ca * hw..(i + 1) * ca * hw]);
+                o.extend_from_slice(&b[i * cb * hw..(i + 1) * cb * hw]);
+            }
+            o
+        };
+        let ab: Vec<f64> = to_f64(&a).into_iter().chain(to_f64(&b)).collect();
+        let fd = fd_grad(|v| dot(&r, &concat_f64(v)), &ab, 1e-3);
+        let dab: Vec<f32> = da.iter().chain(&db).copied().collect();
+        let err = rel_err(&dab, &fd);
+        println!("concat: {mismatches} mismatches; split vs FD error {err:.3e}");
+        assert_eq!(mismatches, 0);
+        assert!(err < 1e-9, "split error {err}");
+    }
+
+    #[test]
+    fn transpose_matches_index_loop_and_inverts() {
+        let mut g = rng(3);
+        for &(n, c, s) in &[(2, 3, 5), (1, 70, 45), (3, 1, 33), (2, 40, 1)] {
+            let x = rand_vec(&mut g, n * c * s, -1.0, 1.0);
+            let mut y = vec![0.0; x.len()];
+            transpose_cs(&x, n, c, s, &mut y);
+            let mut mismatches = 0;
+            for i in 0..n {
+                for k in 0..c {
+                    for p in 0..s {
+                        mismatches += usize::from(y[(i * s + p) * c + k] != x[(i * c + k) * s + p]);
+                    }
+                }
+            }
+            let mut back = vec![0.0; x.len()];
+            transpose_cs(&y, n, s, c, &mut back);
+            let roundtrip = back.iter().zip(&x).filter(|(a, b)| a != b).count();
+            println!(
+                "transpose {n}x{c}x{s}: {mismatches} mismatches, {roundtrip} after round trip"
+            );
+            assert_eq!(mismatches, 0);
+            assert_eq!(roundtrip, 0);
+        }
+    }
+}
