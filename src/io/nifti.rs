@@ -357,13 +357,14 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
         )
     })?;
     let nvox = dims[0] * dims[1] * dims[2];
-    let offset = header.vox_offset as usize;
-    if header.vox_offset < DATA_OFFSET as f32 || !header.vox_offset.is_finite() {
+    if !(header.vox_offset >= DATA_OFFSET as f32 && header.vox_offset <= bytes.len() as f32) {
         bail!(
-            "{name}: vox_offset {} is invalid (a single-file NIfTI-1 volume starts its data at byte 352 or later)",
+            "{name}: vox_offset {} is invalid (a single-file NIfTI-1 volume starts its data at \
+             byte 352 or later, inside the file)",
             header.vox_offset
         );
     }
+    let offset = header.vox_offset as usize;
     let need = offset + nvox * stored.size();
     if bytes.len() < need {
         bail!(
