@@ -292,6 +292,26 @@ fn awkward_headers_match_nibabel() {
         assert_eq!(vol.canonical_dims().to_vec(), e.canonical_shape);
         assert_eq!(data.len(), e.canonical_data.len());
         assert!(data_err < 1e-3);
+        let out = tempfile::tempdir().unwrap();
+        let labels_path = out.path().join("labels.nii.gz");
+        let labels: Vec<u8> = (0..vol.data.len()).map(|i| (i % 6) as u8).collect();
+        write_label_map(&labels_path, &vol, &labels, true).unwrap();
+        let (a, b) = (crate_header(&fixture(name)), crate_header(&labels_path));
+        assert_eq!(
+            (a.dim, a.pixdim, a.qform_code, a.sform_code),
+            (b.dim, b.pixdim, b.qform_code, b.sform_code)
+        );
+        assert_eq!(
+            (a.srow_x, a.srow_y, a.srow_z),
+            (b.srow_x, b.srow_y, b.srow_z)
+        );
+        assert_eq!(
+            (a.quatern_b, a.quatern_c, a.quatern_d, a.quatern_x),
+            (b.quatern_b, b.quatern_c, b.quatern_d, b.quatern_x)
+        );
+        let back = read_volume(&labels_path).unwrap();
+        assert_eq!(back.affine, vol.affine);
+        assert!(back.data.iter().zip(&labels).all(|(&x, &l)| x == l as f32));
     }
     for (name, needle) in [
         ("nifti2.nii", "NIfTI-2"),
