@@ -5,7 +5,13 @@ use m2unet::io::weights::{load_model, model_tensors, save_model, Tensor, TensorF
 use m2unet::model::Model;
 
 fn tiny() -> Model {
-    Model::init(ModelConfig { gcp: GcpMode::Max, ..ModelConfig::tiny() }, 3)
+    Model::init(
+        ModelConfig {
+            gcp: GcpMode::Max,
+            ..ModelConfig::tiny()
+        },
+        3,
+    )
 }
 
 #[test]
@@ -13,7 +19,11 @@ fn f32_round_trip_is_exact_and_keeps_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.safetensors");
     let mut model = tiny();
-    model.buffers.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32 * 0.25);
+    model
+        .buffers
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = i as f32 * 0.25);
     model.batches_tracked[4] = 17;
     save_model(&model, &path, WeightDtype::F32).unwrap();
     let back = load_model(&path).unwrap();
@@ -21,7 +31,10 @@ fn f32_round_trip_is_exact_and_keeps_the_config() {
     assert_eq!(back.params, model.params);
     assert_eq!(back.buffers, model.buffers);
     assert_eq!(back.batches_tracked, model.batches_tracked);
-    println!("f32 round trip: 0 differences over {} params", model.params.len());
+    println!(
+        "f32 round trip: 0 differences over {} params",
+        model.params.len()
+    );
 }
 
 #[test]
@@ -31,7 +44,12 @@ fn f16_and_bf16_files_load_within_their_precision() {
     let path = dir.path().join("h.safetensors");
     save_model(&model, &path, WeightDtype::F16).unwrap();
     let back = load_model(&path).unwrap();
-    let err = model.params.iter().zip(&back.params).map(|(a, b)| ((a - b) / a.abs().max(1e-3)).abs()).fold(0f32, f32::max);
+    let err = model
+        .params
+        .iter()
+        .zip(&back.params)
+        .map(|(a, b)| ((a - b) / a.abs().max(1e-3)).abs())
+        .fold(0f32, f32::max);
     println!("f16 max relative error {err:e}");
     assert!(err < 1e-3 && err > 0.0);
     // bf16: re-encode the f32 state_dict by hand, truncating mantissas.
@@ -41,19 +59,43 @@ fn f16_and_bf16_files_load_within_their_precision() {
         .tensors
         .iter()
         .map(|(n, t)| match t {
-            Tensor::F32 { shape, data } => (n.clone(), shape.clone(), data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(), true),
-            Tensor::I64 { shape, data } => (n.clone(), shape.clone(), data.iter().flat_map(|v| v.to_le_bytes()).collect(), false),
+            Tensor::F32 { shape, data } => (
+                n.clone(),
+                shape.clone(),
+                data.iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                true,
+            ),
+            Tensor::I64 { shape, data } => (
+                n.clone(),
+                shape.clone(),
+                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                false,
+            ),
             Tensor::F16 { .. } => unreachable!(),
         })
         .collect();
     for (n, s, b, is_float) in &encoded {
-        let dt = if *is_float { safetensors::Dtype::BF16 } else { safetensors::Dtype::I64 };
-        views.push((n.clone(), safetensors::tensor::TensorView::new(dt, s.clone(), b).unwrap()));
+        let dt = if *is_float {
+            safetensors::Dtype::BF16
+        } else {
+            safetensors::Dtype::I64
+        };
+        views.push((
+            n.clone(),
+            safetensors::tensor::TensorView::new(dt, s.clone(), b).unwrap(),
+        ));
     }
     let path = dir.path().join("b.safetensors");
     safetensors::serialize_to_file(views, &None, &path).unwrap();
     let back = load_model(&path).unwrap();
-    let err = model.params.iter().zip(&back.params).map(|(a, b)| ((a - b) / a.abs().max(1e-3)).abs()).fold(0f32, f32::max);
+    let err = model
+        .params
+        .iter()
+        .zip(&back.params)
+        .map(|(a, b)| ((a - b) / a.abs().max(1e-3)).abs())
+        .fold(0f32, f32::max);
     println!("bf16 max relative error {err:e}");
     assert!(err < 8e-3 && err > 0.0);
 }
@@ -65,7 +107,10 @@ fn expect_error(file: &TensorFile, needle: &str) {
     let msg = format!("{:#}", load_model(&path).unwrap_err());
     println!("error: {msg}");
     assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
-    assert!(msg.contains("bad.safetensors"), "{msg:?} should name the file");
+    assert!(
+        msg.contains("bad.safetensors"),
+        "{msg:?} should name the file"
+    );
 }
 
 #[test]
@@ -75,13 +120,16 @@ fn missing_unexpected_misshapen_and_mistyped_tensors_are_named() {
     f.tensors.remove("dec3.conv2.bias");
     expect_error(&f, "dec3.conv2.bias");
     let mut f = good.clone();
-    f.tensors.insert("enc9.conv1.weight".into(), Tensor::scalar(1.0));
+    f.tensors
+        .insert("enc9.conv1.weight".into(), Tensor::scalar(1.0));
     expect_error(&f, "enc9.conv1.weight");
     let mut f = good.clone();
-    f.tensors.insert("dec2.bn1.weight".into(), Tensor::f32(&[3], vec![1.0; 3]));
+    f.tensors
+        .insert("dec2.bn1.weight".into(), Tensor::f32(&[3], vec![1.0; 3]));
     expect_error(&f, "dec2.bn1.weight");
     let mut f = good.clone();
-    f.tensors.insert("enc2.bn2.num_batches_tracked".into(), Tensor::scalar(1.0));
+    f.tensors
+        .insert("enc2.bn2.num_batches_tracked".into(), Tensor::scalar(1.0));
     expect_error(&f, "enc2.bn2.num_batches_tracked");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("text.safetensors");
