@@ -1,12 +1,15 @@
-//! The `m2unet` command line: model info, weight initialisation and the forward contract.
+//! The `m2unet` command line: info, init, forward (the tensor contract), assess and synth.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use m2unet::assess::{run_assess, AssessArgs};
 use m2unet::config::{ModelConfig, TrainConfig};
-use m2unet::cpu::{run_step, Batch, Mode};
+use m2unet::cpu::{run_step, Batch, CpuEngine, Mode};
+use m2unet::data::phantom::{run_synth, SynthArgs};
+use m2unet::engine::InferenceEngine;
 use m2unet::io::weights::{load_model, model_tensors, save_model, Tensor, TensorFile, WeightDtype};
 use m2unet::model::{Model, ParamTable};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// M²UNet: lung-lobe segmentation and COVID-19 severity assessment from chest CT
@@ -26,6 +29,10 @@ enum Command {
     Init(InitArgs),
     /// Run the network on patches stored in a safetensors file (the stable tool contract).
     Forward(ForwardArgs),
+    /// Assess CT volumes: lobe label map, severity report and optional preview per volume.
+    Assess(AssessArgs),
+    /// Write seeded synthetic chest CT phantoms with ground truth and a manifest.
+    Synth(SynthArgs),
 }
 
 #[derive(clap::Args)]
@@ -97,17 +104,29 @@ struct ForwardArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Ok(false): the command ran but some inputs of a batch failed (already reported).
     let result = match cli.command {
-        Command::Info(a) => info(&a),
-        Command::Init(a) => init(&a),
-        Command::Forward(a) => forward(&a),
+        Command::Info(a) => info(&a).map(|()| true),
+        Command::Init(a) => init(&a).map(|()| true),
+        Command::Forward(a) => forward(&a).map(|()| true),
+        Command::Assess(a) => run_assess(&a, make_engine),
+        Command::Synth(a) => run_synth(&a).map(|()| true),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Builds the inference engine `assess` runs on.
+fn make_engine(weights: &Path, device: &str) -> Result<Box<dyn InferenceEngine>> {
+    match device {
+        "cpu" => Ok(Box::new(CpuEngine::new(load_model(weights)?))),
+        other => bail!("unknown device {other:?} (available: cpu)"),
     }
 }
 
