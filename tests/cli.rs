@@ -211,3 +211,99 @@ fn init_writes_weights_that_load_with_the_preset_config() {
         "same seed, same bytes"
     );
 }
+
+#[test]
+fn assess_runs_end_to_end_on_a_phantom_with_init_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ph = d.join("ph");
+    let o = m2unet(&[
+        "synth",
+        "--out",
+        ph.to_str().unwrap(),
+        "--count",
+        "1",
+        "--seed",
+        "11",
+        "--shape",
+        "64,64,24",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let w = d.join("w.safetensors");
+    assert!(
+        m2unet(&["init", "--out", w.to_str().unwrap(), "--preset", "tiny"])
+            .status
+            .success()
+    );
+    let ct = std::fs::read_dir(&ph)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.to_str().unwrap().ends_with(".nii.gz") && !p.to_str().unwrap().contains("_mask")
+        })
+        .unwrap();
+    // A second input that is not a volume: reported, the good one still assessed.
+    let bad = d.join("bad.nii");
+    std::fs::write(&bad, "not a nifti file").unwrap();
+    let out = d.join("out");
+    let o = m2unet(&[
+        "assess",
+        ct.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "--weights",
+        w.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    println!("{}", stderr(&o));
+    assert!(
+        !o.status.success(),
+        "one input failed, so the exit code says so"
+    );
+    assert!(stderr(&o).contains("bad.nii"));
+    let stem = ct
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches(".nii.gz");
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            format!("{stem}_lobes.nii.gz"),
+            format!("{stem}_report.json")
+        ],
+        "nothing for the bad file"
+    );
+    let input = m2unet::io::nifti::read_volume(&ct).unwrap();
+    let lobes = m2unet::io::nifti::read_volume(&out.join(format!("{stem}_lobes.nii.gz"))).unwrap();
+    println!(
+        "input dims {:?}, lobe map dims {:?}",
+        input.dims, lobes.dims
+    );
+    assert_eq!(input.dims, lobes.dims);
+    assert_eq!(input.affine, lobes.affine);
+    assert_eq!(lobes.dtype, "uint8");
+    assert!(lobes
+        .data
+        .iter()
+        .all(|&v| (0.0..=5.0).contains(&v) && v.fract() == 0.0));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join(format!("{stem}_report.json"))).unwrap())
+            .unwrap();
+    let p = report["severity"]["probability"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p));
+    assert!(["severe", "non-severe"].contains(&report["severity"]["class"].as_str().unwrap()));
+    assert_eq!(report["lobes"].as_array().unwrap().len(), 5);
+    for key in ["label", "name", "volume_ml", "mean_hu", "involvement"] {
+        assert!(report["lobes"][0].get(key).is_some(), "lobes[].{key}");
+    }
+    assert!(report["input"].as_str().unwrap().ends_with(".nii.gz"));
+    assert!(report["timings_ms"].is_object());
+}
