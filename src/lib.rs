@@ -1,8 +1,10 @@
 //! m2unet: M²UNet (lung-lobe segmentation + COVID-19 severity from chest CT), CPU and CUDA engines.
 
+pub mod assess;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
+pub mod data;
 pub mod engine;
 pub mod io;
 pub mod model;

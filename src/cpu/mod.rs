@@ -1,3 +1,6 @@
 //! The CPU engine: the f32 reference implementation of docs/model.md.
 
+mod engine;
 pub mod ops;
+
+pub use engine::{argmax_classes, run_step, Batch, CpuEngine, Losses, Mode, StepResult, Trainer};

@@ -1,3 +1,8 @@
-//! File formats: safetensors weights and tensors.
+//! File formats: NIfTI volumes (read, validate, orient, write) and safetensors weights and tensors.
 
+pub mod nifti;
 pub mod weights;
+
+pub use self::nifti::{
+    read_volume, write_label_map, write_nifti, AffineSource, Orientation, Volume, VoxelData,
+};

@@ -1,0 +1,309 @@
+//! The `m2unet` command line end to end: info, init, and the forward contract (against the
+//! PyTorch fixtures), with clear errors and no output on bad input.
+
+use m2unet::io::weights::{Tensor, TensorFile};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn m2unet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_m2unet"))
+        .args(args)
+        .output()
+        .expect("run m2unet")
+}
+
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn info_prints_the_paper_counts() {
+    let o = m2unet(&["info", "--params"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    println!("{out}");
+    assert!(o.status.success());
+    assert!(out.contains("learnable parameters: 4,015,304"));
+    assert!(out.contains("enc5") && out.contains("2,657,280") && out.contains("2595.0"));
+}
+
+#[test]
+fn forward_train_reproduces_the_pytorch_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("y.safetensors");
+    let o = m2unet(&[
+        "forward",
+        "--weights",
+        &fixture("tiny_weights.safetensors"),
+        "--input",
+        &fixture("tiny_input.safetensors"),
+        "--output",
+        out.to_str().unwrap(),
+        "--mode",
+        "train",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = TensorFile::read(&out).unwrap();
+    let want = TensorFile::read(Path::new(&fixture("tiny_train.safetensors"))).unwrap();
+    let keys: Vec<&String> = got.tensors.keys().collect();
+    assert_eq!(
+        keys,
+        want.tensors.keys().collect::<Vec<_>>(),
+        "same output keys as the fixture"
+    );
+    let mut worst = 0f64;
+    for (k, t) in &want.tensors {
+        assert_eq!(got.tensors[k].shape(), t.shape(), "{k}");
+        if k.starts_with("grad.") {
+            continue; // gradients are compared with their own measure in torch_fixtures.rs
+        }
+        match t {
+            Tensor::I64 { data, .. } => assert_eq!(got.i64(k).unwrap().1, &data[..], "{k}"),
+            _ => {
+                let (a, b) = (got.f32(k).unwrap().1, want.f32(k).unwrap().1);
+                let d: f64 = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| ((x - y) as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let n: f64 = b
+                    .iter()
+                    .map(|y| (*y as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+                    .max(1e-30);
+                worst = worst.max(d / n);
+            }
+        }
+    }
+    println!("CLI forward --mode train: worst relative L2 error over outputs, losses and BN buffers {worst:.3e}");
+    assert!(worst <= 1e-4);
+}
+
+fn write_input(dir: &Path, m: usize, p: usize, bags: &[i64]) -> String {
+    let mut f = TensorFile::default();
+    f.tensors.insert(
+        "patches".into(),
+        Tensor::f32(&[m, 1, p, p], vec![0.5; m * p * p]),
+    );
+    f.tensors.insert(
+        "bag_sizes".into(),
+        Tensor::i64(&[bags.len()], bags.to_vec()),
+    );
+    let path = dir.join(format!("in_{m}_{p}_{}.safetensors", bags.len()));
+    f.write(&path).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn forward_eval_writes_only_the_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), 4, 16, &[2, 2]);
+    let out = dir.path().join("y.safetensors");
+    let o = m2unet(&[
+        "forward",
+        "--weights",
+        &fixture("tiny_weights.safetensors"),
+        "--input",
+        &input,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = TensorFile::read(&out).unwrap();
+    assert_eq!(
+        got.tensors.keys().collect::<Vec<_>>(),
+        ["cls_logits", "seg_logits"]
+    );
+    assert_eq!(got.tensors["seg_logits"].shape(), [4, 6, 16, 16]);
+    assert_eq!(got.tensors["cls_logits"].shape(), [2, 2]);
+    let (_, logits) = got.f32("cls_logits").unwrap();
+    println!("P=16 eval logits {logits:?}");
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn bad_forward_inputs_fail_clearly_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cases = [
+        (write_input(d, 5, 32, &[2, 2]), "sum to 4"),
+        (write_input(d, 4, 24, &[2, 2]), "multiple of 16"),
+        (write_input(d, 3, 32, &[1, 2]), "at least 2"),
+        (
+            fixture("tiny_weights.safetensors"),
+            "missing tensor \"patches\"",
+        ),
+    ];
+    for (input, needle) in cases {
+        let out = d.join("never.safetensors");
+        let o = m2unet(&[
+            "forward",
+            "--weights",
+            &fixture("tiny_weights.safetensors"),
+            "--input",
+            &input,
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        let msg = stderr(&o);
+        println!("{input}: {msg}");
+        assert!(!o.status.success());
+        assert!(msg.contains(needle), "{msg:?} should contain {needle:?}");
+        assert!(
+            msg.contains(Path::new(&input).file_name().unwrap().to_str().unwrap()),
+            "names the file"
+        );
+        assert!(!out.exists(), "no output on failure");
+    }
+    let o = m2unet(&[
+        "forward",
+        "--weights",
+        "/nonexistent/w.safetensors",
+        "--input",
+        "x",
+        "--output",
+        "y",
+    ]);
+    println!("{}", stderr(&o));
+    assert!(!o.status.success() && stderr(&o).contains("/nonexistent/w.safetensors"));
+}
+
+#[test]
+fn init_writes_weights_that_load_with_the_preset_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("w.safetensors");
+    let o = m2unet(&[
+        "init",
+        "--out",
+        w.to_str().unwrap(),
+        "--seed",
+        "5",
+        "--preset",
+        "tiny",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = m2unet(&["info", "--weights", w.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    println!("{out}");
+    assert!(out.contains("enc_width 8") && out.contains("bottleneck_width 16"));
+    let again = dir.path().join("w2.safetensors");
+    m2unet(&[
+        "init",
+        "--out",
+        again.to_str().unwrap(),
+        "--seed",
+        "5",
+        "--preset",
+        "tiny",
+    ]);
+    assert_eq!(
+        std::fs::read(&w).unwrap(),
+        std::fs::read(&again).unwrap(),
+        "same seed, same bytes"
+    );
+}
+
+#[test]
+fn assess_runs_end_to_end_on_a_phantom_with_init_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ph = d.join("ph");
+    let o = m2unet(&[
+        "synth",
+        "--out",
+        ph.to_str().unwrap(),
+        "--count",
+        "1",
+        "--seed",
+        "11",
+        "--shape",
+        "64,64,24",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let w = d.join("w.safetensors");
+    assert!(
+        m2unet(&["init", "--out", w.to_str().unwrap(), "--preset", "tiny"])
+            .status
+            .success()
+    );
+    let ct = std::fs::read_dir(&ph)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.to_str().unwrap().ends_with(".nii.gz") && !p.to_str().unwrap().contains("_mask")
+        })
+        .unwrap();
+    // A second input that is not a volume: reported, the good one still assessed.
+    let bad = d.join("bad.nii");
+    std::fs::write(&bad, "not a nifti file").unwrap();
+    let out = d.join("out");
+    let o = m2unet(&[
+        "assess",
+        ct.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "--weights",
+        w.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    println!("{}", stderr(&o));
+    assert!(
+        !o.status.success(),
+        "one input failed, so the exit code says so"
+    );
+    assert!(stderr(&o).contains("bad.nii"));
+    let stem = ct
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches(".nii.gz");
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            format!("{stem}_lobes.nii.gz"),
+            format!("{stem}_report.json")
+        ],
+        "nothing for the bad file"
+    );
+    let input = m2unet::io::nifti::read_volume(&ct).unwrap();
+    let lobes = m2unet::io::nifti::read_volume(&out.join(format!("{stem}_lobes.nii.gz"))).unwrap();
+    println!(
+        "input dims {:?}, lobe map dims {:?}",
+        input.dims, lobes.dims
+    );
+    assert_eq!(input.dims, lobes.dims);
+    assert_eq!(input.affine, lobes.affine);
+    assert_eq!(lobes.dtype, "uint8");
+    assert!(lobes
+        .data
+        .iter()
+        .all(|&v| (0.0..=5.0).contains(&v) && v.fract() == 0.0));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join(format!("{stem}_report.json"))).unwrap())
+            .unwrap();
+    let p = report["severity"]["probability"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p));
+    assert!(["severe", "non-severe"].contains(&report["severity"]["class"].as_str().unwrap()));
+    assert_eq!(report["lobes"].as_array().unwrap().len(), 5);
+    for key in ["label", "name", "volume_ml", "mean_hu", "involvement"] {
+        assert!(report["lobes"][0].get(key).is_some(), "lobes[].{key}");
+    }
+    assert!(report["input"].as_str().unwrap().ends_with(".nii.gz"));
+    assert!(report["timings_ms"].is_object());
+}
