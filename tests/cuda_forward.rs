@@ -393,3 +393,59 @@ fn profile_lists_every_stage() {
     assert_eq!(names, want.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     assert!(stages.iter().all(|(_, ms)| *ms >= 0.0));
 }
+
+/// The CUDA engine (emulator, or GPU with M2UNET_TEST_DEVICE=cuda) against the CPU engine's
+/// `run_step` in eval and train mode: outputs and, in train mode, the updated running stats.
+fn check_vs_cpu_engine(c: ModelConfig, bags: &[usize], seed: u64) {
+    use m2unet::config::TrainConfig;
+    use m2unet::cpu::{run_step, Batch, Mode};
+    let model = random_model(c, seed);
+    let m: usize = bags.iter().sum();
+    let mut r = rng(seed + 1);
+    let x = uniform(&mut r, m * c.in_channels * c.patch * c.patch, 0.0, 1.0);
+    let kind = match std::env::var("M2UNET_TEST_DEVICE").as_deref() {
+        Ok("cuda") => DeviceKind::Gpu,
+        _ => DeviceKind::Emu,
+    };
+    let batch = Batch {
+        patches: &x,
+        patch: c.patch,
+        bag_sizes: bags,
+        seg_labels: None,
+        cls_labels: None,
+    };
+    for (mode, train) in [(Mode::Eval, false), (Mode::Train, true)] {
+        let mut cpu_model = model.clone();
+        let cpu = run_step(&mut cpu_model, &batch, mode, &TrainConfig::default())
+            .unwrap()
+            .outputs;
+        let mut engine = CudaEngine::new(&model, kind).unwrap();
+        let out = if train {
+            engine.forward_train(&x, bags).unwrap()
+        } else {
+            engine.forward_eval(&x, bags).unwrap()
+        };
+        let es = rel_l2(&cpu.seg_logits, &out.seg_logits);
+        let ec = rel_l2(&cpu.cls_logits, &out.cls_logits);
+        let er = rel_l2(&cpu_model.buffers, &engine.model().buffers);
+        println!(
+            "CUDA ({}) vs CPU engine, P={} W={} B={} bags {bags:?} {}: rel L2 seg {es:.3e}, cls {ec:.3e}, running stats {er:.3e} (thresholds 1e-2, 1e-2, 1e-3)",
+            engine.describe(),
+            c.patch,
+            c.enc_width,
+            c.bottleneck_width,
+            if train { "train" } else { "eval" }
+        );
+        assert!(es <= 1e-2 && ec <= 1e-2 && er <= 1e-3);
+    }
+}
+
+#[test]
+fn cuda_vs_cpu_engine_tiny() {
+    check_vs_cpu_engine(ModelConfig::tiny(), &[2, 3], 31);
+}
+
+#[test]
+fn cuda_vs_cpu_engine_mid() {
+    check_vs_cpu_engine(mid(), &[2, 2], 32);
+}
