@@ -248,6 +248,7 @@ fn build_weights(model: &Model) -> Result<(Weights, Vec<u8>)> {
 /// The activations of one forward pass for `m` patches, carved from one allocation.
 struct Arena {
     m: usize,
+    patch: usize,
     base: DevPtr,
     input: usize,
     /// Per encoder level 1–5: conv1 output, conv2 output (the skip, or h at level 5), pooled.
@@ -331,6 +332,7 @@ impl Arena {
         let (k1, k2) = (c.emb_concepts, c.img_concepts);
         let a = Arena {
             m,
+            patch: p,
             base: DevPtr::NULL,
             input,
             enc,
@@ -539,35 +541,43 @@ impl CudaEngine {
         Ok(())
     }
 
-    fn check_input(&self, patches: &[f32], bag_sizes: Option<&[usize]>) -> Result<usize> {
-        let c = self.model.config();
-        let per = c.in_channels * c.patch * c.patch;
+    /// Checks the inputs and returns M. With bags, the patch side comes from the data (the
+    /// weights do not fix it) and becomes the engine's; without, it is the config's.
+    fn check_input(&mut self, patches: &[f32], bag_sizes: Option<&[usize]>) -> Result<usize> {
+        let cin = self.model.config().in_channels;
+        let Some(bags) = bag_sizes else {
+            let p = self.model.config().patch;
+            let per = cin * p * p;
+            ensure!(
+                !patches.is_empty() && patches.len().is_multiple_of(per),
+                "patches must be [M, {cin}, {p}, {p}] (got {} values)",
+                patches.len()
+            );
+            return Ok(patches.len() / per);
+        };
+        ensure!(!bags.is_empty(), "at least one bag is needed");
+        if let Some(b) = bags.iter().find(|&&b| b < 2) {
+            bail!("a bag of {b} patch(es): every bag needs at least 2 patches for GCP pooling");
+        }
+        let m: usize = bags.iter().sum();
+        let p = ((patches.len() / m / cin) as f64).sqrt().round() as usize;
         ensure!(
-            !patches.is_empty() && patches.len().is_multiple_of(per),
-            "patches must be [M, {}, {}, {}] (got {} values)",
-            c.in_channels,
-            c.patch,
-            c.patch,
+            m * cin * p * p == patches.len(),
+            "patches must be [M, {cin}, P, P] with M = {m} (the bag sizes' sum); got {} values",
             patches.len()
         );
-        let m = patches.len() / per;
-        if let Some(bags) = bag_sizes {
-            ensure!(!bags.is_empty(), "at least one bag is needed");
-            if let Some(b) = bags.iter().find(|&&b| b < 2) {
-                bail!("a bag of {b} patch(es): every bag needs at least 2 patches for GCP pooling");
-            }
-            ensure!(
-                bags.iter().sum::<usize>() == m,
-                "bag sizes sum to {} but there are {m} patches",
-                bags.iter().sum::<usize>()
-            );
-        }
+        ensure!(
+            p > 0 && p.is_multiple_of(16),
+            "patch side {p} is not a positive multiple of 16"
+        );
+        self.model.table.config.patch = p;
         Ok(m)
     }
 
     /// Sizes the arena for `m` patches (growing it when needed) and uploads the inputs.
     fn prepare(&mut self, patches: &[f32], bag_sizes: Option<&[usize]>, m: usize) -> Result<()> {
-        if self.arena.as_ref().is_none_or(|a| a.m < m) {
+        let p = self.model.config().patch;
+        if self.arena.as_ref().is_none_or(|a| a.m < m || a.patch != p) {
             if let Some(a) = self.arena.take() {
                 self.dev.free(a.base)?;
             }
