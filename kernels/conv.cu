@@ -15,7 +15,7 @@ constexpr int BM = 128, BN = 64, BK = 32, STAGES = 4, CONV_THREADS = 128;
 __device__ __forceinline__ int swz(int r, int ch) { return r * BK + ((ch ^ ((r >> 1) & 3)) << 3); }
 
 /// The four low-resolution neighbours (and weights) of one 8-channel vector of the bilinear ×2
-/// upsampling (align_corners=False) of x, fetched into registers before they are needed.
+/// upsampling (align_corners=False) of x.
 struct UpFetch {
     uint4 v[4];
     float ly, lx;
@@ -106,26 +106,22 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
             cp_async16(&sa[stage][swz(row0 + 32 * i, ch)], src, ok);
         }
     };
-    // A rows of the upsampled input: loaded into registers before a k-tile's MMAs, blended into
-    // shared memory after them, so that the loads' latency overlaps the MMAs.
-    UpFetch up[4];
-    bool upok[4];
-    auto fetch_up = [&](int kt) {
+    // A rows of the upsampled input: per row, the four neighbours of the vector are loaded,
+    // blended and stored to shared memory. (Holding all rows' loads in registers across the
+    // MMAs was measured slower on an H200: it cost occupancy.)
+    auto load_up = [&](int stage, int kt) {
         int tap, c;
         chunk_k(kt, tap, c);
         int dy = tap / 3 - 1, dx = tap % 3 - 1;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             int yy = ay[i] + dy, xx = ax[i] + dx;
-            upok[i] = tap < 9 && aok[i] && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w;
-            if (upok[i]) upsample_fetch(p, an[i], yy, xx, c, up[i]);
-        }
-    };
-    auto store_up = [&](int stage) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
             uint4 v = {0u, 0u, 0u, 0u};
-            if (upok[i]) v = upsample_blend(up[i]);
+            if (tap < 9 && aok[i] && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w) {
+                UpFetch f;
+                upsample_fetch(p, an[i], yy, xx, c, f);
+                v = upsample_blend(f);
+            }
             *reinterpret_cast<uint4*>(&sa[stage][swz(row0 + 32 * i, ch)]) = v;
         }
     };
@@ -151,12 +147,10 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
 
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < KT) {
-            if (UPSAMPLE) {
-                fetch_up(s);
-                store_up(s);
-            } else {
+            if (UPSAMPLE)
+                load_up(s, s);
+            else
                 load_a(s, s);
-            }
             load_b(s, s);
         }
         cp_async_commit();
@@ -167,7 +161,7 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
         const int next = kt + STAGES - 1;
         if (next < KT) {
             if (UPSAMPLE)
-                fetch_up(next);
+                load_up(next % STAGES, next);
             else
                 load_a(next % STAGES, next);
             load_b(next % STAGES, next);
@@ -198,7 +192,6 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
 #pragma unroll
                 for (int j = 0; j < 4; ++j) mma_16816(acc[i][j], af[i], bf[j]);
         }
-        if (UPSAMPLE && next < KT) store_up(next % STAGES);
     }
     cp_async_wait<0>();
 
