@@ -2,7 +2,7 @@
 //! GPU (cudarc's driver API, loaded at run time; kernels from the embedded fatbin or compiled
 //! by NVRTC) or on the CPU emulator (the same kernels compiled by g++, called through FFI).
 
-use super::kernels::{KernelModule, KERNEL_MODULES};
+use super::kernels::{kernels_prebuilt, KernelModule, KERNEL_MODULES};
 use anyhow::{anyhow, bail, Context, Result};
 use bytemuck::Pod;
 use cudarc::driver::{result as cu, sys, CudaContext};
@@ -64,7 +64,7 @@ struct Gpu {
 
 /// A device: a GPU or the emulator. Allocations live until `free` or the device's drop.
 pub struct Device {
-    kind: DeviceKind,
+    /// None on the emulator.
     gpu: Option<Gpu>,
     allocations: HashMap<u64, usize>,
 }
@@ -78,14 +78,9 @@ impl Device {
             DeviceKind::Emu => None,
         };
         Ok(Device {
-            kind,
             gpu,
             allocations: HashMap::new(),
         })
-    }
-
-    pub fn kind(&self) -> DeviceKind {
-        self.kind
     }
 
     /// One line: the GPU's name and compute capability and where its kernels came from, or
@@ -429,7 +424,7 @@ fn load_nvrtc(m: &KernelModule, cc: (i32, i32)) -> Result<sys::CUmodule> {
 /// source) and the emulator.
 pub fn describe_devices() -> String {
     let mut out = String::new();
-    let kernels = if KERNEL_MODULES.iter().all(|m| m.fatbin.is_some()) {
+    let kernels = if kernels_prebuilt() {
         "embedded fatbin (sm_80, sm_90 SASS + compute_80 PTX)"
     } else {
         "embedded source, compiled by NVRTC at run time (built without nvcc)"
