@@ -454,10 +454,6 @@ impl CudaEngine {
         })
     }
 
-    pub fn device(&self) -> &Device {
-        &self.dev
-    }
-
     /// The model with the running statistics the train-mode passes have updated.
     pub fn model(&self) -> &Model {
         &self.model
