@@ -16,14 +16,14 @@ fn engine(c: &mut Criterion) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let patches: Vec<f32> = (0..m * p * p).map(|_| rng.gen()).collect();
         let seg: Vec<i64> = (0..m * p * p).map(|_| rng.gen_range(0..6)).collect();
-        let bags = [m / 2, m - m / 2];
-        let cls = [0i64, 1];
+        // M=2: one bag of 2; M=8: two bags of 4 (tools/bench_cpu.sh passes the same to PyTorch).
+        let (bags, cls): (&[usize], &[i64]) = if m < 4 { (&[2], &[1]) } else { (&[4, 4], &[0, 1]) };
         let batch = Batch {
             patches: &patches,
             patch: p,
-            bag_sizes: &bags,
+            bag_sizes: bags,
             seg_labels: Some(&seg),
-            cls_labels: Some(&cls),
+            cls_labels: Some(cls),
         };
         let eval_batch = Batch {
             seg_labels: None,

@@ -10,7 +10,8 @@ out=target/bench_cpu
 mkdir -p "$out"
 RAYON_NUM_THREADS="$threads" cargo bench --bench cpu_engine
 for m in 2 8; do
-  "$python" tools/torch_reference.py bench --threads "$threads" --preset paper --patches "$m" \
+  bags=$(( m < 4 ? 1 : 2 ))
+  "$python" tools/torch_reference.py bench --threads "$threads" --preset paper --patches "$m" --bags "$bags" \
     --iters 3 --warmup 1 --json "$out/torch_m$m.json"
 done
 "$python" - "$threads" <<'PY'
