@@ -6,4 +6,7 @@ pub mod cpu;
 pub mod data;
 pub mod engine;
 pub mod io;
+pub mod metrics;
 pub mod model;
+pub mod plot;
+pub mod train;

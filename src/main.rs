@@ -1,4 +1,5 @@
-//! The `m2unet` command line: info, init, forward (the tensor contract), assess and synth.
+//! The `m2unet` command line: info, init, forward (the tensor contract), assess, synth, train
+//! and evaluate.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -9,6 +10,7 @@ use m2unet::data::phantom::{run_synth, SynthArgs};
 use m2unet::engine::InferenceEngine;
 use m2unet::io::weights::{load_model, model_tensors, save_model, Tensor, TensorFile, WeightDtype};
 use m2unet::model::{Model, ParamTable};
+use m2unet::train::{run_evaluate, run_train, EvaluateArgs, TrainArgs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -33,6 +35,10 @@ enum Command {
     Assess(AssessArgs),
     /// Write seeded synthetic chest CT phantoms with ground truth and a manifest.
     Synth(SynthArgs),
+    /// Train M²UNet on a manifest of CT volumes, lobe masks and severity labels.
+    Train(TrainArgs),
+    /// Evaluate weights on a manifest: per-lobe 3D Dice and severity metrics.
+    Evaluate(EvaluateArgs),
 }
 
 #[derive(clap::Args)]
@@ -111,6 +117,8 @@ fn main() -> ExitCode {
         Command::Forward(a) => forward(&a).map(|()| true),
         Command::Assess(a) => run_assess(&a, make_engine),
         Command::Synth(a) => run_synth(&a).map(|()| true),
+        Command::Train(a) => train(&a).map(|()| true),
+        Command::Evaluate(a) => run_evaluate(&a).map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -298,5 +306,24 @@ fn forward(a: &ForwardArgs) -> Result<()> {
         }
     }
     out.write(&a.output)?;
+    Ok(())
+}
+
+fn train(a: &TrainArgs) -> Result<()> {
+    let s = run_train(a)?;
+    println!(
+        "stopped at epoch {} step {} after {:.1} s ({:.2} patches/s); best validation score {} (epoch {}); checkpoints in {}",
+        s.state.epoch,
+        s.state.step,
+        s.seconds,
+        s.patches_per_second,
+        s.state
+            .best_score
+            .map_or("n/a".to_string(), |v| format!("{v:.4}")),
+        s.state
+            .best_epoch
+            .map_or("n/a".to_string(), |v| v.to_string()),
+        a.out.display()
+    );
     Ok(())
 }
