@@ -4,6 +4,7 @@ pub mod assess;
 pub mod config;
 pub mod cpu;
 pub mod data;
+pub mod demo;
 pub mod engine;
 pub mod io;
 pub mod metrics;

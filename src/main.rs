@@ -1,12 +1,13 @@
-//! The `m2unet` command line: info, init, forward (the tensor contract), assess, synth, train
-//! and evaluate.
+//! The `m2unet` command line: info, init, forward (the tensor contract), assess, synth, train,
+//! evaluate and demo.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use m2unet::assess::{run_assess, AssessArgs};
+use m2unet::assess::{run_assess, AssessArgs, DEFAULT_WEIGHTS};
 use m2unet::config::{ModelConfig, TrainConfig};
 use m2unet::cpu::{run_step, Batch, CpuEngine, Mode};
 use m2unet::data::phantom::{run_synth, SynthArgs};
+use m2unet::demo::{run_demo, summary, DemoArgs};
 use m2unet::engine::InferenceEngine;
 use m2unet::io::weights::{load_model, model_tensors, save_model, Tensor, TensorFile, WeightDtype};
 use m2unet::model::{Model, ParamTable};
@@ -39,6 +40,8 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate weights on a manifest: per-lobe 3D Dice and severity metrics.
     Evaluate(EvaluateArgs),
+    /// Make one synthetic phantom, assess it with the default weights and print the result.
+    Demo(DemoArgs),
 }
 
 #[derive(clap::Args)]
@@ -119,6 +122,14 @@ fn main() -> ExitCode {
         Command::Synth(a) => run_synth(&a).map(|()| true),
         Command::Train(a) => train(&a).map(|()| true),
         Command::Evaluate(a) => run_evaluate(&a).map(|_| true),
+        Command::Demo(a) => run_demo(&a, make_engine).map(|r| {
+            let w = a
+                .weights
+                .as_ref()
+                .map_or(DEFAULT_WEIGHTS.to_string(), |w| w.display().to_string());
+            println!("{}", summary(&r, &w));
+            true
+        }),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -140,19 +140,44 @@ pub struct TrainSummary {
     pub patches_per_second: f64,
 }
 
-/// Reads a manifest and checks every row: files present, labels 0/1 (errors name the line).
+/// Reads a manifest and checks every row before training: field count, label 0/1, image and
+/// mask files present. Errors name the file's line number.
 pub fn read_checked_manifest(path: &Path) -> Result<Vec<ManifestEntry>> {
-    let entries = read_manifest(path)?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the manifest {}", path.display()))?;
-    let lines: Vec<usize> = text
+    let mut rows = text
         .lines()
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, _)| i + 1)
-        .skip(1)
+        .filter(|(_, l)| !l.trim().is_empty());
+    let header: Vec<&str> = match rows.next() {
+        Some((_, h)) => h.split(',').map(str::trim).collect(),
+        None => bail!("{}: the manifest is empty", path.display()),
+    };
+    let label_col = header.iter().position(|h| *h == "label");
+    let rows: Vec<(usize, Vec<&str>)> = rows
+        .map(|(i, l)| (i + 1, l.split(',').map(str::trim).collect()))
         .collect();
-    for (e, line) in entries.iter().zip(lines) {
+    for (line, fields) in &rows {
+        if fields.len() != header.len() {
+            bail!(
+                "{} line {line}: {} fields, but the header names {}",
+                path.display(),
+                fields.len(),
+                header.len()
+            );
+        }
+        if let Some(c) = label_col {
+            if !matches!(fields[c], "0" | "1") {
+                bail!(
+                    "{} line {line}: label {:?} must be 0 (non-severe) or 1 (severe)",
+                    path.display(),
+                    fields[c]
+                );
+            }
+        }
+    }
+    let entries = read_manifest(path)?;
+    for (e, (line, _)) in entries.iter().zip(&rows) {
         for (what, file) in [("image", &e.image), ("mask", &e.mask)] {
             if !file.is_file() {
                 bail!(
