@@ -112,12 +112,12 @@ pub fn summary(r: &DemoResult, weights: &str) -> String {
         "{:<5} {:>10} {:>10} {:>14} {:>14} {:>8}\n",
         "lobe", "pred mL", "truth mL", "HU-involv. %", "truth involv.%", "Dice"
     );
-    for l in 0..NUM_LOBES {
+    for (l, name) in LOBE_NAMES.iter().enumerate() {
         let p = &r.report.lobes[l];
         let t = &r.truth.lobes[l];
         out += &format!(
             "{:<5} {:>10.1} {:>10.1} {:>14.1} {:>14.1} {:>8.4}\n",
-            LOBE_NAMES[l],
+            name,
             p.volume_ml,
             t.volume_ml,
             100.0 * p.involvement.unwrap_or(0.0),

@@ -191,11 +191,28 @@ pub fn read_checked_manifest(path: &Path) -> Result<Vec<ManifestEntry>> {
     Ok(entries)
 }
 
+/// The tensors of a batch of consecutive bags.
+struct BatchData {
+    patches: Vec<f32>,
+    seg: Vec<i64>,
+    cls: Vec<i64>,
+    sizes: Vec<usize>,
+}
+
+impl BatchData {
+    fn batch(&self, patch: usize) -> Batch<'_> {
+        Batch {
+            patches: &self.patches,
+            patch,
+            bag_sizes: &self.sizes,
+            seg_labels: Some(&self.seg),
+            cls_labels: Some(&self.cls),
+        }
+    }
+}
+
 /// The training batch of consecutive bags: patches, i64 lobe labels, class labels.
-fn batch_tensors(
-    bags: &[Bag],
-    classes: usize,
-) -> Result<(Vec<f32>, Vec<i64>, Vec<i64>, Vec<usize>)> {
+fn batch_tensors(bags: &[Bag], classes: usize) -> Result<BatchData> {
     let mut patches = Vec::new();
     let mut seg = Vec::new();
     for b in bags {
@@ -209,23 +226,19 @@ fn batch_tensors(
         patches.extend_from_slice(&b.patches);
         seg.extend(b.masks.iter().map(|&l| l as i64));
     }
-    let cls = bags.iter().map(|b| b.label as i64).collect();
-    let sizes = bags.iter().map(|b| b.slices.len()).collect();
-    Ok((patches, seg, cls, sizes))
+    Ok(BatchData {
+        patches,
+        seg,
+        cls: bags.iter().map(|b| b.label as i64).collect(),
+        sizes: bags.iter().map(|b| b.slices.len()).collect(),
+    })
 }
 
 /// Losses of one eval-mode forward over `bags` (no update).
 fn eval_losses(model: &mut Model, bags: &[Bag], train: &TrainConfig) -> Result<Losses> {
     let cfg = *model.config();
-    let (patches, seg, cls, sizes) = batch_tensors(bags, cfg.seg_classes)?;
-    let batch = Batch {
-        patches: &patches,
-        patch: cfg.patch,
-        bag_sizes: &sizes,
-        seg_labels: Some(&seg),
-        cls_labels: Some(&cls),
-    };
-    run_step(model, &batch, Mode::Eval, train)?
+    let data = batch_tensors(bags, cfg.seg_classes)?;
+    run_step(model, &data.batch(cfg.patch), Mode::Eval, train)?
         .losses
         .ok_or_else(|| anyhow!("the forward returned no losses"))
 }
@@ -593,14 +606,8 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
                 })
                 .collect::<Result<_>>()?;
             let t = Instant::now();
-            let (patches, seg, cls, sizes) = batch_tensors(&bags, cfg.seg_classes)?;
-            let batch = Batch {
-                patches: &patches,
-                patch: cfg.patch,
-                bag_sizes: &sizes,
-                seg_labels: Some(&seg),
-                cls_labels: Some(&cls),
-            };
+            let data = batch_tensors(&bags, cfg.seg_classes)?;
+            let batch = data.batch(cfg.patch);
             trainer.config.lr =
                 scheduled_lr(run.schedule, run.lr, trainer.step + 1, run.schedule_steps);
             let losses = trainer.step(&batch)?;
