@@ -3,6 +3,7 @@
 pub mod assess;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod demo;
 pub mod engine;

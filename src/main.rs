@@ -5,7 +5,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use m2unet::assess::{run_assess, AssessArgs, DEFAULT_WEIGHTS};
 use m2unet::config::{ModelConfig, TrainConfig};
-use m2unet::cpu::{run_step, Batch, CpuEngine, Mode};
+use m2unet::cpu::{run_step, Batch, CpuEngine, Mode, StepResult};
+use m2unet::cuda::{CudaEngine, DeviceKind};
 use m2unet::data::phantom::{run_synth, SynthArgs};
 use m2unet::demo::{run_demo, summary, DemoArgs};
 use m2unet::engine::InferenceEngine;
@@ -85,6 +86,10 @@ enum ModeArg {
 enum DeviceArg {
     /// The f32 CPU engine.
     Cpu,
+    /// The CUDA engine on the first GPU (fp16 kernels, fp32 accumulation).
+    Cuda,
+    /// The CUDA engine's kernels on the CPU emulator (slow; for checks without a GPU).
+    Emu,
 }
 
 /// Input keys: `patches` f32 [M,1,P,P], `bag_sizes` i64 [B] (each ≥ 2, summing to M);
@@ -145,7 +150,11 @@ fn main() -> ExitCode {
 fn make_engine(weights: &Path, device: &str) -> Result<Box<dyn InferenceEngine>> {
     match device {
         "cpu" => Ok(Box::new(CpuEngine::new(load_model(weights)?))),
-        other => bail!("unknown device {other:?} (available: cpu)"),
+        "cuda" | "emu" => Ok(Box::new(CudaEngine::new(
+            &load_model(weights)?,
+            device.parse::<DeviceKind>()?,
+        )?)),
+        other => bail!("unknown device {other:?} (available: cpu, cuda, emu)"),
     }
 }
 
@@ -180,6 +189,7 @@ fn info(a: &InfoArgs) -> Result<()> {
         }
     }
     println!("cpu engine: {} threads", rayon::current_num_threads());
+    print!("{}", m2unet::cuda::describe_devices());
     Ok(())
 }
 
@@ -223,7 +233,6 @@ fn int_tensor<'a>(file: &'a TensorFile, name: &str, shape: &[usize]) -> Result<&
 }
 
 fn forward(a: &ForwardArgs) -> Result<()> {
-    let DeviceArg::Cpu = a.device;
     let mut model = load_model(&a.weights)?;
     let cfg = *model.config();
     let input = TensorFile::read(&a.input)?;
@@ -280,7 +289,33 @@ fn forward(a: &ForwardArgs) -> Result<()> {
         ModeArg::Eval => Mode::Eval,
         ModeArg::Train => Mode::Train,
     };
-    let r = run_step(&mut model, &batch, mode, &TrainConfig::default()).with_context(ctx)?;
+    let r = match a.device {
+        DeviceArg::Cpu => {
+            run_step(&mut model, &batch, mode, &TrainConfig::default()).with_context(ctx)?
+        }
+        DeviceArg::Cuda | DeviceArg::Emu => {
+            if seg_labels.is_some() || cls_labels.is_some() {
+                bail!("losses and gradients are computed by --device cpu only (the CUDA engine's backward is not written yet); drop the labels or use --device cpu");
+            }
+            let kind = if a.device == DeviceArg::Cuda {
+                DeviceKind::Gpu
+            } else {
+                DeviceKind::Emu
+            };
+            let mut engine = CudaEngine::new(&model, kind)?;
+            let outputs = match mode {
+                Mode::Eval => engine.forward_eval(patches, &bags),
+                Mode::Train => engine.forward_train(patches, &bags),
+            }
+            .with_context(ctx)?;
+            model = engine.model().clone();
+            StepResult {
+                outputs,
+                losses: None,
+                grads: None,
+            }
+        }
+    };
     let mut out = TensorFile::default();
     out.tensors.insert(
         "seg_logits".into(),

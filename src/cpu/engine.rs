@@ -6,6 +6,57 @@ use crate::config::{GcpMode, ModelConfig, TrainConfig};
 use crate::engine::{InferenceEngine, Outputs};
 use crate::model::Model;
 use anyhow::{bail, Result};
+use std::cell::RefCell;
+
+thread_local! {
+    /// Large activation buffers of the last step on this thread, reused by the next step of the
+    /// same shape so that steady-state steps do not pay page faults for fresh allocations.
+    static POOL: RefCell<(StepShape, Vec<Vec<f32>>)> = RefCell::new(Default::default());
+}
+
+/// What decides a step's buffer sizes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct StepShape {
+    m: usize,
+    p: usize,
+    train: bool,
+}
+
+/// Prepares this thread's pool for a step: buffers of a differently shaped step are released.
+fn pool_begin(shape: StepShape) {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.0 != shape {
+            *pool = (shape, Vec::new());
+        }
+    });
+}
+
+/// A zero-filled buffer of `n` values, recycled from the pool when one of that size is there.
+fn zeroed(n: usize) -> Vec<f32> {
+    let reused = POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let i = pool.1.iter().position(|v| v.capacity() == n)?;
+        Some(pool.1.swap_remove(i))
+    });
+    match reused {
+        Some(mut v) => {
+            v.clear();
+            v.resize(n, 0.0);
+            v
+        }
+        None => vec![0f32; n],
+    }
+}
+
+/// Returns buffers to the pool (small ones are simply dropped).
+fn recycle(bufs: impl IntoIterator<Item = Vec<f32>>) {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        pool.1
+            .extend(bufs.into_iter().filter(|v| v.capacity() >= 1 << 16));
+    });
+}
 
 /// Which BatchNorm statistics the forward uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +176,10 @@ struct Unit {
 }
 
 impl Unit {
+    fn buffers(self) -> [Vec<f32>; 2] {
+        [self.z, self.y]
+    }
+
     fn yd(&self) -> Dims {
         Dims::new(self.xd.n, self.cout, self.xd.h, self.xd.w)
     }
@@ -176,6 +231,25 @@ struct Acts {
     seg_logits: Vec<f32>,
 }
 
+impl Acts {
+    /// Hands the large activation buffers back to the pool for the next step.
+    fn recycle(self) {
+        for b in self.enc {
+            recycle(
+                b.c1.buffers()
+                    .into_iter()
+                    .chain(b.c2.buffers())
+                    .chain([b.pooled]),
+            );
+        }
+        for b in self.dec {
+            let units = [b.u, b.c1, b.c2].into_iter().flat_map(Unit::buffers);
+            recycle(units.chain([b.up, b.cat]));
+        }
+        recycle([self.seg_logits]);
+    }
+}
+
 /// Two disjoint mutable slices of one buffer: `a` must end where `b` starts (a weight and its
 /// bias, a BN's γ and β — adjacent by the parameter table's construction).
 fn pair_mut<'a>(
@@ -210,7 +284,7 @@ impl Net<'_> {
         let (w, b) = (format!("{conv_name}.weight"), format!("{conv_name}.bias"));
         let (gamma, beta) = (format!("{bn_name}.weight"), format!("{bn_name}.bias"));
         let yd = Dims::new(xd.n, cout, xd.h, xd.w);
-        let mut y = vec![0f32; yd.len()];
+        let mut y = zeroed(yd.len());
         let bn = self.model.table.bn(bn_name).clone();
         let mut unit = Unit {
             conv: conv_name.to_string(),
@@ -224,7 +298,7 @@ impl Net<'_> {
         };
         match self.mode {
             Mode::Train => {
-                let mut z = vec![0f32; yd.len()];
+                let mut z = zeroed(yd.len());
                 conv::conv3x3_forward(x, xd, self.p(&w), self.p(&b), cout, &mut z);
                 let (mut mean, mut invstd) = (vec![0f32; cout], vec![0f32; cout]);
                 let bn_idx = self.bn_index(bn_name);
@@ -314,7 +388,7 @@ impl Net<'_> {
             );
             let (mut pooled, mut argmax) = (vec![], vec![]);
             if k < 4 {
-                pooled = vec![0f32; c2.yd().len() / 4];
+                pooled = zeroed(c2.yd().len() / 4);
                 argmax = vec![0u8; pooled.len()];
                 pool::maxpool2x2_forward(&c2.y, c2.yd(), &mut pooled, &mut argmax);
             }
@@ -454,7 +528,7 @@ impl Net<'_> {
             };
             let skip = &enc[3 - i].c2;
             let upd = Dims::new(xd.n, xd.c, 2 * xd.h, 2 * xd.w);
-            let mut up = vec![0f32; upd.len()];
+            let mut up = zeroed(upd.len());
             upsample::upsample2x_forward(x, xd, &mut up);
             let name = format!("dec{k}");
             let u = self.unit(
@@ -465,7 +539,7 @@ impl Net<'_> {
                 w,
             );
             let hw = upd.hw();
-            let mut cat = vec![0f32; 2 * u.y.len()];
+            let mut cat = zeroed(2 * u.y.len());
             tensor::concat_channels(&u.y, w, &skip.y, w, upd.n, hw, &mut cat);
             let catd = Dims::new(upd.n, 2 * w, upd.h, upd.w);
             let c1 = self.unit(
@@ -485,7 +559,7 @@ impl Net<'_> {
             blocks.push(DecBlock { up, u, cat, c1, c2 });
         }
         let last = &blocks[3].c2;
-        let mut seg = vec![0f32; last.yd().n * cfg.seg_classes * last.yd().hw()];
+        let mut seg = zeroed(last.yd().n * cfg.seg_classes * last.yd().hw());
         conv::conv1x1_forward(
             &last.y,
             last.yd(),
@@ -526,7 +600,7 @@ impl Net<'_> {
         want_dx: bool,
     ) -> Vec<f32> {
         let yd = u.yd();
-        let mut dz = vec![0f32; yd.len()];
+        let mut dz = zeroed(yd.len());
         let gamma = self.p(&format!("{}.weight", u.bn));
         let (dgamma, dbeta) = pair_mut(
             grads,
@@ -548,11 +622,7 @@ impl Net<'_> {
             dgamma,
             dbeta,
         );
-        let mut dx = if want_dx {
-            vec![0f32; u.xd.len()]
-        } else {
-            vec![]
-        };
+        let mut dx = if want_dx { zeroed(u.xd.len()) } else { vec![] };
         let (dw, db) = pair_mut(
             grads,
             self.model,
@@ -572,6 +642,7 @@ impl Net<'_> {
         );
         // The bias feeds a train-mode BatchNorm, which removes any per-channel shift.
         db.fill(0.0);
+        recycle([dz]);
         dx
     }
 
@@ -689,7 +760,7 @@ impl Net<'_> {
         let mut grads = vec![0f32; self.model.params.len()];
         // Segmentation head and decoder, dec2 → dec5, collecting the skip gradients.
         let last = &a.dec[3].c2;
-        let mut dx = vec![0f32; last.y.len()];
+        let mut dx = zeroed(last.y.len());
         let (dw, db) = pair_mut(&mut grads, self.model, "seg_head.weight", "seg_head.bias");
         conv::conv1x1_backward(
             &last.y,
@@ -706,13 +777,14 @@ impl Net<'_> {
             let dc1 = self.unit_backward(&mut grads, &blk.c2, &blk.c1.y, &dx, true);
             let dcat = self.unit_backward(&mut grads, &blk.c1, &blk.cat, &dc1, true);
             let ud = blk.u.yd();
-            let (mut du, mut dskip) = (vec![0f32; ud.len()], vec![0f32; ud.len()]);
+            let (mut du, mut dskip) = (zeroed(ud.len()), zeroed(ud.len()));
             tensor::split_channels(&dcat, w, w, ud.n, ud.hw(), &mut du, &mut dskip);
             dskips[3 - i] = dskip;
             let dup = self.unit_backward(&mut grads, &blk.u, &blk.up, &du, true);
             let xd = Dims::new(ud.n, blk.u.xd.c, ud.h / 2, ud.w / 2);
-            dx = vec![0f32; xd.len()];
-            upsample::upsample2x_backward(&dup, xd, &mut dx);
+            let mut dx_next = zeroed(xd.len());
+            upsample::upsample2x_backward(&dup, xd, &mut dx_next);
+            recycle([std::mem::replace(&mut dx, dx_next), dc1, dcat, du, dup]);
         }
         // dx is now d h from the decoder; add the MIL head's share.
         let hd = a.enc[4].c2.yd();
@@ -724,10 +796,13 @@ impl Net<'_> {
         for k in (0..5).rev() {
             let blk = &a.enc[k];
             if k < 4 {
-                let mut dy = vec![0f32; blk.c2.y.len()];
+                let mut dy = zeroed(blk.c2.y.len());
                 pool::maxpool2x2_backward(&dx, blk.c2.yd(), &blk.argmax, &mut dy);
                 add_into(&mut dy, &dskips[k]);
-                dx = dy;
+                recycle([
+                    std::mem::replace(&mut dx, dy),
+                    std::mem::take(&mut dskips[k]),
+                ]);
             }
             let input: &[f32] = if k == 0 {
                 patches
@@ -735,7 +810,8 @@ impl Net<'_> {
                 &a.enc[k - 1].pooled
             };
             let dc1 = self.unit_backward(&mut grads, &blk.c2, &blk.c1.y, &dx, true);
-            dx = self.unit_backward(&mut grads, &blk.c1, input, &dc1, k > 0);
+            let dx_next = self.unit_backward(&mut grads, &blk.c1, input, &dc1, k > 0);
+            recycle([std::mem::replace(&mut dx, dx_next), dc1]);
         }
         grads
     }
@@ -752,60 +828,74 @@ pub fn run_step(
     let cfg = *model.config();
     batch.validate(&cfg)?;
     let (m, p) = (batch.patches_count(), batch.patch);
+    pool_begin(StepShape {
+        m,
+        p,
+        train: mode == Mode::Train,
+    });
     let bags = batch.bag_ranges();
     let mut net = Net { model, mode };
-    let acts = net.forward(batch.patches, m, p, Some(&bags));
-    let mil_acts = acts.mil.as_ref().expect("the MIL head ran");
-    let outputs = Outputs {
-        seg_logits: acts.seg_logits.clone(),
-        cls_logits: mil_acts.cls_logits.clone(),
+    let mut acts = net.forward(batch.patches, m, p, Some(&bags));
+    let cls_logits = acts
+        .mil
+        .as_ref()
+        .expect("the MIL head ran")
+        .cls_logits
+        .clone();
+    let (losses, grads) = match (batch.seg_labels, batch.cls_labels) {
+        (Some(seg_labels), Some(cls_labels)) => {
+            let backward = mode == Mode::Train;
+            let mut dseg = if backward {
+                zeroed(acts.seg_logits.len())
+            } else {
+                vec![]
+            };
+            let mut dcls = if backward {
+                vec![0f32; cls_logits.len()]
+            } else {
+                vec![]
+            };
+            let (seg_ce, seg_dice) = loss::seg_loss(
+                &acts.seg_logits,
+                m,
+                cfg.seg_classes,
+                p * p,
+                seg_labels,
+                train.lambda_seg,
+                backward.then_some(dseg.as_mut_slice()),
+            )?;
+            let cls = loss::cls_loss(
+                &cls_logits,
+                bags.len(),
+                cfg.cls_classes,
+                cls_labels,
+                train.class_weights.as_ref().map(|w| w.as_slice()),
+                1.0,
+                backward.then_some(dcls.as_mut_slice()),
+            )?;
+            let total = cls + train.lambda_seg * (seg_ce + seg_dice);
+            let grads = backward.then(|| net.backward(&acts, batch.patches, &bags, &dseg, &dcls));
+            recycle([dseg]);
+            (
+                Some(Losses {
+                    total,
+                    cls,
+                    seg_ce,
+                    seg_dice,
+                }),
+                grads,
+            )
+        }
+        _ => (None, None),
     };
-    let (Some(seg_labels), Some(cls_labels)) = (batch.seg_labels, batch.cls_labels) else {
-        return Ok(StepResult {
-            outputs,
-            losses: None,
-            grads: None,
-        });
-    };
-    let backward = mode == Mode::Train;
-    let mut dseg = if backward {
-        vec![0f32; acts.seg_logits.len()]
-    } else {
-        vec![]
-    };
-    let mut dcls = if backward {
-        vec![0f32; mil_acts.cls_logits.len()]
-    } else {
-        vec![]
-    };
-    let (seg_ce, seg_dice) = loss::seg_loss(
-        &acts.seg_logits,
-        m,
-        cfg.seg_classes,
-        p * p,
-        seg_labels,
-        train.lambda_seg,
-        backward.then_some(dseg.as_mut_slice()),
-    )?;
-    let cls = loss::cls_loss(
-        &mil_acts.cls_logits,
-        bags.len(),
-        cfg.cls_classes,
-        cls_labels,
-        train.class_weights.as_ref().map(|w| w.as_slice()),
-        1.0,
-        backward.then_some(dcls.as_mut_slice()),
-    )?;
-    let losses = Losses {
-        total: cls + train.lambda_seg * (seg_ce + seg_dice),
-        cls,
-        seg_ce,
-        seg_dice,
-    };
-    let grads = backward.then(|| net.backward(&acts, batch.patches, &bags, &dseg, &dcls));
+    let seg_logits = std::mem::take(&mut acts.seg_logits);
+    acts.recycle();
     Ok(StepResult {
-        outputs,
-        losses: Some(losses),
+        outputs: Outputs {
+            seg_logits,
+            cls_logits,
+        },
+        losses,
         grads,
     })
 }
@@ -898,12 +988,15 @@ impl InferenceEngine for CpuEngine {
             );
         }
         let m = patches.len() / per;
+        pool_begin(StepShape { m, p, train: false });
         let mut net = Net {
             model: &mut self.model,
             mode: Mode::Eval,
         };
         let acts = net.forward(patches, m, p, None);
-        Ok(argmax_classes(&acts.seg_logits, m, cfg.seg_classes, p * p))
+        let labels = argmax_classes(&acts.seg_logits, m, cfg.seg_classes, p * p);
+        acts.recycle();
+        Ok(labels)
     }
 }
 

@@ -2,18 +2,22 @@
 //!
 //! A convolution is an implicit GEMM: GEMM-M = output channels, GEMM-N = the pixels of one image,
 //! GEMM-K = input channels × taps (9 for 3×3, 1 for 1×1). Rayon tasks each own a tile of a few
-//! hundred output pixels of one image (and, when tiles are scarce, a block of output channels).
-//! A task unfolds the input under its tile, at most 576 K rows at a time, into a per-thread
-//! scratch of about 1 MiB (never a whole-image im2col) and multiplies it by the weights: an
-//! 8×48 AVX-512 micro-kernel where the CPU has AVX-512F, the `gemm` crate (single-threaded
-//! inside the task) elsewhere. A 1-channel input is just K = 9.
+//! hundred output pixels of one image (and, when tiles are scarce, a block of output channels)
+//! and take the input channels in chunks of at most 64 (3×3) into a per-thread scratch; no
+//! whole-image im2col is ever built. Two backends share this tiling:
+//! - AVX-512F (chosen at run time): the tile holds each input channel once, as a flat row with
+//!   a halo of one image row and one pixel; an 8×48 micro-kernel reads the 9 taps as shifted
+//!   loads (lanes on the image's first/last column masked) and broadcasts packed weights.
+//! - Portable (any CPU): an unfolded im2col tile (K rows × tile pixels) times the weights
+//!   through the `gemm` crate, single-threaded inside the task.
 //!
 //! Backward: dx is the forward convolution of dy with the transposed, flipped weights (the same
-//! tiled path). dwᵀ[k, co] = Σ_pixels unfold(x)[k, p] · dy[co, p]: a task owns a chunk of K
-//! rows and a fixed range of tiles; per tile it transposes dy to [pixels][64 channels] (kept in
-//! L1) and runs a 6×64 micro-kernel that broadcasts unfolded values. Tile sums go to f64
-//! partials, reduced in a fixed order; db is summed in the same sweep. No sum depends on
-//! scheduling or thread count, so every result is bit-identical from run to run.
+//! tiled path). dwᵀ[k, co] = Σ_pixels unfold(x)[k, p] · dy[co, p]: a task owns a chunk of input
+//! channels and a fixed range of tiles. On AVX-512 the tile's channels are laid out with a zero
+//! column each side (so every tap is a shifted pointer), dy is transposed to [pixel][64
+//! channels] (kept in L1), and a 6×64 micro-kernel broadcasts from six shifted channel rows.
+//! Tile sums go to f64 partials reduced in a fixed order; db is summed in the same sweep. No
+//! sum depends on scheduling or thread count, so every result is bit-identical from run to run.
 
 use super::Dims;
 use rayon::prelude::*;
@@ -170,7 +174,7 @@ impl Packed {
 }
 
 /// One image's pixels cut into `count` tiles of `len` pixels (a multiple of NR; the last tile
-/// may be shorter), unfolded `ld` floats apart in the scratch.
+/// may be shorter), stored `ld` floats apart in an unfolded tile.
 #[derive(Clone, Copy, Debug)]
 struct Tiling {
     len: usize,
@@ -183,13 +187,11 @@ impl Tiling {
         let count = hw.div_ceil(target.max(NR));
         let len = hw.div_ceil(count).next_multiple_of(NR);
         let count = hw.div_ceil(len);
-        // A row stride that is a multiple of 1 KiB would map all rows onto the same cache sets.
-        let ld = if len.is_multiple_of(256) {
-            len + 16
-        } else {
-            len
-        };
-        Tiling { len, count, ld }
+        Tiling {
+            len,
+            count,
+            ld: row_stride(len),
+        }
     }
 
     /// First pixel and pixel count of tile `t` of an image of `hw` pixels.
@@ -208,34 +210,11 @@ fn block_size(m: usize, unit: usize, other_tasks: usize, min_tasks: usize) -> us
     m.div_ceil(blocks).next_multiple_of(unit)
 }
 
-/// Unfolds channels `chans` of image `img` under pixels [p0, p0+plen) into `col`: row
-/// (c − chans.start)·taps + t holds tap t, `ld` floats apart (ld a multiple of 16), zero-padded
-/// from plen to ld.
+/// Unfolds channels `chans` of image `img` under pixels [p0, p0+plen) into `col` (the
+/// portable backend's im2col tile): row (c − chans.start)·taps + t holds tap t, `ld` floats
+/// apart, zero-padded from plen to ld.
 #[allow(clippy::too_many_arguments)]
 fn pack_cols(
-    be: Backend,
-    x: &Planes,
-    img: usize,
-    chans: Range<usize>,
-    taps: usize,
-    w: usize,
-    p0: usize,
-    plen: usize,
-    ld: usize,
-    col: &mut [f32],
-) {
-    assert!(col.len() >= chans.len() * taps * ld && ld.is_multiple_of(16) && plen <= ld);
-    match be {
-        // SAFETY: AVX-512F present (Backend::detect); col checked above.
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx512 => unsafe { avx512::pack_cols(x, img, chans, taps, w, p0, plen, ld, col) },
-        Backend::Portable => pack_cols_portable(x, img, chans, taps, w, p0, plen, ld, col),
-    }
-}
-
-/// pack_cols with slice copies, one image row segment at a time.
-#[allow(clippy::too_many_arguments)]
-fn pack_cols_portable(
     x: &Planes,
     img: usize,
     chans: Range<usize>,
@@ -321,13 +300,21 @@ fn conv_forward(
     let hw = x.hw;
     let (cin, cout) = (x.channels(), wp.rows);
     debug_assert_eq!(wp.k, cin * taps);
-    if n == 0 || hw == 0 {
+    if n == 0 || hw == 0 || cout == 0 {
         return;
     }
     let cc = (bl.fwd_k / taps).clamp(1, cin);
     let tiling = Tiling::new(hw, (bl.fwd_col / (cc * taps)).min(bl.fwd_tile));
     let cb = block_size(cout, MR, n * tiling.count, bl.min_tasks);
     let nblk = cout.div_ceil(cb);
+    // AVX-512 tiles hold one flat row per channel with a halo of one image row and one pixel.
+    let halo = if taps == 9 { w + 1 } else { 0 };
+    let ldr = row_stride(2 * halo + tiling.len);
+    let scratch = match be {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => cc * ldr,
+        Backend::Portable => cc * taps * tiling.ld,
+    };
     let out = SharedMut(y.as_mut_ptr());
     (0..n * tiling.count * nblk)
         .into_par_iter()
@@ -336,49 +323,106 @@ fn conv_forward(
             let tile = task / nblk % tiling.count;
             let co = task % nblk * cb..(task % nblk * cb + cb).min(cout);
             let (p0, plen) = tiling.range(tile, hw);
-            with_scratch(cc * taps * tiling.ld, |col| {
+            with_scratch(scratch, |buf| {
                 for c0 in (0..cin).step_by(cc) {
                     let c1 = (c0 + cc).min(cin);
-                    let kc = (c1 - c0) * taps;
-                    pack_cols(be, &x, img, c0..c1, taps, w, p0, plen, tiling.ld, col);
-                    let start = match (c0, bias) {
-                        (0, Some(b)) => Start::Bias(b[co.start..].as_ptr()),
-                        (0, None) => Start::Zero,
-                        _ => Start::Accumulate,
-                    };
                     let prod = TileProduct {
                         wp,
                         co: co.clone(),
                         k0: c0 * taps,
-                        kc,
-                        col: &col[..kc * tiling.ld],
-                        ld: tiling.ld,
+                        kc: (c1 - c0) * taps,
                         plen,
                         // SAFETY: rows co, pixels [p0, p0+plen) of image img are this task's alone.
                         out: unsafe { out.add((img * cout + co.start) * hw + p0) },
                         ldo: hw,
-                        start,
+                        start: match (c0, bias) {
+                            (0, Some(b)) => Start::Bias(b[co.start..].as_ptr()),
+                            (0, None) => Start::Zero,
+                            _ => Start::Accumulate,
+                        },
                         relu: relu && c1 == cin,
                     };
                     match be {
-                        // SAFETY: the CPU has AVX-512F (Backend::detect) and `prod` is in bounds.
                         #[cfg(target_arch = "x86_64")]
-                        Backend::Avx512 => unsafe { prod.run_avx512() },
-                        Backend::Portable => unsafe { prod.run_portable() },
+                        Backend::Avx512 => {
+                            let (qlo, len) = (p0 as isize - halo as isize, plen + 2 * halo);
+                            pack_padded_rows(&x, img, c0..c1, w, 0, qlo, len, ldr, buf);
+                            // SAFETY: AVX-512F present (Backend::detect); `prod` is in bounds.
+                            unsafe { prod.run_avx512(buf, ldr, halo, taps, w, p0) }
+                        }
+                        Backend::Portable => {
+                            pack_cols(&x, img, c0..c1, taps, w, p0, plen, tiling.ld, buf);
+                            // SAFETY: `prod` is in bounds.
+                            unsafe { prod.run_portable(buf, tiling.ld) }
+                        }
                     }
                 }
             });
         });
 }
 
-/// out[co, p] (+)= Σ_k W[co, k0 + k] · col[k, p] for one tile and one K chunk.
+/// A scratch row stride of at least `len` floats: a multiple of 16, and not of 256 (a multiple
+/// of 1 KiB would map all rows onto the same cache sets).
+fn row_stride(len: usize) -> usize {
+    let ld = len.next_multiple_of(16);
+    if ld.is_multiple_of(256) {
+        ld + 16
+    } else {
+        ld
+    }
+}
+
+/// Copies each channel of `chans` (image `img`) into one row of `rows` (`ldr` apart): the
+/// image laid out with rows of w + 2·pad floats (`pad` zero columns each side), positions
+/// [qlo, qlo + len) of that layout (qlo may be negative), zero outside the image. With pad 0
+/// this is the flat plane; with pad 1 every 3×3 tap of a pixel is that pixel's position shifted.
+#[allow(clippy::too_many_arguments)]
+fn pack_padded_rows(
+    x: &Planes,
+    img: usize,
+    chans: Range<usize>,
+    w: usize,
+    pad: usize,
+    qlo: isize,
+    len: usize,
+    ldr: usize,
+    rows: &mut [f32],
+) {
+    let (h, wp) = (x.hw / w, w + 2 * pad);
+    for (r, c) in chans.enumerate() {
+        let plane = x.plane(img, c);
+        let row = &mut rows[r * ldr..][..len];
+        let mut i = 0;
+        while i < len {
+            let q = qlo + i as isize;
+            let (py, px) = (
+                q.div_euclid(wp as isize),
+                q.rem_euclid(wp as isize) as usize,
+            );
+            let seg = (wp - px).min(len - i);
+            let out = &mut row[i..i + seg];
+            if py < 0 || py >= h as isize {
+                out.fill(0.0);
+            } else {
+                // Layout columns pad..pad + w hold image columns 0..w.
+                let lo = px.max(pad).min(px + seg);
+                let hi = (pad + w).min(px + seg).max(lo);
+                let src = &plane[py as usize * w..][..w];
+                out[..lo - px].fill(0.0);
+                out[lo - px..hi - px].copy_from_slice(&src[lo - pad..hi - pad]);
+                out[hi - px..].fill(0.0);
+            }
+            i += seg;
+        }
+    }
+}
+
+/// out[co, p] (+)= Σ_k W[co, k0 + k] · unfold(x)[k, p] for one tile and one K chunk.
 struct TileProduct<'a> {
     wp: &'a Packed,
     co: Range<usize>,
     k0: usize,
     kc: usize,
-    col: &'a [f32],
-    ld: usize,
     plen: usize,
     /// Output row co.start at the tile's first pixel; rows `ldo` floats apart.
     out: *mut f32,
@@ -388,8 +432,9 @@ struct TileProduct<'a> {
 }
 
 impl TileProduct<'_> {
-    /// Through the `gemm` crate. Safety: `out` addresses co.len() rows of plen floats.
-    unsafe fn run_portable(&self) {
+    /// Through the `gemm` crate, from the unfolded tile `col` (kc rows `ld` apart).
+    /// Safety: `out` addresses co.len() rows of plen floats.
+    unsafe fn run_portable(&self, col: &[f32], ld: usize) {
         let m = self.co.len();
         for i in 0..m {
             let row = std::slice::from_raw_parts_mut(self.out.add(i * self.ldo), self.plen);
@@ -410,9 +455,9 @@ impl TileProduct<'_> {
             self.wp.data[self.co.start * self.wp.k + self.k0..].as_ptr(),
             1,
             self.wp.k as isize,
-            self.col.as_ptr(),
+            col.as_ptr(),
             1,
-            self.ld as isize,
+            ld as isize,
             1.0,
             1.0,
             false,
@@ -428,33 +473,45 @@ impl TileProduct<'_> {
         }
     }
 
-    /// Through the 8×48 AVX-512 micro-kernel, panel by panel (weights stay in L1 while the
-    /// unfolded tile streams from L2). Safety: AVX-512F present; `out` as for run_portable.
+    /// Through the 8×48 AVX-512 micro-kernel, from `rows` (pack_padded_rows, pad 0: one row per
+    /// channel, `ldr` apart, the tile's first pixel at `halo`). For each 48-pixel panel, lanes
+    /// on the image's first and last column are masked out of the taps that would wrap around.
+    /// Safety: AVX-512F present; `out` as for run_portable.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run_avx512(&self) {
+    unsafe fn run_avx512(
+        &self,
+        rows: &[f32],
+        ldr: usize,
+        halo: usize,
+        taps: usize,
+        w: usize,
+        p0: usize,
+    ) {
         let k = self.wp.k;
-        for cp in self.co.clone().step_by(MR) {
-            let a = self.wp.data[(cp / MR * k + self.k0) * MR..].as_ptr();
-            let rows = MR.min(self.co.end - cp);
-            let start = match self.start {
-                Start::Bias(b) => Start::Bias(b.add(cp - self.co.start)),
-                s => s,
-            };
-            let out = self.out.add((cp - self.co.start) * self.ldo);
-            for j in (0..self.plen).step_by(NR) {
-                avx512::kernel_8x48(
-                    self.kc,
-                    a,
-                    self.col[j..].as_ptr(),
-                    self.ld,
-                    out.add(j),
-                    self.ldo,
-                    rows,
-                    NR.min(self.plen - j),
+        for j in (0..self.plen).step_by(NR) {
+            let edges = avx512::column_masks(p0 + j, w);
+            let b = rows[halo + j..].as_ptr();
+            for cp in self.co.clone().step_by(MR) {
+                let a = self.wp.data[(cp / MR * k + self.k0) * MR..].as_ptr();
+                let start = match self.start {
+                    Start::Bias(b) => Start::Bias(b.add(cp - self.co.start)),
+                    s => s,
+                };
+                let tile = avx512::OutTile {
+                    c: self.out.add((cp - self.co.start) * self.ldo + j),
+                    ldc: self.ldo,
+                    rows: MR.min(self.co.end - cp),
+                    cols: NR.min(self.plen - j),
                     start,
-                    self.relu,
-                );
+                    relu: self.relu,
+                };
+                let chans = self.kc / taps;
+                if taps == 9 {
+                    avx512::kernel_8x48::<9>(chans, a, b, ldr, w, edges, tile);
+                } else {
+                    avx512::kernel_8x48::<1>(chans, a, b, ldr, w, edges, tile);
+                }
             }
         }
     }
@@ -463,79 +520,8 @@ impl TileProduct<'_> {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     //! The AVX-512F micro-kernels.
-    use super::{Planes, Start, DW_MR, DW_NR, MR};
+    use super::{Start, DW_MR, DW_NR, MR};
     use std::arch::x86_64::*;
-    use std::ops::Range;
-
-    /// super::pack_cols with one masked load and store per 16 pixels: the lanes whose source
-    /// lies inside the plane are computed once per tap for the tile, then used for every
-    /// channel. Safety: AVX-512F present; col holds chans.len()·taps rows of ld (a multiple of
-    /// 16) floats.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pack_cols(
-        x: &Planes,
-        img: usize,
-        chans: Range<usize>,
-        taps: usize,
-        w: usize,
-        p0: usize,
-        plen: usize,
-        ld: usize,
-        col: &mut [f32],
-    ) {
-        let h = x.hw / w;
-        let nv = ld / 16;
-        // Per vector: lanes inside the tile, and lanes on the first/last row/column.
-        let mut edges = vec![[0 as __mmask16; 5]; nv];
-        let (mut oy, mut ox) = (p0 / w, p0 % w);
-        for i in 0..plen {
-            let bit = 1 << (i % 16);
-            let e = &mut edges[i / 16];
-            e[0] |= bit;
-            e[1] |= if oy == 0 { bit } else { 0 };
-            e[2] |= if oy + 1 == h { bit } else { 0 };
-            e[3] |= if ox == 0 { bit } else { 0 };
-            e[4] |= if ox + 1 == w { bit } else { 0 };
-            ox += 1;
-            if ox == w {
-                (oy, ox) = (oy + 1, 0);
-            }
-        }
-        // masks[t · nv + v]: lanes of vector v whose tap-t source lies inside the plane.
-        let mut masks = vec![0 as __mmask16; taps * nv];
-        for (t, m) in masks.chunks_exact_mut(nv).enumerate() {
-            let (ky, kx) = if taps == 1 { (1, 1) } else { (t / 3, t % 3) };
-            for (m, e) in m.iter_mut().zip(&edges) {
-                let mut out = 0;
-                out |= if ky == 0 { e[1] } else { 0 };
-                out |= if ky == 2 { e[2] } else { 0 };
-                out |= if kx == 0 { e[3] } else { 0 };
-                out |= if kx == 2 { e[4] } else { 0 };
-                *m = e[0] & !out;
-            }
-        }
-        let dst = col.as_mut_ptr();
-        for (r, c) in chans.enumerate() {
-            let plane = x.plane(img, c).as_ptr();
-            for t in 0..taps {
-                let shift = if taps == 1 {
-                    0
-                } else {
-                    (t / 3 * w + t % 3) as isize - w as isize - 1
-                };
-                // Masked-off lanes are never read, so the shifted pointer may leave the plane.
-                let src = plane.wrapping_offset(p0 as isize + shift);
-                let row = dst.add((r * taps + t) * ld);
-                for (v, &m) in masks[t * nv..(t + 1) * nv].iter().enumerate() {
-                    _mm512_storeu_ps(
-                        row.add(16 * v),
-                        _mm512_maskz_loadu_ps(m, src.wrapping_add(16 * v)),
-                    );
-                }
-            }
-        }
-    }
 
     /// Transposes 16 rows of 16 floats in place (r[i][j] → r[j][i]).
     #[inline]
@@ -567,24 +553,27 @@ mod avx512 {
         }
     }
 
-    /// dyt[(co / 64 · tlen + p) · 64 + co % 64] = dy[co · hw + p0 + p] for co < cout, p < plen,
-    /// by 16×16 blocks. Safety: AVX-512F present; dy holds cout rows of hw floats, dyt
-    /// cout/64 (rounded up) panels of tlen × 64 floats, plen ≤ tlen.
+    /// dyt[(co / 64 · tcap + s) · 64 + co % 64] = dy[co · hw + p] for co < cout and the tile's
+    /// pixels p = p0 + i (i < plen), at step s = pos(p) − q0, pos(p) = p / w · (w + 2·pad) +
+    /// p % w + pad; by 16×16 blocks. Other entries are left alone. Safety: AVX-512F present;
+    /// dy holds cout rows of hw floats, dyt cout/64 (rounded up) panels of tcap × 64 floats,
+    /// every step below tcap.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn transpose_dy(
         dy: &[f32],
         hw: usize,
         cout: usize,
-        p0: usize,
-        plen: usize,
+        (p0, plen): (usize, usize),
+        (w, pad, q0): (usize, usize, usize),
         dyt: &mut [f32],
-        tlen: usize,
+        tcap: usize,
     ) {
+        let wp = w + 2 * pad;
         for co0 in (0..cout).step_by(16) {
             let out = dyt
                 .as_mut_ptr()
-                .add((co0 / DW_NR * tlen) * DW_NR + co0 % DW_NR);
+                .add((co0 / DW_NR * tcap) * DW_NR + co0 % DW_NR);
             for pb in (0..plen).step_by(16) {
                 let m = lane_mask(plen, pb);
                 let mut r = [_mm512_setzero_ps(); 16];
@@ -593,7 +582,9 @@ mod avx512 {
                 }
                 transpose16(&mut r);
                 for (j, &v) in r.iter().enumerate().take(plen - pb) {
-                    _mm512_storeu_ps(out.add((pb + j) * DW_NR), v);
+                    let p = p0 + pb + j;
+                    let step = p / w * wp + p % w + pad - q0;
+                    _mm512_storeu_ps(out.add(step * DW_NR), v);
                 }
             }
         }
@@ -610,50 +601,93 @@ mod avx512 {
         }
     }
 
-    /// c[i, p] = start + Σ_k a[k, i] · b[k, p] for i < rows, p < cols, then optional ReLU.
-    /// a: packed panel [kc][MR]; b: kc rows of 48 readable floats, `ldb` apart; c: rows `ldc`
-    /// apart. Safety: AVX-512F present, all pointers valid for those extents.
+    /// Where a micro-kernel writes: rows × cols of c (rows `ldc` apart), starting its sums as
+    /// `start` says, then optionally ReLU'd.
+    pub(super) struct OutTile {
+        pub c: *mut f32,
+        pub ldc: usize,
+        pub rows: usize,
+        pub cols: usize,
+        pub start: Start,
+        pub relu: bool,
+    }
+
+    /// For the 48 pixels from flat index p: lanes not on column 0 (three vectors), then lanes
+    /// not on column w − 1.
+    pub(super) fn column_masks(p: usize, w: usize) -> [__mmask16; 6] {
+        let mut m = [0xFFFF; 6];
+        let mut ox = p % w;
+        for l in 0..48 {
+            if ox == 0 {
+                m[l / 16] &= !(1 << (l % 16));
+            }
+            if ox + 1 == w {
+                m[3 + l / 16] &= !(1 << (l % 16));
+            }
+            ox = if ox + 1 == w { 0 } else { ox + 1 };
+        }
+        m
+    }
+
+    /// out[i, p] = start + Σ_{r, t} a[r·TAPS + t, i] · b[r·ldb + p + shift(t)] for a 8×48 tile.
+    /// TAPS 9: shift(t) = (t/3 − 1)·w + t%3 − 1, lanes on the first (last) column dropped for
+    /// t%3 = 0 (2) by `edges`; TAPS 1: shift 0. a: packed panel [chans·TAPS][MR]; b: `chans`
+    /// rows readable from −(w+1) to 48 + w + 1. Safety: AVX-512F present, pointers valid.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel_8x48(
-        kc: usize,
+    pub(super) unsafe fn kernel_8x48<const TAPS: usize>(
+        chans: usize,
         a: *const f32,
         b: *const f32,
         ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-        start: Start,
-        relu: bool,
+        w: usize,
+        edges: [__mmask16; 6],
+        out: OutTile,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 3]; MR];
-        for k in 0..kc {
-            let bp = b.add(k * ldb);
-            let b0 = _mm512_loadu_ps(bp);
-            let b1 = _mm512_loadu_ps(bp.add(16));
-            let b2 = _mm512_loadu_ps(bp.add(32));
-            let ap = a.add(k * MR);
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*ap.add(i));
-                acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
-                acc[2] = _mm512_fmadd_ps(ai, b2, acc[2]);
+        let mut ap = a;
+        for r in 0..chans {
+            let row = b.add(r * ldb);
+            for t in 0..TAPS {
+                let (bp, m) = if TAPS == 1 {
+                    (row, [0xFFFF; 3])
+                } else {
+                    let bp = row.wrapping_add((t / 3) * w + t % 3).wrapping_sub(w + 1);
+                    match t % 3 {
+                        0 => (bp, [edges[0], edges[1], edges[2]]),
+                        2 => (bp, [edges[3], edges[4], edges[5]]),
+                        _ => (bp, [0xFFFF; 3]),
+                    }
+                };
+                let b0 = _mm512_maskz_loadu_ps(m[0], bp);
+                let b1 = _mm512_maskz_loadu_ps(m[1], bp.add(16));
+                let b2 = _mm512_maskz_loadu_ps(m[2], bp.add(32));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let ai = _mm512_set1_ps(*ap.add(i));
+                    acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
+                    acc[2] = _mm512_fmadd_ps(ai, b2, acc[2]);
+                }
+                ap = ap.add(MR);
             }
         }
-        let masks = [lane_mask(cols, 0), lane_mask(cols, 16), lane_mask(cols, 32)];
-        for (i, acc) in acc.iter().enumerate().take(rows) {
-            let row = c.add(i * ldc);
+        let masks = [
+            lane_mask(out.cols, 0),
+            lane_mask(out.cols, 16),
+            lane_mask(out.cols, 32),
+        ];
+        for (i, acc) in acc.iter().enumerate().take(out.rows) {
+            let row = out.c.add(i * out.ldc);
             for (j, &mask) in masks.iter().enumerate() {
                 let mut v = acc[j];
-                v = match start {
+                v = match out.start {
                     Start::Zero => v,
                     Start::Bias(bias) => _mm512_add_ps(v, _mm512_set1_ps(*bias.add(i))),
                     Start::Accumulate => {
                         _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, row.add(16 * j)))
                     }
                 };
-                if relu {
+                if out.relu {
                     v = _mm512_max_ps(v, _mm512_setzero_ps());
                 }
                 _mm512_mask_storeu_ps(row.add(16 * j), mask, v);
@@ -747,6 +781,7 @@ fn conv_weight_grad(
     let nrange = items.div_ceil(per);
     let ldc = cout.next_multiple_of(DW_NR);
     let flush_every = bl.dw_flush.div_ceil(tiling.len);
+    let geo = DwGeometry::new(w, taps, tiling.len);
     let partials: Vec<(Vec<f64>, Vec<f64>)> = (0..nci * nrange)
         .into_par_iter()
         .map(|task| {
@@ -754,46 +789,34 @@ fn conv_weight_grad(
             let kc = chans.len() * taps;
             let mut acc = vec![0.0f64; kc * cout];
             let mut dbacc = vec![0.0f64; if chans.start == 0 { cout } else { 0 }];
-            let col_len = (kc + 1) * tiling.ld;
-            let dyt_len = ldc * tiling.len;
-            with_scratch(col_len + dyt_len + kc * ldc, |scratch| {
-                let (col, rest) = scratch.split_at_mut(col_len);
-                let (dyt, stage) = rest.split_at_mut(dyt_len);
-                col[kc * tiling.ld..].fill(0.0);
-                dyt.fill(0.0);
+            let input_len = match be {
+                #[cfg(target_arch = "x86_64")]
+                Backend::Avx512 => (chans.len() + 1) * geo.ldr + ldc * geo.tcap,
+                Backend::Portable => kc * tiling.ld,
+            };
+            with_scratch(input_len + kc * ldc, |scratch| {
+                let (input, stage) = scratch.split_at_mut(input_len);
+                input.fill(0.0);
                 stage.fill(0.0);
                 let range = task % nrange * per..(task % nrange * per + per).min(items);
                 for item in range.clone() {
                     let (img, t) = (item / tiling.count, item % tiling.count);
                     let (p0, plen) = tiling.range(t, hw);
-                    pack_cols(
-                        be,
-                        &x,
-                        img,
-                        chans.clone(),
-                        taps,
-                        w,
-                        p0,
-                        plen,
-                        tiling.ld,
-                        col,
-                    );
                     let dyi = &dy[img * cout * hw..(img + 1) * cout * hw];
-                    let tile = DwTile {
-                        dy: dyi,
-                        hw,
-                        cout,
-                        p0,
-                        plen,
-                        col,
-                        kc,
-                        ld: tiling.ld,
-                    };
                     match be {
-                        // SAFETY: the CPU has AVX-512F (Backend::detect).
                         #[cfg(target_arch = "x86_64")]
-                        Backend::Avx512 => unsafe { tile.run_avx512(dyt, tiling.len, stage, ldc) },
-                        Backend::Portable => tile.run_portable(stage, ldc),
+                        Backend::Avx512 => {
+                            let tile = (img, p0, plen);
+                            // SAFETY: AVX-512F present (Backend::detect).
+                            unsafe {
+                                geo.tile_avx512(&x, chans.clone(), tile, dyi, input, stage, ldc)
+                            }
+                        }
+                        Backend::Portable => {
+                            let ld = tiling.ld;
+                            pack_cols(&x, img, chans.clone(), taps, w, p0, plen, ld, input);
+                            dw_tile_portable(input, ld, kc, (dyi, hw, cout), (p0, plen), stage, ldc)
+                        }
                     }
                     for (co, s) in dbacc.iter_mut().enumerate() {
                         *s += sum_f64(&dyi[co * hw + p0..co * hw + p0 + plen]);
@@ -831,65 +854,149 @@ fn conv_weight_grad(
     }
 }
 
-/// stage[k, co] += Σ_{p < plen} col[k, p] · dy[co, p0 + p] for one tile (stage rows ldc apart).
-struct DwTile<'a> {
-    /// One image of dy, [cout, hw].
-    dy: &'a [f32],
-    hw: usize,
-    cout: usize,
-    p0: usize,
-    plen: usize,
-    /// kc unfolded rows `ld` apart, then one row of zeros.
-    col: &'a [f32],
-    kc: usize,
+/// stage[k, co] += Σ_{p < plen} col[k, p] · dy[co, p0 + p] for one tile through the `gemm`
+/// crate: col holds kc unfolded rows `ld` apart; dy is one image [cout, hw]; stage rows are
+/// `ldc` apart.
+fn dw_tile_portable(
+    col: &[f32],
     ld: usize,
+    kc: usize,
+    (dy, hw, cout): (&[f32], usize, usize),
+    (p0, plen): (usize, usize),
+    stage: &mut [f32],
+    ldc: usize,
+) {
+    assert!(col.len() >= kc * ld && stage.len() >= kc * ldc && dy.len() >= cout * hw);
+    // SAFETY: the extents read and written are checked above.
+    unsafe {
+        gemm::gemm(
+            kc,
+            cout,
+            plen,
+            stage.as_mut_ptr(),
+            1,
+            ldc as isize,
+            true,
+            col.as_ptr(),
+            1,
+            ld as isize,
+            dy[p0..].as_ptr(),
+            hw as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
-impl DwTile<'_> {
-    fn run_portable(&self, stage: &mut [f32], ldc: usize) {
-        // SAFETY: stage is [kc, ldc]; col holds kc rows of plen floats; dy cout rows of hw.
-        unsafe {
-            gemm::gemm(
-                self.kc,
-                self.cout,
-                self.plen,
-                stage.as_mut_ptr(),
-                1,
-                ldc as isize,
-                true,
-                self.col.as_ptr(),
-                1,
-                self.ld as isize,
-                self.dy[self.p0..].as_ptr(),
-                self.hw as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+/// Layout of the AVX-512 weight gradient's tiles. Pixels live in a padded layout with rows of
+/// wp = w + 2·pad (pad 1 for 3×3: one zero column each side, so that every tap of a pixel is
+/// the pixel's position shifted by (ky − 1)·wp + kx − 1; pad 0 for 1×1).
+#[derive(Clone, Copy, Debug)]
+struct DwGeometry {
+    w: usize,
+    taps: usize,
+    pad: usize,
+    /// Positions of padding before and after a tile's range: one padded row and one pixel.
+    halo: usize,
+    /// Most padded positions a tile of `tiling.len` pixels spans.
+    tcap: usize,
+    /// Stride of the packed channel rows.
+    ldr: usize,
+}
+
+impl DwGeometry {
+    fn new(w: usize, taps: usize, tile_len: usize) -> DwGeometry {
+        let pad = usize::from(taps == 9);
+        let halo = pad * (w + 2 * pad + 1);
+        let tcap = tile_len + 2 * pad * (tile_len.div_ceil(w) + 1);
+        DwGeometry {
+            w,
+            taps,
+            pad,
+            halo,
+            tcap,
+            ldr: row_stride(tcap + 2 * halo),
         }
     }
 
-    /// Transposes the dy tile into `dyt` ([cout/64 panels][tlen][64], padding lanes zero),
-    /// then runs the 6×64 micro-kernel panel by panel: a panel of dyᵀ stays in L1 while the
-    /// unfolded rows stream past. Safety: AVX-512F present.
+    /// Padded position of flat pixel p.
+    fn pos(&self, p: usize) -> usize {
+        p / self.w * (self.w + 2 * self.pad) + p % self.w + self.pad
+    }
+
+    /// stage[k, co] += Σ over the tile (img, p0, plen) of unfold(x)[k, p] · dy[co, p]. The input
+    /// channels are packed once each in the padded layout (`input`: chans.len() + 1 rows of ldr,
+    /// the last zero, then ldc/64 panels of dyᵀ); dy is transposed to [position][64 channels]
+    /// with zero rows at padding positions; the 6×64 micro-kernel then broadcasts from 6
+    /// shifted channel rows while a dyᵀ panel stays in L1. Safety: AVX-512F present.
+    #[allow(clippy::too_many_arguments)]
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run_avx512(&self, dyt: &mut [f32], tlen: usize, stage: &mut [f32], ldc: usize) {
-        avx512::transpose_dy(self.dy, self.hw, self.cout, self.p0, self.plen, dyt, tlen);
-        let zero = self.col[self.kc * self.ld..].as_ptr();
-        for panel in 0..ldc / DW_NR {
-            let b = dyt[panel * tlen * DW_NR..].as_ptr();
-            for kp in (0..self.kc).step_by(DW_MR) {
+    unsafe fn tile_avx512(
+        &self,
+        x: &Planes,
+        chans: Range<usize>,
+        (img, p0, plen): (usize, usize, usize),
+        dy: &[f32],
+        input: &mut [f32],
+        stage: &mut [f32],
+        ldc: usize,
+    ) {
+        let (hw, cout, taps) = (x.hw, dy.len() / x.hw, self.taps);
+        let wp = self.w + 2 * self.pad;
+        let (q0, steps) = (self.pos(p0), self.pos(p0 + plen - 1) + 1 - self.pos(p0));
+        let (rows, dyt) = input.split_at_mut((chans.len() + 1) * self.ldr);
+        let qlo = q0 as isize - self.halo as isize;
+        let nch = chans.len();
+        pack_padded_rows(
+            x,
+            img,
+            chans,
+            self.w,
+            self.pad,
+            qlo,
+            steps + 2 * self.halo,
+            self.ldr,
+            rows,
+        );
+        avx512::transpose_dy(
+            dy,
+            hw,
+            cout,
+            (p0, plen),
+            (self.w, self.pad, q0),
+            dyt,
+            self.tcap,
+        );
+        if self.pad > 0 {
+            for s in 0..steps {
+                let col = (q0 + s) % wp;
+                if col == 0 || col == wp - 1 {
+                    for panel in dyt.chunks_exact_mut(self.tcap * DW_NR) {
+                        panel[s * DW_NR..(s + 1) * DW_NR].fill(0.0);
+                    }
+                }
+            }
+        }
+        let kc = nch * taps;
+        let zero = rows[nch * self.ldr..].as_ptr();
+        for (panel, b) in dyt.chunks_exact(self.tcap * DW_NR).enumerate() {
+            for kp in (0..kc).step_by(DW_MR) {
                 let mut a = [zero; DW_MR];
-                for (i, p) in a.iter_mut().enumerate().take(self.kc - kp) {
-                    *p = self.col[(kp + i) * self.ld..].as_ptr();
+                for (i, a) in a.iter_mut().enumerate().take(kc - kp) {
+                    let (r, t) = ((kp + i) / taps, (kp + i) % taps);
+                    // Tap t of position q0 + s is position q0 + s + (t/3 − 1)·wp + t%3 − 1, at
+                    // index s + halo + (t/3 − 1)·wp + t%3 − 1 = s + t/3·wp + t%3 (halo = wp + 1).
+                    let off = if taps == 9 { t / 3 * wp + t % 3 } else { 0 };
+                    *a = rows[r * self.ldr + off..].as_ptr();
                 }
                 let c = stage[kp * ldc + panel * DW_NR..].as_mut_ptr();
-                avx512::kernel_6x64(self.plen, &a, b, c, ldc, DW_MR.min(self.kc - kp));
+                avx512::kernel_6x64(steps, &a, b.as_ptr(), c, ldc, DW_MR.min(kc - kp));
             }
         }
     }
@@ -1160,6 +1267,10 @@ pub fn linear_forward(
     if m == 0 || fout == 0 {
         return;
     }
+    if fin == 0 {
+        y.chunks_exact_mut(fout).for_each(|row| row.copy_from_slice(b));
+        return;
+    }
     y.par_chunks_mut(LINEAR_ROWS * fout)
         .zip(x.par_chunks(LINEAR_ROWS * fin))
         .for_each(|(yb, xb)| {
@@ -1389,7 +1500,8 @@ mod tests {
     /// (n, input channel parts, cout, h, w)
     type ConvShape = (usize, &'static [usize], usize, usize, usize);
 
-    const FORWARD_SHAPES: [ConvShape; 7] = [
+    const FORWARD_SHAPES: [ConvShape; 8] = [
+        (2, &[3], 4, 7, 1),
         (1, &[1], 3, 5, 7),
         (2, &[3], 4, 16, 16),
         (3, &[5], 3, 7, 5),
@@ -1493,7 +1605,8 @@ mod tests {
             .collect()
     }
 
-    const BACKWARD_SHAPES: [ConvShape; 4] = [
+    const BACKWARD_SHAPES: [ConvShape; 5] = [
+        (2, &[3], 4, 7, 1),
         (2, &[3], 4, 5, 7),
         (1, &[1], 3, 6, 4),
         (2, &[2, 3], 9, 9, 13),

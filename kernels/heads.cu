@@ -1,0 +1,108 @@
+//! The network's heads: the segmentation head (1×1 conv to class logits + argmax) and the
+//! hierarchical MIL head (concept scores with GCP pooling, small dense layers, bag pooling).
+#include "common.cuh"
+
+/// One thread per pixel. Needs classes ≤ 16 and classes·c_real ≤ 4096.
+extern "C" __global__ void seg_head(const SegHeadParams p) {
+    __shared__ float sw[4096];
+    __shared__ float sb[16];
+    for (int i = threadIdx.x; i < p.classes * p.c_real; i += blockDim.x) sw[i] = p.w[i];
+    for (int i = threadIdx.x; i < p.classes; i += blockDim.x) sb[i] = p.bias[i];
+    __syncthreads();
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= p.n * p.hw) return;
+    const int n = u / p.hw, pix = u - n * p.hw;
+    // Fixed-size register accumulators (predicated on k < classes).
+    float o[16];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) o[k] = k < p.classes ? sb[k] : 0.0f;
+    const __half* x = p.x + size_t(u) * p.c;
+    for (int c0 = 0; c0 < p.c_real; c0 += 8) {
+        float v[8];
+        unpack8(*reinterpret_cast<const uint4*>(x + c0), v);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            if (c0 + e >= p.c_real) break;
+#pragma unroll
+            for (int k = 0; k < 16; ++k)
+                if (k < p.classes) o[k] += v[e] * sw[k * p.c_real + c0 + e];
+        }
+    }
+    int best = 0;
+    float bestv = o[0];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+        if (k >= p.classes) break;
+        if (o[k] > bestv) {
+            bestv = o[k];
+            best = k;
+        }
+        if (p.logits != nullptr) p.logits[(size_t(n) * p.classes + k) * p.hw + pix] = o[k];
+    }
+    if (p.labels != nullptr) p.labels[u] = (unsigned char)best;
+}
+
+/// Grid (m, ⌈k/32⌉), 256 threads: 32 concepts × 8 warps, warp w scoring instances w, w+8, …
+/// (8 instance rows staged in shared memory at a time), then max/sum combined over the warps.
+/// Needs c_real ≤ 2048.
+extern "C" __global__ void __launch_bounds__(256) mil_concepts_gcp(const ConceptsGcpParams p) {
+    __shared__ __half sx[8][2048];
+    __shared__ float smax[8][32], ssum[8][32];
+    const int m = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int k = blockIdx.y * 32 + lane;
+    const bool kok = k < p.k;
+    const float b = kok ? p.bias[k] : 0.0f;
+    float mx = -3.4e38f, sum = 0.0f;
+    for (int i0 = 0; i0 < p.inst; i0 += 8) {
+        __syncthreads();
+        const int rows = imin(8, p.inst - i0);
+        for (int e = threadIdx.x; e < rows * p.c_real; e += 256) {
+            int r = e / p.c_real, c = e - r * p.c_real;
+            sx[r][c] = p.x[(size_t(m) * p.inst + i0 + r) * p.c + c];
+        }
+        __syncthreads();
+        if (kok && warp < rows) {
+            float s = b;
+            for (int c = 0; c < p.c_real; ++c) s += __half2float(sx[warp][c]) * p.wt[size_t(c) * p.k + k];
+            mx = fmaxf(mx, s);
+            sum += s;
+        }
+    }
+    smax[warp][lane] = mx;
+    ssum[warp][lane] = sum;
+    __syncthreads();
+    if (warp == 0 && kok) {
+        for (int w = 1; w < 8; ++w) {
+            mx = fmaxf(mx, smax[w][lane]);
+            sum += ssum[w][lane];
+        }
+        p.z[size_t(m) * p.k + k] = gcp_combine(p.gcp, mx, sum, p.inst);
+    }
+}
+
+/// One thread per output element.
+extern "C" __global__ void linear_f32(const LinearParams p) {
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= p.rows * p.fout) return;
+    const int r = u / p.fout, o = u % p.fout;
+    float s = p.bias[o];
+    const float* x = p.x + size_t(r) * p.fin;
+    const float* w = p.w + size_t(o) * p.fin;
+    for (int i = 0; i < p.fin; ++i) s += x[i] * w[i];
+    p.y[u] = p.act == 1 ? fmaxf(s, 0.0f) : s;
+}
+
+/// One thread per (bag, concept).
+extern "C" __global__ void gcp_bags(const GcpBagsParams p) {
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= p.bags * p.k) return;
+    const int b = u / p.k, k = u % p.k;
+    const int r0 = p.bag_start[b], r1 = p.bag_start[b + 1];
+    float mx = -3.4e38f, sum = 0.0f;
+    for (int r = r0; r < r1; ++r) {
+        float v = p.t[size_t(r) * p.k + k];
+        mx = fmaxf(mx, v);
+        sum += v;
+    }
+    p.g[u] = gcp_combine(p.gcp, mx, sum, r1 - r0);
+}

@@ -1,0 +1,469 @@
+//! The device layer: allocation, copies, kernel launches and synchronisation, either on a real
+//! GPU (cudarc's driver API, loaded at run time; kernels from the embedded fatbin or compiled
+//! by NVRTC) or on the CPU emulator (the same kernels compiled by g++, called through FFI).
+
+use super::kernels::{kernels_prebuilt, KernelModule, KERNEL_MODULES};
+use anyhow::{anyhow, bail, Context, Result};
+use bytemuck::Pod;
+use cudarc::driver::{result as cu, sys, CudaContext};
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::Arc;
+use std::time::Instant;
+
+extern "C" {
+    fn m2unet_emu_launch(
+        name: *const std::ffi::c_char,
+        grid: *const u32,
+        block: *const u32,
+        args: *mut *mut c_void,
+    ) -> i32;
+    fn m2unet_emu_workers() -> u32;
+}
+
+/// Where the CUDA engine runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// The first CUDA GPU.
+    Gpu,
+    /// The CPU emulator (tests; no GPU needed).
+    Emu,
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cuda" | "gpu" => Ok(DeviceKind::Gpu),
+            "emu" => Ok(DeviceKind::Emu),
+            other => bail!("unknown CUDA device {other:?} (expected cuda or emu)"),
+        }
+    }
+}
+
+/// An address in device memory (a host address on the emulator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DevPtr(pub u64);
+
+impl DevPtr {
+    pub const NULL: DevPtr = DevPtr(0);
+    /// The address `bytes` further on.
+    pub fn offset(self, bytes: usize) -> DevPtr {
+        DevPtr(self.0 + bytes as u64)
+    }
+}
+
+struct Gpu {
+    ctx: Arc<CudaContext>,
+    functions: HashMap<&'static str, sys::CUfunction>,
+    name: String,
+    cc: (i32, i32),
+    from_fatbin: bool,
+}
+
+/// A device: a GPU or the emulator. Allocations live until `free` or the device's drop.
+pub struct Device {
+    /// None on the emulator.
+    gpu: Option<Gpu>,
+    allocations: HashMap<u64, usize>,
+}
+
+const EMU_ALIGN: usize = 256;
+
+impl Device {
+    pub fn new(kind: DeviceKind) -> Result<Self> {
+        let gpu = match kind {
+            DeviceKind::Gpu => Some(open_gpu(0)?),
+            DeviceKind::Emu => None,
+        };
+        Ok(Device {
+            gpu,
+            allocations: HashMap::new(),
+        })
+    }
+
+    /// One line: the GPU's name and compute capability and where its kernels came from, or
+    /// the emulator and its worker threads.
+    pub fn describe(&self) -> String {
+        match &self.gpu {
+            Some(g) => format!(
+                "cuda: {} (sm_{}{}), kernels from {}",
+                g.name,
+                g.cc.0,
+                g.cc.1,
+                if g.from_fatbin {
+                    "the embedded fatbin"
+                } else {
+                    "NVRTC"
+                }
+            ),
+            None => format!(
+                "emu: CUDA kernels on the CPU emulator ({} worker threads)",
+                emu_workers()
+            ),
+        }
+    }
+
+    /// `bytes` of zeroed device memory (256-byte aligned).
+    pub fn alloc(&mut self, bytes: usize) -> Result<DevPtr> {
+        let bytes = bytes.max(1);
+        let ptr = match &self.gpu {
+            Some(g) => {
+                g.ctx.bind_to_thread().map_err(drv)?;
+                let p = unsafe { cu::malloc_sync(bytes) }
+                    .map_err(|e| anyhow!("GPU allocation of {bytes} bytes failed: {e:?}"))?;
+                unsafe { cu::memset_d8_sync(p, 0, bytes) }.map_err(drv)?;
+                p
+            }
+            None => {
+                let layout = Layout::from_size_align(bytes, EMU_ALIGN)?;
+                let p = unsafe { alloc_zeroed(layout) };
+                if p.is_null() {
+                    bail!("emulator allocation of {bytes} bytes failed");
+                }
+                p as u64
+            }
+        };
+        self.allocations.insert(ptr, bytes);
+        Ok(DevPtr(ptr))
+    }
+
+    pub fn free(&mut self, p: DevPtr) -> Result<()> {
+        let bytes = self
+            .allocations
+            .remove(&p.0)
+            .context("freeing memory this device did not allocate")?;
+        self.release(p.0, bytes)
+    }
+
+    fn release(&self, p: u64, bytes: usize) -> Result<()> {
+        match &self.gpu {
+            Some(g) => {
+                g.ctx.bind_to_thread().map_err(drv)?;
+                unsafe { cu::free_sync(p) }.map_err(drv)
+            }
+            None => {
+                unsafe { dealloc(p as *mut u8, Layout::from_size_align(bytes, EMU_ALIGN)?) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies `src` to device address `dst`.
+    pub fn upload<T: Pod>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
+        match &self.gpu {
+            Some(g) => {
+                g.ctx.bind_to_thread().map_err(drv)?;
+                unsafe { cu::memcpy_htod_sync(dst.0, src) }.map_err(drv)
+            }
+            None => {
+                let bytes: &[u8] = bytemuck::cast_slice(src);
+                unsafe {
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.0 as *mut u8, bytes.len())
+                };
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies from device address `src` into `dst` (waits for earlier launches).
+    pub fn download<T: Pod>(&self, src: DevPtr, dst: &mut [T]) -> Result<()> {
+        match &self.gpu {
+            Some(g) => {
+                g.ctx.bind_to_thread().map_err(drv)?;
+                cu::ctx::synchronize().map_err(drv)?;
+                unsafe { cu::memcpy_dtoh_sync(dst, src.0) }.map_err(drv)
+            }
+            None => {
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src.0 as *const u8,
+                        bytes.as_mut_ptr(),
+                        bytes.len(),
+                    )
+                };
+                Ok(())
+            }
+        }
+    }
+
+    /// Launches kernel `name` with its parameter struct passed by value.
+    pub fn launch<P: Pod>(
+        &self,
+        name: &'static str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        params: &P,
+    ) -> Result<()> {
+        if grid.contains(&0) {
+            return Ok(());
+        }
+        let mut args = [params as *const P as *mut c_void];
+        match &self.gpu {
+            Some(g) => {
+                let f = *g
+                    .functions
+                    .get(name)
+                    .with_context(|| format!("no kernel named {name}"))?;
+                g.ctx.bind_to_thread().map_err(drv)?;
+                unsafe {
+                    cu::launch_kernel(
+                        f,
+                        (grid[0], grid[1], grid[2]),
+                        (block[0], block[1], block[2]),
+                        0,
+                        std::ptr::null_mut(),
+                        &mut args,
+                    )
+                }
+                .map_err(|e| anyhow!("launching {name}: {e:?}"))
+            }
+            None => {
+                let cname = CString::new(name)?;
+                let rc = unsafe {
+                    m2unet_emu_launch(
+                        cname.as_ptr(),
+                        grid.as_ptr(),
+                        block.as_ptr(),
+                        args.as_mut_ptr(),
+                    )
+                };
+                match rc {
+                    0 => Ok(()),
+                    -1 => bail!("the emulator has no kernel named {name}"),
+                    _ => bail!("emulator launch of {name} failed: block {block:?} has more than 1024 threads"),
+                }
+            }
+        }
+    }
+
+    /// Waits for every launched kernel to finish.
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.gpu {
+            Some(g) => {
+                g.ctx.bind_to_thread().map_err(drv)?;
+                cu::ctx::synchronize().map_err(drv)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Milliseconds `work` takes on the device: CUDA events on a GPU, wall clock on the emulator.
+    pub fn time_ms(&self, mut work: impl FnMut() -> Result<()>) -> Result<f32> {
+        match &self.gpu {
+            Some(g) => {
+                g.ctx.bind_to_thread().map_err(drv)?;
+                let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+                let start = cu::event::create(flags).map_err(drv)?;
+                let end = cu::event::create(flags).map_err(drv)?;
+                let ms = (|| -> Result<f32> {
+                    unsafe { cu::event::record(start, std::ptr::null_mut()) }.map_err(drv)?;
+                    work()?;
+                    unsafe { cu::event::record(end, std::ptr::null_mut()) }.map_err(drv)?;
+                    unsafe { cu::event::synchronize(end) }.map_err(drv)?;
+                    unsafe { cu::event::elapsed(start, end) }.map_err(drv)
+                })();
+                unsafe {
+                    cu::event::destroy(start).map_err(drv)?;
+                    cu::event::destroy(end).map_err(drv)?;
+                }
+                ms
+            }
+            None => {
+                let t = Instant::now();
+                work()?;
+                Ok(t.elapsed().as_secs_f32() * 1e3)
+            }
+        }
+    }
+}
+
+/// A point in the device's stream of work (a CUDA event, or the wall clock on the emulator).
+pub struct Mark {
+    event: Option<sys::CUevent>,
+    at: Instant,
+}
+
+impl Drop for Mark {
+    fn drop(&mut self) {
+        if let Some(e) = self.event.take() {
+            // Destroying an event cannot fail in a way worth reporting here.
+            let _ = unsafe { cu::event::destroy(e) };
+        }
+    }
+}
+
+impl Device {
+    /// Records a mark after the work launched so far.
+    pub fn mark(&self) -> Result<Mark> {
+        let event = match &self.gpu {
+            Some(g) => {
+                g.ctx.bind_to_thread().map_err(drv)?;
+                let e = cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(drv)?;
+                unsafe { cu::event::record(e, std::ptr::null_mut()) }.map_err(drv)?;
+                Some(e)
+            }
+            None => None,
+        };
+        Ok(Mark {
+            event,
+            at: Instant::now(),
+        })
+    }
+
+    /// Milliseconds between two marks (waits for the later one).
+    pub fn elapsed_ms(&self, from: &Mark, to: &Mark) -> Result<f32> {
+        match (from.event, to.event) {
+            (Some(a), Some(b)) => unsafe {
+                cu::event::synchronize(b).map_err(drv)?;
+                cu::event::elapsed(a, b).map_err(drv)
+            },
+            _ => Ok(to.at.duration_since(from.at).as_secs_f32() * 1e3),
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let allocations: Vec<(u64, usize)> = self.allocations.drain().collect();
+        for (p, bytes) in allocations {
+            // A failure to free at teardown leaves nothing to recover.
+            let _ = self.release(p, bytes);
+        }
+    }
+}
+
+fn drv(e: cu::DriverError) -> anyhow::Error {
+    anyhow!("CUDA driver error: {e:?}")
+}
+
+fn emu_workers() -> u32 {
+    unsafe { m2unet_emu_workers() }
+}
+
+/// Whether the CUDA driver library can be loaded (without it cudarc would panic).
+fn driver_present() -> bool {
+    unsafe { sys::is_culib_present() }
+}
+
+fn open_gpu(ordinal: usize) -> Result<Gpu> {
+    if !driver_present() {
+        bail!("no CUDA driver (libcuda.so) on this machine: use --device cpu, or --device emu to run the CUDA kernels on the CPU emulator");
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| {
+        anyhow!("the CUDA driver found no usable GPU {ordinal} ({e:?}): use --device cpu or --device emu")
+    })?;
+    let name = ctx.name().map_err(drv)?;
+    let cc = ctx.compute_capability().map_err(drv)?;
+    if cc.0 < 8 {
+        bail!("GPU {name} has compute capability {}.{}; the kernels need 8.0 or newer (mma.sync, cp.async)", cc.0, cc.1);
+    }
+    ctx.bind_to_thread().map_err(drv)?;
+    let mut functions = HashMap::new();
+    let mut from_fatbin = true;
+    for m in KERNEL_MODULES {
+        let module = match m.fatbin {
+            Some(fb) => unsafe { cu::module::load_data(fb.as_ptr() as *const c_void) }
+                .map_err(|e| anyhow!("loading the {} fatbin: {e:?}", m.name))?,
+            None => {
+                from_fatbin = false;
+                load_nvrtc(m, cc)?
+            }
+        };
+        for &k in m.kernels {
+            let f = unsafe { cu::module::get_function(module, CString::new(k)?) }
+                .map_err(|e| anyhow!("kernel {k} missing from module {}: {e:?}", m.name))?;
+            functions.insert(k, f);
+        }
+    }
+    Ok(Gpu {
+        ctx,
+        functions,
+        name,
+        cc,
+        from_fatbin,
+    })
+}
+
+/// Compiles a module's embedded source with NVRTC for this GPU.
+fn load_nvrtc(m: &KernelModule, cc: (i32, i32)) -> Result<sys::CUmodule> {
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        bail!("this binary was built without nvcc and NVRTC (libnvrtc.so) is not on the library path: rebuild with nvcc or set LD_LIBRARY_PATH");
+    }
+    let arch: &'static str = Box::leak(format!("sm_{}{}", cc.0, cc.1).into_boxed_str());
+    let mut include_paths = vec![];
+    for var in ["M2UNET_CUDA_INCLUDE", "CUDA_HOME", "CUDA_PATH"] {
+        if let Ok(v) = std::env::var(var) {
+            include_paths.push(if var == "M2UNET_CUDA_INCLUDE" {
+                v
+            } else {
+                format!("{v}/include")
+            });
+        }
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        include_paths,
+        options: vec!["-std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(m.source, opts).map_err(|e| {
+        anyhow!(
+            "NVRTC failed on {}: {e:?} (set M2UNET_CUDA_INCLUDE to the folder holding cuda_fp16.h)",
+            m.name
+        )
+    })?;
+    let src = CString::new(ptx.to_src())?;
+    unsafe { cu::module::load_data(src.as_ptr() as *const c_void) }
+        .map_err(|e| anyhow!("loading NVRTC PTX of {}: {e:?}", m.name))
+}
+
+/// `m2unet info`: the GPUs the driver sees (name, compute capability, memory, kernel
+/// source) and the emulator.
+pub fn describe_devices() -> String {
+    let mut out = String::new();
+    let kernels = if kernels_prebuilt() {
+        "embedded fatbin (sm_80, sm_90 SASS + compute_80 PTX)"
+    } else {
+        "embedded source, compiled by NVRTC at run time (built without nvcc)"
+    };
+    if !driver_present() {
+        out.push_str("cuda: no CUDA driver (libcuda.so) found\n");
+    } else {
+        match cu::init().and_then(|_| cu::device::get_count()) {
+            Err(e) => out.push_str(&format!("cuda: driver present but no usable GPU ({e:?})\n")),
+            Ok(0) => out.push_str("cuda: driver present, no GPU\n"),
+            Ok(n) => {
+                for i in 0..n {
+                    let line = (|| -> Result<String, cu::DriverError> {
+                        let d = cu::device::get(i)?;
+                        let name = cu::device::get_name(d)?;
+                        let major = unsafe {
+                            cu::device::get_attribute(d, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                        }?;
+                        let minor = unsafe {
+                            cu::device::get_attribute(d, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+                        }?;
+                        let mem = unsafe { cu::device::total_mem(d) }?;
+                        Ok(format!(
+                            "cuda:{i}: {name}, compute capability {major}.{minor}, {:.1} GiB",
+                            mem as f64 / (1u64 << 30) as f64
+                        ))
+                    })();
+                    match line {
+                        Ok(l) => out.push_str(&format!("{l}\n")),
+                        Err(e) => out.push_str(&format!("cuda:{i}: unreadable ({e:?})\n")),
+                    }
+                }
+            }
+        }
+    }
+    out.push_str(&format!("kernels: {kernels}\n"));
+    out.push_str(&format!(
+        "emu: CPU emulator of the same kernels, {} worker threads\n",
+        emu_workers()
+    ));
+    out
+}

@@ -1,0 +1,955 @@
+//! The CUDA engine's orchestration: weights prepared once on the host (BN folded for eval,
+//! repacked to fp16), one activation arena sized from the config and the batch, and the
+//! forward pass (eval or train-mode BatchNorm) as a short sequence of kernel launches that
+//! runs unchanged on a GPU or on the emulator.
+
+use super::device::{DevPtr, Device, DeviceKind, Mark};
+use super::kernels::*;
+use super::weights::{fold_bn, pack_conv3x3, pad8, padded, transpose};
+use crate::config::{GcpMode, ModelConfig, BN_EPS, BN_MOMENTUM};
+use crate::engine::{InferenceEngine, Outputs};
+use crate::model::Model;
+use anyhow::{bail, ensure, Result};
+use bytemuck::Pod;
+use std::cell::RefCell;
+
+const ALIGN: usize = 256;
+
+/// Host image of the device weight buffer, built section by section (256-byte aligned).
+#[derive(Default)]
+struct Blob {
+    bytes: Vec<u8>,
+}
+
+impl Blob {
+    fn push<T: Pod>(&mut self, v: &[T]) -> usize {
+        let off = self.bytes.len().next_multiple_of(ALIGN);
+        self.bytes.resize(off, 0);
+        self.bytes.extend_from_slice(bytemuck::cast_slice(v));
+        off
+    }
+}
+
+/// Offsets in the weight buffer of one conv's weights and bias.
+#[derive(Clone, Copy, Default)]
+struct ConvW {
+    w: usize,
+    b: usize,
+}
+
+/// A 3×3 conv followed by BatchNorm and ReLU.
+struct ConvLayer {
+    /// Module name, e.g. `dec2.conv1`.
+    name: String,
+    /// Real input channels of each concatenated input tensor.
+    parts: Vec<usize>,
+    cout: usize,
+    /// BN folded (eval), and as trained (train mode: batch statistics).
+    eval: ConvW,
+    train: ConvW,
+    gamma: usize,
+    beta: usize,
+    running_mean: usize,
+    running_var: usize,
+    /// Offset of running_mean in the model's buffer vector.
+    bn_buffer: usize,
+}
+
+struct Linear {
+    w: usize,
+    b: usize,
+}
+
+/// Every weight the forward pass reads, as offsets into one device buffer.
+struct Weights {
+    enc: Vec<[ConvLayer; 2]>,
+    dec: Vec<[ConvLayer; 3]>,
+    seg: Linear,
+    concepts_t: Linear,
+    emb_proj_eval: Linear,
+    emb_proj: Linear,
+    emb_bn: [usize; 4],
+    emb_bn_buffer: usize,
+    img_concepts: Linear,
+    img_proj: Linear,
+    classifier: Linear,
+}
+
+fn build_weights(model: &Model) -> Result<(Weights, Vec<u8>)> {
+    let c = model.config();
+    let t = &model.table;
+    let mut blob = Blob::default();
+    let conv = |blob: &mut Blob,
+                module: &str,
+                bn: &str,
+                parts: Vec<usize>,
+                first: bool|
+     -> Result<ConvLayer> {
+        let w = model.param(&format!("{module}.weight"));
+        let b = model.param(&format!("{module}.bias"));
+        let cout = b.len();
+        let gamma = model.param(&format!("{bn}.weight"));
+        let beta = model.param(&format!("{bn}.bias"));
+        let e = t.bn(bn);
+        let (mean, var) = (
+            &model.buffers[e.mean_range()],
+            &model.buffers[e.var_range()],
+        );
+        let (wf, bf) = fold_bn(w, b, gamma, beta, mean, var, BN_EPS);
+        let cp = pad8(cout);
+        let (eval, train) = if first {
+            (
+                ConvW {
+                    w: blob.push(&wf),
+                    b: blob.push(&bf),
+                },
+                ConvW {
+                    w: blob.push(w),
+                    b: blob.push(b),
+                },
+            )
+        } else {
+            (
+                ConvW {
+                    w: blob.push(&pack_conv3x3(&wf, cout, &parts)?),
+                    b: blob.push(&padded(&bf, cp)),
+                },
+                ConvW {
+                    w: blob.push(&pack_conv3x3(w, cout, &parts)?),
+                    b: blob.push(&padded(b, cp)),
+                },
+            )
+        };
+        Ok(ConvLayer {
+            name: module.to_string(),
+            parts,
+            cout,
+            eval,
+            train,
+            gamma: blob.push(gamma),
+            beta: blob.push(beta),
+            running_mean: blob.push(mean),
+            running_var: blob.push(var),
+            bn_buffer: e.offset,
+        })
+    };
+    let (w, b) = (c.enc_width, c.bottleneck_width);
+    let mut enc = vec![];
+    for (k, (cin, cout)) in [(c.in_channels, w), (w, w), (w, w), (w, w), (w, b)]
+        .into_iter()
+        .enumerate()
+    {
+        let m = format!("enc{}", k + 1);
+        enc.push([
+            conv(
+                &mut blob,
+                &format!("{m}.conv1"),
+                &format!("{m}.bn1"),
+                vec![cin],
+                k == 0,
+            )?,
+            conv(
+                &mut blob,
+                &format!("{m}.conv2"),
+                &format!("{m}.bn2"),
+                vec![cout],
+                false,
+            )?,
+        ]);
+    }
+    let mut dec = vec![];
+    for (k, cin) in [(5, b), (4, w), (3, w), (2, w)] {
+        let m = format!("dec{k}");
+        dec.push([
+            conv(
+                &mut blob,
+                &format!("{m}.up_conv"),
+                &format!("{m}.up_bn"),
+                vec![cin],
+                false,
+            )?,
+            conv(
+                &mut blob,
+                &format!("{m}.conv1"),
+                &format!("{m}.bn1"),
+                vec![w, w],
+                false,
+            )?,
+            conv(
+                &mut blob,
+                &format!("{m}.conv2"),
+                &format!("{m}.bn2"),
+                vec![w],
+                false,
+            )?,
+        ]);
+    }
+    let linear = |blob: &mut Blob, m: &str| Linear {
+        w: blob.push(model.param(&format!("{m}.weight"))),
+        b: blob.push(model.param(&format!("{m}.bias"))),
+    };
+    let seg = linear(&mut blob, "seg_head");
+    let concepts_t = Linear {
+        w: blob.push(&transpose(
+            model.param("mil_emb.concepts.weight"),
+            c.emb_concepts,
+            b,
+        )),
+        b: blob.push(model.param("mil_emb.concepts.bias")),
+    };
+    let e = t.bn("mil_emb.bn");
+    let (gamma, beta) = (
+        model.param("mil_emb.bn.weight"),
+        model.param("mil_emb.bn.bias"),
+    );
+    let (mean, var) = (
+        &model.buffers[e.mean_range()],
+        &model.buffers[e.var_range()],
+    );
+    let (pw, pb) = fold_bn(
+        model.param("mil_emb.proj.weight"),
+        model.param("mil_emb.proj.bias"),
+        gamma,
+        beta,
+        mean,
+        var,
+        BN_EPS,
+    );
+    let emb_proj_eval = Linear {
+        w: blob.push(&pw),
+        b: blob.push(&pb),
+    };
+    let emb_proj = linear(&mut blob, "mil_emb.proj");
+    let emb_bn = [
+        blob.push(gamma),
+        blob.push(beta),
+        blob.push(mean),
+        blob.push(var),
+    ];
+    let img_concepts = linear(&mut blob, "mil_img.concepts");
+    let img_proj = linear(&mut blob, "mil_img.proj");
+    let classifier = linear(&mut blob, "classifier");
+    let weights = Weights {
+        enc,
+        dec,
+        seg,
+        concepts_t,
+        emb_proj_eval,
+        emb_proj,
+        emb_bn,
+        emb_bn_buffer: e.offset,
+        img_concepts,
+        img_proj,
+        classifier,
+    };
+    Ok((weights, blob.bytes))
+}
+
+/// The activations of one forward pass for `m` patches, carved from one allocation.
+struct Arena {
+    m: usize,
+    patch: usize,
+    base: DevPtr,
+    input: usize,
+    /// Per encoder level 1–5: conv1 output, conv2 output (the skip, or h at level 5), pooled.
+    enc: Vec<[usize; 3]>,
+    /// Per decoder block dec5..dec2: up_conv, conv1 and conv2 outputs.
+    dec: Vec<[usize; 3]>,
+    /// Train mode: the raw conv output before BatchNorm, BN partial statistics, scale, shift.
+    z: usize,
+    /// Split-K partial sums (the largest any conv of the pass needs).
+    splitk: usize,
+    partial: usize,
+    scale: usize,
+    shift: usize,
+    seg_logits: usize,
+    labels: usize,
+    mil_z: usize,
+    mil_pre: usize,
+    mil_e: usize,
+    mil_t: usize,
+    mil_g: usize,
+    mil_v: usize,
+    cls: usize,
+    bag_start: usize,
+}
+
+impl Arena {
+    fn layout(c: &ModelConfig, m: usize) -> (Arena, usize) {
+        let mut off = 0usize;
+        let mut take = |bytes: usize| {
+            let o = off;
+            off = (off + bytes).next_multiple_of(ALIGN);
+            o
+        };
+        let (wp, bp, p) = (pad8(c.enc_width), pad8(c.bottleneck_width), c.patch);
+        let input = take(m * c.in_channels * p * p * 4);
+        let mut enc = vec![];
+        for k in 0..5 {
+            let r = p >> k;
+            let ch = if k == 4 { bp } else { wp };
+            let pooled = if k == 4 {
+                0
+            } else {
+                m * (r / 2) * (r / 2) * ch * 2
+            };
+            enc.push([
+                take(m * r * r * ch * 2),
+                take(m * r * r * ch * 2),
+                take(pooled),
+            ]);
+        }
+        let mut dec = vec![];
+        for k in (2..=5).rev() {
+            let r = p >> (k - 2);
+            dec.push([
+                take(m * r * r * wp * 2),
+                take(m * r * r * wp * 2),
+                take(m * r * r * wp * 2),
+            ]);
+        }
+        let max_px = m * p * p;
+        let max_elems = (max_px * wp).max(m * (p / 16) * (p / 16) * bp);
+        let z = take(max_elems * 2);
+        let splitk_bytes = conv_shapes(c, m)
+            .into_iter()
+            .map(|(rows, cout, k)| {
+                let s = conv_splits(rows, cout, k);
+                if s > 1 {
+                    s * rows * cout * 4
+                } else {
+                    0
+                }
+            })
+            .max()
+            .unwrap_or(0);
+        let splitk = take(splitk_bytes);
+        let partial = take(bn_chunks(max_px) * 2 * wp.max(bp) * 4);
+        let scale = take(wp.max(bp) * 4);
+        let shift = take(wp.max(bp) * 4);
+        let seg_logits = take(m * c.seg_classes * p * p * 4);
+        let labels = take(m * p * p);
+        let (k1, k2) = (c.emb_concepts, c.img_concepts);
+        let a = Arena {
+            m,
+            patch: p,
+            base: DevPtr::NULL,
+            input,
+            enc,
+            dec,
+            z,
+            splitk,
+            partial,
+            scale,
+            shift,
+            seg_logits,
+            labels,
+            mil_z: take(m * k1 * 4),
+            mil_pre: take(m * k1 * 4),
+            mil_e: take(m * k1 * 4),
+            mil_t: take(m * k2 * 4),
+            mil_g: take(m * k2 * 4),
+            mil_v: take(m * k2 * 4),
+            cls: take(m * c.cls_classes * 4),
+            bag_start: take((m + 1) * 4),
+        };
+        (a, off)
+    }
+    fn at(&self, off: usize) -> u64 {
+        self.base.offset(off).0
+    }
+}
+
+/// (GEMM rows, padded cout, K) of every tensor-core conv of the forward pass for m patches.
+fn conv_shapes(c: &ModelConfig, m: usize) -> Vec<(usize, usize, usize)> {
+    let (wp, bp, p) = (pad8(c.enc_width), pad8(c.bottleneck_width), c.patch);
+    let mut v = vec![];
+    for k in 0..5 {
+        let r = p >> k;
+        let cout = if k == 4 { bp } else { wp };
+        // enc1.conv1 is the direct first-layer kernel; every other conv1 reads W channels.
+        if k > 0 {
+            v.push((m * r * r, cout, 9 * wp));
+        }
+        v.push((m * r * r, cout, 9 * cout));
+    }
+    for (i, low) in [bp, wp, wp, wp].into_iter().enumerate() {
+        let r = p >> (3 - i);
+        v.push((m * r * r, wp, 9 * low));
+        v.push((m * r * r, wp, 9 * 2 * wp));
+        v.push((m * r * r, wp, 9 * wp));
+    }
+    v
+}
+
+/// The input of one convolution.
+#[derive(Clone, Copy)]
+enum ConvIn {
+    /// fp32 NCHW patches (the first layer).
+    Patches(u64),
+    /// An NHWC fp16 tensor at the conv's resolution.
+    Plain(u64),
+    /// Two NHWC tensors concatenated along channels.
+    Concat(u64, u64),
+    /// An NHWC tensor at half the conv's resolution, upsampled ×2 while loading.
+    Upsample(u64),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Eval,
+    Train,
+}
+
+/// What a forward pass computes beyond the decoder.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Heads {
+    /// Segmentation logits and the MIL head.
+    All,
+    /// Argmax labels only.
+    Labels,
+}
+
+/// M²UNet's forward pass on CUDA kernels (a GPU, or the CPU emulator).
+pub struct CudaEngine {
+    dev: Device,
+    model: Model,
+    w: Weights,
+    wbase: DevPtr,
+    /// Running statistics changed on the device since the eval weights were folded.
+    stale_eval: bool,
+    arena: Option<Arena>,
+    /// While profiling: a device mark after each stage of the forward pass.
+    marks: RefCell<Option<Vec<(String, Mark)>>>,
+}
+
+impl CudaEngine {
+    pub fn new(model: &Model, kind: DeviceKind) -> Result<Self> {
+        model.config().validate()?;
+        let c = model.config();
+        ensure!(
+            c.in_channels * c.enc_width * 9 <= 4608,
+            "in_channels·enc_width ≤ 512 is required by the first-layer kernel"
+        );
+        ensure!(
+            c.seg_classes <= 16 && c.seg_classes * c.enc_width <= 4096,
+            "seg head: at most 16 classes and 4096 weights"
+        );
+        ensure!(
+            c.bottleneck_width <= 2048,
+            "bottleneck_width ≤ 2048 is required by the MIL kernel"
+        );
+        let mut dev = Device::new(kind)?;
+        let (w, bytes) = build_weights(model)?;
+        let wbase = dev.alloc(bytes.len())?;
+        dev.upload(wbase, &bytes)?;
+        Ok(CudaEngine {
+            dev,
+            model: model.clone(),
+            w,
+            wbase,
+            stale_eval: false,
+            arena: None,
+            marks: RefCell::new(None),
+        })
+    }
+
+    /// The model with the running statistics the train-mode passes have updated.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Forward pass with training-mode BatchNorm (batch statistics; running statistics and
+    /// num_batches_tracked updated as PyTorch does).
+    pub fn forward_train(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Outputs> {
+        let m = self.check_input(patches, Some(bag_sizes))?;
+        if self.stale_eval {
+            self.refresh_weights()?;
+        }
+        self.prepare(patches, Some(bag_sizes), m)?;
+        self.run(Mode::Train, Heads::All, m, bag_sizes.len())?;
+        let out = self.read_outputs(m, bag_sizes.len())?;
+        self.read_running_stats()?;
+        Ok(out)
+    }
+
+    /// Device milliseconds of one eval forward (inputs already uploaded; mean over `iters`
+    /// runs after one warm-up), timed with CUDA events on a GPU.
+    pub fn time_forward_eval(
+        &mut self,
+        patches: &[f32],
+        bag_sizes: &[usize],
+        iters: usize,
+    ) -> Result<f32> {
+        let m = self.check_input(patches, Some(bag_sizes))?;
+        if self.stale_eval {
+            self.refresh_weights()?;
+        }
+        self.prepare(patches, Some(bag_sizes), m)?;
+        self.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
+        self.dev.synchronize()?;
+        let iters = iters.max(1);
+        let ms = {
+            let this = &*self;
+            this.dev.time_ms(|| {
+                for _ in 0..iters {
+                    this.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
+                }
+                Ok(())
+            })?
+        };
+        Ok(ms / iters as f32)
+    }
+
+    /// Device milliseconds of each stage (every conv + BN + ReLU, the seg head, the MIL head)
+    /// of one eval forward, after a warm-up run.
+    pub fn profile_forward_eval(
+        &mut self,
+        patches: &[f32],
+        bag_sizes: &[usize],
+    ) -> Result<Vec<(String, f32)>> {
+        let m = self.check_input(patches, Some(bag_sizes))?;
+        if self.stale_eval {
+            self.refresh_weights()?;
+        }
+        self.prepare(patches, Some(bag_sizes), m)?;
+        self.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
+        self.dev.synchronize()?;
+        *self.marks.borrow_mut() = Some(vec![("start".to_string(), self.dev.mark()?)]);
+        let result = self.run(Mode::Eval, Heads::All, m, bag_sizes.len());
+        let marks = self.marks.borrow_mut().take().unwrap_or_default();
+        result?;
+        let mut out = vec![];
+        for pair in marks.windows(2) {
+            out.push((
+                pair[1].0.clone(),
+                self.dev.elapsed_ms(&pair[0].1, &pair[1].1)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Marks the end of a forward stage while profiling.
+    fn mark(&self, stage: &str) -> Result<()> {
+        if let Some(marks) = self.marks.borrow_mut().as_mut() {
+            marks.push((stage.to_string(), self.dev.mark()?));
+        }
+        Ok(())
+    }
+
+    /// Checks the inputs and returns M. With bags, the patch side comes from the data (the
+    /// weights do not fix it) and becomes the engine's; without, it is the config's.
+    fn check_input(&mut self, patches: &[f32], bag_sizes: Option<&[usize]>) -> Result<usize> {
+        let cin = self.model.config().in_channels;
+        let Some(bags) = bag_sizes else {
+            let p = self.model.config().patch;
+            let per = cin * p * p;
+            ensure!(
+                !patches.is_empty() && patches.len().is_multiple_of(per),
+                "patches must be [M, {cin}, {p}, {p}] (got {} values)",
+                patches.len()
+            );
+            return Ok(patches.len() / per);
+        };
+        ensure!(!bags.is_empty(), "at least one bag is needed");
+        if let Some(b) = bags.iter().find(|&&b| b < 2) {
+            bail!("a bag of {b} patch(es): every bag needs at least 2 patches for GCP pooling");
+        }
+        let m: usize = bags.iter().sum();
+        let p = ((patches.len() / m / cin) as f64).sqrt().round() as usize;
+        ensure!(
+            m * cin * p * p == patches.len(),
+            "patches must be [M, {cin}, P, P] with M = {m} (the bag sizes' sum); got {} values",
+            patches.len()
+        );
+        ensure!(
+            p > 0 && p.is_multiple_of(16),
+            "patch side {p} is not a positive multiple of 16"
+        );
+        self.model.table.config.patch = p;
+        Ok(m)
+    }
+
+    /// Sizes the arena for `m` patches (growing it when needed) and uploads the inputs.
+    fn prepare(&mut self, patches: &[f32], bag_sizes: Option<&[usize]>, m: usize) -> Result<()> {
+        let p = self.model.config().patch;
+        if self.arena.as_ref().is_none_or(|a| a.m < m || a.patch != p) {
+            if let Some(a) = self.arena.take() {
+                self.dev.free(a.base)?;
+            }
+            let (mut a, bytes) = Arena::layout(self.model.config(), m);
+            a.base = self.dev.alloc(bytes)?;
+            self.arena = Some(a);
+        }
+        let a = self.arena.as_ref().expect("arena just sized");
+        self.dev.upload(a.base.offset(a.input), patches)?;
+        if let Some(bags) = bag_sizes {
+            let mut starts = vec![0i32];
+            for &b in bags {
+                starts.push(starts.last().unwrap() + b as i32);
+            }
+            self.dev.upload(a.base.offset(a.bag_start), &starts)?;
+        }
+        Ok(())
+    }
+
+    /// Re-folds the eval weights after train-mode passes changed the running statistics.
+    fn refresh_weights(&mut self) -> Result<()> {
+        let (w, bytes) = build_weights(&self.model)?;
+        self.dev.upload(self.wbase, &bytes)?;
+        self.w = w;
+        self.stale_eval = false;
+        Ok(())
+    }
+
+    fn wp(&self, off: usize) -> u64 {
+        self.wbase.offset(off).0
+    }
+
+    /// One 3×3 conv + BN + ReLU at resolution h×h for m patches, writing `out` (and its 2×2
+    /// max-pool into `pool`).
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &self,
+        l: &ConvLayer,
+        input: ConvIn,
+        out: u64,
+        pool: Option<u64>,
+        m: usize,
+        h: usize,
+        mode: Mode,
+    ) -> Result<()> {
+        let a = self.arena.as_ref().expect("arena");
+        let cp = pad8(l.cout);
+        let (wts, y, relu, y_pool) = match mode {
+            Mode::Eval => (l.eval, out, 1, pool.unwrap_or(0)),
+            Mode::Train => (l.train, a.at(a.z), 0, 0),
+        };
+        match input {
+            ConvIn::Patches(x) => conv3x3_first(
+                &self.dev,
+                &ConvFirstParams {
+                    x,
+                    wt: self.wp(wts.w),
+                    bias: self.wp(wts.b),
+                    y,
+                    y_pool,
+                    n: m as i32,
+                    cin: l.parts[0] as i32,
+                    h: h as i32,
+                    w: h as i32,
+                    cout_real: l.cout as i32,
+                    cout: cp as i32,
+                    relu,
+                    pad_: 0,
+                },
+            )?,
+            ConvIn::Plain(x) | ConvIn::Concat(x, _) | ConvIn::Upsample(x) => {
+                let (x2, cin2) = match input {
+                    ConvIn::Concat(_, x2) => (x2, pad8(l.parts[1]) as i32),
+                    _ => (0, 0),
+                };
+                let up = matches!(input, ConvIn::Upsample(_));
+                let cin1 = pad8(l.parts[0]);
+                let splits = conv_splits(m * h * h, cp, 9 * (cin1 + cin2 as usize));
+                let p = ConvParams {
+                    x,
+                    x2,
+                    wt: self.wp(wts.w),
+                    bias: self.wp(wts.b),
+                    y,
+                    y_pool,
+                    n: m as i32,
+                    h: h as i32,
+                    w: h as i32,
+                    cin1: cin1 as i32,
+                    cin2,
+                    cout: cp as i32,
+                    in_h: (h / 2) as i32,
+                    in_w: (h / 2) as i32,
+                    relu,
+                    quad: h.is_multiple_of(2) as i32,
+                    partial: a.at(a.splitk),
+                    splits: splits as i32,
+                    pad_: 0,
+                };
+                conv3x3(&self.dev, &p, up)?;
+            }
+        }
+        if mode == Mode::Train {
+            let pixels = m * h * h;
+            let chunks = bn_chunks(pixels);
+            bn_stats(
+                &self.dev,
+                &BnStatsParams {
+                    x: y,
+                    partial: a.at(a.partial),
+                    pixels: pixels as i32,
+                    c: cp as i32,
+                    chunk: BN_CHUNK as i32,
+                    pad_: 0,
+                },
+            )?;
+            bn_finalize(
+                &self.dev,
+                &BnFinalizeParams {
+                    partial: a.at(a.partial),
+                    gamma: self.wp(l.gamma),
+                    beta: self.wp(l.beta),
+                    running_mean: self.wp(l.running_mean),
+                    running_var: self.wp(l.running_var),
+                    scale: a.at(a.scale),
+                    shift: a.at(a.shift),
+                    chunks: chunks as i32,
+                    pixels: pixels as i32,
+                    chunk: BN_CHUNK as i32,
+                    c: cp as i32,
+                    c_real: l.cout as i32,
+                    pad_: 0,
+                    momentum: BN_MOMENTUM,
+                    eps: BN_EPS,
+                },
+            )?;
+            bn_apply(
+                &self.dev,
+                &BnApplyParams {
+                    x: y,
+                    scale: a.at(a.scale),
+                    shift: a.at(a.shift),
+                    y: out,
+                    y_pool: pool.unwrap_or(0),
+                    n: m as i32,
+                    h: h as i32,
+                    w: h as i32,
+                    c: cp as i32,
+                },
+            )?;
+        }
+        self.mark(&l.name)
+    }
+
+    /// The whole forward pass on the device for m patches in `bags` bags.
+    fn run(&self, mode: Mode, heads: Heads, m: usize, bags: usize) -> Result<()> {
+        let a = self.arena.as_ref().expect("arena");
+        let c = *self.model.config();
+        let p = c.patch;
+        // Encoder: conv1, conv2 (+ pool) per level; level 5 writes h.
+        let mut input = ConvIn::Patches(a.at(a.input));
+        for (k, [c1, c2]) in self.w.enc.iter().enumerate() {
+            let r = p >> k;
+            let [t1, t2, pooled] = a.enc[k];
+            self.conv(c1, input, a.at(t1), None, m, r, mode)?;
+            let pool = (k < 4).then(|| a.at(pooled));
+            self.conv(c2, ConvIn::Plain(a.at(t1)), a.at(t2), pool, m, r, mode)?;
+            input = ConvIn::Plain(a.at(pooled));
+        }
+        // Decoder dec5..dec2: up_conv on the upsampled input, conv1 on [u, skip], conv2.
+        let mut low = a.at(a.enc[4][1]);
+        for (i, [up, c1, c2]) in self.w.dec.iter().enumerate() {
+            let r = p >> (3 - i);
+            let skip = a.at(a.enc[3 - i][1]);
+            let [u, t1, t2] = a.dec[i];
+            self.conv(up, ConvIn::Upsample(low), a.at(u), None, m, r, mode)?;
+            self.conv(
+                c1,
+                ConvIn::Concat(a.at(u), skip),
+                a.at(t1),
+                None,
+                m,
+                r,
+                mode,
+            )?;
+            self.conv(c2, ConvIn::Plain(a.at(t1)), a.at(t2), None, m, r, mode)?;
+            low = a.at(t2);
+        }
+        let wp = pad8(c.enc_width);
+        let (logits, labels) = match heads {
+            Heads::All => (a.at(a.seg_logits), 0),
+            Heads::Labels => (0, a.at(a.labels)),
+        };
+        seg_head(
+            &self.dev,
+            &SegHeadParams {
+                x: low,
+                w: self.wp(self.w.seg.w),
+                bias: self.wp(self.w.seg.b),
+                logits,
+                labels,
+                n: m as i32,
+                hw: (p * p) as i32,
+                c: wp as i32,
+                c_real: c.enc_width as i32,
+                classes: c.seg_classes as i32,
+                pad_: 0,
+            },
+        )?;
+        self.mark("seg_head")?;
+        if heads == Heads::Labels {
+            return Ok(());
+        }
+        // MIL head: concept scores pooled per patch, proj (+BN) + ReLU, image-level concepts
+        // pooled per bag, proj + ReLU, classifier.
+        let gcp = match c.gcp {
+            GcpMode::MaxMinusMean => 0,
+            GcpMode::Max => 1,
+            GcpMode::Mean => 2,
+        };
+        let (k1, k2) = (c.emb_concepts as i32, c.img_concepts as i32);
+        let r5 = p / 16;
+        mil_concepts_gcp(
+            &self.dev,
+            &ConceptsGcpParams {
+                x: a.at(a.enc[4][1]),
+                wt: self.wp(self.w.concepts_t.w),
+                bias: self.wp(self.w.concepts_t.b),
+                z: a.at(a.mil_z),
+                m: m as i32,
+                inst: (r5 * r5) as i32,
+                c: pad8(c.bottleneck_width) as i32,
+                c_real: c.bottleneck_width as i32,
+                k: k1,
+                gcp,
+            },
+        )?;
+        let lin = |l: &Linear, x: usize, y: usize, rows: usize, fin: i32, fout: i32, act: i32| {
+            linear_f32(
+                &self.dev,
+                &LinearParams {
+                    x: a.at(x),
+                    w: self.wp(l.w),
+                    bias: self.wp(l.b),
+                    y: a.at(y),
+                    rows: rows as i32,
+                    fin,
+                    fout,
+                    act,
+                },
+            )
+        };
+        match mode {
+            Mode::Eval => lin(&self.w.emb_proj_eval, a.mil_z, a.mil_e, m, k1, k1, 1)?,
+            Mode::Train => {
+                lin(&self.w.emb_proj, a.mil_z, a.mil_pre, m, k1, k1, 0)?;
+                let [g, b, rm, rv] = self.w.emb_bn;
+                bn1d_train_relu(
+                    &self.dev,
+                    &Bn1dTrainParams {
+                        x: a.at(a.mil_pre),
+                        gamma: self.wp(g),
+                        beta: self.wp(b),
+                        running_mean: self.wp(rm),
+                        running_var: self.wp(rv),
+                        y: a.at(a.mil_e),
+                        rows: m as i32,
+                        c: k1,
+                        momentum: BN_MOMENTUM,
+                        eps: BN_EPS,
+                    },
+                )?;
+            }
+        }
+        lin(&self.w.img_concepts, a.mil_e, a.mil_t, m, k1, k2, 0)?;
+        gcp_bags(
+            &self.dev,
+            &GcpBagsParams {
+                t: a.at(a.mil_t),
+                bag_start: a.at(a.bag_start),
+                g: a.at(a.mil_g),
+                bags: bags as i32,
+                k: k2,
+                gcp,
+                pad_: 0,
+            },
+        )?;
+        lin(&self.w.img_proj, a.mil_g, a.mil_v, bags, k2, k2, 1)?;
+        lin(
+            &self.w.classifier,
+            a.mil_v,
+            a.cls,
+            bags,
+            k2,
+            c.cls_classes as i32,
+            0,
+        )?;
+        self.mark("mil_head")
+    }
+
+    fn read_outputs(&self, m: usize, bags: usize) -> Result<Outputs> {
+        let a = self.arena.as_ref().expect("arena");
+        let c = self.model.config();
+        let mut out = Outputs {
+            seg_logits: vec![0f32; m * c.seg_classes * c.patch * c.patch],
+            cls_logits: vec![0f32; bags * c.cls_classes],
+        };
+        self.dev
+            .download(a.base.offset(a.seg_logits), &mut out.seg_logits)?;
+        self.dev
+            .download(a.base.offset(a.cls), &mut out.cls_logits)?;
+        Ok(out)
+    }
+
+    /// Copies the device's running statistics back into the host model after a train pass.
+    fn read_running_stats(&mut self) -> Result<()> {
+        let mut layers: Vec<(usize, usize, usize, usize)> = vec![];
+        for l in self
+            .w
+            .enc
+            .iter()
+            .flatten()
+            .chain(self.w.dec.iter().flatten())
+        {
+            layers.push((l.running_mean, l.running_var, l.bn_buffer, l.cout));
+        }
+        let [_, _, rm, rv] = self.w.emb_bn;
+        layers.push((
+            rm,
+            rv,
+            self.w.emb_bn_buffer,
+            self.model.config().emb_concepts,
+        ));
+        for (rm, rv, off, c) in layers {
+            let (mut mean, mut var) = (vec![0f32; c], vec![0f32; c]);
+            self.dev.download(self.wbase.offset(rm), &mut mean)?;
+            self.dev.download(self.wbase.offset(rv), &mut var)?;
+            self.model.buffers[off..off + c].copy_from_slice(&mean);
+            self.model.buffers[off + c..off + 2 * c].copy_from_slice(&var);
+        }
+        self.model.batches_tracked.iter_mut().for_each(|n| *n += 1);
+        self.stale_eval = true;
+        Ok(())
+    }
+}
+
+impl InferenceEngine for CudaEngine {
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn describe(&self) -> String {
+        self.dev.describe()
+    }
+
+    fn forward_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Outputs> {
+        let m = self.check_input(patches, Some(bag_sizes))?;
+        if self.stale_eval {
+            self.refresh_weights()?;
+        }
+        self.prepare(patches, Some(bag_sizes), m)?;
+        self.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
+        self.read_outputs(m, bag_sizes.len())
+    }
+
+    fn segment(&mut self, patches: &[f32]) -> Result<Vec<u8>> {
+        let m = self.check_input(patches, None)?;
+        if self.stale_eval {
+            self.refresh_weights()?;
+        }
+        self.prepare(patches, None, m)?;
+        self.run(Mode::Eval, Heads::Labels, m, 0)?;
+        let a = self.arena.as_ref().expect("arena");
+        let p = self.model.config().patch;
+        let mut labels = vec![0u8; m * p * p];
+        self.dev.download(a.base.offset(a.labels), &mut labels)?;
+        Ok(labels)
+    }
+}

@@ -1,0 +1,546 @@
+//! The CUDA engine's whole forward pass (eval and train-mode BatchNorm) under the emulator
+//! (or a GPU with M2UNET_TEST_DEVICE=cuda) against a plain f32 NCHW forward of model.md
+//! written here from naive loops: relative L2 error of every output ≤ 1e-2.
+
+mod cuda_common;
+
+use cuda_common::*;
+use m2unet::config::{GcpMode, ModelConfig, BN_EPS, BN_MOMENTUM};
+use m2unet::cuda::{CudaEngine, DeviceKind};
+use m2unet::engine::InferenceEngine;
+use m2unet::model::Model;
+use rand::Rng;
+
+/// A model with random BatchNorm affine parameters and running statistics (so eval-mode BN
+/// is far from the identity). The BN shifts are positive: with zero-centred shifts a freshly
+/// initialised BN-ReLU stack amplifies any perturbation ~1.15× per layer in train mode (the f32
+/// reference itself moves by ~1e-2 for 5e-4 input noise), which would measure the network's
+/// conditioning rather than the engine's fp16 error.
+fn random_model(c: ModelConfig, seed: u64) -> Model {
+    let mut m = Model::init(c, seed);
+    let mut r = rng(seed + 100);
+    for bn in m.table.bns.clone() {
+        let g = m.table.range(&format!("{}.weight", bn.module));
+        let b = m.table.range(&format!("{}.bias", bn.module));
+        m.params[g]
+            .iter_mut()
+            .for_each(|v| *v = r.gen_range(0.6..1.4));
+        m.params[b]
+            .iter_mut()
+            .for_each(|v| *v = r.gen_range(0.3..0.8));
+        m.buffers[bn.mean_range()]
+            .iter_mut()
+            .for_each(|v| *v = r.gen_range(-0.1..0.1));
+        m.buffers[bn.var_range()]
+            .iter_mut()
+            .for_each(|v| *v = r.gen_range(0.5..1.5));
+    }
+    m
+}
+
+/// The reference: f32 NCHW, straight from docs/model.md.
+struct Reference<'a> {
+    m: &'a mut Model,
+    train: bool,
+}
+
+impl Reference<'_> {
+    /// BatchNorm (running or batch statistics) + ReLU over NCHW [n, c, hw].
+    fn bn_relu(&mut self, x: &mut [f32], module: &str, n: usize, c: usize, hw: usize) {
+        let gamma = self.m.param(&format!("{module}.weight")).to_vec();
+        let beta = self.m.param(&format!("{module}.bias")).to_vec();
+        let e = self.m.table.bn(module).clone();
+        for ch in 0..c {
+            let vals = || (0..n).flat_map(move |i| (0..hw).map(move |p| (i * c + ch) * hw + p));
+            let (mean, var) = if self.train {
+                let cnt = (n * hw) as f64;
+                let mean = vals().map(|j| x[j] as f64).sum::<f64>() / cnt;
+                let var = vals().map(|j| (x[j] as f64 - mean).powi(2)).sum::<f64>() / cnt;
+                let mom = BN_MOMENTUM as f64;
+                let rm = &mut self.m.buffers[e.mean_range()][ch];
+                *rm = ((1.0 - mom) * *rm as f64 + mom * mean) as f32;
+                let rv = &mut self.m.buffers[e.var_range()][ch];
+                *rv = ((1.0 - mom) * *rv as f64 + mom * var * cnt / (cnt - 1.0)) as f32;
+                (mean, var)
+            } else {
+                (
+                    self.m.buffers[e.mean_range()][ch] as f64,
+                    self.m.buffers[e.var_range()][ch] as f64,
+                )
+            };
+            let s = gamma[ch] as f64 / (var + BN_EPS as f64).sqrt();
+            for j in vals() {
+                x[j] = (((x[j] as f64 - mean) * s + beta[ch] as f64).max(0.0)) as f32;
+            }
+        }
+    }
+
+    fn conv_bn_relu(
+        &mut self,
+        x: &[f32],
+        conv: &str,
+        bn: &str,
+        n: usize,
+        cin: usize,
+        h: usize,
+    ) -> Vec<f32> {
+        let w = self.m.param(&format!("{conv}.weight")).to_vec();
+        let b = self.m.param(&format!("{conv}.bias")).to_vec();
+        let cout = b.len();
+        let mut y = ref_conv3x3(x, &w, &b, n, cin, cout, h, h);
+        self.bn_relu(&mut y, bn, n, cout, h * h);
+        y
+    }
+
+    fn linear(&self, x: &[f32], module: &str, rows: usize) -> Vec<f32> {
+        let w = self.m.param(&format!("{module}.weight"));
+        let b = self.m.param(&format!("{module}.bias"));
+        let (fout, fin) = (b.len(), w.len() / b.len());
+        (0..rows * fout)
+            .map(|u| {
+                b[u % fout]
+                    + (0..fin)
+                        .map(|i| x[u / fout * fin + i] * w[u % fout * fin + i])
+                        .sum::<f32>()
+            })
+            .collect()
+    }
+
+    fn gcp(v: impl Iterator<Item = f32> + Clone, mode: GcpMode) -> f32 {
+        let n = v.clone().count() as f32;
+        let mx = v.clone().fold(f32::NEG_INFINITY, f32::max);
+        let mean = v.sum::<f32>() / n;
+        match mode {
+            GcpMode::MaxMinusMean => mx - mean,
+            GcpMode::Max => mx,
+            GcpMode::Mean => mean,
+        }
+    }
+
+    /// Returns (seg logits [m, classes, P, P], cls logits [bags, classes]).
+    fn forward(&mut self, x: &[f32], bags: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let c = *self.m.config();
+        let (n, p, w, b) = (
+            bags.iter().sum::<usize>(),
+            c.patch,
+            c.enc_width,
+            c.bottleneck_width,
+        );
+        let mut skips = vec![];
+        let mut cur = x.to_vec();
+        let mut cin = c.in_channels;
+        for k in 1..=5 {
+            let r = p >> (k - 1);
+            let t = self.conv_bn_relu(
+                &cur,
+                &format!("enc{k}.conv1"),
+                &format!("enc{k}.bn1"),
+                n,
+                cin,
+                r,
+            );
+            let cout = if k == 5 { b } else { w };
+            let s = self.conv_bn_relu(
+                &t,
+                &format!("enc{k}.conv2"),
+                &format!("enc{k}.bn2"),
+                n,
+                cout,
+                r,
+            );
+            if k < 5 {
+                cur = ref_maxpool(&s, n * cout, r, r);
+            }
+            cin = cout;
+            skips.push(s);
+        }
+        let h = skips.pop().unwrap();
+        let mut low = h.clone();
+        let mut lowc = b;
+        for k in (2..=5).rev() {
+            let r = p >> (k - 2);
+            let up = ref_upsample2x(&low, n * lowc, r / 2, r / 2);
+            let u = self.conv_bn_relu(
+                &up,
+                &format!("dec{k}.up_conv"),
+                &format!("dec{k}.up_bn"),
+                n,
+                lowc,
+                r,
+            );
+            let s = skips.pop().unwrap();
+            let mut cat = vec![0f32; n * 2 * w * r * r];
+            for i in 0..n {
+                let len = w * r * r;
+                cat[i * 2 * len..][..len].copy_from_slice(&u[i * len..(i + 1) * len]);
+                cat[i * 2 * len + len..][..len].copy_from_slice(&s[i * len..(i + 1) * len]);
+            }
+            let t = self.conv_bn_relu(
+                &cat,
+                &format!("dec{k}.conv1"),
+                &format!("dec{k}.bn1"),
+                n,
+                2 * w,
+                r,
+            );
+            low = self.conv_bn_relu(
+                &t,
+                &format!("dec{k}.conv2"),
+                &format!("dec{k}.bn2"),
+                n,
+                w,
+                r,
+            );
+            lowc = w;
+        }
+        let sw = self.m.param("seg_head.weight");
+        let sb = self.m.param("seg_head.bias");
+        let classes = c.seg_classes;
+        let mut seg = vec![0f32; n * classes * p * p];
+        for i in 0..n {
+            for k in 0..classes {
+                for px in 0..p * p {
+                    seg[(i * classes + k) * p * p + px] = sb[k]
+                        + (0..w)
+                            .map(|ch| low[(i * w + ch) * p * p + px] * sw[k * w + ch])
+                            .sum::<f32>();
+                }
+            }
+        }
+        // MIL head.
+        let inst = (p / 16) * (p / 16);
+        let (k1, k2) = (c.emb_concepts, c.img_concepts);
+        let cw = self.m.param("mil_emb.concepts.weight");
+        let cb = self.m.param("mil_emb.concepts.bias");
+        let mut z = vec![0f32; n * k1];
+        for i in 0..n {
+            for k in 0..k1 {
+                let scores: Vec<f32> = (0..inst)
+                    .map(|j| {
+                        cb[k]
+                            + (0..b)
+                                .map(|ch| cw[k * b + ch] * h[(i * b + ch) * inst + j])
+                                .sum::<f32>()
+                    })
+                    .collect();
+                z[i * k1 + k] = Self::gcp(scores.iter().cloned(), c.gcp);
+            }
+        }
+        let mut e = self.linear(&z, "mil_emb.proj", n);
+        // BatchNorm1d over the patches: the same routine with hw = 1.
+        self.bn_relu(&mut e, "mil_emb.bn", n, k1, 1);
+        let t = self.linear(&e, "mil_img.concepts", n);
+        let mut g = vec![];
+        let mut r0 = 0;
+        for &bs in bags {
+            for k in 0..k2 {
+                g.push(Self::gcp((r0..r0 + bs).map(|r| t[r * k2 + k]), c.gcp));
+            }
+            r0 += bs;
+        }
+        let mut v = self.linear(&g, "mil_img.proj", bags.len());
+        relu(&mut v);
+        let cls = self.linear(&v, "classifier", bags.len());
+        (seg, cls)
+    }
+}
+
+/// The bn_relu above sees BatchNorm1d input [n, c] as NCHW with hw = 1: the layouts agree.
+fn rel_l2(reference: &[f32], got: &[f32]) -> f64 {
+    nerr(reference, got).sqrt()
+}
+
+fn check_forward(c: ModelConfig, bags: &[usize], train: bool, seed: u64) {
+    let model = random_model(c, seed);
+    let m: usize = bags.iter().sum();
+    let mut r = rng(seed + 1);
+    let x = uniform(&mut r, m * c.in_channels * c.patch * c.patch, 0.0, 1.0);
+    let kind = match std::env::var("M2UNET_TEST_DEVICE").as_deref() {
+        Ok("cuda") => DeviceKind::Gpu,
+        _ => DeviceKind::Emu,
+    };
+    let mut engine = CudaEngine::new(&model, kind).unwrap();
+    let t = std::time::Instant::now();
+    let out = if train {
+        engine.forward_train(&x, bags).unwrap()
+    } else {
+        engine.forward_eval(&x, bags).unwrap()
+    };
+    let secs = t.elapsed().as_secs_f64();
+    let mut ref_model = model.clone();
+    let (seg, cls) = Reference {
+        m: &mut ref_model,
+        train,
+    }
+    .forward(&x, bags);
+    let es = rel_l2(&seg, &out.seg_logits);
+    let ec = rel_l2(&cls, &out.cls_logits);
+    let mode = if train { "train" } else { "eval" };
+    println!(
+        "{} P={} W={} B={} bags {bags:?} {mode}: rel L2 seg logits {es:.3e}, cls logits {ec:.3e} (threshold 1e-2); {secs:.2} s on {}",
+        if c == ModelConfig::tiny() { "tiny" } else { "mid" },
+        c.patch,
+        c.enc_width,
+        c.bottleneck_width,
+        engine.describe()
+    );
+    assert!(es <= 1e-2 && ec <= 1e-2);
+    if train {
+        let er = rel_l2(&ref_model.buffers, &engine.model().buffers);
+        println!("  running statistics after the train pass: rel L2 {er:.3e} (threshold 1e-3)");
+        assert!(er <= 1e-3);
+        assert!(engine.model().batches_tracked.iter().all(|&b| b == 1));
+    }
+}
+
+fn mid() -> ModelConfig {
+    // Channels that are not multiples of 8 (padding), a patch side that is not a power of two.
+    ModelConfig {
+        patch: 48,
+        enc_width: 12,
+        bottleneck_width: 20,
+        emb_concepts: 12,
+        img_concepts: 6,
+        gcp: GcpMode::MaxMinusMean,
+        ..ModelConfig::tiny()
+    }
+}
+
+#[test]
+fn forward_eval_tiny() {
+    check_forward(ModelConfig::tiny(), &[2, 2], false, 21);
+}
+
+#[test]
+fn forward_train_tiny() {
+    check_forward(ModelConfig::tiny(), &[2, 2], true, 22);
+}
+
+#[test]
+fn forward_eval_mid() {
+    check_forward(mid(), &[2, 3], false, 23);
+}
+
+#[test]
+fn forward_train_mid() {
+    check_forward(mid(), &[3, 2], true, 24);
+}
+
+#[test]
+fn segment_labels_match_eval_logits() {
+    // `segment` (seg head writing argmax labels) against the argmax of forward_eval's logits.
+    let c = ModelConfig::tiny();
+    let model = random_model(c, 25);
+    let mut r = rng(26);
+    let x = uniform(&mut r, 2 * c.patch * c.patch, 0.0, 1.0);
+    let mut engine = CudaEngine::new(&model, DeviceKind::Emu).unwrap();
+    let labels = engine.segment(&x).unwrap();
+    let out = engine.forward_eval(&x, &[2]).unwrap();
+    let pp = c.patch * c.patch;
+    let mut mism = 0;
+    for i in 0..2 {
+        for px in 0..pp {
+            let l = |k: usize| out.seg_logits[(i * c.seg_classes + k) * pp + px];
+            let best = (0..c.seg_classes).fold(0, |b, k| if l(k) > l(b) { k } else { b });
+            mism += (best != labels[i * pp + px] as usize) as usize;
+        }
+    }
+    println!(
+        "segment vs argmax(forward_eval): {mism} mismatches of {}",
+        labels.len()
+    );
+    assert_eq!(mism, 0);
+}
+
+#[test]
+fn bad_bags_are_errors() {
+    let c = ModelConfig::tiny();
+    let mut engine = CudaEngine::new(&Model::init(c, 1), DeviceKind::Emu).unwrap();
+    let x = vec![0.5f32; 3 * c.patch * c.patch];
+    let e1 = engine.forward_eval(&x, &[1, 2]).unwrap_err().to_string();
+    let e2 = engine.forward_eval(&x, &[2, 2]).unwrap_err().to_string();
+    let e3 = engine.forward_eval(&x[1..], &[3]).unwrap_err().to_string();
+    println!("errors: {e1} | {e2} | {e3}");
+    assert!(e1.contains("at least 2") && e2.contains("M = 4") && e3.contains("M = 3"));
+}
+
+#[test]
+fn profile_lists_every_stage() {
+    // One entry per conv of model.md (enc1–5: 2 each, dec5–2: 3 each), the seg head, the MIL
+    // head, in network order, each a non-negative time.
+    let c = ModelConfig::tiny();
+    let mut engine = CudaEngine::new(&Model::init(c, 3), DeviceKind::Emu).unwrap();
+    let x = vec![0.25f32; 2 * c.patch * c.patch];
+    let stages = engine.profile_forward_eval(&x, &[2]).unwrap();
+    let mut want = vec![];
+    for k in 1..=5 {
+        want.push(format!("enc{k}.conv1"));
+        want.push(format!("enc{k}.conv2"));
+    }
+    for k in (2..=5).rev() {
+        for l in ["up_conv", "conv1", "conv2"] {
+            want.push(format!("dec{k}.{l}"));
+        }
+    }
+    want.push("seg_head".into());
+    want.push("mil_head".into());
+    let names: Vec<&str> = stages.iter().map(|(s, _)| s.as_str()).collect();
+    let total: f32 = stages.iter().map(|(_, ms)| ms).sum();
+    println!(
+        "profile: {} stages, {total:.1} ms in all on the emulator",
+        stages.len()
+    );
+    assert_eq!(names, want.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(stages.iter().all(|(_, ms)| *ms >= 0.0));
+}
+
+/// The CUDA engine (emulator, or GPU with M2UNET_TEST_DEVICE=cuda) against the CPU engine's
+/// `run_step` in eval and train mode: outputs and, in train mode, the updated running stats.
+fn check_vs_cpu_engine(c: ModelConfig, bags: &[usize], seed: u64) {
+    use m2unet::config::TrainConfig;
+    use m2unet::cpu::{run_step, Batch, Mode};
+    let model = random_model(c, seed);
+    let m: usize = bags.iter().sum();
+    let mut r = rng(seed + 1);
+    let x = uniform(&mut r, m * c.in_channels * c.patch * c.patch, 0.0, 1.0);
+    let kind = match std::env::var("M2UNET_TEST_DEVICE").as_deref() {
+        Ok("cuda") => DeviceKind::Gpu,
+        _ => DeviceKind::Emu,
+    };
+    let batch = Batch {
+        patches: &x,
+        patch: c.patch,
+        bag_sizes: bags,
+        seg_labels: None,
+        cls_labels: None,
+    };
+    for (mode, train) in [(Mode::Eval, false), (Mode::Train, true)] {
+        let mut cpu_model = model.clone();
+        let cpu = run_step(&mut cpu_model, &batch, mode, &TrainConfig::default())
+            .unwrap()
+            .outputs;
+        let mut engine = CudaEngine::new(&model, kind).unwrap();
+        let out = if train {
+            engine.forward_train(&x, bags).unwrap()
+        } else {
+            engine.forward_eval(&x, bags).unwrap()
+        };
+        let es = rel_l2(&cpu.seg_logits, &out.seg_logits);
+        let ec = rel_l2(&cpu.cls_logits, &out.cls_logits);
+        let er = rel_l2(&cpu_model.buffers, &engine.model().buffers);
+        println!(
+            "CUDA ({}) vs CPU engine, P={} W={} B={} bags {bags:?} {}: rel L2 seg {es:.3e}, cls {ec:.3e}, running stats {er:.3e} (thresholds 1e-2, 1e-2, 1e-3)",
+            engine.describe(),
+            c.patch,
+            c.enc_width,
+            c.bottleneck_width,
+            if train { "train" } else { "eval" }
+        );
+        assert!(es <= 1e-2 && ec <= 1e-2 && er <= 1e-3);
+    }
+}
+
+#[test]
+fn cuda_vs_cpu_engine_tiny() {
+    check_vs_cpu_engine(ModelConfig::tiny(), &[2, 3], 31);
+}
+
+#[test]
+fn cuda_vs_cpu_engine_mid() {
+    check_vs_cpu_engine(mid(), &[2, 2], 32);
+}
+
+#[test]
+fn cli_forward_emu_matches_pytorch_fixtures() {
+    // `m2unet forward --device emu` on the PyTorch fixtures (tools/torch_reference.py, float64)
+    // with PyTorch's default initialisation. Eval outputs and train-mode BN buffers: ≤ 1e-2 and
+    // ≤ 1e-3. Train-mode logits of a freshly initialised BN network amplify rounding ~1.15× per
+    // layer, so their bound is max(1e-2, 4·s), s = how far the f32 CPU engine's train outputs
+    // move when the input is perturbed by one fp16 rounding (relative noise 2^-11).
+    use m2unet::config::TrainConfig;
+    use m2unet::cpu::{run_step, Batch, Mode};
+    use m2unet::io::weights::{load_model, TensorFile};
+    use std::path::Path;
+    let fx = |n: &str| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(n)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut input = TensorFile::read(&fx("tiny_input.safetensors")).unwrap();
+    input
+        .tensors
+        .retain(|k, _| k == "patches" || k == "bag_sizes");
+    let inp = dir.path().join("x.safetensors");
+    input.write(&inp).unwrap();
+    // The conditioning of the train-mode forward at this point.
+    let (pshape, patches) = input.f32("patches").unwrap();
+    let bags: Vec<usize> = input
+        .i64("bag_sizes")
+        .unwrap()
+        .1
+        .iter()
+        .map(|&b| b as usize)
+        .collect();
+    let mut r = rng(41);
+    let noisy: Vec<f32> = patches
+        .iter()
+        .map(|v| v * (1.0 + r.gen_range(-1.0f32..1.0) / 2048.0))
+        .collect();
+    let model = load_model(&fx("tiny_weights.safetensors")).unwrap();
+    let train = |x: &[f32]| {
+        let b = Batch {
+            patches: x,
+            patch: pshape[2],
+            bag_sizes: &bags,
+            seg_labels: None,
+            cls_labels: None,
+        };
+        run_step(&mut model.clone(), &b, Mode::Train, &TrainConfig::default())
+            .unwrap()
+            .outputs
+    };
+    let (clean, moved) = (train(patches), train(&noisy));
+    let s = rel_l2(&clean.seg_logits, &moved.seg_logits)
+        .max(rel_l2(&clean.cls_logits, &moved.cls_logits));
+    let train_bound = (4.0 * s).max(1e-2);
+    println!("train-mode sensitivity to one fp16 rounding of the input: {s:.3e} → logits bound {train_bound:.3e}");
+    for (mode, fixture) in [
+        ("eval", "tiny_eval.safetensors"),
+        ("train", "tiny_train.safetensors"),
+    ] {
+        let out = dir.path().join(format!("y_{mode}.safetensors"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_m2unet"))
+            .args(["forward", "--device", "emu", "--mode", mode, "--weights"])
+            .arg(fx("tiny_weights.safetensors"))
+            .arg("--input")
+            .arg(&inp)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = TensorFile::read(&out).unwrap();
+        let want = TensorFile::read(&fx(fixture)).unwrap();
+        assert!(got.tensors.contains_key("seg_logits") && got.tensors.contains_key("cls_logits"));
+        let mut buffers = 0f64;
+        for k in got.tensors.keys() {
+            let Ok((_, g)) = got.f32(k) else { continue };
+            let e = rel_l2(want.f32(k).unwrap().1, g);
+            if k.ends_with("_logits") {
+                let bound = if mode == "train" { train_bound } else { 1e-2 };
+                println!("CLI forward --device emu --mode {mode}: {k} rel L2 vs PyTorch {e:.3e} (bound {bound:.1e})");
+                assert!(e <= bound, "{k}");
+            } else {
+                buffers = buffers.max(e);
+            }
+        }
+        if mode == "train" {
+            println!(
+                "  {} BN buffers: worst rel L2 {buffers:.3e} (bound 1e-3)",
+                got.tensors.len() - 2
+            );
+            assert!(buffers <= 1e-3);
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! GPU-only timings (skipped, saying why, without a GPU): eval forward of the paper preset at
+//! 8, 32 and 128 patches and the implicit-GEMM conv alone, timed with CUDA events. Each
+//! result is checked for finite outputs and printed as a `PERF` line that tools/gpu_check.sh
+//! reads, with a per-stage profile (PROFILE lines). Set M2UNET_PERF_PATCHES (e.g. "8,32") to choose the batch sizes.
+
+mod cuda_common;
+
+use m2unet::config::ModelConfig;
+use m2unet::cuda::kernels::{conv3x3, ConvParams};
+use m2unet::cuda::{CudaEngine, Device, DeviceKind};
+use m2unet::engine::InferenceEngine;
+use m2unet::model::{forward_flops_per_patch, Model};
+
+fn gpu_or_skip(what: &str) -> bool {
+    match Device::new(DeviceKind::Gpu) {
+        Ok(d) => {
+            println!("{what}: {}", d.describe());
+            print!("{}", m2unet::cuda::describe_devices());
+            true
+        }
+        Err(e) => {
+            println!("{what}: skipped, no usable GPU ({e})");
+            false
+        }
+    }
+}
+
+#[test]
+fn gpu_forward_eval_paper_timing() {
+    if !gpu_or_skip("gpu_forward_eval_paper_timing") {
+        return;
+    }
+    let c = ModelConfig::paper();
+    let model = Model::init(c, 1);
+    let sizes: Vec<usize> = std::env::var("M2UNET_PERF_PATCHES")
+        .unwrap_or_else(|_| "8,32,128".into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("M2UNET_PERF_PATCHES: comma-separated patch counts")
+        })
+        .collect();
+    let mut engine = CudaEngine::new(&model, DeviceKind::Gpu).unwrap();
+    for m in sizes {
+        let mut r = cuda_common::rng(m as u64);
+        let x = cuda_common::uniform(&mut r, m * c.patch * c.patch, 0.0, 1.0);
+        let bags = vec![8; m / 8];
+        let out = engine.forward_eval(&x, &bags).unwrap();
+        let bad = out
+            .seg_logits
+            .iter()
+            .chain(&out.cls_logits)
+            .filter(|v| !v.is_finite())
+            .count();
+        assert_eq!(bad, 0, "non-finite outputs at M={m}");
+        let iters = if m >= 128 { 5 } else { 10 };
+        let ms = engine.time_forward_eval(&x, &bags, iters).unwrap();
+        let gflop = forward_flops_per_patch(&c) * m as f64 / 1e9;
+        println!(
+            "PERF forward m={m} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
+            gflop / ms as f64
+        );
+        assert!(ms > 0.0);
+        let stages = engine.profile_forward_eval(&x, &bags).unwrap();
+        for (stage, sms) in &stages {
+            println!("PROFILE m={m} stage={stage} ms={sms:.4}");
+        }
+    }
+}
+
+#[test]
+fn gpu_conv3x3_igemm_timing() {
+    if !gpu_or_skip("gpu_conv3x3_igemm_timing") {
+        return;
+    }
+    let mut dev = Device::new(DeviceKind::Gpu).unwrap();
+    // dec2.conv1 of the paper network for 8 patches: 256×256, [u, skip] 128 → 64 channels.
+    for (name, n, h, cin1, cin2, cout) in [
+        ("dec2.conv1", 8, 256, 64, 64, 64),
+        ("enc5.conv2", 128, 16, 512, 0, 512),
+    ] {
+        let m = n * h * h;
+        let x = dev.alloc(m * cin1 * 2).unwrap();
+        let x2 = dev.alloc(m * cin2.max(8) * 2).unwrap();
+        let wt = dev.alloc(cout * 9 * (cin1 + cin2) * 2).unwrap();
+        let bias = dev.alloc(cout * 4).unwrap();
+        let y = dev.alloc(m * cout * 2).unwrap();
+        let p = ConvParams {
+            x: x.0,
+            x2: x2.0,
+            wt: wt.0,
+            bias: bias.0,
+            y: y.0,
+            n: n as i32,
+            h: h as i32,
+            w: h as i32,
+            cin1: cin1 as i32,
+            cin2: cin2 as i32,
+            cout: cout as i32,
+            relu: 1,
+            quad: 1,
+            ..Default::default()
+        };
+        conv3x3(&dev, &p, false).unwrap();
+        let iters = 20;
+        let ms = dev
+            .time_ms(|| {
+                for _ in 0..iters {
+                    conv3x3(&dev, &p, false)?;
+                }
+                Ok(())
+            })
+            .unwrap()
+            / iters as f32;
+        let gflop = 2.0 * (m * cout * 9 * (cin1 + cin2)) as f64 / 1e9;
+        println!(
+            "PERF conv {name} m={m} k={} n={cout} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
+            9 * (cin1 + cin2),
+            gflop / ms as f64
+        );
+        assert!(ms > 0.0);
+    }
+}
