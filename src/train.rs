@@ -77,7 +77,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Continue the run in --out from last.safetensors with its stored settings (only
-    /// --epochs and --max-steps apply).
+    /// --epochs, which also sets the end of a cosine schedule, and --max-steps apply).
     #[arg(long)]
     pub resume: bool,
     /// Start from these weights instead of a fresh initialisation (their widths win over
@@ -122,7 +122,8 @@ pub struct RunSettings {
     pub data: PathBuf,
     pub lr: f32,
     pub schedule: Schedule,
-    /// Steps over which the schedule runs (the first call's --epochs × steps per epoch).
+    /// Steps over which the schedule runs: --epochs × steps per epoch (a resume with another
+    /// --epochs re-targets the schedule's end from there on).
     pub schedule_steps: u64,
     pub bags_per_step: usize,
     pub bag_size: usize,
@@ -435,7 +436,7 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
     let steps_csv = out.join("steps.csv");
     let metrics_csv = out.join("metrics.csv");
 
-    let (mut trainer, mut state, run) = if args.resume {
+    let (mut trainer, mut state, mut run) = if args.resume {
         if !last_path.exists() {
             bail!(
                 "--resume: {} does not exist (nothing to resume in {})",
@@ -488,13 +489,11 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
             weight_decay: args.weight_decay,
             ..TrainConfig::default()
         };
-        let entries = read_checked_manifest(&data)?;
-        let (train, _) = split_by_case(&entries, args.val_fraction, args.seed);
         let run = RunSettings {
             data,
             lr: args.lr,
             schedule: args.schedule,
-            schedule_steps: train.len().div_ceil(args.bags_per_step) as u64 * args.epochs,
+            schedule_steps: 0,
             bags_per_step: args.bags_per_step,
             bag_size: args.bag_size,
             val_fraction: args.val_fraction,
@@ -510,7 +509,6 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
         };
         (Trainer::new(model, config), state, run)
     };
-    let run_json = serde_json::to_string(&run)?;
     let cfg = *trainer.model.config();
     let entries = read_checked_manifest(&run.data)?;
     let (train, val) = split_by_case(&entries, run.val_fraction, state.seed);
@@ -539,6 +537,8 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
     }
 
     let per_epoch = train.len().div_ceil(run.bags_per_step) as u64;
+    run.schedule_steps = per_epoch * args.epochs;
+    let run_json = serde_json::to_string(&run)?;
     let total_steps = match args.max_steps {
         Some(m) => m.min(per_epoch * args.epochs),
         None => per_epoch * args.epochs,

@@ -1268,7 +1268,8 @@ pub fn linear_forward(
         return;
     }
     if fin == 0 {
-        y.chunks_exact_mut(fout).for_each(|row| row.copy_from_slice(b));
+        y.chunks_exact_mut(fout)
+            .for_each(|row| row.copy_from_slice(b));
         return;
     }
     y.par_chunks_mut(LINEAR_ROWS * fout)
