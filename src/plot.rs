@@ -162,6 +162,8 @@ fn tick_step(span: f64) -> f64 {
 
 fn tick_label(v: f64, step: f64) -> String {
     let decimals = (-step.log10().floor()).max(0.0) as usize;
+    // A tick at zero reached by accumulating steps may be −tiny; print it as 0.
+    let v = if v.abs() < step * 1e-6 { 0.0 } else { v };
     format!("{v:.decimals$}")
 }
 
