@@ -1,5 +1,5 @@
 //! The `m2unet` command line: info, init, forward (the tensor contract), assess, synth, train,
-//! evaluate and demo.
+//! evaluate, export and demo.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -12,7 +12,7 @@ use m2unet::demo::{run_demo, summary, DemoArgs};
 use m2unet::engine::InferenceEngine;
 use m2unet::io::weights::{load_model, model_tensors, save_model, Tensor, TensorFile, WeightDtype};
 use m2unet::model::{Model, ParamTable};
-use m2unet::train::{run_evaluate, run_train, EvaluateArgs, TrainArgs};
+use m2unet::train::{run_evaluate, run_export, run_train, EvaluateArgs, ExportArgs, TrainArgs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -43,6 +43,8 @@ enum Command {
     Evaluate(EvaluateArgs),
     /// Make one synthetic phantom, assess it with the default weights and print the result.
     Demo(DemoArgs),
+    /// Write a checkpoint's weights without optimiser state (optionally f16).
+    Export(ExportArgs),
 }
 
 #[derive(clap::Args)]
@@ -127,6 +129,7 @@ fn main() -> ExitCode {
         Command::Synth(a) => run_synth(&a).map(|()| true),
         Command::Train(a) => train(&a).map(|()| true),
         Command::Evaluate(a) => run_evaluate(&a).map(|_| true),
+        Command::Export(a) => run_export(&a).map(|()| true),
         Command::Demo(a) => run_demo(&a, make_engine).map(|r| {
             let w = a
                 .weights

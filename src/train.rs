@@ -1,4 +1,4 @@
-//! `m2unet train` and `m2unet evaluate`: bag-wise training of M²UNet on the CPU engine with
+//! `m2unet train`, `evaluate` and `export`: bag-wise training of M²UNet on the CPU engine with
 //! a case-level validation split, per-epoch metrics (CSV and curves), resumable atomic
 //! checkpoints, and evaluation of weights on a manifest.
 
@@ -12,7 +12,7 @@ use crate::data::preprocess::PreprocessConfig;
 use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::io::checkpoint::{load_checkpoint, save_checkpoint, TrainState};
 use crate::io::read_volume;
-use crate::io::weights::load_model;
+use crate::io::weights::{load_model, model_tensors, WeightDtype};
 use crate::metrics::{lobe_dice, EvalMetrics};
 use crate::model::Model;
 use crate::plot::{write_line_charts, Panel, Series};
@@ -809,4 +809,45 @@ pub fn run_evaluate(args: &EvaluateArgs) -> Result<EvalMetrics> {
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(m)
+}
+
+/// Writes the model of a checkpoint (or weights file) as a plain weights file: the state_dict
+/// only, without optimiser state, in f32 or f16.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// Checkpoint or weights file.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Output weights file (safetensors, PyTorch names).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Store tensors as f16.
+    #[arg(long)]
+    pub half: bool,
+    /// A note stored in the file's metadata (key "note").
+    #[arg(long)]
+    pub note: Option<String>,
+}
+
+/// `m2unet export`.
+pub fn run_export(args: &ExportArgs) -> Result<()> {
+    let model = load_model(&args.weights)?;
+    let dtype = if args.half {
+        WeightDtype::F16
+    } else {
+        WeightDtype::F32
+    };
+    let mut file = model_tensors(&model, dtype);
+    if let Some(note) = &args.note {
+        file.metadata.insert("note".into(), note.clone());
+    }
+    file.write(&args.out)?;
+    println!(
+        "wrote {} ({} parameters, patch {}, {})",
+        args.out.display(),
+        model.table.n_params,
+        model.config().patch,
+        if args.half { "f16" } else { "f32" }
+    );
+    Ok(())
 }
