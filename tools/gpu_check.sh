@@ -59,7 +59,9 @@ run() {
   local status=0
   for t in cuda_kernels cuda_forward; do
     say "== $t on the GPU (M2UNET_TEST_DEVICE=cuda)"
-    if M2UNET_TEST_DEVICE=cuda timeout 90 "$bin/$t" --nocapture --test-threads 1 >>"$log" 2>&1; then
+    # The CLI-on-the-emulator test needs the source tree and the m2unet binary: CI runs it.
+    if M2UNET_TEST_DEVICE=cuda timeout 90 "$bin/$t" --nocapture --test-threads 1 \
+      --skip cli_forward_emu_matches_pytorch_fixtures >>"$log" 2>&1; then
       say "$t: passed"
     else
       say "$t: FAILED"

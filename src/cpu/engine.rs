@@ -193,11 +193,11 @@ struct EncBlock {
     argmax: Vec<u8>,
 }
 
-/// One decoder block: upsampled input, up_conv unit, concat with the skip, two units.
+/// One decoder block: upsampled input, up_conv unit, then two units (the first reads the
+/// concat of the up_conv output and the skip).
 struct DecBlock {
     up: Vec<f32>,
     u: Unit,
-    cat: Vec<f32>,
     c1: Unit,
     c2: Unit,
 }
@@ -244,7 +244,7 @@ impl Acts {
         }
         for b in self.dec {
             let units = [b.u, b.c1, b.c2].into_iter().flat_map(Unit::buffers);
-            recycle(units.chain([b.up, b.cat]));
+            recycle(units.chain([b.up]));
         }
         recycle([self.seg_logits]);
     }
@@ -280,7 +280,15 @@ impl Net<'_> {
     }
 
     /// conv3×3 → BN → ReLU. Train: batch statistics, running stats updated. Eval: BN folded.
-    fn unit(&mut self, x: &[f32], xd: Dims, conv_name: &str, bn_name: &str, cout: usize) -> Unit {
+    /// The input is the channel concatenation of `parts` ([n, c_i, h, w] each), never copied.
+    fn unit(
+        &mut self,
+        parts: &[(&[f32], usize)],
+        xd: Dims,
+        conv_name: &str,
+        bn_name: &str,
+        cout: usize,
+    ) -> Unit {
         let (w, b) = (format!("{conv_name}.weight"), format!("{conv_name}.bias"));
         let (gamma, beta) = (format!("{bn_name}.weight"), format!("{bn_name}.bias"));
         let yd = Dims::new(xd.n, cout, xd.h, xd.w);
@@ -299,7 +307,15 @@ impl Net<'_> {
         match self.mode {
             Mode::Train => {
                 let mut z = zeroed(yd.len());
-                conv::conv3x3_forward(x, xd, self.p(&w), self.p(&b), cout, &mut z);
+                conv::conv3x3_forward_concat(
+                    parts,
+                    xd,
+                    self.p(&w),
+                    self.p(&b),
+                    cout,
+                    false,
+                    &mut z,
+                );
                 let (mut mean, mut invstd) = (vec![0f32; cout], vec![0f32; cout]);
                 let bn_idx = self.bn_index(bn_name);
                 let m = &mut *self.model;
@@ -339,7 +355,7 @@ impl Net<'_> {
                     &mut wf,
                     &mut bf,
                 );
-                conv::conv3x3_relu_forward(x, xd, &wf, &bf, cout, &mut y);
+                conv::conv3x3_forward_concat(parts, xd, &wf, &bf, cout, true, &mut y);
             }
         }
         unit.y = y;
@@ -373,14 +389,14 @@ impl Net<'_> {
             };
             let name = format!("enc{}", k + 1);
             let c1 = self.unit(
-                input,
+                &[(input, cin)],
                 xd,
                 &format!("{name}.conv1"),
                 &format!("{name}.bn1"),
                 cout,
             );
             let c2 = self.unit(
-                &c1.y,
+                &[(&c1.y, cout)],
                 c1.yd(),
                 &format!("{name}.conv2"),
                 &format!("{name}.bn2"),
@@ -532,31 +548,28 @@ impl Net<'_> {
             upsample::upsample2x_forward(x, xd, &mut up);
             let name = format!("dec{k}");
             let u = self.unit(
-                &up,
+                &[(&up, upd.c)],
                 upd,
                 &format!("{name}.up_conv"),
                 &format!("{name}.up_bn"),
                 w,
             );
-            let hw = upd.hw();
-            let mut cat = zeroed(2 * u.y.len());
-            tensor::concat_channels(&u.y, w, &skip.y, w, upd.n, hw, &mut cat);
             let catd = Dims::new(upd.n, 2 * w, upd.h, upd.w);
             let c1 = self.unit(
-                &cat,
+                &[(&u.y, w), (&skip.y, w)],
                 catd,
                 &format!("{name}.conv1"),
                 &format!("{name}.bn1"),
                 w,
             );
             let c2 = self.unit(
-                &c1.y,
+                &[(&c1.y, w)],
                 c1.yd(),
                 &format!("{name}.conv2"),
                 &format!("{name}.bn2"),
                 w,
             );
-            blocks.push(DecBlock { up, u, cat, c1, c2 });
+            blocks.push(DecBlock { up, u, c1, c2 });
         }
         let last = &blocks[3].c2;
         let mut seg = zeroed(last.yd().n * cfg.seg_classes * last.yd().hw());
@@ -591,14 +604,16 @@ impl Net<'_> {
     }
 
     /// Backward of one unit given d relu(bn(z)); writes the conv/BN gradients, returns dx when asked.
+    /// Backward of one unit given d relu(bn(z)); writes the conv/BN gradients and, when asked,
+    /// returns the input gradient of each of the unit's input parts.
     fn unit_backward(
         &self,
         grads: &mut [f32],
         u: &Unit,
-        x: &[f32],
+        parts: &[(&[f32], usize)],
         dy: &[f32],
         want_dx: bool,
-    ) -> Vec<f32> {
+    ) -> Vec<Vec<f32>> {
         let yd = u.yd();
         let mut dz = zeroed(yd.len());
         let gamma = self.p(&format!("{}.weight", u.bn));
@@ -622,7 +637,14 @@ impl Net<'_> {
             dgamma,
             dbeta,
         );
-        let mut dx = if want_dx { zeroed(u.xd.len()) } else { vec![] };
+        let hw = u.xd.hw();
+        let mut dx: Vec<Vec<f32>> = match want_dx {
+            true => parts
+                .iter()
+                .map(|&(_, c)| zeroed(u.xd.n * c * hw))
+                .collect(),
+            false => vec![],
+        };
         let (dw, db) = pair_mut(
             grads,
             self.model,
@@ -630,16 +652,11 @@ impl Net<'_> {
             &format!("{}.bias", u.conv),
         );
         let w = self.p(&format!("{}.weight", u.conv));
-        conv::conv3x3_backward(
-            x,
-            u.xd,
-            w,
-            &dz,
-            u.cout,
-            want_dx.then_some(dx.as_mut_slice()),
-            dw,
-            db,
-        );
+        let mut dx_parts: Vec<Option<&mut [f32]>> = match want_dx {
+            true => dx.iter_mut().map(|d| Some(d.as_mut_slice())).collect(),
+            false => parts.iter().map(|_| None).collect(),
+        };
+        conv::conv3x3_backward_concat(parts, u.xd, w, &dz, u.cout, &mut dx_parts, dw, db);
         // The bias feeds a train-mode BatchNorm, which removes any per-channel shift.
         db.fill(0.0);
         recycle([dz]);
@@ -774,17 +791,30 @@ impl Net<'_> {
         );
         let mut dskips: Vec<Vec<f32>> = vec![vec![]; 4];
         for (i, blk) in a.dec.iter().enumerate().rev() {
-            let dc1 = self.unit_backward(&mut grads, &blk.c2, &blk.c1.y, &dx, true);
-            let dcat = self.unit_backward(&mut grads, &blk.c1, &blk.cat, &dc1, true);
-            let ud = blk.u.yd();
-            let (mut du, mut dskip) = (zeroed(ud.len()), zeroed(ud.len()));
-            tensor::split_channels(&dcat, w, w, ud.n, ud.hw(), &mut du, &mut dskip);
+            let skip = &a.enc[3 - i].c2.y;
+            let dc1 = self.unit_backward(&mut grads, &blk.c2, &[(&blk.c1.y, w)], &dx, true);
+            let [du, dskip] = self
+                .unit_backward(
+                    &mut grads,
+                    &blk.c1,
+                    &[(&blk.u.y, w), (skip, w)],
+                    &dc1[0],
+                    true,
+                )
+                .try_into()
+                .expect("two input parts");
             dskips[3 - i] = dskip;
-            let dup = self.unit_backward(&mut grads, &blk.u, &blk.up, &du, true);
+            let ud = blk.u.yd();
+            let dup = self.unit_backward(&mut grads, &blk.u, &[(&blk.up, blk.u.xd.c)], &du, true);
             let xd = Dims::new(ud.n, blk.u.xd.c, ud.h / 2, ud.w / 2);
             let mut dx_next = zeroed(xd.len());
-            upsample::upsample2x_backward(&dup, xd, &mut dx_next);
-            recycle([std::mem::replace(&mut dx, dx_next), dc1, dcat, du, dup]);
+            upsample::upsample2x_backward(&dup[0], xd, &mut dx_next);
+            recycle(
+                [std::mem::replace(&mut dx, dx_next), du]
+                    .into_iter()
+                    .chain(dc1)
+                    .chain(dup),
+            );
         }
         // dx is now d h from the decoder; add the MIL head's share.
         let hd = a.enc[4].c2.yd();
@@ -809,9 +839,12 @@ impl Net<'_> {
             } else {
                 &a.enc[k - 1].pooled
             };
-            let dc1 = self.unit_backward(&mut grads, &blk.c2, &blk.c1.y, &dx, true);
-            let dx_next = self.unit_backward(&mut grads, &blk.c1, input, &dc1, k > 0);
-            recycle([std::mem::replace(&mut dx, dx_next), dc1]);
+            let c = blk.c1.yd().c;
+            let dc1 = self.unit_backward(&mut grads, &blk.c2, &[(&blk.c1.y, c)], &dx, true);
+            let dx_next =
+                self.unit_backward(&mut grads, &blk.c1, &[(input, blk.c1.xd.c)], &dc1[0], k > 0);
+            let dx_next = dx_next.into_iter().next().unwrap_or_default();
+            recycle([std::mem::replace(&mut dx, dx_next)].into_iter().chain(dc1));
         }
         grads
     }

@@ -473,6 +473,19 @@ impl CudaEngine {
         Ok(out)
     }
 
+    /// Uploads the batch and runs one eval forward (weights refreshed if stale), so that timed
+    /// runs that follow start warm. Returns M.
+    fn warm_up_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<usize> {
+        let m = self.check_input(patches, Some(bag_sizes))?;
+        if self.stale_eval {
+            self.refresh_weights()?;
+        }
+        self.prepare(patches, Some(bag_sizes), m)?;
+        self.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
+        self.dev.synchronize()?;
+        Ok(m)
+    }
+
     /// Device milliseconds of one eval forward (inputs already uploaded; mean over `iters`
     /// runs after one warm-up), timed with CUDA events on a GPU.
     pub fn time_forward_eval(
@@ -481,13 +494,7 @@ impl CudaEngine {
         bag_sizes: &[usize],
         iters: usize,
     ) -> Result<f32> {
-        let m = self.check_input(patches, Some(bag_sizes))?;
-        if self.stale_eval {
-            self.refresh_weights()?;
-        }
-        self.prepare(patches, Some(bag_sizes), m)?;
-        self.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
-        self.dev.synchronize()?;
+        let m = self.warm_up_eval(patches, bag_sizes)?;
         let iters = iters.max(1);
         let ms = {
             let this = &*self;
@@ -508,13 +515,7 @@ impl CudaEngine {
         patches: &[f32],
         bag_sizes: &[usize],
     ) -> Result<Vec<(String, f32)>> {
-        let m = self.check_input(patches, Some(bag_sizes))?;
-        if self.stale_eval {
-            self.refresh_weights()?;
-        }
-        self.prepare(patches, Some(bag_sizes), m)?;
-        self.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
-        self.dev.synchronize()?;
+        let m = self.warm_up_eval(patches, bag_sizes)?;
         *self.marks.borrow_mut() = Some(vec![("start".to_string(), self.dev.mark()?)]);
         let result = self.run(Mode::Eval, Heads::All, m, bag_sizes.len());
         let marks = self.marks.borrow_mut().take().unwrap_or_default();

@@ -633,6 +633,9 @@ mod avx512 {
     /// TAPS 9: shift(t) = (t/3 − 1)·w + t%3 − 1, lanes on the first (last) column dropped for
     /// t%3 = 0 (2) by `edges`; TAPS 1: shift 0. a: packed panel [chans·TAPS][MR]; b: `chans`
     /// rows readable from −(w+1) to 48 + w + 1. Safety: AVX-512F present, pointers valid.
+    /// Never inlined: as a function of its own the 24 accumulators stay in registers and the
+    /// tap loop unrolls, whatever the caller looks like.
+    #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn kernel_8x48<const TAPS: usize>(
@@ -698,6 +701,7 @@ mod avx512 {
     /// c[i, j] += Σ_{p < steps} a[i][p] · b[p, j] for i < rows, j < 64. a: DW_MR row pointers
     /// readable for `steps` floats; b: [steps][64]; c: rows `ldc` apart. Safety: AVX-512F
     /// present, pointers valid for those extents.
+    #[inline(never)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn kernel_6x64(
         steps: usize,
@@ -1324,10 +1328,14 @@ pub fn linear_backward(
     assert_eq!(dy.len(), m * fout, "dy length");
     assert_eq!(dw.len(), fout * fin, "dw length");
     assert_eq!(db.len(), fout, "db length");
+    for (j, d) in db.iter_mut().enumerate() {
+        *d = (0..m).map(|r| dy[r * fout + j] as f64).sum::<f64>() as f32;
+    }
     if m == 0 || fin == 0 || fout == 0 {
+        // Empty sums: dx (if any) and dw are zero.
         dw.fill(0.0);
-        db.fill(0.0);
         if let Some(dx) = dx {
+            assert_eq!(dx.len(), m * fin, "dx length");
             dx.fill(0.0);
         }
         return;
@@ -1391,9 +1399,6 @@ pub fn linear_backward(
                 );
             }
         });
-    for (j, d) in db.iter_mut().enumerate() {
-        *d = (0..m).map(|r| dy[r * fout + j] as f64).sum::<f64>() as f32;
-    }
 }
 
 #[cfg(test)]
@@ -1579,6 +1584,13 @@ mod tests {
                 errs.push(max_abs_diff(&y, &want));
                 conv3x3_forward_concat(&parts, d, &wt, &b, cout, true, &mut y);
                 errs.push(max_abs_diff(&y, &want_relu));
+                let with_empty = [
+                    (&parts_data[0][..], 2),
+                    (&[][..], 0),
+                    (&parts_data[1][..], 4),
+                ];
+                conv3x3_forward_concat(&with_empty, d, &wt, &b, cout, false, &mut y);
+                errs.push(max_abs_diff(&y, &want));
             } else {
                 conv1x1_forward(&x, d, &wt, &b, cout, &mut y);
                 errs.push(max_abs_diff(&y, &want));
@@ -1700,13 +1712,15 @@ mod tests {
                 let parts_data = split_channels(&x, d, &[1, 2]);
                 let parts = [(&parts_data[0][..], 1), (&parts_data[1][..], 2)];
                 let mut dx1 = vec![0.0; d.n * 2 * d.hw()];
+                let mut empty: [f32; 0] = [];
+                let with_empty = [parts[0], (&[][..], 0), parts[1]];
                 conv3x3_backward_concat(
-                    &parts,
+                    &with_empty,
                     d,
                     &wt,
                     &r,
                     cout,
-                    &mut [None, Some(&mut dx1)],
+                    &mut [None, Some(&mut empty), Some(&mut dx1)],
                     &mut dw,
                     &mut db,
                 );
@@ -1760,7 +1774,7 @@ mod tests {
     #[test]
     fn linear_matches_naive_loops_and_finite_differences() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        for (m, fin, fout) in [(1, 1, 1), (3, 5, 2), (70, 9, 131), (130, 17, 3)] {
+        for (m, fin, fout) in [(1, 1, 1), (3, 5, 2), (70, 9, 131), (130, 17, 3), (4, 0, 3)] {
             let x = rand_vec(&mut rng, m * fin);
             let w = rand_vec(&mut rng, fout * fin);
             let b = rand_vec(&mut rng, fout);

@@ -1,4 +1,4 @@
-//! Elementwise and layout operators: ReLU, channel concat/split and the [n,c,s]↔[n,s,c] transpose.
+//! Elementwise and layout operators: ReLU and the [n,c,s]↔[n,s,c] transpose.
 
 use rayon::prelude::*;
 
@@ -37,83 +37,6 @@ pub fn relu_backward(y: &[f32], dy: &[f32], dx: &mut [f32]) {
             for ((d, &yv), &g) in dxc.iter_mut().zip(yc).zip(dyc) {
                 *d = if yv > 0.0 { g } else { 0.0 };
             }
-        });
-}
-
-/// out [n, ca+cb, hw] = concat over channels of a [n, ca, hw] then b [n, cb, hw].
-/// Panics if ca or cb is 0 or a buffer length does not match.
-pub fn concat_channels(
-    a: &[f32],
-    ca: usize,
-    b: &[f32],
-    cb: usize,
-    n: usize,
-    hw: usize,
-    out: &mut [f32],
-) {
-    assert!(
-        ca > 0 && cb > 0,
-        "concat_channels: both parts need channels"
-    );
-    assert_eq!(
-        a.len(),
-        n * ca * hw,
-        "concat_channels: a is not [n, ca, hw]"
-    );
-    assert_eq!(
-        b.len(),
-        n * cb * hw,
-        "concat_channels: b is not [n, cb, hw]"
-    );
-    assert_eq!(
-        out.len(),
-        n * (ca + cb) * hw,
-        "concat_channels: bad out length"
-    );
-    if out.is_empty() {
-        return;
-    }
-    let (la, lb) = (ca * hw, cb * hw);
-    out.par_chunks_mut(la + lb)
-        .zip(a.par_chunks(la).zip(b.par_chunks(lb)))
-        .for_each(|(o, (ai, bi))| {
-            o[..la].copy_from_slice(ai);
-            o[la..].copy_from_slice(bi);
-        });
-}
-
-/// Inverse of [`concat_channels`] for gradients: splits d [n, ca+cb, hw] into da [n, ca, hw]
-/// and db [n, cb, hw]. Panics if ca or cb is 0 or a buffer length does not match.
-pub fn split_channels(
-    d: &[f32],
-    ca: usize,
-    cb: usize,
-    n: usize,
-    hw: usize,
-    da: &mut [f32],
-    db: &mut [f32],
-) {
-    assert!(ca > 0 && cb > 0, "split_channels: both parts need channels");
-    assert_eq!(d.len(), n * (ca + cb) * hw, "split_channels: bad d length");
-    assert_eq!(
-        da.len(),
-        n * ca * hw,
-        "split_channels: da is not [n, ca, hw]"
-    );
-    assert_eq!(
-        db.len(),
-        n * cb * hw,
-        "split_channels: db is not [n, cb, hw]"
-    );
-    if d.is_empty() {
-        return;
-    }
-    let (la, lb) = (ca * hw, cb * hw);
-    d.par_chunks(la + lb)
-        .zip(da.par_chunks_mut(la).zip(db.par_chunks_mut(lb)))
-        .for_each(|(di, (ai, bi))| {
-            ai.copy_from_slice(&di[..la]);
-            bi.copy_from_slice(&di[la..]);
         });
 }
 
@@ -228,50 +151,6 @@ mod tests {
         println!("relu: forward error {fwd_err:.3e}, backward vs FD error {err:.3e}");
         assert_eq!(fwd_err, 0.0);
         assert!(err < 1e-6, "relu backward error {err}");
-    }
-
-    #[test]
-    fn concat_and_split_match_index_loops() {
-        let mut g = rng(2);
-        let (n, ca, cb, hw) = (3, 2, 5, 7);
-        let a = rand_vec(&mut g, n * ca * hw, -1.0, 1.0);
-        let b = rand_vec(&mut g, n * cb * hw, -1.0, 1.0);
-        let mut out = vec![0.0; n * (ca + cb) * hw];
-        concat_channels(&a, ca, &b, cb, n, hw, &mut out);
-        let mut mismatches = 0;
-        for i in 0..n {
-            for k in 0..ca + cb {
-                for p in 0..hw {
-                    let want = if k < ca {
-                        a[(i * ca + k) * hw + p]
-                    } else {
-                        b[(i * cb + k - ca) * hw + p]
-                    };
-                    mismatches += usize::from(out[(i * (ca + cb) + k) * hw + p] != want);
-                }
-            }
-        }
-        // split is concat's adjoint: d(Σ r⊙concat(a, b))/d(a, b) = split(r), checked by FD.
-        let r = rand_vec(&mut g, out.len(), -1.0, 1.0);
-        let mut da = vec![0.0; a.len()];
-        let mut db = vec![0.0; b.len()];
-        split_channels(&r, ca, cb, n, hw, &mut da, &mut db);
-        let concat_f64 = |ab: &[f64]| -> Vec<f64> {
-            let (a, b) = ab.split_at(n * ca * hw);
-            let mut o = Vec::new();
-            for i in 0..n {
-                o.extend_from_slice(&a[i * ca * hw..(i + 1) * ca * hw]);
-                o.extend_from_slice(&b[i * cb * hw..(i + 1) * cb * hw]);
-            }
-            o
-        };
-        let ab: Vec<f64> = to_f64(&a).into_iter().chain(to_f64(&b)).collect();
-        let fd = fd_grad(|v| dot(&r, &concat_f64(v)), &ab, 1e-3);
-        let dab: Vec<f32> = da.iter().chain(&db).copied().collect();
-        let err = rel_err(&dab, &fd);
-        println!("concat: {mismatches} mismatches; split vs FD error {err:.3e}");
-        assert_eq!(mismatches, 0);
-        assert!(err < 1e-9, "split error {err}");
     }
 
     #[test]
