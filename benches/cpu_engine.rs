@@ -17,7 +17,11 @@ fn engine(c: &mut Criterion) {
         let patches: Vec<f32> = (0..m * p * p).map(|_| rng.gen()).collect();
         let seg: Vec<i64> = (0..m * p * p).map(|_| rng.gen_range(0..6)).collect();
         // M=2: one bag of 2; M=8: two bags of 4 (tools/bench_cpu.sh passes the same to PyTorch).
-        let (bags, cls): (&[usize], &[i64]) = if m < 4 { (&[2], &[1]) } else { (&[4, 4], &[0, 1]) };
+        let (bags, cls): (&[usize], &[i64]) = if m < 4 {
+            (&[2], &[1])
+        } else {
+            (&[4, 4], &[0, 1])
+        };
         let batch = Batch {
             patches: &patches,
             patch: p,

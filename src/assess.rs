@@ -578,9 +578,10 @@ pub struct AssessArgs {
     /// CT volumes (.nii/.nii.gz) or folders of them.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
-    /// Model weights (safetensors with the PyTorch parameter names).
+    /// Model weights or a training checkpoint (safetensors with the PyTorch parameter names);
+    /// default: the shipped weights trained on synthetic phantoms (weights/MODEL_CARD.md).
     #[arg(long)]
-    pub weights: PathBuf,
+    pub weights: Option<PathBuf>,
     /// Output folder (created when missing); default: beside each input.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -620,6 +621,25 @@ impl AssessArgs {
     }
 }
 
+/// The shipped default weights (paper network trained on synthetic phantoms; see
+/// weights/MODEL_CARD.md).
+pub const DEFAULT_WEIGHTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/weights/m2unet_synthetic_p64.safetensors"
+);
+
+/// The default weights' path, or an error saying how to pass weights when they are missing.
+pub fn default_weights() -> Result<PathBuf> {
+    let path = PathBuf::from(DEFAULT_WEIGHTS);
+    if !path.is_file() {
+        bail!(
+            "the default weights {} are missing; pass --weights FILE (e.g. from `m2unet train`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// `m2unet assess`: builds the engine with `make_engine(weights, device)`, assesses every input
 /// and reports failures on stderr. Returns whether every volume succeeded.
 pub fn run_assess(
@@ -638,7 +658,11 @@ pub fn run_assess(
             .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
     }
     let (files, mut failures) = collect_inputs(&args.inputs);
-    let mut engine = make_engine(&args.weights, &args.device)?;
+    let weights = match &args.weights {
+        Some(w) => w.clone(),
+        None => default_weights()?,
+    };
+    let mut engine = make_engine(&weights, &args.device)?;
     let show = !args.quiet && std::io::stderr().is_terminal();
     let results = assess_batch(engine.as_mut(), &files, &opts, show);
     let mut ok = 0;

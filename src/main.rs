@@ -1,15 +1,18 @@
-//! The `m2unet` command line: info, init, forward (the tensor contract), assess and synth.
+//! The `m2unet` command line: info, init, forward (the tensor contract), assess, synth, train,
+//! evaluate, export and demo.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use m2unet::assess::{run_assess, AssessArgs};
+use m2unet::assess::{run_assess, AssessArgs, DEFAULT_WEIGHTS};
 use m2unet::config::{ModelConfig, TrainConfig};
 use m2unet::cpu::{run_step, Batch, CpuEngine, Mode, StepResult};
 use m2unet::cuda::{CudaEngine, DeviceKind};
 use m2unet::data::phantom::{run_synth, SynthArgs};
+use m2unet::demo::{run_demo, summary, DemoArgs};
 use m2unet::engine::InferenceEngine;
 use m2unet::io::weights::{load_model, model_tensors, save_model, Tensor, TensorFile, WeightDtype};
 use m2unet::model::{Model, ParamTable};
+use m2unet::train::{run_evaluate, run_export, run_train, EvaluateArgs, ExportArgs, TrainArgs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -34,6 +37,14 @@ enum Command {
     Assess(AssessArgs),
     /// Write seeded synthetic chest CT phantoms with ground truth and a manifest.
     Synth(SynthArgs),
+    /// Train M²UNet on a manifest of CT volumes, lobe masks and severity labels.
+    Train(TrainArgs),
+    /// Evaluate weights on a manifest: per-lobe 3D Dice and severity metrics.
+    Evaluate(EvaluateArgs),
+    /// Make one synthetic phantom, assess it with the default weights and print the result.
+    Demo(DemoArgs),
+    /// Write a checkpoint's weights without optimiser state (optionally f16).
+    Export(ExportArgs),
 }
 
 #[derive(clap::Args)]
@@ -116,6 +127,17 @@ fn main() -> ExitCode {
         Command::Forward(a) => forward(&a).map(|()| true),
         Command::Assess(a) => run_assess(&a, make_engine),
         Command::Synth(a) => run_synth(&a).map(|()| true),
+        Command::Train(a) => train(&a).map(|()| true),
+        Command::Evaluate(a) => run_evaluate(&a).map(|_| true),
+        Command::Export(a) => run_export(&a).map(|()| true),
+        Command::Demo(a) => run_demo(&a, make_engine).map(|r| {
+            let w = a
+                .weights
+                .as_ref()
+                .map_or(DEFAULT_WEIGHTS.to_string(), |w| w.display().to_string());
+            println!("{}", summary(&r, &w));
+            true
+        }),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -333,5 +355,24 @@ fn forward(a: &ForwardArgs) -> Result<()> {
         }
     }
     out.write(&a.output)?;
+    Ok(())
+}
+
+fn train(a: &TrainArgs) -> Result<()> {
+    let s = run_train(a)?;
+    println!(
+        "stopped at epoch {} step {} after {:.1} s ({:.2} patches/s); best validation score {} (epoch {}); checkpoints in {}",
+        s.state.epoch,
+        s.state.step,
+        s.seconds,
+        s.patches_per_second,
+        s.state
+            .best_score
+            .map_or("n/a".to_string(), |v| format!("{v:.4}")),
+        s.state
+            .best_epoch
+            .map_or("n/a".to_string(), |v| v.to_string()),
+        a.out.display()
+    );
     Ok(())
 }

@@ -1194,7 +1194,7 @@ fn run_assess_expands_folders_and_its_status_says_whether_all_succeeded() {
     let args =
         |inputs: Vec<PathBuf>, out: Option<PathBuf>, force: bool| m2unet::assess::AssessArgs {
             inputs,
-            weights: PathBuf::from("weights.safetensors"),
+            weights: Some(PathBuf::from("weights.safetensors")),
             out,
             device: "cpu".into(),
             batch_size: 4,

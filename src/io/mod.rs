@@ -1,5 +1,6 @@
 //! File formats: NIfTI volumes (read, validate, orient, write) and safetensors weights and tensors.
 
+pub mod checkpoint;
 pub mod nifti;
 pub mod weights;
 

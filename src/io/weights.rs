@@ -2,6 +2,7 @@
 //! writes) and model weights under the PyTorch state_dict names of docs/model.md.
 
 use crate::config::{GcpMode, ModelConfig};
+use crate::io::checkpoint::OPTIM_PREFIX;
 use crate::model::{Model, ParamTable};
 use anyhow::{anyhow, bail, Context, Result};
 use half::{bf16, f16};
@@ -324,7 +325,8 @@ pub fn infer_config(file: &TensorFile) -> Result<ModelConfig> {
 }
 
 /// Builds a model from a state_dict: every tensor must be present with its exact shape, and
-/// nothing else may be there.
+/// nothing else may be there except a training checkpoint's optimiser state (names starting
+/// with `optim.`), which is ignored.
 pub fn model_from_tensors(file: &TensorFile) -> Result<Model> {
     let cfg = infer_config(file)?;
     let table = ParamTable::new(cfg);
@@ -364,7 +366,11 @@ pub fn model_from_tensors(file: &TensorFile) -> Result<Model> {
         model.batches_tracked[i] = data[0];
         expected.push(name);
     }
-    if let Some(extra) = file.tensors.keys().find(|k| !expected.contains(k)) {
+    if let Some(extra) = file
+        .tensors
+        .keys()
+        .find(|k| !expected.contains(k) && !k.starts_with(OPTIM_PREFIX))
+    {
         bail!("unexpected tensor {extra:?} (not a parameter or buffer of M²UNet)");
     }
     Ok(model)

@@ -1,0 +1,148 @@
+//! Validation metrics: 3D Dice of label maps, confusion-matrix scores and ROC AUC (ties count
+//! one half) of the severity prediction.
+
+use crate::data::NUM_LOBES;
+
+/// Dice of label `label` between two label maps of equal size: `2|A∩B| / (|A| + |B|)`; 1 when
+/// the label is absent from both.
+pub fn dice(pred: &[u8], truth: &[u8], label: u8) -> f64 {
+    let (mut inter, mut a, mut b) = (0usize, 0usize, 0usize);
+    for (&p, &t) in pred.iter().zip(truth) {
+        let (ip, it) = (p == label, t == label);
+        inter += (ip && it) as usize;
+        a += ip as usize;
+        b += it as usize;
+    }
+    if a + b == 0 {
+        1.0
+    } else {
+        2.0 * inter as f64 / (a + b) as f64
+    }
+}
+
+/// Dice of every lobe (labels 1–5, index = label − 1).
+pub fn lobe_dice(pred: &[u8], truth: &[u8]) -> [f64; NUM_LOBES] {
+    std::array::from_fn(|l| dice(pred, truth, l as u8 + 1))
+}
+
+/// Counts of a binary prediction against binary truth.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Confusion {
+    pub tp: usize,
+    pub fp: usize,
+    pub tn: usize,
+    pub fn_: usize,
+}
+
+/// `a / b`, NaN when `b` is 0 (a metric that the data leave undefined).
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        f64::NAN
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+impl Confusion {
+    /// Tallies predictions (`true` = severe) against labels (`true` = severe).
+    pub fn new(pred: &[bool], truth: &[bool]) -> Self {
+        let mut c = Confusion::default();
+        for (&p, &t) in pred.iter().zip(truth) {
+            match (p, t) {
+                (true, true) => c.tp += 1,
+                (true, false) => c.fp += 1,
+                (false, false) => c.tn += 1,
+                (false, true) => c.fn_ += 1,
+            }
+        }
+        c
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        ratio(self.tp + self.tn, self.tp + self.tn + self.fp + self.fn_)
+    }
+
+    /// True-positive rate (recall); NaN without positives.
+    pub fn sensitivity(&self) -> f64 {
+        ratio(self.tp, self.tp + self.fn_)
+    }
+
+    /// True-negative rate; NaN without negatives.
+    pub fn specificity(&self) -> f64 {
+        ratio(self.tn, self.tn + self.fp)
+    }
+
+    /// `2TP / (2TP + FP + FN)`; NaN when there are neither positives nor positive predictions.
+    pub fn f1(&self) -> f64 {
+        ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn_)
+    }
+}
+
+/// Area under the ROC curve of `scores` for binary `truth` (Mann–Whitney: the fraction of
+/// (positive, negative) pairs ranked correctly, ties counting one half). `None` when either
+/// class is missing.
+pub fn roc_auc(scores: &[f64], truth: &[bool]) -> Option<f64> {
+    let n_pos = truth.iter().filter(|&&t| t).count();
+    let n_neg = truth.len() - n_pos;
+    if n_pos == 0 || n_neg == 0 {
+        return None;
+    }
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    // Sum of the (tie-averaged, 1-based) ranks of the positives.
+    let mut rank_sum = 0.0;
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        let avg_rank = (i + j) as f64 / 2.0 + 1.0;
+        rank_sum += avg_rank * idx[i..=j].iter().filter(|&&k| truth[k]).count() as f64;
+        i = j + 1;
+    }
+    let u = rank_sum - (n_pos * (n_pos + 1)) as f64 / 2.0;
+    Some(u / (n_pos * n_neg) as f64)
+}
+
+/// The validation metrics of one evaluation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalMetrics {
+    /// Mean over cases of each lobe's 3D Dice.
+    pub lobe_dice: [f64; NUM_LOBES],
+    pub mean_dice: f64,
+    pub accuracy: f64,
+    pub sensitivity: f64,
+    pub specificity: f64,
+    pub f1: f64,
+    /// NaN when the set holds one class only.
+    pub auc: f64,
+}
+
+impl EvalMetrics {
+    /// Aggregates per-case lobe Dice, severity probabilities and labels (threshold 0.5, as
+    /// `assess` reports the class).
+    pub fn from_cases(dice: &[[f64; NUM_LOBES]], prob: &[f64], severe: &[bool]) -> Self {
+        let n = dice.len().max(1) as f64;
+        let lobe_dice: [f64; NUM_LOBES] =
+            std::array::from_fn(|l| dice.iter().map(|d| d[l]).sum::<f64>() / n);
+        let pred: Vec<bool> = prob.iter().map(|&p| p >= 0.5).collect();
+        let c = Confusion::new(&pred, severe);
+        EvalMetrics {
+            mean_dice: lobe_dice.iter().sum::<f64>() / NUM_LOBES as f64,
+            lobe_dice,
+            accuracy: c.accuracy(),
+            sensitivity: c.sensitivity(),
+            specificity: c.specificity(),
+            f1: c.f1(),
+            auc: roc_auc(prob, severe).unwrap_or(f64::NAN),
+        }
+    }
+
+    /// The model-selection score: the mean of mean lobe Dice and ROC AUC (AUC counted as 0.5
+    /// when undefined).
+    pub fn score(&self) -> f64 {
+        let auc = if self.auc.is_nan() { 0.5 } else { self.auc };
+        (self.mean_dice + auc) / 2.0
+    }
+}

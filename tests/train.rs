@@ -1,0 +1,496 @@
+//! Training tests: learning on tiny phantoms, bit-exact resume, metrics against hand-computed
+//! cases, checkpoints surviving a killed writer, manifest errors, checkpoint loading.
+
+use m2unet::config::ModelConfig;
+use m2unet::data::phantom::{run_synth, SynthArgs};
+use m2unet::io::checkpoint::{load_checkpoint, OPTIM_PREFIX};
+use m2unet::io::weights::{load_model, model_from_tensors, Tensor, TensorFile};
+use m2unet::metrics::{dice, lobe_dice, roc_auc, Confusion, EvalMetrics};
+use m2unet::model::Model;
+use m2unet::train::{evaluate, read_checked_manifest, run_train, Schedule, TrainArgs};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn synth(dir: &Path, count: usize, seed: u64) -> PathBuf {
+    run_synth(&SynthArgs {
+        out: dir.to_path_buf(),
+        count,
+        seed,
+        shape: Some([48, 48, 24]),
+        spacing: None,
+        orientation: None,
+        dtype: None,
+        noise: None,
+        uncompressed: true,
+    })
+    .unwrap();
+    dir.join("manifest.csv")
+}
+
+fn args(data: &Path, out: &Path) -> TrainArgs {
+    TrainArgs {
+        data: Some(data.to_path_buf()),
+        out: out.to_path_buf(),
+        device: "cpu".into(),
+        preset: "tiny".into(),
+        epochs: 3,
+        bags_per_step: 2,
+        bag_size: 4,
+        patch: None,
+        lr: 1e-2,
+        schedule: Schedule::Constant,
+        weight_decay: 1e-4,
+        val_fraction: 0.0,
+        seed: 3,
+        resume: false,
+        init: None,
+        checkpoint_every: 50,
+        max_steps: None,
+        quiet: true,
+    }
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("steps.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn training_on_tiny_phantoms_lowers_loss_and_raises_dice() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = synth(&dir.path().join("data"), 4, 11);
+    let entries = read_checked_manifest(&manifest).unwrap();
+    let run = dir.path().join("run");
+    let a = TrainArgs {
+        epochs: 25,
+        ..args(&manifest, &run)
+    };
+    let before_model = Model::init(ModelConfig::tiny(), a.seed);
+    let (before, _) = evaluate(&before_model, &entries, &dir.path().join("eval0")).unwrap();
+    let summary = run_train(&a).unwrap();
+    assert_eq!(summary.state.step, 50);
+    let after_model = load_model(&run.join("last.safetensors")).unwrap();
+    let (after, _) = evaluate(&after_model, &entries, &dir.path().join("eval1")).unwrap();
+    let l = losses(&run);
+    let first = (l[0] + l[1]) / 2.0;
+    let last = (l[l.len() - 2] + l[l.len() - 1]) / 2.0;
+    println!(
+        "loss first two steps {first:.4}, last two {last:.4}; mean lobe Dice before {:.4} after {:.4} ({:?})",
+        before.mean_dice, after.mean_dice, after.lobe_dice
+    );
+    assert!(last < 0.7 * first, "loss {first} → {last}");
+    assert!(
+        after.mean_dice > before.mean_dice + 0.15,
+        "Dice {} → {}",
+        before.mean_dice,
+        after.mean_dice
+    );
+}
+
+fn tensor_bits(t: &Tensor) -> Vec<u64> {
+    match t {
+        Tensor::F32 { data, .. } | Tensor::F16 { data, .. } => {
+            data.iter().map(|v| v.to_bits() as u64).collect()
+        }
+        Tensor::I64 { data, .. } => data.iter().map(|&v| v as u64).collect(),
+    }
+}
+
+/// Number of differing values over all tensors of two files (and whether the names agree).
+fn differences(a: &Path, b: &Path) -> usize {
+    let (a, b) = (TensorFile::read(a).unwrap(), TensorFile::read(b).unwrap());
+    assert_eq!(
+        a.tensors.keys().collect::<Vec<_>>(),
+        b.tensors.keys().collect::<Vec<_>>()
+    );
+    a.tensors
+        .iter()
+        .map(|(k, t)| {
+            let (x, y) = (tensor_bits(t), tensor_bits(&b.tensors[k]));
+            assert_eq!(x.len(), y.len(), "{k}");
+            x.iter().zip(&y).filter(|(p, q)| p != q).count()
+        })
+        .sum()
+}
+
+/// metrics.csv without the wall-time column.
+fn metrics_rows(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+        .collect()
+}
+
+#[test]
+fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = synth(&dir.path().join("data"), 6, 21);
+    let full = dir.path().join("full");
+    let split = dir.path().join("split");
+    let base = |out: &Path| TrainArgs {
+        val_fraction: 0.34,
+        lr: 3e-3,
+        schedule: Schedule::Cosine,
+        ..args(&manifest, out)
+    };
+    let s = run_train(&base(&full)).unwrap();
+    assert_eq!(s.state.step, 6);
+    let s = run_train(&TrainArgs {
+        max_steps: Some(3),
+        ..base(&split)
+    })
+    .unwrap();
+    assert_eq!((s.state.step, s.state.epoch, s.state.position), (3, 1, 2));
+    let s = run_train(&TrainArgs {
+        resume: true,
+        data: None,
+        ..base(&split)
+    })
+    .unwrap();
+    assert_eq!((s.state.step, s.state.epoch), (6, 3));
+    let diff_last = differences(
+        &full.join("last.safetensors"),
+        &split.join("last.safetensors"),
+    );
+    let diff_best = differences(
+        &full.join("best.safetensors"),
+        &split.join("best.safetensors"),
+    );
+    let (lf, ls) = (losses(&full), losses(&split));
+    let loss_diff = lf.iter().zip(&ls).filter(|(a, b)| a != b).count();
+    println!(
+        "differing values: last {diff_last}, best {diff_best}; differing step losses {loss_diff} of {}; losses {lf:?}",
+        lf.len()
+    );
+    assert_eq!((diff_last, diff_best, loss_diff), (0, 0, 0));
+    assert_eq!(lf.len(), 6);
+    assert_eq!(ls.len(), 6);
+    let (mf, ms) = (metrics_rows(&full), metrics_rows(&split));
+    assert_eq!(mf.len(), 4);
+    assert_eq!(mf, ms);
+    let png = std::fs::read(split.join("curves.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+}
+
+#[test]
+fn metrics_match_hand_computed_cases() {
+    // Dice of known masks: label 1 has |A| = 3, |B| = 2, |A∩B| = 2 → 0.8.
+    let pred = [1u8, 1, 1, 0, 2, 2, 0, 0];
+    let truth = [1u8, 1, 0, 0, 2, 0, 3, 0];
+    let d = lobe_dice(&pred, &truth);
+    let want = [0.8, 2.0 / 3.0, 0.0, 1.0, 1.0];
+    let err = d
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    println!("lobe Dice {d:?}, max error {err:e}");
+    assert!(err < 1e-12);
+    assert_eq!(dice(&pred, &truth, 4), 1.0);
+
+    // AUC: one misordered pair out of four → 0.75; ties count one half.
+    let a = roc_auc(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]).unwrap();
+    let t = roc_auc(&[0.5, 0.5, 0.5, 0.9], &[false, true, false, true]).unwrap();
+    let all_tied = roc_auc(&[0.3; 4], &[false, true, false, true]).unwrap();
+    println!("AUC {a}, with ties {t}, all tied {all_tied}");
+    assert_eq!((a, t, all_tied), (0.75, 0.75, 0.5));
+    assert!(roc_auc(&[0.1, 0.2], &[true, true]).is_none());
+
+    // Against a naive pairwise count on scores with many ties.
+    let scores: Vec<f64> = (0..40).map(|i| ((i * 7) % 9) as f64 / 8.0).collect();
+    let labels: Vec<bool> = (0..40).map(|i| (i * 5) % 3 == 0).collect();
+    let (mut num, mut den) = (0.0, 0.0);
+    for i in 0..40 {
+        for j in 0..40 {
+            if labels[i] && !labels[j] {
+                den += 1.0;
+                num += if scores[i] > scores[j] {
+                    1.0
+                } else if scores[i] == scores[j] {
+                    0.5
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+    let got = roc_auc(&scores, &labels).unwrap();
+    println!(
+        "AUC {got} vs pairwise {}, error {:e}",
+        num / den,
+        (got - num / den).abs()
+    );
+    assert!((got - num / den).abs() < 1e-12);
+
+    // Confusion: TP 2, FP 1, TN 3, FN 2.
+    let p = [true, true, true, false, false, false, false, false];
+    let y = [true, true, false, false, false, false, true, true];
+    let c = Confusion::new(&p, &y);
+    assert_eq!((c.tp, c.fp, c.tn, c.fn_), (2, 1, 3, 2));
+    let got = [c.accuracy(), c.sensitivity(), c.specificity(), c.f1()];
+    let want = [5.0 / 8.0, 0.5, 0.75, 4.0 / 7.0];
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    println!("accuracy/sensitivity/specificity/F1 {got:?}, max error {err:e}");
+    assert!(err < 1e-12);
+    assert!(Confusion::new(&[false], &[false]).sensitivity().is_nan());
+
+    // Aggregation: probabilities thresholded at 0.5, per-lobe Dice averaged over cases.
+    let m = EvalMetrics::from_cases(
+        &[[1.0, 0.5, 1.0, 0.0, 1.0], [0.0, 0.5, 1.0, 1.0, 1.0]],
+        &[0.7, 0.2],
+        &[true, false],
+    );
+    println!("{m:?}");
+    assert_eq!(m.lobe_dice, [0.5, 0.5, 1.0, 0.5, 1.0]);
+    assert!((m.mean_dice - 0.7).abs() < 1e-12);
+    assert_eq!((m.accuracy, m.auc, m.score()), (1.0, 1.0, 0.85));
+}
+
+#[test]
+fn killed_checkpoint_write_leaves_previous_checkpoint_loadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = synth(&dir.path().join("data"), 2, 31);
+    let run = dir.path().join("run");
+    // The paper network at P = 16: cheap steps, 48 MB checkpoints that take a while to write.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_m2unet"))
+        .args([
+            "train",
+            "--preset",
+            "paper",
+            "--patch",
+            "16",
+            "--bag-size",
+            "2",
+        ])
+        .args([
+            "--bags-per-step",
+            "1",
+            "--epochs",
+            "1000",
+            "--checkpoint-every",
+            "1",
+        ])
+        .args(["--val-fraction", "0", "--quiet", "--data"])
+        .arg(&manifest)
+        .arg("--out")
+        .arg(&run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let last = run.join("last.safetensors");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut killed_during_write = false;
+    while Instant::now() < deadline {
+        let writing = last.exists()
+            && std::fs::read_dir(&run).unwrap().any(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".last.safetensors.tmp")
+            });
+        if writing {
+            child.kill().unwrap();
+            killed_during_write = true;
+            break;
+        }
+    }
+    if !killed_during_write {
+        child.kill().unwrap();
+    }
+    child.wait().unwrap();
+    let leftovers: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let ck = load_checkpoint(&last).unwrap();
+    println!(
+        "killed while a temporary checkpoint existed: {killed_during_write}; files {leftovers:?}; last.safetensors loads at step {}",
+        ck.state.step
+    );
+    assert!(killed_during_write);
+    assert!(ck.state.step >= 1);
+    assert_eq!(ck.trainer.model.table.n_params, 4_015_304);
+}
+
+#[test]
+fn bad_manifest_lines_give_errors_with_line_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = synth(&dir.path().join("data"), 2, 41);
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let write = |name: &str, body: String| {
+        let p = manifest.with_file_name(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let missing = write(
+        "missing.csv",
+        format!(
+            "{}\n{}\nnope.nii.gz,{}",
+            lines[0],
+            lines[1],
+            lines[2].split_once(',').unwrap().1
+        ),
+    );
+    let bad_label = write(
+        "label.csv",
+        format!(
+            "{}\n\n{}\n{}",
+            lines[0],
+            lines[1],
+            lines[2].replace(",1,", ",2,").replace(",0,", ",2,")
+        ),
+    );
+    let e1 = format!("{:#}", read_checked_manifest(&missing).unwrap_err());
+    let e2 = format!(
+        "{:#}",
+        run_train(&args(&bad_label, &dir.path().join("run"))).unwrap_err()
+    );
+    println!("missing file: {e1}\nbad label: {e2}");
+    assert!(e1.contains("line 3") && e1.contains("nope.nii.gz") && e1.contains("does not exist"));
+    assert!(e2.contains("line 4") && e2.contains("label \"2\""));
+    let e3 = format!(
+        "{:#}",
+        run_train(&TrainArgs {
+            device: "cuda".into(),
+            ..args(&manifest, &dir.path().join("run"))
+        })
+        .unwrap_err()
+    );
+    println!("cuda: {e3}");
+    assert!(e3.contains("training runs on the CPU engine for now"));
+}
+
+#[test]
+fn checkpoint_loads_as_weights_and_only_optim_tensors_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = synth(&dir.path().join("data"), 2, 51);
+    let run = dir.path().join("run");
+    run_train(&TrainArgs {
+        epochs: 1,
+        ..args(&manifest, &run)
+    })
+    .unwrap();
+    let path = run.join("last.safetensors");
+    let ck = load_checkpoint(&path).unwrap();
+    let weights = load_model(&path).unwrap();
+    let same =
+        weights.params == ck.trainer.model.params && weights.buffers == ck.trainer.model.buffers;
+    let mut file = TensorFile::read(&path).unwrap();
+    let n_optim = file
+        .tensors
+        .keys()
+        .filter(|k| k.starts_with(OPTIM_PREFIX))
+        .count();
+    let moments_nonzero = ck.trainer.m.iter().filter(|v| **v != 0.0).count();
+    println!(
+        "weights equal: {same}; {n_optim} optim tensors; {moments_nonzero} non-zero first moments; step {}",
+        ck.state.step
+    );
+    assert!(same);
+    assert_eq!(n_optim, 2 * ck.trainer.model.table.params.len());
+    assert!(moments_nonzero > ck.trainer.m.len() / 2);
+    file.tensors
+        .insert("optimizer.m".into(), Tensor::scalar(0.0));
+    let err = model_from_tensors(&file).unwrap_err().to_string();
+    assert!(err.contains("optimizer.m"), "{err}");
+}
+
+#[test]
+fn demo_writes_outputs_and_reports_dice_of_the_written_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("tiny.safetensors");
+    m2unet::io::weights::save_model(
+        &Model::init(ModelConfig::tiny(), 5),
+        &weights,
+        m2unet::io::weights::WeightDtype::F32,
+    )
+    .unwrap();
+    let out = dir.path().join("demo");
+    let args = m2unet::demo::DemoArgs {
+        out: out.clone(),
+        seed: 9,
+        severe: true,
+        weights: Some(weights.clone()),
+        device: "cpu".into(),
+    };
+    let r = m2unet::demo::run_demo(&args, |w, d| {
+        assert_eq!((w, d), (weights.as_path(), "cpu"));
+        Ok(Box::new(m2unet::cpu::CpuEngine::new(load_model(w)?)))
+    })
+    .unwrap();
+    // Dice of every lobe recomputed from the written files with a plain loop.
+    let pred = m2unet::io::read_volume(&out.join("demo_case_lobes.nii.gz")).unwrap();
+    let truth = m2unet::io::read_volume(&out.join("demo_case_mask.nii.gz")).unwrap();
+    let mut err = 0f64;
+    for (l, &d) in r.dice.iter().enumerate() {
+        let lab = (l + 1) as f32;
+        let (mut inter, mut a, mut b) = (0.0, 0.0, 0.0);
+        for (p, t) in pred.data.iter().zip(&truth.data) {
+            let (x, y) = ((*p == lab) as u8 as f64, (*t == lab) as u8 as f64);
+            inter += x * y;
+            a += x;
+            b += y;
+        }
+        let want = if a + b == 0.0 {
+            1.0
+        } else {
+            2.0 * inter / (a + b)
+        };
+        err = err.max((want - d).abs());
+    }
+    let text = m2unet::demo::summary(&r, "tiny");
+    println!("{text}\nmax Dice error {err:e}");
+    assert!(err < 1e-12);
+    assert!(r.truth.severe);
+    assert!((0.0..=1.0).contains(&r.report.severity.probability));
+    assert!(out.join("demo_case_preview.png").is_file());
+    assert!(out.join("demo_case_report.json").is_file());
+    assert!(text.contains("RML") && text.contains("not for clinical use"));
+}
+
+#[test]
+fn assess_without_weights_uses_the_shipped_default_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = m2unet::assess::AssessArgs {
+        inputs: vec![dir.path().join("none.nii.gz")],
+        weights: None,
+        out: None,
+        device: "cpu".into(),
+        batch_size: 8,
+        max_bag: 32,
+        preview: false,
+        quiet: true,
+        force: false,
+        label_scheme: m2unet::assess::LabelScheme::Lungmask,
+    };
+    let mut seen = None;
+    let ok = m2unet::assess::run_assess(&args, |w, _| {
+        seen = Some(w.to_path_buf());
+        Ok(Box::new(m2unet::cpu::CpuEngine::new(load_model(w)?)))
+    })
+    .unwrap();
+    let seen = seen.unwrap();
+    let model = load_model(&seen).unwrap();
+    println!(
+        "default weights {}: patch {}, {} parameters; missing input reported as failure: {}",
+        seen.display(),
+        model.config().patch,
+        model.table.n_params,
+        !ok
+    );
+    assert_eq!(seen, Path::new(m2unet::assess::DEFAULT_WEIGHTS));
+    assert_eq!(model.table.n_params, 4_015_304);
+    assert!(!ok);
+}
