@@ -37,6 +37,14 @@ fn f32_round_trip_is_exact_and_keeps_the_config() {
     );
 }
 
+/// Largest |a − b| / max(|a|, 1e-3) over two parameter vectors.
+fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) / x.abs().max(1e-3)).abs())
+        .fold(0f32, f32::max)
+}
+
 #[test]
 fn f16_and_bf16_files_load_within_their_precision() {
     let dir = tempfile::tempdir().unwrap();
@@ -44,12 +52,7 @@ fn f16_and_bf16_files_load_within_their_precision() {
     let path = dir.path().join("h.safetensors");
     save_model(&model, &path, WeightDtype::F16).unwrap();
     let back = load_model(&path).unwrap();
-    let err = model
-        .params
-        .iter()
-        .zip(&back.params)
-        .map(|(a, b)| ((a - b) / a.abs().max(1e-3)).abs())
-        .fold(0f32, f32::max);
+    let err = max_rel_err(&model.params, &back.params);
     println!("f16 max relative error {err:e}");
     assert!(err < 1e-3 && err > 0.0);
     // bf16: re-encode the f32 state_dict by hand, truncating mantissas.
@@ -90,12 +93,7 @@ fn f16_and_bf16_files_load_within_their_precision() {
     let path = dir.path().join("b.safetensors");
     safetensors::serialize_to_file(views, &None, &path).unwrap();
     let back = load_model(&path).unwrap();
-    let err = model
-        .params
-        .iter()
-        .zip(&back.params)
-        .map(|(a, b)| ((a - b) / a.abs().max(1e-3)).abs())
-        .fold(0f32, f32::max);
+    let err = max_rel_err(&model.params, &back.params);
     println!("bf16 max relative error {err:e}");
     assert!(err < 8e-3 && err > 0.0);
 }
