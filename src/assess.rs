@@ -653,16 +653,17 @@ pub fn run_assess(
         bail!("--max-bag must be at least 2 (a bag needs two patches)");
     }
     let opts = args.options();
+    let weights = match &args.weights {
+        Some(w) => w.clone(),
+        None => default_weights()?,
+    };
+    // The engine first: a bad device or weights file leaves no output folder behind.
+    let mut engine = make_engine(&weights, &args.device)?;
     if let Some(dir) = &opts.out_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
     }
     let (files, mut failures) = collect_inputs(&args.inputs);
-    let weights = match &args.weights {
-        Some(w) => w.clone(),
-        None => default_weights()?,
-    };
-    let mut engine = make_engine(&weights, &args.device)?;
     let show = !args.quiet && std::io::stderr().is_terminal();
     let results = assess_batch(engine.as_mut(), &files, &opts, show);
     let mut ok = 0;

@@ -307,3 +307,23 @@ fn assess_runs_end_to_end_on_a_phantom_with_init_weights() {
     assert!(report["input"].as_str().unwrap().ends_with(".nii.gz"));
     assert!(report["timings_ms"].is_object());
 }
+
+#[test]
+fn assess_with_unusable_weights_fails_before_creating_the_output_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never");
+    let bad = dir.path().join("w.safetensors");
+    std::fs::write(&bad, "not weights").unwrap();
+    let o = m2unet(&[
+        "assess",
+        "whatever.nii.gz",
+        "--weights",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    println!("{}", stderr(&o));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("w.safetensors"));
+    assert!(!out.exists(), "no output folder on failure");
+}
