@@ -473,15 +473,21 @@ impl CudaEngine {
         Ok(out)
     }
 
-    /// Uploads the batch and runs one eval forward (weights refreshed if stale), so that timed
-    /// runs that follow start warm. Returns M.
-    fn warm_up_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<usize> {
+    /// Uploads the batch and launches one eval forward of both heads (weights refreshed if
+    /// stale). Returns M.
+    fn launch_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<usize> {
         let m = self.check_input(patches, Some(bag_sizes))?;
         if self.stale_eval {
             self.refresh_weights()?;
         }
         self.prepare(patches, Some(bag_sizes), m)?;
         self.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
+        Ok(m)
+    }
+
+    /// One eval forward run to completion, so that timed runs that follow start warm. Returns M.
+    fn warm_up_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<usize> {
+        let m = self.launch_eval(patches, bag_sizes)?;
         self.dev.synchronize()?;
         Ok(m)
     }
@@ -931,12 +937,7 @@ impl InferenceEngine for CudaEngine {
     }
 
     fn forward_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Outputs> {
-        let m = self.check_input(patches, Some(bag_sizes))?;
-        if self.stale_eval {
-            self.refresh_weights()?;
-        }
-        self.prepare(patches, Some(bag_sizes), m)?;
-        self.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
+        let m = self.launch_eval(patches, bag_sizes)?;
         self.read_outputs(m, bag_sizes.len())
     }
 
