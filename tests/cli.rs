@@ -20,6 +20,22 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
+/// `m2unet forward` with the tiny fixture weights, plus any extra arguments.
+fn forward_tiny(input: &str, out: &Path, extra: &[&str]) -> Output {
+    let weights = fixture("tiny_weights.safetensors");
+    let mut args = vec![
+        "forward",
+        "--weights",
+        &weights,
+        "--input",
+        input,
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    m2unet(&args)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
@@ -38,17 +54,11 @@ fn info_prints_the_paper_counts() {
 fn forward_train_reproduces_the_pytorch_fixture() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("y.safetensors");
-    let o = m2unet(&[
-        "forward",
-        "--weights",
-        &fixture("tiny_weights.safetensors"),
-        "--input",
+    let o = forward_tiny(
         &fixture("tiny_input.safetensors"),
-        "--output",
-        out.to_str().unwrap(),
-        "--mode",
-        "train",
-    ]);
+        &out,
+        &["--mode", "train"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let got = TensorFile::read(&out).unwrap();
     let want = TensorFile::read(Path::new(&fixture("tiny_train.safetensors"))).unwrap();
@@ -108,15 +118,7 @@ fn forward_eval_writes_only_the_logits() {
     let dir = tempfile::tempdir().unwrap();
     let input = write_input(dir.path(), 4, 16, &[2, 2]);
     let out = dir.path().join("y.safetensors");
-    let o = m2unet(&[
-        "forward",
-        "--weights",
-        &fixture("tiny_weights.safetensors"),
-        "--input",
-        &input,
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = forward_tiny(&input, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let got = TensorFile::read(&out).unwrap();
     assert_eq!(
@@ -145,15 +147,7 @@ fn bad_forward_inputs_fail_clearly_and_write_nothing() {
     ];
     for (input, needle) in cases {
         let out = d.join("never.safetensors");
-        let o = m2unet(&[
-            "forward",
-            "--weights",
-            &fixture("tiny_weights.safetensors"),
-            "--input",
-            &input,
-            "--output",
-            out.to_str().unwrap(),
-        ]);
+        let o = forward_tiny(&input, &out, &[]);
         let msg = stderr(&o);
         println!("{input}: {msg}");
         assert!(!o.status.success());
