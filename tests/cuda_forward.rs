@@ -255,10 +255,7 @@ fn check_forward(c: ModelConfig, bags: &[usize], train: bool, seed: u64) {
     let m: usize = bags.iter().sum();
     let mut r = rng(seed + 1);
     let x = uniform(&mut r, m * c.in_channels * c.patch * c.patch, 0.0, 1.0);
-    let kind = match std::env::var("M2UNET_TEST_DEVICE").as_deref() {
-        Ok("cuda") => DeviceKind::Gpu,
-        _ => DeviceKind::Emu,
-    };
+    let kind = device_kind();
     let mut engine = CudaEngine::new(&model, kind).unwrap();
     let t = std::time::Instant::now();
     let out = if train {
@@ -403,10 +400,7 @@ fn check_vs_cpu_engine(c: ModelConfig, bags: &[usize], seed: u64) {
     let m: usize = bags.iter().sum();
     let mut r = rng(seed + 1);
     let x = uniform(&mut r, m * c.in_channels * c.patch * c.patch, 0.0, 1.0);
-    let kind = match std::env::var("M2UNET_TEST_DEVICE").as_deref() {
-        Ok("cuda") => DeviceKind::Gpu,
-        _ => DeviceKind::Emu,
-    };
+    let kind = device_kind();
     let batch = Batch {
         patches: &x,
         patch: c.patch,

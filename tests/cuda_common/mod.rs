@@ -8,12 +8,16 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// The emulator, always; the tests run on a GPU instead when M2UNET_TEST_DEVICE=cuda.
-pub fn device() -> Device {
-    let kind = match std::env::var("M2UNET_TEST_DEVICE").as_deref() {
+pub fn device_kind() -> DeviceKind {
+    match std::env::var("M2UNET_TEST_DEVICE").as_deref() {
         Ok("cuda") => DeviceKind::Gpu,
         _ => DeviceKind::Emu,
-    };
-    let dev = Device::new(kind).expect("device");
+    }
+}
+
+/// A device of `device_kind()`.
+pub fn device() -> Device {
+    let dev = Device::new(device_kind()).expect("device");
     println!("device: {}", dev.describe());
     dev
 }
