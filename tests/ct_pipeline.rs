@@ -542,6 +542,69 @@ fn phantom_lobes_sit_where_anatomy_puts_them_in_world_space() {
     }
 }
 
+/// Fissures show in the image as faint sheets along the lobe boundaries of the mask: lung
+/// voxels beside another lobe are denser than the rest of the lung, yet (noise-free) stay below
+/// the lesion HU window so that they do not count as involvement.
+#[test]
+fn phantom_fissures_are_visible_on_lobe_boundaries() {
+    for (seed, shape) in [(3u64, [80, 80, 48]), (4, [96, 96, 64])] {
+        let mut s = spec(
+            shape,
+            [0.8, 0.8, 2.5],
+            "RAS",
+            StoredDtype::Float32,
+            XformKind::Both,
+            false,
+        );
+        s.noise_hu = 0.0;
+        let ph = generate(&s, seed);
+        let [nx, ny, nz] = shape;
+        let (mut fissure, mut interior) = (Vec::new(), Vec::new());
+        for z in 1..nz - 1 {
+            for y in 1..ny - 1 {
+                for x in 1..nx - 1 {
+                    let i = (z * ny + y) * nx + x;
+                    let l = ph.lobes[i];
+                    if l == 0 || ph.hu[i] > -750.0 {
+                        continue; // outside the lung, or a lesion
+                    }
+                    let other_lobe = [1, nx, nx * ny].iter().any(|&d| {
+                        [ph.lobes[i - d], ph.lobes[i + d]]
+                            .iter()
+                            .any(|&m| m != 0 && m != l)
+                    });
+                    let near_edge = [1, nx, nx * ny]
+                        .iter()
+                        .any(|&d| ph.lobes[i - d] == 0 || ph.lobes[i + d] == 0);
+                    if other_lobe {
+                        fissure.push(ph.hu[i] as f64);
+                    } else if !near_edge {
+                        interior.push(ph.hu[i] as f64);
+                    }
+                }
+            }
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let in_window = ph
+            .hu
+            .iter()
+            .zip(&ph.lobes)
+            .filter(|(&h, &l)| l > 0 && (-750.0..-700.0).contains(&h))
+            .count();
+        println!(
+            "seed {seed} {shape:?}: fissure voxels {} mean {:.1} HU, interior {} mean {:.1} HU, \
+             lung voxels in [-750, -700) HU {in_window}",
+            fissure.len(),
+            mean(&fissure),
+            interior.len(),
+            mean(&interior)
+        );
+        assert!(fissure.len() > 100);
+        assert!(mean(&fissure) - mean(&interior) > 25.0);
+        assert_eq!(in_window, 0, "fissures must stay out of the lesion window");
+    }
+}
+
 #[test]
 fn phantom_128x128x96_is_fast() {
     let dir = tempfile::tempdir().unwrap();

@@ -32,21 +32,15 @@ fn pool_begin(shape: StepShape) {
     });
 }
 
-/// A zero-filled buffer of `n` values, recycled from the pool when one of that size is there.
-fn zeroed(n: usize) -> Vec<f32> {
-    let reused = POOL.with(|pool| {
+/// A buffer of `n` values for an operator to overwrite: recycled from the pool (holding a
+/// previous step's values) when one of that length is there, else freshly zeroed.
+fn buffer(n: usize) -> Vec<f32> {
+    POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let i = pool.1.iter().position(|v| v.capacity() == n)?;
+        let i = pool.1.iter().position(|v| v.len() == n)?;
         Some(pool.1.swap_remove(i))
-    });
-    match reused {
-        Some(mut v) => {
-            v.clear();
-            v.resize(n, 0.0);
-            v
-        }
-        None => vec![0f32; n],
-    }
+    })
+    .unwrap_or_else(|| vec![0f32; n])
 }
 
 /// Returns buffers to the pool (small ones are simply dropped).
@@ -292,7 +286,7 @@ impl Net<'_> {
         let (w, b) = (format!("{conv_name}.weight"), format!("{conv_name}.bias"));
         let (gamma, beta) = (format!("{bn_name}.weight"), format!("{bn_name}.bias"));
         let yd = Dims::new(xd.n, cout, xd.h, xd.w);
-        let mut y = zeroed(yd.len());
+        let mut y = buffer(yd.len());
         let bn = self.model.table.bn(bn_name).clone();
         let mut unit = Unit {
             conv: conv_name.to_string(),
@@ -306,7 +300,7 @@ impl Net<'_> {
         };
         match self.mode {
             Mode::Train => {
-                let mut z = zeroed(yd.len());
+                let mut z = buffer(yd.len());
                 conv::conv3x3_forward_concat(
                     parts,
                     xd,
@@ -404,7 +398,7 @@ impl Net<'_> {
             );
             let (mut pooled, mut argmax) = (vec![], vec![]);
             if k < 4 {
-                pooled = zeroed(c2.yd().len() / 4);
+                pooled = buffer(c2.yd().len() / 4);
                 argmax = vec![0u8; pooled.len()];
                 pool::maxpool2x2_forward(&c2.y, c2.yd(), &mut pooled, &mut argmax);
             }
@@ -544,7 +538,7 @@ impl Net<'_> {
             };
             let skip = &enc[3 - i].c2;
             let upd = Dims::new(xd.n, xd.c, 2 * xd.h, 2 * xd.w);
-            let mut up = zeroed(upd.len());
+            let mut up = buffer(upd.len());
             upsample::upsample2x_forward(x, xd, &mut up);
             let name = format!("dec{k}");
             let u = self.unit(
@@ -572,7 +566,7 @@ impl Net<'_> {
             blocks.push(DecBlock { up, u, c1, c2 });
         }
         let last = &blocks[3].c2;
-        let mut seg = zeroed(last.yd().n * cfg.seg_classes * last.yd().hw());
+        let mut seg = buffer(last.yd().n * cfg.seg_classes * last.yd().hw());
         conv::conv1x1_forward(
             &last.y,
             last.yd(),
@@ -615,7 +609,7 @@ impl Net<'_> {
         want_dx: bool,
     ) -> Vec<Vec<f32>> {
         let yd = u.yd();
-        let mut dz = zeroed(yd.len());
+        let mut dz = buffer(yd.len());
         let gamma = self.p(&format!("{}.weight", u.bn));
         let (dgamma, dbeta) = pair_mut(
             grads,
@@ -641,7 +635,7 @@ impl Net<'_> {
         let mut dx: Vec<Vec<f32>> = match want_dx {
             true => parts
                 .iter()
-                .map(|&(_, c)| zeroed(u.xd.n * c * hw))
+                .map(|&(_, c)| buffer(u.xd.n * c * hw))
                 .collect(),
             false => vec![],
         };
@@ -777,7 +771,7 @@ impl Net<'_> {
         let mut grads = vec![0f32; self.model.params.len()];
         // Segmentation head and decoder, dec2 → dec5, collecting the skip gradients.
         let last = &a.dec[3].c2;
-        let mut dx = zeroed(last.y.len());
+        let mut dx = buffer(last.y.len());
         let (dw, db) = pair_mut(&mut grads, self.model, "seg_head.weight", "seg_head.bias");
         conv::conv1x1_backward(
             &last.y,
@@ -807,7 +801,7 @@ impl Net<'_> {
             let ud = blk.u.yd();
             let dup = self.unit_backward(&mut grads, &blk.u, &[(&blk.up, blk.u.xd.c)], &du, true);
             let xd = Dims::new(ud.n, blk.u.xd.c, ud.h / 2, ud.w / 2);
-            let mut dx_next = zeroed(xd.len());
+            let mut dx_next = buffer(xd.len());
             upsample::upsample2x_backward(&dup[0], xd, &mut dx_next);
             recycle(
                 [std::mem::replace(&mut dx, dx_next), du]
@@ -826,7 +820,7 @@ impl Net<'_> {
         for k in (0..5).rev() {
             let blk = &a.enc[k];
             if k < 4 {
-                let mut dy = zeroed(blk.c2.y.len());
+                let mut dy = buffer(blk.c2.y.len());
                 pool::maxpool2x2_backward(&dx, blk.c2.yd(), &blk.argmax, &mut dy);
                 add_into(&mut dy, &dskips[k]);
                 recycle([
@@ -879,7 +873,7 @@ pub fn run_step(
         (Some(seg_labels), Some(cls_labels)) => {
             let backward = mode == Mode::Train;
             let mut dseg = if backward {
-                zeroed(acts.seg_logits.len())
+                buffer(acts.seg_logits.len())
             } else {
                 vec![]
             };

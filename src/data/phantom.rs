@@ -3,7 +3,7 @@
 //! The anatomy lives in normalised canonical coordinates u, v, w ∈ [−1, 1] (u towards the
 //! patient's right, v anterior, w superior), so it fills any grid whatever the spacing. It is
 //! deliberately asymmetric: three right lobes (oblique + horizontal fissure), two left lobes,
-//! the heart to the left. Every voxel is a pure function of the case seed and its index (noise
+//! the heart to the left. Fissures show as thin denser sheets, as in thin-section CT. Every voxel is a pure function of the case seed and its index (noise
 //! by hashing), so generation is parallel and the bytes are reproducible.
 
 use crate::data::{ct_grade, LOBE_NAMES, NUM_LOBES};
@@ -100,6 +100,9 @@ const HU_SOFT: f32 = 40.0;
 const HU_FAT: f32 = -100.0;
 const HU_BONE: f32 = 620.0;
 const HU_VESSEL: f32 = 30.0;
+/// Peak HU a fissure adds to the lung it crosses: a sheet about one voxel thick, faint enough
+/// (−790 HU at its centre) to stay out of the lesion HU window.
+const HU_FISSURE: f32 = 70.0;
 
 #[derive(Clone, Copy, Debug)]
 struct LungGeom {
@@ -282,6 +285,22 @@ impl Anatomy {
         }
     }
 
+    /// Distance in voxels (of size `vox`, normalised units) from a lung point to the nearest
+    /// fissure of its lung: the oblique one, and on the right the horizontal one, which runs
+    /// only in front of the oblique fissure.
+    fn fissure_distance(&self, side: usize, u: f64, v: f64, w: f64, vox: [f64; 3]) -> f64 {
+        let g = &self.lungs[side];
+        let (off, slope) = self.oblique[side];
+        let oblique = w - off + slope * (v - g.cv) / g.rv;
+        let mut d = oblique.abs() / (slope / g.rv * vox[1]).hypot(vox[2]);
+        if side == RIGHT && oblique >= 0.0 {
+            let tilt = 0.05 / g.ru;
+            let horizontal = w - self.horizontal - tilt * (u - g.cu);
+            d = d.min(horizontal.abs() / (tilt * vox[0]).hypot(vox[2]));
+        }
+        d
+    }
+
     fn in_vessel(&self, side: usize, p: [f64; 3]) -> bool {
         self.vessels[side].iter().any(|s| {
             let ab = [s.b[0] - s.a[0], s.b[1] - s.a[1], s.b[2] - s.a[2]];
@@ -293,8 +312,8 @@ impl Anatomy {
         })
     }
 
-    /// Noise-free HU and lobe label at a point.
-    fn voxel(&self, u: f64, v: f64, w: f64) -> (f32, u8) {
+    /// Noise-free HU and lobe label at a point; `vox` is the voxel size in normalised units.
+    fn voxel(&self, u: f64, v: f64, w: f64, vox: [f64; 3]) -> (f32, u8) {
         let qb = self.body_radius(u, v);
         if qb > 1.0 {
             return (HU_AIR, 0);
@@ -311,7 +330,9 @@ impl Anatomy {
                     .map(|k| (k[0] * u + k[1] * v + k[2] * w + k[3]).sin())
                     .sum::<f64>()
                     / 3.0;
-                return (HU_LUNG + 25.0 * texture as f32, lobe);
+                let d = self.fissure_distance(side, u, v, w, vox);
+                let fissure = HU_FISSURE * (-d * d).exp() as f32;
+                return (HU_LUNG + 25.0 * texture as f32 + fissure, lobe);
             }
         }
         let spine = u * u + (v + 0.5) * (v + 0.5);
@@ -362,6 +383,7 @@ pub fn generate(spec: &PhantomSpec, seed: u64) -> Phantom {
     let anatomy = Anatomy::draw(&mut rng);
     let [nx, ny, nz] = spec.shape;
     let n = nx * ny;
+    let vox = [2.0 / nx as f64, 2.0 / ny as f64, 2.0 / nz as f64];
     let mut hu = vec![0f32; n * nz];
     let mut lobes = vec![0u8; n * nz];
     hu.par_chunks_mut(n)
@@ -372,7 +394,7 @@ pub fn generate(spec: &PhantomSpec, seed: u64) -> Phantom {
             for y in 0..ny {
                 let v = coord(y, ny);
                 for x in 0..nx {
-                    let (h, l) = anatomy.voxel(coord(x, nx), v, w);
+                    let (h, l) = anatomy.voxel(coord(x, nx), v, w, vox);
                     hs[y * nx + x] = h;
                     ls[y * nx + x] = l;
                 }

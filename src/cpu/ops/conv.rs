@@ -8,6 +8,8 @@
 //! - AVX-512F (chosen at run time): the tile holds each input channel once, as a flat row with
 //!   a halo of one image row and one pixel; an 8×48 micro-kernel reads the 9 taps as shifted
 //!   loads (lanes on the image's first/last column masked) and broadcasts packed weights.
+//!   Images too small to fill a tile (the deep levels) go several to a tile, stacked with a
+//!   zero row between them, instead of one mostly padded tile each.
 //! - Portable (any CPU): an unfolded im2col tile (K rows × tile pixels) times the weights
 //!   through the `gemm` crate, single-threaded inside the task.
 //!
@@ -304,7 +306,16 @@ fn conv_forward(
         return;
     }
     let cc = (bl.fwd_k / taps).clamp(1, cin);
-    let tiling = Tiling::new(hw, (bl.fwd_col / (cc * taps)).min(bl.fwd_tile));
+    let target = (bl.fwd_col / (cc * taps)).min(bl.fwd_tile);
+    let tiling = Tiling::new(hw, target);
+    #[cfg(target_arch = "x86_64")]
+    if be == Backend::Avx512 && tiling.count == 1 {
+        let group = (target / (hw + w)).min(n);
+        if group > 1 {
+            let plan = Stacking { w, taps, cc, group };
+            return conv_forward_stacked(bl, x, n, plan, wp, bias, relu, y);
+        }
+    }
     let cb = block_size(cout, MR, n * tiling.count, bl.min_tasks);
     let nblk = cout.div_ceil(cb);
     // AVX-512 tiles hold one flat row per channel with a halo of one image row and one pixel.
@@ -359,6 +370,91 @@ fn conv_forward(
                 }
             });
         });
+}
+
+/// How `conv_forward_stacked` lays out a tile: `group` images of width `w` stacked with one
+/// zero row below each, `cc` input channels per K chunk.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+struct Stacking {
+    w: usize,
+    taps: usize,
+    cc: usize,
+    group: usize,
+}
+
+/// `conv_forward` (AVX-512) for images too small to fill a tile: a tile holds `plan.group`
+/// whole images stacked with a zero row between them, so no 3×3 tap mixes two images and the
+/// micro-kernel's 48-pixel panels are not mostly padding. A task stages its block of output
+/// channels over the stack and then copies each image's rows out, dropping the zero rows.
+/// Every output's sum runs in the same order as in `conv_forward`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn conv_forward_stacked(
+    bl: &Blocking,
+    x: Planes,
+    n: usize,
+    plan: Stacking,
+    wp: &Packed,
+    bias: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    let Stacking { w, taps, cc, group } = plan;
+    let (hw, cin, cout) = (x.hw, x.channels(), wp.rows);
+    let stack = hw + w;
+    let lenr = (group * stack - w).next_multiple_of(NR);
+    let halo = if taps == 9 { w + 1 } else { 0 };
+    let (ldr, ldt) = (row_stride(2 * halo + lenr), row_stride(lenr));
+    let ngroups = n.div_ceil(group);
+    let cb = block_size(cout, MR, ngroups, bl.min_tasks);
+    let nblk = cout.div_ceil(cb);
+    let out = SharedMut(y.as_mut_ptr());
+    (0..ngroups * nblk).into_par_iter().for_each(|task| {
+        let imgs = task / nblk * group..(task / nblk * group + group).min(n);
+        let co = task % nblk * cb..(task % nblk * cb + cb).min(cout);
+        with_scratch(cc * ldr + cb * ldt, |buf| {
+            let (rows, staged) = buf.split_at_mut(cc * ldr);
+            for c0 in (0..cin).step_by(cc) {
+                let c1 = (c0 + cc).min(cin);
+                for (r, c) in (c0..c1).enumerate() {
+                    let row = &mut rows[r * ldr..][..2 * halo + lenr];
+                    row.fill(0.0);
+                    for (j, img) in imgs.clone().enumerate() {
+                        row[halo + j * stack..][..hw].copy_from_slice(x.plane(img, c));
+                    }
+                }
+                let prod = TileProduct {
+                    wp,
+                    co: co.clone(),
+                    k0: c0 * taps,
+                    kc: (c1 - c0) * taps,
+                    plen: imgs.len() * stack - w,
+                    out: staged.as_mut_ptr(),
+                    ldo: ldt,
+                    start: match (c0, bias) {
+                        (0, Some(b)) => Start::Bias(b[co.start..].as_ptr()),
+                        (0, None) => Start::Zero,
+                        _ => Start::Accumulate,
+                    },
+                    relu: relu && c1 == cin,
+                };
+                // SAFETY: AVX-512F present (the caller checked the backend); `staged` holds
+                // co.len() rows of ldt ≥ plen floats.
+                unsafe { prod.run_avx512(rows, ldr, halo, taps, w, 0) }
+            }
+            for (r, c) in co.clone().enumerate() {
+                for (j, img) in imgs.clone().enumerate() {
+                    let src = &staged[r * ldt + j * stack..][..hw];
+                    // SAFETY: image img, channel c is this task's alone; hw floats in bounds.
+                    unsafe {
+                        let dst = out.add((img * cout + c) * hw);
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), dst, hw);
+                    }
+                }
+            }
+        });
+    });
 }
 
 /// A scratch row stride of at least `len` floats: a multiple of 16, and not of 256 (a multiple
@@ -1506,7 +1602,7 @@ mod tests {
     /// (n, input channel parts, cout, h, w)
     type ConvShape = (usize, &'static [usize], usize, usize, usize);
 
-    const FORWARD_SHAPES: [ConvShape; 8] = [
+    const FORWARD_SHAPES: [ConvShape; 9] = [
         (2, &[3], 4, 7, 1),
         (1, &[1], 3, 5, 7),
         (2, &[3], 4, 16, 16),
@@ -1515,6 +1611,7 @@ mod tests {
         (2, &[20], 9, 9, 13),
         (2, &[7, 6], 10, 6, 11),
         (1, &[1], 5, 24, 32),
+        (5, &[2, 3], 6, 3, 4),
     ];
 
     fn check_forward(taps: usize) {
@@ -1618,12 +1715,13 @@ mod tests {
             .collect()
     }
 
-    const BACKWARD_SHAPES: [ConvShape; 5] = [
+    const BACKWARD_SHAPES: [ConvShape; 6] = [
         (2, &[3], 4, 7, 1),
         (2, &[3], 4, 5, 7),
         (1, &[1], 3, 6, 4),
         (2, &[2, 3], 9, 9, 13),
         (3, &[4], 6, 1, 5),
+        (5, &[2, 3], 6, 3, 4),
     ];
 
     fn check_backward(taps: usize) {
