@@ -284,6 +284,18 @@ enum Start {
     Accumulate,
 }
 
+impl Start {
+    /// The start of the K chunk from input channel `c0` for output rows from `co0`: the bias
+    /// (or zero) on the first chunk, accumulation on the later ones.
+    fn for_chunk(c0: usize, bias: Option<&[f32]>, co0: usize) -> Start {
+        match (c0, bias) {
+            (0, Some(b)) => Start::Bias(b[co0..].as_ptr()),
+            (0, None) => Start::Zero,
+            _ => Start::Accumulate,
+        }
+    }
+}
+
 /// y = conv(x; wp) (+ bias), optionally ReLU'd. `taps` 9: 3×3 with zero padding 1; 1: 1×1.
 /// `wp` holds the weights as a [cout, cin·taps] matrix. y: [n, cout, h, w], overwritten.
 #[allow(clippy::too_many_arguments)]
@@ -346,11 +358,7 @@ fn conv_forward(
                         // SAFETY: rows co, pixels [p0, p0+plen) of image img are this task's alone.
                         out: unsafe { out.add((img * cout + co.start) * hw + p0) },
                         ldo: hw,
-                        start: match (c0, bias) {
-                            (0, Some(b)) => Start::Bias(b[co.start..].as_ptr()),
-                            (0, None) => Start::Zero,
-                            _ => Start::Accumulate,
-                        },
+                        start: Start::for_chunk(c0, bias, co.start),
                         relu: relu && c1 == cin,
                     };
                     match be {
@@ -432,11 +440,7 @@ fn conv_forward_stacked(
                     plen: imgs.len() * stack - w,
                     out: staged.as_mut_ptr(),
                     ldo: ldt,
-                    start: match (c0, bias) {
-                        (0, Some(b)) => Start::Bias(b[co.start..].as_ptr()),
-                        (0, None) => Start::Zero,
-                        _ => Start::Accumulate,
-                    },
+                    start: Start::for_chunk(c0, bias, co.start),
                     relu: relu && c1 == cin,
                 };
                 // SAFETY: AVX-512F present (the caller checked the backend); `staged` holds
