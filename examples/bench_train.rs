@@ -14,7 +14,7 @@ struct Args {
     #[arg(long, default_value = "paper")]
     preset: String,
     /// Patch side.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 80)]
     patch: usize,
     /// Patches per step.
     #[arg(long, default_value_t = 16)]

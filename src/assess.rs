@@ -625,7 +625,7 @@ impl AssessArgs {
 /// weights/MODEL_CARD.md).
 pub const DEFAULT_WEIGHTS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/weights/m2unet_synthetic_p64.safetensors"
+    "/weights/m2unet_synthetic_p80.safetensors"
 );
 
 /// The default weights' path, or an error saying how to pass weights when they are missing.
