@@ -266,14 +266,11 @@ impl Anatomy {
 
     /// Lobe label of a lung point by the fissure surfaces.
     fn lobe(&self, side: usize, u: f64, v: f64, w: f64) -> u8 {
-        let g = &self.lungs[side];
-        let dv = (v - g.cv) / g.rv;
-        let (off, slope) = self.oblique[side];
-        let below_oblique = w < off - slope * dv;
+        let below_oblique = w < self.oblique_height(side, v);
         if side == RIGHT {
             if below_oblique {
                 5
-            } else if w < self.horizontal + 0.05 * (u - g.cu) / g.ru {
+            } else if w < self.horizontal_height(u) {
                 4
             } else {
                 3
@@ -285,18 +282,32 @@ impl Anatomy {
         }
     }
 
-    /// Distance in voxels (of size `vox`, normalised units) from a lung point to the nearest
-    /// fissure of its lung: the oblique one, and on the right the horizontal one, which runs
-    /// only in front of the oblique fissure.
-    fn fissure_distance(&self, side: usize, u: f64, v: f64, w: f64, vox: [f64; 3]) -> f64 {
+    /// Height w of the oblique fissure of lung `side` at A–P position v (it falls towards the
+    /// front with slope `slope / rv`).
+    fn oblique_height(&self, side: usize, v: f64) -> f64 {
         let g = &self.lungs[side];
         let (off, slope) = self.oblique[side];
-        let oblique = w - off + slope * (v - g.cv) / g.rv;
-        let mut d = oblique.abs() / (slope / g.rv * vox[1]).hypot(vox[2]);
-        if side == RIGHT && oblique >= 0.0 {
-            let tilt = 0.05 / g.ru;
-            let horizontal = w - self.horizontal - tilt * (u - g.cu);
-            d = d.min(horizontal.abs() / (tilt * vox[0]).hypot(vox[2]));
+        off - slope * ((v - g.cv) / g.rv)
+    }
+
+    /// Height w of the horizontal fissure (right lung) at left–right position u (it rises
+    /// laterally with slope `0.05 / ru`).
+    fn horizontal_height(&self, u: f64) -> f64 {
+        let g = &self.lungs[RIGHT];
+        self.horizontal + 0.05 * (u - g.cu) / g.ru
+    }
+
+    /// Distance in voxels (of size `vox`, normalised units) from a lung point to the nearest
+    /// fissure of its lung: the oblique one, and on the right the horizontal one, which runs
+    /// only in front of the oblique fissure. Each fissure is the plane of its height function,
+    /// so the distance is the height difference over the plane's gradient in voxel units.
+    fn fissure_distance(&self, side: usize, u: f64, v: f64, w: f64, vox: [f64; 3]) -> f64 {
+        let g = &self.lungs[side];
+        let above_oblique = w - self.oblique_height(side, v);
+        let mut d = above_oblique.abs() / (self.oblique[side].1 / g.rv * vox[1]).hypot(vox[2]);
+        if side == RIGHT && above_oblique >= 0.0 {
+            let above_horizontal = w - self.horizontal_height(u);
+            d = d.min(above_horizontal.abs() / (0.05 / g.ru * vox[0]).hypot(vox[2]));
         }
         d
     }

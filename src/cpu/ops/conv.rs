@@ -1195,34 +1195,12 @@ fn backward_impl(
 /// 3×3 convolution, stride 1, zero padding 1, with bias. x: [n, cin, h, w] (xd),
 /// w: [cout, cin, 3, 3], b: [cout] → y: [n, cout, h, w].
 pub fn conv3x3_forward(x: &[f32], xd: Dims, w: &[f32], b: &[f32], cout: usize, y: &mut [f32]) {
-    forward_impl(
-        Backend::detect(),
-        &BLOCKING,
-        &[(x, xd.c)],
-        xd,
-        9,
-        w,
-        b,
-        cout,
-        false,
-        y,
-    );
+    conv3x3_forward_concat(&[(x, xd.c)], xd, w, b, cout, false, y);
 }
 
 /// y = relu(conv3x3(x; w, b)), for inference with BatchNorm folded into w and b by the caller.
 pub fn conv3x3_relu_forward(x: &[f32], xd: Dims, w: &[f32], b: &[f32], cout: usize, y: &mut [f32]) {
-    forward_impl(
-        Backend::detect(),
-        &BLOCKING,
-        &[(x, xd.c)],
-        xd,
-        9,
-        w,
-        b,
-        cout,
-        true,
-        y,
-    );
+    conv3x3_forward_concat(&[(x, xd.c)], xd, w, b, cout, true, y);
 }
 
 /// conv3x3_forward of the channel concatenation of `parts` ([n, c_i, h, w] each, in order;
@@ -1263,20 +1241,7 @@ pub fn conv3x3_backward(
     dw: &mut [f32],
     db: &mut [f32],
 ) {
-    let be = Backend::detect();
-    backward_impl(
-        be,
-        &BLOCKING,
-        &[(x, xd.c)],
-        xd,
-        9,
-        w,
-        dy,
-        cout,
-        &mut [dx],
-        dw,
-        db,
-    );
+    conv3x3_backward_concat(&[(x, xd.c)], xd, w, dy, cout, &mut [dx], dw, db);
 }
 
 /// Gradients of conv3x3_forward_concat: dx[i] (if Some) receives the gradient of parts[i].
@@ -1335,9 +1300,8 @@ pub fn conv1x1_backward(
     dw: &mut [f32],
     db: &mut [f32],
 ) {
-    let be = Backend::detect();
     backward_impl(
-        be,
+        Backend::detect(),
         &BLOCKING,
         &[(x, xd.c)],
         xd,
