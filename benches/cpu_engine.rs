@@ -4,8 +4,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use m2unet::config::{ModelConfig, TrainConfig};
-use m2unet::cpu::{run_step, Batch, Mode, Trainer};
-use m2unet::model::{forward_flops_per_patch, Model};
+use m2unet::cpu::{run_step, Trainer};
+use m2unet::engine::{Batch, Mode};
+use m2unet::model::{Arch, Model};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ fn engine(c: &mut Criterion) {
             cls_labels: None,
             ..batch
         };
-        let flops = forward_flops_per_patch(&cfg) * m as f64;
+        let flops = Arch::new(&cfg).forward_flops_per_patch(p) * m as f64;
         let mut group = c.benchmark_group(format!("cpu_paper_p{p}_m{m}"));
         group
             .sample_size(10)

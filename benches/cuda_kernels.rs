@@ -7,7 +7,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use m2unet::config::ModelConfig;
 use m2unet::cuda::kernels::*;
 use m2unet::cuda::{CudaEngine, DevPtr, Device, DeviceKind};
-use m2unet::model::{forward_flops_per_patch, Model};
+use m2unet::model::{Arch, Model};
 use std::time::Duration;
 
 /// Times `iters` launches of `launch` with CUDA events.
@@ -188,7 +188,7 @@ fn forward(c: &mut Criterion) {
     let m = 8;
     let x = vec![0.5f32; m * cfg.patch * cfg.patch];
     g.throughput(Throughput::Elements(
-        (forward_flops_per_patch(&cfg) * m as f64) as u64,
+        (Arch::new(&cfg).forward_flops_per_patch(cfg.patch) * m as f64) as u64,
     ));
     g.bench_function("eval forward paper P=256 M=8 (elements = FLOP)", |b| {
         b.iter_custom(|it| {

@@ -3,8 +3,9 @@
 
 use clap::Parser;
 use m2unet::config::{ModelConfig, TrainConfig};
-use m2unet::cpu::{Batch, Trainer};
-use m2unet::model::{forward_flops_per_patch, Model};
+use m2unet::cpu::Trainer;
+use m2unet::engine::Batch;
+use m2unet::model::{Arch, Model};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
@@ -36,12 +37,9 @@ fn main() -> anyhow::Result<()> {
             a.bags
         );
     }
-    let cfg = ModelConfig {
-        patch: a.patch,
-        ..ModelConfig::preset(&a.preset)?
-    };
-    cfg.validate()?;
+    let cfg = ModelConfig::preset(&a.preset)?;
     let (m, p) = (a.patches, a.patch);
+    cfg.check_patch(p)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let patches: Vec<f32> = (0..m * p * p).map(|_| rng.gen()).collect();
     let seg: Vec<i64> = (0..m * p * p).map(|_| rng.gen_range(0..6)).collect();
@@ -66,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let ms = times[times.len() / 2];
-    let gflop = 3.0 * forward_flops_per_patch(&cfg) * m as f64 / 1e9;
+    let gflop = 3.0 * Arch::new(&cfg).forward_flops_per_patch(p) * m as f64 / 1e9;
     println!(
         "{{\"preset\": \"{}\", \"patch\": {p}, \"patches\": {m}, \"bags\": {:?}, \"threads\": {}, \"train_ms\": {ms:.2}, \"patches_per_s\": {:.3}, \"gflop_per_s\": {:.2}}}",
         a.preset,

@@ -229,7 +229,7 @@ pub fn assess_volume_with_progress(
     let mut seg = Vec::with_capacity(m * p * p);
     for chunk in vp.patches.chunks(opts.batch_size * p * p) {
         let labels = engine
-            .segment(chunk)
+            .segment(chunk, p)
             .with_context(|| format!("{name}: segmentation failed"))?;
         if labels.len() != chunk.len() {
             bail!(

@@ -39,11 +39,16 @@ impl FromStr for GcpMode {
     }
 }
 
-/// The shape of the network. Every engine computes the same function of these fields.
+/// The shape of the network. Every engine computes the same function of these fields; the
+/// layers they imply are listed once, in `model::Arch`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelConfig {
-    /// Patch side P (a multiple of 16).
+    /// The patch side the weights were trained at: preprocessing metadata for `assess` and
+    /// `train`. The engines take the patch side of each batch from its input.
     pub patch: usize,
+    /// Encoder stages D (the last is the bottleneck); the decoder has D − 1 blocks.
+    #[serde(default = "paper_depth")]
+    pub depth: usize,
     pub in_channels: usize,
     /// Width W of encoder blocks 1–4 and of the decoder.
     pub enc_width: usize,
@@ -58,11 +63,16 @@ pub struct ModelConfig {
     pub gcp: GcpMode,
 }
 
+fn paper_depth() -> usize {
+    5
+}
+
 impl ModelConfig {
     /// The network of the paper (Table 1): 4,015,304 learnable parameters.
     pub fn paper() -> Self {
         ModelConfig {
             patch: 256,
+            depth: paper_depth(),
             in_channels: 1,
             enc_width: 64,
             bottleneck_width: 512,
@@ -96,9 +106,10 @@ impl ModelConfig {
 
     /// Checks the invariants the engines rely on.
     pub fn validate(&self) -> Result<()> {
-        if self.patch == 0 || !self.patch.is_multiple_of(16) {
-            bail!("patch side {} is not a positive multiple of 16", self.patch);
+        if !(2..=8).contains(&self.depth) {
+            bail!("depth {} is outside 2..=8 encoder stages", self.depth);
         }
+        self.check_patch(self.patch)?;
         for (name, v) in [
             ("in_channels", self.in_channels),
             ("enc_width", self.enc_width),
@@ -111,6 +122,20 @@ impl ModelConfig {
             if v == 0 {
                 bail!("model config field {name} must be positive");
             }
+        }
+        Ok(())
+    }
+
+    /// The factor every patch side must be a multiple of: 2^(depth − 1) (16 for the paper).
+    pub fn patch_multiple(&self) -> usize {
+        1 << (self.depth - 1)
+    }
+
+    /// Checks that patches of side `p` pass through every pooling level evenly.
+    pub fn check_patch(&self, p: usize) -> Result<()> {
+        let k = self.patch_multiple();
+        if p == 0 || !p.is_multiple_of(k) {
+            bail!("patch side {p} is not a positive multiple of {k} (2^(depth − 1))");
         }
         Ok(())
     }

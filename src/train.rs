@@ -4,12 +4,13 @@
 
 use crate::assess::{assess_volume, AssessOptions};
 use crate::config::{ModelConfig, TrainConfig};
-use crate::cpu::{run_step, Batch, CpuEngine, Losses, Mode, Trainer};
+use crate::cpu::{run_step, CpuEngine, Losses, Trainer};
 use crate::data::dataset::{
     epoch_order, load_bag, read_manifest, split_by_case, Bag, BagConfig, ManifestEntry,
 };
 use crate::data::preprocess::PreprocessConfig;
 use crate::data::{LOBE_NAMES, NUM_LOBES};
+use crate::engine::{Batch, Mode};
 use crate::io::checkpoint::{load_checkpoint, save_checkpoint, TrainState};
 use crate::io::read_volume;
 use crate::io::weights::{load_model, model_tensors, WeightDtype};
@@ -482,8 +483,7 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
             Some(_) => model.config().patch,
             None => ModelConfig::preset(&args.preset)?.patch,
         });
-        model.table.config.patch = patch;
-        model.config().validate()?;
+        model.set_trained_patch(patch)?;
         let config = TrainConfig {
             lr: args.lr,
             weight_decay: args.weight_decay,

@@ -835,8 +835,8 @@ impl InferenceEngine for OracleEngine {
             cls_logits: cls,
         })
     }
-    fn segment(&mut self, patches: &[f32]) -> Result<Vec<u8>> {
-        let n = self.config.patch * self.config.patch;
+    fn segment(&mut self, patches: &[f32], patch: usize) -> Result<Vec<u8>> {
+        let n = patch * patch;
         let mut out = Vec::with_capacity(patches.len());
         for patch in patches.chunks(n) {
             out.extend_from_slice(self.lookup(patch)?);

@@ -8,7 +8,7 @@ use cuda_common::*;
 use m2unet::config::{GcpMode, ModelConfig, BN_EPS, BN_MOMENTUM};
 use m2unet::cuda::{CudaEngine, DeviceKind};
 use m2unet::engine::InferenceEngine;
-use m2unet::model::Model;
+use m2unet::model::{Model, Src};
 use rand::Rng;
 
 /// A model with random BatchNorm affine parameters and running statistics (so eval-mode BN
@@ -117,82 +117,41 @@ impl Reference<'_> {
         }
     }
 
-    /// Returns (seg logits [m, classes, P, P], cls logits [bags, classes]).
-    fn forward(&mut self, x: &[f32], bags: &[usize]) -> (Vec<f32>, Vec<f32>) {
-        let c = *self.m.config();
-        let (n, p, w, b) = (
-            bags.iter().sum::<usize>(),
-            c.patch,
-            c.enc_width,
-            c.bottleneck_width,
-        );
-        let mut skips = vec![];
-        let mut cur = x.to_vec();
-        let mut cin = c.in_channels;
-        for k in 1..=5 {
-            let r = p >> (k - 1);
-            let t = self.conv_bn_relu(
-                &cur,
-                &format!("enc{k}.conv1"),
-                &format!("enc{k}.bn1"),
-                n,
-                cin,
-                r,
-            );
-            let cout = if k == 5 { b } else { w };
-            let s = self.conv_bn_relu(
-                &t,
-                &format!("enc{k}.conv2"),
-                &format!("enc{k}.bn2"),
-                n,
-                cout,
-                r,
-            );
-            if k < 5 {
-                cur = ref_maxpool(&s, n * cout, r, r);
-            }
-            cin = cout;
-            skips.push(s);
-        }
-        let h = skips.pop().unwrap();
-        let mut low = h.clone();
-        let mut lowc = b;
-        for k in (2..=5).rev() {
-            let r = p >> (k - 2);
-            let up = ref_upsample2x(&low, n * lowc, r / 2, r / 2);
-            let u = self.conv_bn_relu(
-                &up,
-                &format!("dec{k}.up_conv"),
-                &format!("dec{k}.up_bn"),
-                n,
-                lowc,
-                r,
-            );
-            let s = skips.pop().unwrap();
-            let mut cat = vec![0f32; n * 2 * w * r * r];
+    /// Returns (seg logits [m, classes, P, P], cls logits [bags, classes]) of patches of side
+    /// `p`, walking the model's layer list.
+    fn forward(&mut self, x: &[f32], bags: &[usize], p: usize) -> (Vec<f32>, Vec<f32>) {
+        let arch = self.m.arch().clone();
+        let c = arch.config;
+        let n = bags.iter().sum::<usize>();
+        let mut outs: Vec<Vec<f32>> = vec![];
+        for u in &arch.units {
+            let r = p >> u.level;
+            let parts: Vec<(Vec<f32>, usize)> = u
+                .inputs
+                .iter()
+                .map(|&(src, ch)| {
+                    let v = match src {
+                        Src::Input => x.to_vec(),
+                        Src::Unit(j) => outs[j].clone(),
+                        Src::Pooled(j) => ref_maxpool(&outs[j], n * ch, 2 * r, 2 * r),
+                        Src::Upsampled(j) => ref_upsample2x(&outs[j], n * ch, r / 2, r / 2),
+                    };
+                    (v, ch)
+                })
+                .collect();
+            // Channel concatenation, per patch.
+            let mut cat = vec![];
             for i in 0..n {
-                let len = w * r * r;
-                cat[i * 2 * len..][..len].copy_from_slice(&u[i * len..(i + 1) * len]);
-                cat[i * 2 * len + len..][..len].copy_from_slice(&s[i * len..(i + 1) * len]);
+                for (v, ch) in &parts {
+                    cat.extend_from_slice(&v[i * ch * r * r..(i + 1) * ch * r * r]);
+                }
             }
-            let t = self.conv_bn_relu(
-                &cat,
-                &format!("dec{k}.conv1"),
-                &format!("dec{k}.bn1"),
-                n,
-                2 * w,
-                r,
-            );
-            low = self.conv_bn_relu(
-                &t,
-                &format!("dec{k}.conv2"),
-                &format!("dec{k}.bn2"),
-                n,
-                w,
-                r,
-            );
-            lowc = w;
+            let y = self.conv_bn_relu(&cat, &u.conv, &u.bn, n, u.cin(), r);
+            outs.push(y);
         }
+        let (low, w) = (&outs[arch.seg.src], arch.seg.cin);
+        let h = &outs[arch.mil.src];
+        let b = arch.mil.channels;
         let sw = self.m.param("seg_head.weight");
         let sb = self.m.param("seg_head.bias");
         let classes = c.seg_classes;
@@ -208,7 +167,7 @@ impl Reference<'_> {
             }
         }
         // MIL head.
-        let inst = (p / 16) * (p / 16);
+        let inst = (p >> arch.mil.level) * (p >> arch.mil.level);
         let (k1, k2) = (c.emb_concepts, c.img_concepts);
         let cw = self.m.param("mil_emb.concepts.weight");
         let cb = self.m.param("mil_emb.concepts.bias");
@@ -250,11 +209,11 @@ fn rel_l2(reference: &[f32], got: &[f32]) -> f64 {
     nerr(reference, got).sqrt()
 }
 
-fn check_forward(c: ModelConfig, bags: &[usize], train: bool, seed: u64) {
+fn check_forward(c: ModelConfig, p: usize, bags: &[usize], train: bool, seed: u64) {
     let model = random_model(c, seed);
     let m: usize = bags.iter().sum();
     let mut r = rng(seed + 1);
-    let x = uniform(&mut r, m * c.in_channels * c.patch * c.patch, 0.0, 1.0);
+    let x = uniform(&mut r, m * c.in_channels * p * p, 0.0, 1.0);
     let kind = device_kind();
     let mut engine = CudaEngine::new(&model, kind).unwrap();
     let t = std::time::Instant::now();
@@ -269,14 +228,13 @@ fn check_forward(c: ModelConfig, bags: &[usize], train: bool, seed: u64) {
         m: &mut ref_model,
         train,
     }
-    .forward(&x, bags);
+    .forward(&x, bags, p);
     let es = rel_l2(&seg, &out.seg_logits);
     let ec = rel_l2(&cls, &out.cls_logits);
     let mode = if train { "train" } else { "eval" };
     println!(
-        "{} P={} W={} B={} bags {bags:?} {mode}: rel L2 seg logits {es:.3e}, cls logits {ec:.3e} (threshold 1e-2); {secs:.2} s on {}",
-        if c == ModelConfig::tiny() { "tiny" } else { "mid" },
-        c.patch,
+        "depth {} P={p} W={} B={} bags {bags:?} {mode}: rel L2 seg logits {es:.3e}, cls logits {ec:.3e} (threshold 1e-2); {secs:.2} s on {}",
+        c.depth,
         c.enc_width,
         c.bottleneck_width,
         engine.describe()
@@ -305,22 +263,22 @@ fn mid() -> ModelConfig {
 
 #[test]
 fn forward_eval_tiny() {
-    check_forward(ModelConfig::tiny(), &[2, 2], false, 21);
+    check_forward(ModelConfig::tiny(), 32, &[2, 2], false, 21);
 }
 
 #[test]
 fn forward_train_tiny() {
-    check_forward(ModelConfig::tiny(), &[2, 2], true, 22);
+    check_forward(ModelConfig::tiny(), 32, &[2, 2], true, 22);
 }
 
 #[test]
 fn forward_eval_mid() {
-    check_forward(mid(), &[2, 3], false, 23);
+    check_forward(mid(), 48, &[2, 3], false, 23);
 }
 
 #[test]
 fn forward_train_mid() {
-    check_forward(mid(), &[3, 2], true, 24);
+    check_forward(mid(), 48, &[3, 2], true, 24);
 }
 
 #[test]
@@ -331,7 +289,7 @@ fn segment_labels_match_eval_logits() {
     let mut r = rng(26);
     let x = uniform(&mut r, 2 * c.patch * c.patch, 0.0, 1.0);
     let mut engine = CudaEngine::new(&model, DeviceKind::Emu).unwrap();
-    let labels = engine.segment(&x).unwrap();
+    let labels = engine.segment(&x, c.patch).unwrap();
     let out = engine.forward_eval(&x, &[2]).unwrap();
     let pp = c.patch * c.patch;
     let mut mism = 0;
@@ -363,22 +321,15 @@ fn bad_bags_are_errors() {
 
 #[test]
 fn profile_lists_every_stage() {
-    // One entry per conv of model.md (enc1–5: 2 each, dec5–2: 3 each), the seg head, the MIL
-    // head, in network order, each a non-negative time.
+    // One entry per conv unit of the layer list (22 for the paper's depth), the seg head, the
+    // MIL head, in network order, each a non-negative time.
     let c = ModelConfig::tiny();
-    let mut engine = CudaEngine::new(&Model::init(c, 3), DeviceKind::Emu).unwrap();
+    let model = Model::init(c, 3);
+    let mut engine = CudaEngine::new(&model, DeviceKind::Emu).unwrap();
     let x = vec![0.25f32; 2 * c.patch * c.patch];
     let stages = engine.profile_forward_eval(&x, &[2]).unwrap();
-    let mut want = vec![];
-    for k in 1..=5 {
-        want.push(format!("enc{k}.conv1"));
-        want.push(format!("enc{k}.conv2"));
-    }
-    for k in (2..=5).rev() {
-        for l in ["up_conv", "conv1", "conv2"] {
-            want.push(format!("dec{k}.{l}"));
-        }
-    }
+    let mut want: Vec<String> = model.arch().units.iter().map(|u| u.conv.clone()).collect();
+    assert_eq!(want.len(), 22);
     want.push("seg_head".into());
     want.push("mil_head".into());
     let names: Vec<&str> = stages.iter().map(|(s, _)| s.as_str()).collect();
@@ -393,17 +344,18 @@ fn profile_lists_every_stage() {
 
 /// The CUDA engine (emulator, or GPU with M2UNET_TEST_DEVICE=cuda) against the CPU engine's
 /// `run_step` in eval and train mode: outputs and, in train mode, the updated running stats.
-fn check_vs_cpu_engine(c: ModelConfig, bags: &[usize], seed: u64) {
+fn check_vs_cpu_engine(c: ModelConfig, p: usize, bags: &[usize], seed: u64) {
     use m2unet::config::TrainConfig;
-    use m2unet::cpu::{run_step, Batch, Mode};
+    use m2unet::cpu::run_step;
+    use m2unet::engine::{Batch, Mode};
     let model = random_model(c, seed);
     let m: usize = bags.iter().sum();
     let mut r = rng(seed + 1);
-    let x = uniform(&mut r, m * c.in_channels * c.patch * c.patch, 0.0, 1.0);
+    let x = uniform(&mut r, m * c.in_channels * p * p, 0.0, 1.0);
     let kind = device_kind();
     let batch = Batch {
         patches: &x,
-        patch: c.patch,
+        patch: p,
         bag_sizes: bags,
         seg_labels: None,
         cls_labels: None,
@@ -423,9 +375,9 @@ fn check_vs_cpu_engine(c: ModelConfig, bags: &[usize], seed: u64) {
         let ec = rel_l2(&cpu.cls_logits, &out.cls_logits);
         let er = rel_l2(&cpu_model.buffers, &engine.model().buffers);
         println!(
-            "CUDA ({}) vs CPU engine, P={} W={} B={} bags {bags:?} {}: rel L2 seg {es:.3e}, cls {ec:.3e}, running stats {er:.3e} (thresholds 1e-2, 1e-2, 1e-3)",
+            "CUDA ({}) vs CPU engine, depth {} P={p} W={} B={} bags {bags:?} {}: rel L2 seg {es:.3e}, cls {ec:.3e}, running stats {er:.3e} (thresholds 1e-2, 1e-2, 1e-3)",
             engine.describe(),
-            c.patch,
+            c.depth,
             c.enc_width,
             c.bottleneck_width,
             if train { "train" } else { "eval" }
@@ -434,14 +386,83 @@ fn check_vs_cpu_engine(c: ModelConfig, bags: &[usize], seed: u64) {
     }
 }
 
+/// A network that is not the paper's: 3 encoder stages (2 decoder blocks), other widths and
+/// concept counts. The layer list is the only place that knows the depth, so both engines
+/// and the reference follow it from the config alone. The patch side (20) is not the
+/// config's trained patch (32): the engines take it from the input.
+fn variant() -> ModelConfig {
+    ModelConfig {
+        depth: 3,
+        enc_width: 10,
+        bottleneck_width: 14,
+        emb_concepts: 6,
+        img_concepts: 5,
+        gcp: GcpMode::Mean,
+        ..ModelConfig::tiny()
+    }
+}
+
+#[test]
+fn variant_depth3_cuda_matches_reference() {
+    check_forward(variant(), 20, &[2, 3], false, 41);
+    check_forward(variant(), 20, &[3, 2], true, 42);
+}
+
+#[test]
+fn variant_depth3_cpu_matches_reference() {
+    // The CPU engine (f32) against the same reference: eval and train outputs and running
+    // statistics, at f32 rounding (rel L2 ≤ 1e-5).
+    use m2unet::config::TrainConfig;
+    use m2unet::cpu::run_step;
+    use m2unet::engine::{Batch, Mode};
+    let (c, p, bags) = (variant(), 20, [2usize, 3]);
+    assert_eq!(m2unet::model::Arch::new(&c).units.len(), 6 + 6);
+    let model = random_model(c, 46);
+    let x = uniform(&mut rng(44), 5 * p * p, 0.0, 1.0);
+    let batch = Batch {
+        patches: &x,
+        patch: p,
+        bag_sizes: &bags,
+        seg_labels: None,
+        cls_labels: None,
+    };
+    for (mode, train) in [(Mode::Eval, false), (Mode::Train, true)] {
+        let mut cpu_model = model.clone();
+        let out = run_step(&mut cpu_model, &batch, mode, &TrainConfig::default())
+            .unwrap()
+            .outputs;
+        let mut ref_model = model.clone();
+        let (seg, cls) = Reference {
+            m: &mut ref_model,
+            train,
+        }
+        .forward(&x, &bags, p);
+        let (es, ec) = (rel_l2(&seg, &out.seg_logits), rel_l2(&cls, &out.cls_logits));
+        // The image-level head must be live (not every ReLU closed), or cls compares biases.
+        let bias = model.param("classifier.bias");
+        assert!(
+            cls.chunks(2).any(|l| l != bias),
+            "cls logits are the bias alone"
+        );
+        let er = rel_l2(&ref_model.buffers, &cpu_model.buffers);
+        println!("CPU engine vs reference, depth 3 P={p} {mode:?}: rel L2 seg {es:.3e}, cls {ec:.3e}, running stats {er:.3e} (threshold 1e-5)");
+        assert!(es <= 1e-5 && ec <= 1e-5 && er <= 1e-5);
+    }
+}
+
+#[test]
+fn variant_depth3_cuda_vs_cpu_engine() {
+    check_vs_cpu_engine(variant(), 20, &[2, 2], 46);
+}
+
 #[test]
 fn cuda_vs_cpu_engine_tiny() {
-    check_vs_cpu_engine(ModelConfig::tiny(), &[2, 3], 31);
+    check_vs_cpu_engine(ModelConfig::tiny(), 32, &[2, 3], 31);
 }
 
 #[test]
 fn cuda_vs_cpu_engine_mid() {
-    check_vs_cpu_engine(mid(), &[2, 2], 32);
+    check_vs_cpu_engine(mid(), 48, &[2, 2], 32);
 }
 
 #[test]
@@ -452,7 +473,8 @@ fn cli_forward_emu_matches_pytorch_fixtures() {
     // layer, so their bound is max(1e-2, 4·s), s = how far the f32 CPU engine's train outputs
     // move when the input is perturbed by one fp16 rounding (relative noise 2^-11).
     use m2unet::config::TrainConfig;
-    use m2unet::cpu::{run_step, Batch, Mode};
+    use m2unet::cpu::run_step;
+    use m2unet::engine::{Batch, Mode};
     use m2unet::io::weights::{load_model, TensorFile};
     use std::path::Path;
     let fx = |n: &str| {

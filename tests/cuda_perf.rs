@@ -9,7 +9,7 @@ use m2unet::config::ModelConfig;
 use m2unet::cuda::kernels::{conv3x3, ConvParams};
 use m2unet::cuda::{CudaEngine, Device, DeviceKind};
 use m2unet::engine::InferenceEngine;
-use m2unet::model::{forward_flops_per_patch, Model};
+use m2unet::model::{Arch, Model};
 
 fn gpu_or_skip(what: &str) -> bool {
     match Device::new(DeviceKind::Gpu) {
@@ -56,7 +56,7 @@ fn gpu_forward_eval_paper_timing() {
         assert_eq!(bad, 0, "non-finite outputs at M={m}");
         let iters = if m >= 128 { 5 } else { 10 };
         let ms = engine.time_forward_eval(&x, &bags, iters).unwrap();
-        let gflop = forward_flops_per_patch(&c) * m as f64 / 1e9;
+        let gflop = Arch::new(&c).forward_flops_per_patch(c.patch) * m as f64 / 1e9;
         println!(
             "PERF forward m={m} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
             gflop / ms as f64

@@ -2,7 +2,8 @@
 //! train outputs, losses, BN buffers, every gradient, and a 5-step AdamW trajectory.
 
 use m2unet::config::TrainConfig;
-use m2unet::cpu::{run_step, Batch, Mode, Trainer};
+use m2unet::cpu::{run_step, Trainer};
+use m2unet::engine::{Batch, Mode};
 use m2unet::io::weights::{load_model, model_tensors, TensorFile, WeightDtype};
 use std::path::PathBuf;
 

@@ -3,8 +3,8 @@
 
 use super::ops::{conv, loss, mil, norm, optim, pool, tensor, upsample, Dims};
 use crate::config::{GcpMode, ModelConfig, TrainConfig};
-use crate::engine::{InferenceEngine, Outputs};
-use crate::model::Model;
+use crate::engine::{segment_count, Batch, InferenceEngine, Mode, Outputs};
+use crate::model::{Arch, ConvUnit, Linear, Model, Src};
 use anyhow::{bail, Result};
 use std::cell::RefCell;
 
@@ -52,89 +52,6 @@ fn recycle(bufs: impl IntoIterator<Item = Vec<f32>>) {
     });
 }
 
-/// Which BatchNorm statistics the forward uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Running statistics (BN folded into the convolutions).
-    Eval,
-    /// Batch statistics; running statistics are updated as PyTorch does.
-    Train,
-}
-
-/// One batch of bags: patches [M, in_channels, P, P] and optional labels.
-#[derive(Clone, Copy, Debug)]
-pub struct Batch<'a> {
-    pub patches: &'a [f32],
-    pub patch: usize,
-    /// Consecutive bags over the M patches (each ≥ 2).
-    pub bag_sizes: &'a [usize],
-    /// [M, P, P], 0..seg_classes or −1 (ignore).
-    pub seg_labels: Option<&'a [i64]>,
-    /// [bags], 0..cls_classes.
-    pub cls_labels: Option<&'a [i64]>,
-}
-
-impl Batch<'_> {
-    pub fn patches_count(&self) -> usize {
-        self.bag_sizes.iter().sum()
-    }
-
-    /// Checks shapes and bag sizes against the model config.
-    pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
-        let p = self.patch;
-        if p == 0 || !p.is_multiple_of(16) {
-            bail!("patch side {p} is not a positive multiple of 16");
-        }
-        if self.bag_sizes.is_empty() {
-            bail!("a batch needs at least one bag");
-        }
-        if let Some((i, n)) = self.bag_sizes.iter().enumerate().find(|(_, &n)| n < 2) {
-            bail!("bag {i} has {n} patch(es); a bag needs at least 2 for multi-instance pooling");
-        }
-        let m = self.patches_count();
-        let want = m * cfg.in_channels * p * p;
-        if self.patches.len() != want {
-            bail!(
-                "patches hold {} values, but bag sizes {:?} (M = {m}) with {} channel(s) of {p}×{p} need {want}",
-                self.patches.len(),
-                self.bag_sizes,
-                cfg.in_channels
-            );
-        }
-        if let Some(l) = self.seg_labels {
-            if l.len() != m * p * p {
-                bail!(
-                    "seg_labels hold {} values, expected M·P·P = {}",
-                    l.len(),
-                    m * p * p
-                );
-            }
-        }
-        if let Some(l) = self.cls_labels {
-            if l.len() != self.bag_sizes.len() {
-                bail!(
-                    "cls_labels hold {} values, expected one per bag ({})",
-                    l.len(),
-                    self.bag_sizes.len()
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// (start, len) of each bag over the patches.
-    fn bag_ranges(&self) -> Vec<(usize, usize)> {
-        let mut start = 0;
-        self.bag_sizes
-            .iter()
-            .map(|&n| {
-                start += n;
-                (start - n, n)
-            })
-            .collect()
-    }
-}
-
 /// The losses of one training forward.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Losses {
@@ -154,46 +71,28 @@ pub struct StepResult {
     pub grads: Option<Vec<f32>>,
 }
 
-/// Saved activations of one conv3×3 → BatchNorm → ReLU unit.
-struct Unit {
-    conv: String,
-    bn: String,
-    /// Input shape; the input itself is the previous stage's output.
+/// Saved activations of one conv3×3 → BatchNorm → ReLU unit of the architecture.
+struct UnitActs {
+    /// Input shape (channels: all concatenated parts).
     xd: Dims,
     cout: usize,
+    /// The materialised ×2 upsampling of an `Src::Upsampled` input part (else empty).
+    up: Vec<f32>,
     /// Convolution output (train mode only).
     z: Vec<f32>,
     /// relu(bn(z)).
     y: Vec<f32>,
     mean: Vec<f32>,
     invstd: Vec<f32>,
-}
-
-impl Unit {
-    fn buffers(self) -> [Vec<f32>; 2] {
-        [self.z, self.y]
-    }
-
-    fn yd(&self) -> Dims {
-        Dims::new(self.xd.n, self.cout, self.xd.h, self.xd.w)
-    }
-}
-
-/// One encoder block: two units and (blocks 1–4) the 2×2 max-pooled output.
-struct EncBlock {
-    c1: Unit,
-    c2: Unit,
+    /// 2×2 max-pool of y and its window argmax (units the architecture marks `pooled`).
     pooled: Vec<f32>,
     argmax: Vec<u8>,
 }
 
-/// One decoder block: upsampled input, up_conv unit, then two units (the first reads the
-/// concat of the up_conv output and the skip).
-struct DecBlock {
-    up: Vec<f32>,
-    u: Unit,
-    c1: Unit,
-    c2: Unit,
+impl UnitActs {
+    fn yd(&self) -> Dims {
+        Dims::new(self.xd.n, self.cout, self.xd.h, self.xd.w)
+    }
 }
 
 /// The hierarchical MIL head's activations (names as in docs/model.md).
@@ -219,29 +118,41 @@ struct MilActs {
 
 /// Everything the backward needs from a forward.
 struct Acts {
-    enc: Vec<EncBlock>,
+    /// One entry per `Arch::units`, same order.
+    units: Vec<UnitActs>,
     mil: Option<MilActs>,
-    dec: Vec<DecBlock>,
     seg_logits: Vec<f32>,
 }
 
 impl Acts {
     /// Hands the large activation buffers back to the pool for the next step.
     fn recycle(self) {
-        for b in self.enc {
-            recycle(
-                b.c1.buffers()
-                    .into_iter()
-                    .chain(b.c2.buffers())
-                    .chain([b.pooled]),
-            );
-        }
-        for b in self.dec {
-            let units = [b.u, b.c1, b.c2].into_iter().flat_map(Unit::buffers);
-            recycle(units.chain([b.up]));
+        for u in self.units {
+            recycle([u.up, u.z, u.y, u.pooled]);
         }
         recycle([self.seg_logits]);
     }
+}
+
+/// The input parts of `unit`, in concatenation order, with their channels.
+fn input_parts<'a>(
+    unit: &ConvUnit,
+    patches: &'a [f32],
+    units: &'a [UnitActs],
+    up: &'a [f32],
+) -> Vec<(&'a [f32], usize)> {
+    unit.inputs
+        .iter()
+        .map(|&(src, c)| {
+            let x: &[f32] = match src {
+                Src::Input => patches,
+                Src::Unit(j) => &units[j].y,
+                Src::Pooled(j) => &units[j].pooled,
+                Src::Upsampled(_) => up,
+            };
+            (x, c)
+        })
+        .collect()
 }
 
 /// Two disjoint mutable slices of one buffer: `a` must end where `b` starts (a weight and its
@@ -258,49 +169,54 @@ fn pair_mut<'a>(
     (x, y)
 }
 
-fn add_into(dst: &mut [f32], src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+/// Adds `d` into the gradient slot `slot` (taking it over when the slot is still empty).
+fn accumulate(slot: &mut Vec<f32>, d: Vec<f32>) {
+    if slot.is_empty() {
+        *slot = d;
+    } else {
+        slot.iter_mut().zip(&d).for_each(|(s, v)| *s += v);
+        recycle([d]);
+    }
 }
 
-/// The forward and backward passes over one model.
+/// The forward and backward passes over one model, walking its `Arch`.
 struct Net<'m> {
     model: &'m mut Model,
+    arch: Arch,
     mode: Mode,
 }
 
-impl Net<'_> {
+impl<'m> Net<'m> {
+    fn new(model: &'m mut Model, mode: Mode) -> Self {
+        let arch = model.arch().clone();
+        Net { model, arch, mode }
+    }
+
     fn p(&self, name: &str) -> &[f32] {
         self.model.param(name)
     }
 
     /// conv3×3 → BN → ReLU. Train: batch statistics, running stats updated. Eval: BN folded.
     /// The input is the channel concatenation of `parts` ([n, c_i, h, w] each), never copied.
-    fn unit(
-        &mut self,
-        parts: &[(&[f32], usize)],
-        xd: Dims,
-        conv_name: &str,
-        bn_name: &str,
-        cout: usize,
-    ) -> Unit {
-        let (w, b) = (format!("{conv_name}.weight"), format!("{conv_name}.bias"));
-        let (gamma, beta) = (format!("{bn_name}.weight"), format!("{bn_name}.bias"));
+    fn unit(&mut self, parts: &[(&[f32], usize)], xd: Dims, u: &ConvUnit) -> UnitActs {
+        let cout = u.cout;
         let yd = Dims::new(xd.n, cout, xd.h, xd.w);
         let mut y = buffer(yd.len());
-        let bn = self.model.table.bn(bn_name).clone();
-        let mut unit = Unit {
-            conv: conv_name.to_string(),
-            bn: bn_name.to_string(),
+        let mut acts = UnitActs {
             xd,
             cout,
+            up: vec![],
             z: vec![],
             y: vec![],
             mean: vec![],
             invstd: vec![],
+            pooled: vec![],
+            argmax: vec![],
         };
         match self.mode {
             Mode::Train => {
                 let mut z = buffer(yd.len());
+                let (w, b) = (format!("{}.weight", u.conv), format!("{}.bias", u.conv));
                 conv::conv3x3_forward_concat(
                     parts,
                     xd,
@@ -311,207 +227,144 @@ impl Net<'_> {
                     &mut z,
                 );
                 let (mut mean, mut invstd) = (vec![0f32; cout], vec![0f32; cout]);
-                let bn_idx = self.bn_index(bn_name);
-                let m = &mut *self.model;
-                let (g, bt) = (
-                    &m.params[m.table.range(&gamma)],
-                    &m.params[m.table.range(&beta)],
-                );
-                let (rm, rv) = m.buffers[bn.offset..bn.offset + 2 * cout].split_at_mut(cout);
-                norm::bn_relu_train_forward(
+                self.bn_relu_train(
+                    &u.bn,
                     &z,
                     xd.n,
                     cout,
                     xd.hw(),
-                    g,
-                    bt,
                     &mut y,
                     &mut mean,
                     &mut invstd,
-                    rm,
-                    rv,
                 );
-                m.batches_tracked[bn_idx] += 1;
-                (unit.z, unit.mean, unit.invstd) = (z, mean, invstd);
+                (acts.z, acts.mean, acts.invstd) = (z, mean, invstd);
             }
             Mode::Eval => {
-                let k = xd.c * 9;
-                let (mut wf, mut bf) = (vec![0f32; cout * k], vec![0f32; cout]);
-                let m = &*self.model;
-                norm::fold_bn(
-                    m.param(&w),
-                    m.param(&b),
-                    cout,
-                    m.param(&gamma),
-                    m.param(&beta),
-                    &m.buffers[bn.mean_range()],
-                    &m.buffers[bn.var_range()],
-                    &mut wf,
-                    &mut bf,
-                );
+                let (wf, bf) = self.model.folded(&u.conv, &u.bn);
                 conv::conv3x3_forward_concat(parts, xd, &wf, &bf, cout, true, &mut y);
             }
         }
-        unit.y = y;
-        unit
+        acts.y = y;
+        acts
     }
 
-    fn bn_index(&self, module: &str) -> usize {
-        self.model
-            .table
-            .bns
-            .iter()
-            .position(|b| b.module == module)
-            .expect("known BN")
+    /// Train-mode BatchNorm `bn` + ReLU of x [n, c, hw]: batch statistics (kept in `mean`,
+    /// `invstd`), running statistics and the batch counter updated.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_relu_train(
+        &mut self,
+        bn: &str,
+        x: &[f32],
+        n: usize,
+        c: usize,
+        hw: usize,
+        y: &mut [f32],
+        mean: &mut [f32],
+        invstd: &mut [f32],
+    ) {
+        let m = &mut *self.model;
+        let e = m.table.bn(bn).clone();
+        let (g, b) = (
+            &m.params[m.table.range(&format!("{bn}.weight"))],
+            &m.params[m.table.range(&format!("{bn}.bias"))],
+        );
+        let (rm, rv) = m.buffers[e.offset..e.offset + 2 * c].split_at_mut(c);
+        norm::bn_relu_train_forward(x, n, c, hw, g, b, y, mean, invstd, rm, rv);
+        m.batches_tracked[m.table.bn_position(bn)] += 1;
     }
 
-    fn encoder(&mut self, x: &[f32], m: usize, p: usize) -> Vec<EncBlock> {
-        let cfg = *self.model.config();
-        let (w, b) = (cfg.enc_width, cfg.bottleneck_width);
-        let mut blocks: Vec<EncBlock> = Vec::with_capacity(5);
-        for k in 0..5 {
-            let side = p >> k;
-            let (cin, cout) = match k {
-                0 => (cfg.in_channels, w),
-                4 => (w, b),
-                _ => (w, w),
-            };
-            let xd = Dims::new(m, cin, side, side);
-            let input: &[f32] = match blocks.last() {
-                Some(prev) => &prev.pooled,
-                None => x,
-            };
-            let name = format!("enc{}", k + 1);
-            let c1 = self.unit(
-                &[(input, cin)],
-                xd,
-                &format!("{name}.conv1"),
-                &format!("{name}.bn1"),
-                cout,
-            );
-            let c2 = self.unit(
-                &[(&c1.y, cout)],
-                c1.yd(),
-                &format!("{name}.conv2"),
-                &format!("{name}.bn2"),
-                cout,
-            );
-            let (mut pooled, mut argmax) = (vec![], vec![]);
-            if k < 4 {
-                pooled = buffer(c2.yd().len() / 4);
-                argmax = vec![0u8; pooled.len()];
-                pool::maxpool2x2_forward(&c2.y, c2.yd(), &mut pooled, &mut argmax);
+    /// Every conv unit of the architecture, in order, on patches [m, in_channels, p, p].
+    fn units(&mut self, patches: &[f32], m: usize, p: usize) -> Vec<UnitActs> {
+        let arch_units = std::mem::take(&mut self.arch.units);
+        let mut acts: Vec<UnitActs> = Vec::with_capacity(arch_units.len());
+        for u in &arch_units {
+            let side = p >> u.level;
+            let mut up = vec![];
+            if let Some(&(Src::Upsampled(j), c)) = u
+                .inputs
+                .iter()
+                .find(|(s, _)| matches!(s, Src::Upsampled(_)))
+            {
+                let low = Dims::new(m, c, side / 2, side / 2);
+                up = buffer(4 * low.len());
+                upsample::upsample2x_forward(&acts[j].y, low, &mut up);
             }
-            blocks.push(EncBlock {
-                c1,
-                c2,
-                pooled,
-                argmax,
-            });
+            let parts = input_parts(u, patches, &acts, &up);
+            let mut a = self.unit(&parts, Dims::new(m, u.cin(), side, side), u);
+            if u.pooled {
+                a.pooled = buffer(a.yd().len() / 4);
+                a.argmax = vec![0u8; a.pooled.len()];
+                pool::maxpool2x2_forward(&a.y, a.yd(), &mut a.pooled, &mut a.argmax);
+            }
+            a.up = up;
+            acts.push(a);
         }
-        blocks
+        self.arch.units = arch_units;
+        acts
+    }
+
+    fn linear(&self, l: &Linear, x: &[f32], rows: usize, y: &mut [f32]) {
+        let (w, b) = (format!("{}.weight", l.name), format!("{}.bias", l.name));
+        conv::linear_forward(x, rows, l.fin, self.p(&w), self.p(&b), l.fout, y);
     }
 
     fn mil_head(&mut self, h: &[f32], hd: Dims, bags: &[(usize, usize)]) -> MilActs {
-        let cfg = *self.model.config();
+        let mil = self.arch.mil.clone();
+        let gcp = self.arch.config.gcp;
         let (m, bw, s2) = (hd.n, hd.c, hd.hw());
-        let (k1, k2, nc) = (cfg.emb_concepts, cfg.img_concepts, cfg.cls_classes);
+        let (k1, k2, nc) = (mil.emb_proj.fout, mil.img_proj.fout, mil.classifier.fout);
         let mut ht = vec![0f32; h.len()];
         tensor::transpose_cs(h, m, bw, s2, &mut ht);
         let mut s = vec![0f32; m * s2 * k1];
-        conv::linear_forward(
-            &ht,
-            m * s2,
-            bw,
-            self.p("mil_emb.concepts.weight"),
-            self.p("mil_emb.concepts.bias"),
-            k1,
-            &mut s,
-        );
+        self.linear(&mil.emb_concepts, &ht, m * s2, &mut s);
         let patch_bags: Vec<(usize, usize)> = (0..m).map(|i| (i * s2, s2)).collect();
         let (mut z, mut s_arg) = (vec![0f32; m * k1], vec![0usize; m * k1]);
-        mil::gcp_forward(&s, k1, &patch_bags, cfg.gcp, &mut z, &mut s_arg);
+        mil::gcp_forward(&s, k1, &patch_bags, gcp, &mut z, &mut s_arg);
         let mut q = vec![0f32; m * k1];
-        conv::linear_forward(
-            &z,
-            m,
-            k1,
-            self.p("mil_emb.proj.weight"),
-            self.p("mil_emb.proj.bias"),
-            k1,
-            &mut q,
-        );
+        self.linear(&mil.emb_proj, &z, m, &mut q);
         let mut e = vec![0f32; m * k1];
         let (mut e_mean, mut e_invstd) = (vec![], vec![]);
-        let bn = self.model.table.bn("mil_emb.bn").clone();
-        let md = &mut *self.model;
-        let gamma = &md.params[md.table.range("mil_emb.bn.weight")];
-        let beta = &md.params[md.table.range("mil_emb.bn.bias")];
         match self.mode {
             Mode::Train => {
                 (e_mean, e_invstd) = (vec![0f32; k1], vec![0f32; k1]);
-                let (rm, rv) = md.buffers[bn.offset..bn.offset + 2 * k1].split_at_mut(k1);
-                norm::bn_relu_train_forward(
+                self.bn_relu_train(
+                    &mil.emb_bn,
                     &q,
                     m,
                     k1,
                     1,
-                    gamma,
-                    beta,
                     &mut e,
                     &mut e_mean,
                     &mut e_invstd,
-                    rm,
-                    rv,
                 );
-                let i = md
-                    .table
-                    .bns
-                    .iter()
-                    .position(|b| b.module == "mil_emb.bn")
-                    .expect("known BN");
-                md.batches_tracked[i] += 1;
             }
             Mode::Eval => {
-                let (rm, rv) = (&md.buffers[bn.mean_range()], &md.buffers[bn.var_range()]);
-                norm::bn_relu_eval_forward(&q, m, k1, 1, gamma, beta, rm, rv, &mut e);
+                let md = &*self.model;
+                let bn = md.table.bn(&mil.emb_bn);
+                norm::bn_relu_eval_forward(
+                    &q,
+                    m,
+                    k1,
+                    1,
+                    md.param(&format!("{}.weight", mil.emb_bn)),
+                    md.param(&format!("{}.bias", mil.emb_bn)),
+                    &md.buffers[bn.mean_range()],
+                    &md.buffers[bn.var_range()],
+                    &mut e,
+                );
             }
         }
         let mut t = vec![0f32; m * k2];
-        conv::linear_forward(
-            &e,
-            m,
-            k1,
-            self.p("mil_img.concepts.weight"),
-            self.p("mil_img.concepts.bias"),
-            k2,
-            &mut t,
-        );
+        self.linear(&mil.img_concepts, &e, m, &mut t);
         let nb = bags.len();
         let (mut g, mut t_arg) = (vec![0f32; nb * k2], vec![0usize; nb * k2]);
-        mil::gcp_forward(&t, k2, bags, cfg.gcp, &mut g, &mut t_arg);
+        mil::gcp_forward(&t, k2, bags, gcp, &mut g, &mut t_arg);
         let mut r = vec![0f32; nb * k2];
-        conv::linear_forward(
-            &g,
-            nb,
-            k2,
-            self.p("mil_img.proj.weight"),
-            self.p("mil_img.proj.bias"),
-            k2,
-            &mut r,
-        );
+        self.linear(&mil.img_proj, &g, nb, &mut r);
         let mut v = vec![0f32; nb * k2];
         tensor::relu_forward(&r, &mut v);
         let mut cls_logits = vec![0f32; nb * nc];
-        conv::linear_forward(
-            &v,
-            nb,
-            k2,
-            self.p("classifier.weight"),
-            self.p("classifier.bias"),
-            nc,
-            &mut cls_logits,
-        );
+        self.linear(&mil.classifier, &v, nb, &mut cls_logits);
         MilActs {
             ht,
             s_arg,
@@ -527,57 +380,6 @@ impl Net<'_> {
         }
     }
 
-    fn decoder(&mut self, enc: &[EncBlock]) -> (Vec<DecBlock>, Vec<f32>) {
-        let cfg = *self.model.config();
-        let w = cfg.enc_width;
-        let mut blocks: Vec<DecBlock> = Vec::with_capacity(4);
-        for (i, k) in [5usize, 4, 3, 2].into_iter().enumerate() {
-            let (x, xd) = match blocks.last() {
-                Some(prev) => (&prev.c2.y, prev.c2.yd()),
-                None => (&enc[4].c2.y, enc[4].c2.yd()),
-            };
-            let skip = &enc[3 - i].c2;
-            let upd = Dims::new(xd.n, xd.c, 2 * xd.h, 2 * xd.w);
-            let mut up = buffer(upd.len());
-            upsample::upsample2x_forward(x, xd, &mut up);
-            let name = format!("dec{k}");
-            let u = self.unit(
-                &[(&up, upd.c)],
-                upd,
-                &format!("{name}.up_conv"),
-                &format!("{name}.up_bn"),
-                w,
-            );
-            let catd = Dims::new(upd.n, 2 * w, upd.h, upd.w);
-            let c1 = self.unit(
-                &[(&u.y, w), (&skip.y, w)],
-                catd,
-                &format!("{name}.conv1"),
-                &format!("{name}.bn1"),
-                w,
-            );
-            let c2 = self.unit(
-                &[(&c1.y, w)],
-                c1.yd(),
-                &format!("{name}.conv2"),
-                &format!("{name}.bn2"),
-                w,
-            );
-            blocks.push(DecBlock { up, u, c1, c2 });
-        }
-        let last = &blocks[3].c2;
-        let mut seg = buffer(last.yd().n * cfg.seg_classes * last.yd().hw());
-        conv::conv1x1_forward(
-            &last.y,
-            last.yd(),
-            self.p("seg_head.weight"),
-            self.p("seg_head.bias"),
-            cfg.seg_classes,
-            &mut seg,
-        );
-        (blocks, seg)
-    }
-
     /// The whole forward; the MIL head only when `bags` is given.
     fn forward(
         &mut self,
@@ -586,71 +388,71 @@ impl Net<'_> {
         p: usize,
         bags: Option<&[(usize, usize)]>,
     ) -> Acts {
-        let enc = self.encoder(patches, m, p);
-        let mil = bags.map(|b| self.mil_head(&enc[4].c2.y, enc[4].c2.yd(), b));
-        let (dec, seg_logits) = self.decoder(&enc);
+        let units = self.units(patches, m, p);
+        let h = &units[self.arch.mil.src];
+        let mil = bags.map(|b| self.mil_head(&h.y, h.yd(), b));
+        let seg = &self.arch.seg;
+        let last = &units[seg.src];
+        let mut seg_logits = buffer(m * seg.classes * last.xd.hw());
+        conv::conv1x1_forward(
+            &last.y,
+            last.yd(),
+            self.p(&format!("{}.weight", seg.name)),
+            self.p(&format!("{}.bias", seg.name)),
+            seg.classes,
+            &mut seg_logits,
+        );
         Acts {
-            enc,
+            units,
             mil,
-            dec,
             seg_logits,
         }
     }
 
-    /// Backward of one unit given d relu(bn(z)); writes the conv/BN gradients, returns dx when asked.
     /// Backward of one unit given d relu(bn(z)); writes the conv/BN gradients and, when asked,
     /// returns the input gradient of each of the unit's input parts.
     fn unit_backward(
         &self,
         grads: &mut [f32],
-        u: &Unit,
+        u: &ConvUnit,
+        a: &UnitActs,
         parts: &[(&[f32], usize)],
         dy: &[f32],
         want_dx: bool,
     ) -> Vec<Vec<f32>> {
-        let yd = u.yd();
+        let yd = a.yd();
         let mut dz = buffer(yd.len());
-        let gamma = self.p(&format!("{}.weight", u.bn));
-        let (dgamma, dbeta) = pair_mut(
-            grads,
-            self.model,
-            &format!("{}.weight", u.bn),
-            &format!("{}.bias", u.bn),
-        );
+        let (gamma, beta) = (format!("{}.weight", u.bn), format!("{}.bias", u.bn));
+        let (dgamma, dbeta) = pair_mut(grads, self.model, &gamma, &beta);
         norm::bn_relu_backward(
-            &u.z,
-            &u.y,
+            &a.z,
+            &a.y,
             yd.n,
             yd.c,
             yd.hw(),
-            gamma,
-            &u.mean,
-            &u.invstd,
+            self.p(&gamma),
+            &a.mean,
+            &a.invstd,
             dy,
             &mut dz,
             dgamma,
             dbeta,
         );
-        let hw = u.xd.hw();
+        let hw = a.xd.hw();
         let mut dx: Vec<Vec<f32>> = match want_dx {
             true => parts
                 .iter()
-                .map(|&(_, c)| buffer(u.xd.n * c * hw))
+                .map(|&(_, c)| buffer(a.xd.n * c * hw))
                 .collect(),
             false => vec![],
         };
-        let (dw, db) = pair_mut(
-            grads,
-            self.model,
-            &format!("{}.weight", u.conv),
-            &format!("{}.bias", u.conv),
-        );
-        let w = self.p(&format!("{}.weight", u.conv));
+        let (w, b) = (format!("{}.weight", u.conv), format!("{}.bias", u.conv));
+        let (dw, db) = pair_mut(grads, self.model, &w, &b);
         let mut dx_parts: Vec<Option<&mut [f32]>> = match want_dx {
             true => dx.iter_mut().map(|d| Some(d.as_mut_slice())).collect(),
             false => parts.iter().map(|_| None).collect(),
         };
-        conv::conv3x3_backward_concat(parts, u.xd, w, &dz, u.cout, &mut dx_parts, dw, db);
+        conv::conv3x3_backward_concat(parts, a.xd, self.p(&w), &dz, a.cout, &mut dx_parts, dw, db);
         // The bias feeds a train-mode BatchNorm, which removes any per-channel shift.
         db.fill(0.0);
         recycle([dz]);
@@ -660,32 +462,25 @@ impl Net<'_> {
     /// Backward of a linear layer. `bias_is_shift_invariant`: the layer feeds an op that removes
     /// a constant shift (train-mode BatchNorm, max − mean pooling), so the bias's exact gradient
     /// is zero.
-    #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
         grads: &mut [f32],
-        module: &str,
+        l: &Linear,
         bias_is_shift_invariant: bool,
         x: &[f32],
         rows: usize,
-        fin: usize,
-        fout: usize,
         dy: &[f32],
     ) -> Vec<f32> {
-        let mut dx = vec![0f32; rows * fin];
-        let (dw, db) = pair_mut(
-            grads,
-            self.model,
-            &format!("{module}.weight"),
-            &format!("{module}.bias"),
-        );
+        let mut dx = vec![0f32; rows * l.fin];
+        let (w, b) = (format!("{}.weight", l.name), format!("{}.bias", l.name));
+        let (dw, db) = pair_mut(grads, self.model, &w, &b);
         conv::linear_backward(
             x,
             rows,
-            fin,
-            self.p(&format!("{module}.weight")),
+            l.fin,
+            self.p(&w),
             dy,
-            fout,
+            l.fout,
             Some(&mut dx),
             dw,
             db,
@@ -705,32 +500,31 @@ impl Net<'_> {
         bags: &[(usize, usize)],
         dcls: &[f32],
     ) -> Vec<f32> {
-        let cfg = self.model.config();
+        let mil = &self.arch.mil;
+        let gcp = self.arch.config.gcp;
         let (m, bw, s2) = (hd.n, hd.c, hd.hw());
-        let (k1, k2, nc, nb) = (
-            cfg.emb_concepts,
-            cfg.img_concepts,
-            cfg.cls_classes,
-            bags.len(),
-        );
-        let contrast = cfg.gcp == GcpMode::MaxMinusMean;
-        let dv = self.linear_backward(grads, "classifier", false, &a.v, nb, k2, nc, dcls);
+        let (k1, k2, nb) = (mil.emb_proj.fout, mil.img_proj.fout, bags.len());
+        let contrast = gcp == GcpMode::MaxMinusMean;
+        let dv = self.linear_backward(grads, &mil.classifier, false, &a.v, nb, dcls);
         let mut dr = vec![0f32; nb * k2];
         tensor::relu_backward(&a.v, &dv, &mut dr);
-        let dg = self.linear_backward(grads, "mil_img.proj", false, &a.g, nb, k2, k2, &dr);
+        let dg = self.linear_backward(grads, &mil.img_proj, false, &a.g, nb, &dr);
         let mut dt = vec![0f32; m * k2];
-        mil::gcp_backward(&dg, k2, bags, cfg.gcp, &a.t_arg, &mut dt);
-        let de = self.linear_backward(grads, "mil_img.concepts", contrast, &a.e, m, k1, k2, &dt);
+        mil::gcp_backward(&dg, k2, bags, gcp, &a.t_arg, &mut dt);
+        let de = self.linear_backward(grads, &mil.img_concepts, contrast, &a.e, m, &dt);
         let mut dq = vec![0f32; m * k1];
-        let gamma = self.p("mil_emb.bn.weight");
-        let (dgamma, dbeta) = pair_mut(grads, self.model, "mil_emb.bn.weight", "mil_emb.bn.bias");
+        let (gamma, beta) = (
+            format!("{}.weight", mil.emb_bn),
+            format!("{}.bias", mil.emb_bn),
+        );
+        let (dgamma, dbeta) = pair_mut(grads, self.model, &gamma, &beta);
         norm::bn_relu_backward(
             &a.q,
             &a.e,
             m,
             k1,
             1,
-            gamma,
+            self.p(&gamma),
             &a.e_mean,
             &a.e_invstd,
             &de,
@@ -738,26 +532,18 @@ impl Net<'_> {
             dgamma,
             dbeta,
         );
-        let dz = self.linear_backward(grads, "mil_emb.proj", true, &a.z, m, k1, k1, &dq);
+        let dz = self.linear_backward(grads, &mil.emb_proj, true, &a.z, m, &dq);
         let patch_bags: Vec<(usize, usize)> = (0..m).map(|i| (i * s2, s2)).collect();
         let mut ds = vec![0f32; m * s2 * k1];
-        mil::gcp_backward(&dz, k1, &patch_bags, cfg.gcp, &a.s_arg, &mut ds);
-        let dht = self.linear_backward(
-            grads,
-            "mil_emb.concepts",
-            contrast,
-            &a.ht,
-            m * s2,
-            bw,
-            k1,
-            &ds,
-        );
+        mil::gcp_backward(&dz, k1, &patch_bags, gcp, &a.s_arg, &mut ds);
+        let dht = self.linear_backward(grads, &mil.emb_concepts, contrast, &a.ht, m * s2, &ds);
         let mut dh = vec![0f32; m * bw * s2];
         tensor::transpose_cs(&dht, m, s2, bw, &mut dh);
         dh
     }
 
-    /// The whole backward, in reverse order of the forward.
+    /// The whole backward: the heads, then every unit in reverse order, each routing its
+    /// input gradients to the units it read (through the pooling or upsampling it read by).
     fn backward(
         &self,
         a: &Acts,
@@ -766,79 +552,56 @@ impl Net<'_> {
         dseg: &[f32],
         dcls: &[f32],
     ) -> Vec<f32> {
-        let cfg = *self.model.config();
-        let w = cfg.enc_width;
+        let (arch, n) = (&self.arch, self.arch.units.len());
         let mut grads = vec![0f32; self.model.params.len()];
-        // Segmentation head and decoder, dec2 → dec5, collecting the skip gradients.
-        let last = &a.dec[3].c2;
+        // dy of every unit's output, filled by the units (and heads) that read it.
+        let mut dys: Vec<Vec<f32>> = vec![vec![]; n];
+        let seg = &arch.seg;
+        let last = &a.units[seg.src];
         let mut dx = buffer(last.y.len());
-        let (dw, db) = pair_mut(&mut grads, self.model, "seg_head.weight", "seg_head.bias");
+        let (w, b) = (format!("{}.weight", seg.name), format!("{}.bias", seg.name));
+        let (dw, db) = pair_mut(&mut grads, self.model, &w, &b);
         conv::conv1x1_backward(
             &last.y,
             last.yd(),
-            self.p("seg_head.weight"),
+            self.p(&w),
             dseg,
-            cfg.seg_classes,
+            seg.classes,
             Some(&mut dx),
             dw,
             db,
         );
-        let mut dskips: Vec<Vec<f32>> = vec![vec![]; 4];
-        for (i, blk) in a.dec.iter().enumerate().rev() {
-            let skip = &a.enc[3 - i].c2.y;
-            let dc1 = self.unit_backward(&mut grads, &blk.c2, &[(&blk.c1.y, w)], &dx, true);
-            let [du, dskip] = self
-                .unit_backward(
-                    &mut grads,
-                    &blk.c1,
-                    &[(&blk.u.y, w), (skip, w)],
-                    &dc1[0],
-                    true,
-                )
-                .try_into()
-                .expect("two input parts");
-            dskips[3 - i] = dskip;
-            let ud = blk.u.yd();
-            let dup = self.unit_backward(&mut grads, &blk.u, &[(&blk.up, blk.u.xd.c)], &du, true);
-            let xd = Dims::new(ud.n, blk.u.xd.c, ud.h / 2, ud.w / 2);
-            let mut dx_next = buffer(xd.len());
-            upsample::upsample2x_backward(&dup[0], xd, &mut dx_next);
-            recycle(
-                [std::mem::replace(&mut dx, dx_next), du]
-                    .into_iter()
-                    .chain(dc1)
-                    .chain(dup),
-            );
-        }
-        // dx is now d h from the decoder; add the MIL head's share.
-        let hd = a.enc[4].c2.yd();
+        accumulate(&mut dys[seg.src], dx);
         if let Some(mil_acts) = &a.mil {
-            let dh = self.mil_backward(&mut grads, mil_acts, hd, bags, dcls);
-            add_into(&mut dx, &dh);
+            let h = &a.units[arch.mil.src];
+            let dh = self.mil_backward(&mut grads, mil_acts, h.yd(), bags, dcls);
+            accumulate(&mut dys[arch.mil.src], dh);
         }
-        // Encoder, enc5 → enc1.
-        for k in (0..5).rev() {
-            let blk = &a.enc[k];
-            if k < 4 {
-                let mut dy = buffer(blk.c2.y.len());
-                pool::maxpool2x2_backward(&dx, blk.c2.yd(), &blk.argmax, &mut dy);
-                add_into(&mut dy, &dskips[k]);
-                recycle([
-                    std::mem::replace(&mut dx, dy),
-                    std::mem::take(&mut dskips[k]),
-                ]);
+        for (i, u) in arch.units.iter().enumerate().rev() {
+            let ua = &a.units[i];
+            let dy = std::mem::take(&mut dys[i]);
+            let parts = input_parts(u, patches, &a.units, &ua.up);
+            let want_dx = u.inputs.iter().any(|&(s, _)| s != Src::Input);
+            let dparts = self.unit_backward(&mut grads, u, ua, &parts, &dy, want_dx);
+            for (&(src, _), d) in u.inputs.iter().zip(dparts) {
+                match src {
+                    Src::Input => recycle([d]),
+                    Src::Unit(j) => accumulate(&mut dys[j], d),
+                    Src::Pooled(j) => {
+                        let mut dj = buffer(a.units[j].y.len());
+                        pool::maxpool2x2_backward(&d, a.units[j].yd(), &a.units[j].argmax, &mut dj);
+                        accumulate(&mut dys[j], dj);
+                        recycle([d]);
+                    }
+                    Src::Upsampled(j) => {
+                        let mut dj = buffer(a.units[j].y.len());
+                        upsample::upsample2x_backward(&d, a.units[j].yd(), &mut dj);
+                        accumulate(&mut dys[j], dj);
+                        recycle([d]);
+                    }
+                }
             }
-            let input: &[f32] = if k == 0 {
-                patches
-            } else {
-                &a.enc[k - 1].pooled
-            };
-            let c = blk.c1.yd().c;
-            let dc1 = self.unit_backward(&mut grads, &blk.c2, &[(&blk.c1.y, c)], &dx, true);
-            let dx_next =
-                self.unit_backward(&mut grads, &blk.c1, &[(input, blk.c1.xd.c)], &dc1[0], k > 0);
-            let dx_next = dx_next.into_iter().next().unwrap_or_default();
-            recycle([std::mem::replace(&mut dx, dx_next)].into_iter().chain(dc1));
+            recycle([dy]);
         }
         grads
     }
@@ -861,7 +624,7 @@ pub fn run_step(
         train: mode == Mode::Train,
     });
     let bags = batch.bag_ranges();
-    let mut net = Net { model, mode };
+    let mut net = Net::new(model, mode);
     let mut acts = net.forward(batch.patches, m, p, Some(&bags));
     let cls_logits = acts
         .mil
@@ -993,49 +756,19 @@ impl InferenceEngine for CpuEngine {
     }
 
     fn forward_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Outputs> {
-        let batch = Batch {
-            patches,
-            patch: self.patch_side(patches, bag_sizes.iter().sum())?,
-            bag_sizes,
-            seg_labels: None,
-            cls_labels: None,
-        };
+        let batch = Batch::unlabelled(patches, bag_sizes, self.model.config().in_channels)?;
         Ok(run_step(&mut self.model, &batch, Mode::Eval, &TrainConfig::default())?.outputs)
     }
 
-    fn segment(&mut self, patches: &[f32]) -> Result<Vec<u8>> {
-        let cfg = *self.model.config();
-        let p = cfg.patch;
-        let per = cfg.in_channels * p * p;
-        if patches.is_empty() || !patches.len().is_multiple_of(per) {
-            bail!(
-                "segment: {} values are not a whole number of {}×{p}×{p} patches",
-                patches.len(),
-                cfg.in_channels
-            );
-        }
-        let m = patches.len() / per;
+    fn segment(&mut self, patches: &[f32], p: usize) -> Result<Vec<u8>> {
+        let m = segment_count(self.model.config(), patches.len(), p)?;
         pool_begin(StepShape { m, p, train: false });
-        let mut net = Net {
-            model: &mut self.model,
-            mode: Mode::Eval,
-        };
+        let mut net = Net::new(&mut self.model, Mode::Eval);
         let acts = net.forward(patches, m, p, None);
-        let labels = argmax_classes(&acts.seg_logits, m, cfg.seg_classes, p * p);
+        let classes = net.arch.seg.classes;
+        let labels = argmax_classes(&acts.seg_logits, m, classes, p * p);
         acts.recycle();
         Ok(labels)
-    }
-}
-
-impl CpuEngine {
-    /// The patch side of M square patches held in `patches`.
-    fn patch_side(&self, patches: &[f32], m: usize) -> Result<usize> {
-        let per = patches.len() / m.max(1) / self.model.config().in_channels;
-        let p = (per as f64).sqrt().round() as usize;
-        if m == 0 || p * p * m * self.model.config().in_channels != patches.len() {
-            bail!("{} values are not {m} square patches", patches.len());
-        }
-        Ok(p)
     }
 }
 

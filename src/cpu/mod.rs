@@ -3,4 +3,4 @@
 mod engine;
 pub mod ops;
 
-pub use engine::{argmax_classes, run_step, Batch, CpuEngine, Losses, Mode, StepResult, Trainer};
+pub use engine::{argmax_classes, run_step, CpuEngine, Losses, StepResult, Trainer};

@@ -5,10 +5,10 @@
 
 use super::device::{DevPtr, Device, DeviceKind, Mark};
 use super::kernels::*;
-use super::weights::{fold_bn, pack_conv3x3, pad8, padded, transpose};
+use super::weights::{pack_conv3x3, pad8, padded, transpose};
 use crate::config::{GcpMode, ModelConfig, BN_EPS, BN_MOMENTUM};
-use crate::engine::{InferenceEngine, Outputs};
-use crate::model::Model;
+use crate::engine::{segment_count, Batch, InferenceEngine, Mode, Outputs};
+use crate::model::{Arch, ConvUnit, Model, Src};
 use anyhow::{bail, ensure, Result};
 use bytemuck::Pod;
 use std::cell::RefCell;
@@ -37,7 +37,7 @@ struct ConvW {
     b: usize,
 }
 
-/// A 3×3 conv followed by BatchNorm and ReLU.
+/// One conv unit of the architecture: 3×3 conv followed by BatchNorm and ReLU.
 struct ConvLayer {
     /// Module name, e.g. `dec2.conv1`.
     name: String,
@@ -62,8 +62,8 @@ struct Linear {
 
 /// Every weight the forward pass reads, as offsets into one device buffer.
 struct Weights {
-    enc: Vec<[ConvLayer; 2]>,
-    dec: Vec<[ConvLayer; 3]>,
+    /// One per `Arch::units`, same order.
+    convs: Vec<ConvLayer>,
     seg: Linear,
     concepts_t: Linear,
     emb_proj_eval: Linear,
@@ -75,29 +75,18 @@ struct Weights {
     classifier: Linear,
 }
 
+/// The conv units' weights (the first layer, which reads the fp32 patches directly, keeps
+/// PyTorch's layout; the others are packed for the tensor-core kernel) and the heads'.
 fn build_weights(model: &Model) -> Result<(Weights, Vec<u8>)> {
-    let c = model.config();
-    let t = &model.table;
+    let arch = model.arch();
     let mut blob = Blob::default();
-    let conv = |blob: &mut Blob,
-                module: &str,
-                bn: &str,
-                parts: Vec<usize>,
-                first: bool|
-     -> Result<ConvLayer> {
-        let w = model.param(&format!("{module}.weight"));
-        let b = model.param(&format!("{module}.bias"));
-        let cout = b.len();
-        let gamma = model.param(&format!("{bn}.weight"));
-        let beta = model.param(&format!("{bn}.bias"));
-        let e = t.bn(bn);
-        let (mean, var) = (
-            &model.buffers[e.mean_range()],
-            &model.buffers[e.var_range()],
-        );
-        let (wf, bf) = fold_bn(w, b, gamma, beta, mean, var, BN_EPS);
-        let cp = pad8(cout);
-        let (eval, train) = if first {
+    let mut convs = vec![];
+    for u in &arch.units {
+        let w = model.param(&format!("{}.weight", u.conv));
+        let b = model.param(&format!("{}.bias", u.conv));
+        let (wf, bf) = model.folded(&u.conv, &u.bn);
+        let parts: Vec<usize> = u.inputs.iter().map(|&(_, c)| c).collect();
+        let (eval, train) = if reads_patches(u) {
             (
                 ConvW {
                     w: blob.push(&wf),
@@ -109,129 +98,65 @@ fn build_weights(model: &Model) -> Result<(Weights, Vec<u8>)> {
                 },
             )
         } else {
+            let cp = pad8(u.cout);
             (
                 ConvW {
-                    w: blob.push(&pack_conv3x3(&wf, cout, &parts)?),
+                    w: blob.push(&pack_conv3x3(&wf, u.cout, &parts)?),
                     b: blob.push(&padded(&bf, cp)),
                 },
                 ConvW {
-                    w: blob.push(&pack_conv3x3(w, cout, &parts)?),
+                    w: blob.push(&pack_conv3x3(w, u.cout, &parts)?),
                     b: blob.push(&padded(b, cp)),
                 },
             )
         };
-        Ok(ConvLayer {
-            name: module.to_string(),
+        let e = model.table.bn(&u.bn);
+        convs.push(ConvLayer {
+            name: u.conv.clone(),
             parts,
-            cout,
+            cout: u.cout,
             eval,
             train,
-            gamma: blob.push(gamma),
-            beta: blob.push(beta),
-            running_mean: blob.push(mean),
-            running_var: blob.push(var),
+            gamma: blob.push(model.param(&format!("{}.weight", u.bn))),
+            beta: blob.push(model.param(&format!("{}.bias", u.bn))),
+            running_mean: blob.push(&model.buffers[e.mean_range()]),
+            running_var: blob.push(&model.buffers[e.var_range()]),
             bn_buffer: e.offset,
-        })
-    };
-    let (w, b) = (c.enc_width, c.bottleneck_width);
-    let mut enc = vec![];
-    for (k, (cin, cout)) in [(c.in_channels, w), (w, w), (w, w), (w, w), (w, b)]
-        .into_iter()
-        .enumerate()
-    {
-        let m = format!("enc{}", k + 1);
-        enc.push([
-            conv(
-                &mut blob,
-                &format!("{m}.conv1"),
-                &format!("{m}.bn1"),
-                vec![cin],
-                k == 0,
-            )?,
-            conv(
-                &mut blob,
-                &format!("{m}.conv2"),
-                &format!("{m}.bn2"),
-                vec![cout],
-                false,
-            )?,
-        ]);
-    }
-    let mut dec = vec![];
-    for (k, cin) in [(5, b), (4, w), (3, w), (2, w)] {
-        let m = format!("dec{k}");
-        dec.push([
-            conv(
-                &mut blob,
-                &format!("{m}.up_conv"),
-                &format!("{m}.up_bn"),
-                vec![cin],
-                false,
-            )?,
-            conv(
-                &mut blob,
-                &format!("{m}.conv1"),
-                &format!("{m}.bn1"),
-                vec![w, w],
-                false,
-            )?,
-            conv(
-                &mut blob,
-                &format!("{m}.conv2"),
-                &format!("{m}.bn2"),
-                vec![w],
-                false,
-            )?,
-        ]);
+        });
     }
     let linear = |blob: &mut Blob, m: &str| Linear {
         w: blob.push(model.param(&format!("{m}.weight"))),
         b: blob.push(model.param(&format!("{m}.bias"))),
     };
-    let seg = linear(&mut blob, "seg_head");
+    let mil = &arch.mil;
+    let seg = linear(&mut blob, &arch.seg.name);
+    let concepts = &mil.emb_concepts;
     let concepts_t = Linear {
         w: blob.push(&transpose(
-            model.param("mil_emb.concepts.weight"),
-            c.emb_concepts,
-            b,
+            model.param(&format!("{}.weight", concepts.name)),
+            concepts.fout,
+            concepts.fin,
         )),
-        b: blob.push(model.param("mil_emb.concepts.bias")),
+        b: blob.push(model.param(&format!("{}.bias", concepts.name))),
     };
-    let e = t.bn("mil_emb.bn");
-    let (gamma, beta) = (
-        model.param("mil_emb.bn.weight"),
-        model.param("mil_emb.bn.bias"),
-    );
-    let (mean, var) = (
-        &model.buffers[e.mean_range()],
-        &model.buffers[e.var_range()],
-    );
-    let (pw, pb) = fold_bn(
-        model.param("mil_emb.proj.weight"),
-        model.param("mil_emb.proj.bias"),
-        gamma,
-        beta,
-        mean,
-        var,
-        BN_EPS,
-    );
+    let (pw, pb) = model.folded(&mil.emb_proj.name, &mil.emb_bn);
     let emb_proj_eval = Linear {
         w: blob.push(&pw),
         b: blob.push(&pb),
     };
-    let emb_proj = linear(&mut blob, "mil_emb.proj");
+    let emb_proj = linear(&mut blob, &mil.emb_proj.name);
+    let e = model.table.bn(&mil.emb_bn);
     let emb_bn = [
-        blob.push(gamma),
-        blob.push(beta),
-        blob.push(mean),
-        blob.push(var),
+        blob.push(model.param(&format!("{}.weight", mil.emb_bn))),
+        blob.push(model.param(&format!("{}.bias", mil.emb_bn))),
+        blob.push(&model.buffers[e.mean_range()]),
+        blob.push(&model.buffers[e.var_range()]),
     ];
-    let img_concepts = linear(&mut blob, "mil_img.concepts");
-    let img_proj = linear(&mut blob, "mil_img.proj");
-    let classifier = linear(&mut blob, "classifier");
+    let img_concepts = linear(&mut blob, &mil.img_concepts.name);
+    let img_proj = linear(&mut blob, &mil.img_proj.name);
+    let classifier = linear(&mut blob, &mil.classifier.name);
     let weights = Weights {
-        enc,
-        dec,
+        convs,
         seg,
         concepts_t,
         emb_proj_eval,
@@ -245,16 +170,34 @@ fn build_weights(model: &Model) -> Result<(Weights, Vec<u8>)> {
     Ok((weights, blob.bytes))
 }
 
-/// The activations of one forward pass for `m` patches, carved from one allocation.
+/// Whether `u` reads the input patches (the first layer's direct kernel).
+fn reads_patches(u: &ConvUnit) -> bool {
+    matches!(u.inputs[..], [(Src::Input, _)])
+}
+
+/// The input loaders the conv kernels have: the patches, one tensor (plain, max-pooled by its
+/// producer, or upsampled while loading), or two plain tensors concatenated.
+fn check_loader(u: &ConvUnit) -> Result<()> {
+    match u.inputs[..] {
+        [(Src::Input | Src::Unit(_) | Src::Pooled(_) | Src::Upsampled(_), _)] => Ok(()),
+        [(Src::Unit(_), _), (Src::Unit(_), _)] => Ok(()),
+        _ => bail!(
+            "{}: the CUDA engine has no loader for the inputs {:?}",
+            u.conv,
+            u.inputs
+        ),
+    }
+}
+
+/// The activations of one forward pass for `m` patches of side `patch`, carved from one
+/// allocation.
 struct Arena {
     m: usize,
     patch: usize,
     base: DevPtr,
     input: usize,
-    /// Per encoder level 1–5: conv1 output, conv2 output (the skip, or h at level 5), pooled.
-    enc: Vec<[usize; 3]>,
-    /// Per decoder block dec5..dec2: up_conv, conv1 and conv2 outputs.
-    dec: Vec<[usize; 3]>,
+    /// Per arch unit: its output and (units marked `pooled`) its 2×2 max-pooled output.
+    units: Vec<[usize; 2]>,
     /// Train mode: the raw conv output before BatchNorm, BN partial statistics, scale, shift.
     z: usize,
     /// Split-K partial sums (the largest any conv of the pass needs).
@@ -275,43 +218,34 @@ struct Arena {
 }
 
 impl Arena {
-    fn layout(c: &ModelConfig, m: usize) -> (Arena, usize) {
+    fn layout(arch: &Arch, m: usize, p: usize) -> (Arena, usize) {
         let mut off = 0usize;
         let mut take = |bytes: usize| {
             let o = off;
             off = (off + bytes).next_multiple_of(ALIGN);
             o
         };
-        let (wp, bp, p) = (pad8(c.enc_width), pad8(c.bottleneck_width), c.patch);
+        let c = &arch.config;
         let input = take(m * c.in_channels * p * p * 4);
-        let mut enc = vec![];
-        for k in 0..5 {
-            let r = p >> k;
-            let ch = if k == 4 { bp } else { wp };
-            let pooled = if k == 4 {
-                0
-            } else {
-                m * (r / 2) * (r / 2) * ch * 2
-            };
-            enc.push([
-                take(m * r * r * ch * 2),
-                take(m * r * r * ch * 2),
-                take(pooled),
-            ]);
-        }
-        let mut dec = vec![];
-        for k in (2..=5).rev() {
-            let r = p >> (k - 2);
-            dec.push([
-                take(m * r * r * wp * 2),
-                take(m * r * r * wp * 2),
-                take(m * r * r * wp * 2),
-            ]);
-        }
-        let max_px = m * p * p;
-        let max_elems = (max_px * wp).max(m * (p / 16) * (p / 16) * bp);
-        let z = take(max_elems * 2);
-        let splitk_bytes = conv_shapes(c, m)
+        // (pixels, padded channels) of every unit's output.
+        let outs: Vec<(usize, usize)> = arch
+            .units
+            .iter()
+            .map(|u| (m * (p >> u.level) * (p >> u.level), pad8(u.cout)))
+            .collect();
+        let units = arch
+            .units
+            .iter()
+            .zip(&outs)
+            .map(|(u, &(px, ch))| {
+                [
+                    take(px * ch * 2),
+                    take(if u.pooled { px / 4 * ch * 2 } else { 0 }),
+                ]
+            })
+            .collect();
+        let z = take(outs.iter().map(|&(px, ch)| px * ch).max().unwrap_or(0) * 2);
+        let splitk_bytes = conv_shapes(arch, m, p)
             .into_iter()
             .map(|(rows, cout, k)| {
                 let s = conv_splits(rows, cout, k);
@@ -324,19 +258,25 @@ impl Arena {
             .max()
             .unwrap_or(0);
         let splitk = take(splitk_bytes);
-        let partial = take(bn_chunks(max_px) * 2 * wp.max(bp) * 4);
-        let scale = take(wp.max(bp) * 4);
-        let shift = take(wp.max(bp) * 4);
-        let seg_logits = take(m * c.seg_classes * p * p * 4);
+        let partial = take(
+            outs.iter()
+                .map(|&(px, ch)| bn_chunks(px) * 2 * ch)
+                .max()
+                .unwrap_or(0)
+                * 4,
+        );
+        let max_c = outs.iter().map(|&(_, ch)| ch).max().unwrap_or(0);
+        let scale = take(max_c * 4);
+        let shift = take(max_c * 4);
+        let seg_logits = take(m * arch.seg.classes * p * p * 4);
         let labels = take(m * p * p);
-        let (k1, k2) = (c.emb_concepts, c.img_concepts);
+        let (k1, k2) = (arch.mil.emb_proj.fout, arch.mil.img_proj.fout);
         let a = Arena {
             m,
             patch: p,
             base: DevPtr::NULL,
             input,
-            enc,
-            dec,
+            units,
             z,
             splitk,
             partial,
@@ -350,7 +290,7 @@ impl Arena {
             mil_t: take(m * k2 * 4),
             mil_g: take(m * k2 * 4),
             mil_v: take(m * k2 * 4),
-            cls: take(m * c.cls_classes * 4),
+            cls: take(m * arch.mil.classifier.fout * 4),
             bag_start: take((m + 1) * 4),
         };
         (a, off)
@@ -360,26 +300,18 @@ impl Arena {
     }
 }
 
-/// (GEMM rows, padded cout, K) of every tensor-core conv of the forward pass for m patches.
-fn conv_shapes(c: &ModelConfig, m: usize) -> Vec<(usize, usize, usize)> {
-    let (wp, bp, p) = (pad8(c.enc_width), pad8(c.bottleneck_width), c.patch);
-    let mut v = vec![];
-    for k in 0..5 {
-        let r = p >> k;
-        let cout = if k == 4 { bp } else { wp };
-        // enc1.conv1 is the direct first-layer kernel; every other conv1 reads W channels.
-        if k > 0 {
-            v.push((m * r * r, cout, 9 * wp));
-        }
-        v.push((m * r * r, cout, 9 * cout));
-    }
-    for (i, low) in [bp, wp, wp, wp].into_iter().enumerate() {
-        let r = p >> (3 - i);
-        v.push((m * r * r, wp, 9 * low));
-        v.push((m * r * r, wp, 9 * 2 * wp));
-        v.push((m * r * r, wp, 9 * wp));
-    }
-    v
+/// (GEMM rows, padded cout, K) of every tensor-core conv of the forward pass for m patches of
+/// side p (all units but the first layer's direct kernel).
+fn conv_shapes(arch: &Arch, m: usize, p: usize) -> Vec<(usize, usize, usize)> {
+    arch.units
+        .iter()
+        .filter(|u| !reads_patches(u))
+        .map(|u| {
+            let r = p >> u.level;
+            let k: usize = u.inputs.iter().map(|&(_, c)| 9 * pad8(c)).sum();
+            (m * r * r, pad8(u.cout), k)
+        })
+        .collect()
 }
 
 /// The input of one convolution.
@@ -395,12 +327,6 @@ enum ConvIn {
     Upsample(u64),
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Eval,
-    Train,
-}
-
 /// What a forward pass computes beyond the decoder.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Heads {
@@ -414,6 +340,7 @@ enum Heads {
 pub struct CudaEngine {
     dev: Device,
     model: Model,
+    arch: Arch,
     w: Weights,
     wbase: DevPtr,
     /// Running statistics changed on the device since the eval weights were folded.
@@ -439,6 +366,10 @@ impl CudaEngine {
             c.bottleneck_width <= 2048,
             "bottleneck_width ≤ 2048 is required by the MIL kernel"
         );
+        let arch = model.arch().clone();
+        for u in &arch.units {
+            check_loader(u)?;
+        }
         let mut dev = Device::new(kind)?;
         let (w, bytes) = build_weights(model)?;
         let wbase = dev.alloc(bytes.len())?;
@@ -446,6 +377,7 @@ impl CudaEngine {
         Ok(CudaEngine {
             dev,
             model: model.clone(),
+            arch,
             w,
             wbase,
             stale_eval: false,
@@ -462,11 +394,7 @@ impl CudaEngine {
     /// Forward pass with training-mode BatchNorm (batch statistics; running statistics and
     /// num_batches_tracked updated as PyTorch does).
     pub fn forward_train(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Outputs> {
-        let m = self.check_input(patches, Some(bag_sizes))?;
-        if self.stale_eval {
-            self.refresh_weights()?;
-        }
-        self.prepare(patches, Some(bag_sizes), m)?;
+        let m = self.load_batch(patches, bag_sizes)?;
         self.run(Mode::Train, Heads::All, m, bag_sizes.len())?;
         let out = self.read_outputs(m, bag_sizes.len())?;
         self.read_running_stats()?;
@@ -476,11 +404,7 @@ impl CudaEngine {
     /// Uploads the batch and launches one eval forward of both heads (weights refreshed if
     /// stale). Returns M.
     fn launch_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<usize> {
-        let m = self.check_input(patches, Some(bag_sizes))?;
-        if self.stale_eval {
-            self.refresh_weights()?;
-        }
-        self.prepare(patches, Some(bag_sizes), m)?;
+        let m = self.load_batch(patches, bag_sizes)?;
         self.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
         Ok(m)
     }
@@ -544,47 +468,32 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// Checks the inputs and returns M. With bags, the patch side comes from the data (the
-    /// weights do not fix it) and becomes the engine's; without, it is the config's.
-    fn check_input(&mut self, patches: &[f32], bag_sizes: Option<&[usize]>) -> Result<usize> {
-        let cin = self.model.config().in_channels;
-        let Some(bags) = bag_sizes else {
-            let p = self.model.config().patch;
-            let per = cin * p * p;
-            ensure!(
-                !patches.is_empty() && patches.len().is_multiple_of(per),
-                "patches must be [M, {cin}, {p}, {p}] (got {} values)",
-                patches.len()
-            );
-            return Ok(patches.len() / per);
-        };
-        ensure!(!bags.is_empty(), "at least one bag is needed");
-        if let Some(b) = bags.iter().find(|&&b| b < 2) {
-            bail!("a bag of {b} patch(es): every bag needs at least 2 patches for GCP pooling");
-        }
-        let m: usize = bags.iter().sum();
-        let p = ((patches.len() / m / cin) as f64).sqrt().round() as usize;
-        ensure!(
-            m * cin * p * p == patches.len(),
-            "patches must be [M, {cin}, P, P] with M = {m} (the bag sizes' sum); got {} values",
-            patches.len()
-        );
-        ensure!(
-            p > 0 && p.is_multiple_of(16),
-            "patch side {p} is not a positive multiple of 16"
-        );
-        self.model.table.config.patch = p;
+    /// Checks a batch of bags (its patch side read off the data) and loads it. Returns M.
+    fn load_batch(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<usize> {
+        let batch = Batch::unlabelled(patches, bag_sizes, self.model.config().in_channels)?;
+        batch.validate(self.model.config())?;
+        let m = batch.patches_count();
+        self.prepare(patches, Some(bag_sizes), m, batch.patch)?;
         Ok(m)
     }
 
-    /// Sizes the arena for `m` patches (growing it when needed) and uploads the inputs.
-    fn prepare(&mut self, patches: &[f32], bag_sizes: Option<&[usize]>, m: usize) -> Result<()> {
-        let p = self.model.config().patch;
+    /// Refreshes stale eval weights, sizes the arena for `m` patches of side `p` (growing it
+    /// when needed) and uploads the inputs.
+    fn prepare(
+        &mut self,
+        patches: &[f32],
+        bag_sizes: Option<&[usize]>,
+        m: usize,
+        p: usize,
+    ) -> Result<()> {
+        if self.stale_eval {
+            self.refresh_weights()?;
+        }
         if self.arena.as_ref().is_none_or(|a| a.m < m || a.patch != p) {
             if let Some(a) = self.arena.take() {
                 self.dev.free(a.base)?;
             }
-            let (mut a, bytes) = Arena::layout(self.model.config(), m);
+            let (mut a, bytes) = Arena::layout(&self.arch, m, p);
             a.base = self.dev.alloc(bytes)?;
             self.arena = Some(a);
         }
@@ -735,41 +644,31 @@ impl CudaEngine {
         self.mark(&l.name)
     }
 
-    /// The whole forward pass on the device for m patches in `bags` bags.
+    /// Where conv unit `u` loads its input from in the arena `a`.
+    fn conv_input(&self, u: &ConvUnit, a: &Arena) -> ConvIn {
+        let out = |j: usize| a.at(a.units[j][0]);
+        match u.inputs[..] {
+            [(Src::Input, _)] => ConvIn::Patches(a.at(a.input)),
+            [(Src::Unit(j), _)] => ConvIn::Plain(out(j)),
+            [(Src::Pooled(j), _)] => ConvIn::Plain(a.at(a.units[j][1])),
+            [(Src::Upsampled(j), _)] => ConvIn::Upsample(out(j)),
+            [(Src::Unit(i), _), (Src::Unit(j), _)] => ConvIn::Concat(out(i), out(j)),
+            _ => unreachable!("CudaEngine::new checked every unit's loader"),
+        }
+    }
+
+    /// The whole forward pass on the device for m patches in `bags` bags: every conv unit of
+    /// the architecture in order, the seg head, then the MIL head.
     fn run(&self, mode: Mode, heads: Heads, m: usize, bags: usize) -> Result<()> {
         let a = self.arena.as_ref().expect("arena");
-        let c = *self.model.config();
-        let p = c.patch;
-        // Encoder: conv1, conv2 (+ pool) per level; level 5 writes h.
-        let mut input = ConvIn::Patches(a.at(a.input));
-        for (k, [c1, c2]) in self.w.enc.iter().enumerate() {
-            let r = p >> k;
-            let [t1, t2, pooled] = a.enc[k];
-            self.conv(c1, input, a.at(t1), None, m, r, mode)?;
-            let pool = (k < 4).then(|| a.at(pooled));
-            self.conv(c2, ConvIn::Plain(a.at(t1)), a.at(t2), pool, m, r, mode)?;
-            input = ConvIn::Plain(a.at(pooled));
+        let (arch, c, p) = (&self.arch, self.model.config(), a.patch);
+        for ((u, l), &[out, pooled]) in arch.units.iter().zip(&self.w.convs).zip(&a.units) {
+            let pool = u.pooled.then(|| a.at(pooled));
+            let input = self.conv_input(u, a);
+            self.conv(l, input, a.at(out), pool, m, p >> u.level, mode)?;
         }
-        // Decoder dec5..dec2: up_conv on the upsampled input, conv1 on [u, skip], conv2.
-        let mut low = a.at(a.enc[4][1]);
-        for (i, [up, c1, c2]) in self.w.dec.iter().enumerate() {
-            let r = p >> (3 - i);
-            let skip = a.at(a.enc[3 - i][1]);
-            let [u, t1, t2] = a.dec[i];
-            self.conv(up, ConvIn::Upsample(low), a.at(u), None, m, r, mode)?;
-            self.conv(
-                c1,
-                ConvIn::Concat(a.at(u), skip),
-                a.at(t1),
-                None,
-                m,
-                r,
-                mode,
-            )?;
-            self.conv(c2, ConvIn::Plain(a.at(t1)), a.at(t2), None, m, r, mode)?;
-            low = a.at(t2);
-        }
-        let wp = pad8(c.enc_width);
+        let low = a.at(a.units[arch.seg.src][0]);
+        let wp = pad8(arch.seg.cin);
         let (logits, labels) = match heads {
             Heads::All => (a.at(a.seg_logits), 0),
             Heads::Labels => (0, a.at(a.labels)),
@@ -785,8 +684,8 @@ impl CudaEngine {
                 n: m as i32,
                 hw: (p * p) as i32,
                 c: wp as i32,
-                c_real: c.enc_width as i32,
-                classes: c.seg_classes as i32,
+                c_real: arch.seg.cin as i32,
+                classes: arch.seg.classes as i32,
                 pad_: 0,
             },
         )?;
@@ -801,19 +700,20 @@ impl CudaEngine {
             GcpMode::Max => 1,
             GcpMode::Mean => 2,
         };
-        let (k1, k2) = (c.emb_concepts as i32, c.img_concepts as i32);
-        let r5 = p / 16;
+        let mil = &arch.mil;
+        let (k1, k2) = (mil.emb_proj.fout as i32, mil.img_proj.fout as i32);
+        let r5 = p >> mil.level;
         mil_concepts_gcp(
             &self.dev,
             &ConceptsGcpParams {
-                x: a.at(a.enc[4][1]),
+                x: a.at(a.units[mil.src][0]),
                 wt: self.wp(self.w.concepts_t.w),
                 bias: self.wp(self.w.concepts_t.b),
                 z: a.at(a.mil_z),
                 m: m as i32,
                 inst: (r5 * r5) as i32,
-                c: pad8(c.bottleneck_width) as i32,
-                c_real: c.bottleneck_width as i32,
+                c: pad8(mil.channels) as i32,
+                c_real: mil.channels as i32,
                 k: k1,
                 gcp,
             },
@@ -875,7 +775,7 @@ impl CudaEngine {
             a.cls,
             bags,
             k2,
-            c.cls_classes as i32,
+            mil.classifier.fout as i32,
             0,
         )?;
         self.mark("mil_head")
@@ -883,10 +783,10 @@ impl CudaEngine {
 
     fn read_outputs(&self, m: usize, bags: usize) -> Result<Outputs> {
         let a = self.arena.as_ref().expect("arena");
-        let c = self.model.config();
+        let (classes, p) = (self.arch.seg.classes, a.patch);
         let mut out = Outputs {
-            seg_logits: vec![0f32; m * c.seg_classes * c.patch * c.patch],
-            cls_logits: vec![0f32; bags * c.cls_classes],
+            seg_logits: vec![0f32; m * classes * p * p],
+            cls_logits: vec![0f32; bags * self.arch.mil.classifier.fout],
         };
         self.dev
             .download(a.base.offset(a.seg_logits), &mut out.seg_logits)?;
@@ -898,22 +798,11 @@ impl CudaEngine {
     /// Copies the device's running statistics back into the host model after a train pass.
     fn read_running_stats(&mut self) -> Result<()> {
         let mut layers: Vec<(usize, usize, usize, usize)> = vec![];
-        for l in self
-            .w
-            .enc
-            .iter()
-            .flatten()
-            .chain(self.w.dec.iter().flatten())
-        {
+        for l in &self.w.convs {
             layers.push((l.running_mean, l.running_var, l.bn_buffer, l.cout));
         }
         let [_, _, rm, rv] = self.w.emb_bn;
-        layers.push((
-            rm,
-            rv,
-            self.w.emb_bn_buffer,
-            self.model.config().emb_concepts,
-        ));
+        layers.push((rm, rv, self.w.emb_bn_buffer, self.arch.mil.emb_proj.fout));
         for (rm, rv, off, c) in layers {
             let (mut mean, mut var) = (vec![0f32; c], vec![0f32; c]);
             self.dev.download(self.wbase.offset(rm), &mut mean)?;
@@ -941,15 +830,11 @@ impl InferenceEngine for CudaEngine {
         self.read_outputs(m, bag_sizes.len())
     }
 
-    fn segment(&mut self, patches: &[f32]) -> Result<Vec<u8>> {
-        let m = self.check_input(patches, None)?;
-        if self.stale_eval {
-            self.refresh_weights()?;
-        }
-        self.prepare(patches, None, m)?;
+    fn segment(&mut self, patches: &[f32], p: usize) -> Result<Vec<u8>> {
+        let m = segment_count(self.model.config(), patches.len(), p)?;
+        self.prepare(patches, None, m, p)?;
         self.run(Mode::Eval, Heads::Labels, m, 0)?;
         let a = self.arena.as_ref().expect("arena");
-        let p = self.model.config().patch;
         let mut labels = vec![0u8; m * p * p];
         self.dev.download(a.base.offset(a.labels), &mut labels)?;
         Ok(labels)

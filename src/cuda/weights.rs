@@ -1,5 +1,4 @@
-//! Host-side weight preparation: BatchNorm folding in fp32 (range-checked before fp16), and
-//! repacking PyTorch [out][in][3][3] conv weights into the kernels' [cout][9][cin] fp16 layout
+//! Host-side weight preparation: range-checked fp16 repacking PyTorch [out][in][3][3] conv weights into the kernels' [cout][9][cin] fp16 layout
 //! with channels padded to multiples of 8.
 
 use anyhow::{ensure, Result};
@@ -8,32 +7,6 @@ use half::f16;
 /// `c` rounded up to a multiple of 8 (NHWC channel padding).
 pub fn pad8(c: usize) -> usize {
     c.div_ceil(8) * 8
-}
-
-/// Folds an eval-mode BatchNorm that follows a conv/linear layer into its weights and bias:
-/// w' = w·γ/√(var+ε) per output row, b' = (b − mean)·γ/√(var+ε) + β. `w` is [out][fan_in].
-#[allow(clippy::too_many_arguments)]
-pub fn fold_bn(
-    w: &[f32],
-    b: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    mean: &[f32],
-    var: &[f32],
-    eps: f32,
-) -> (Vec<f32>, Vec<f32>) {
-    let out = b.len();
-    let fan_in = w.len() / out;
-    let mut wf = w.to_vec();
-    let mut bf = vec![0f32; out];
-    for o in 0..out {
-        let s = gamma[o] / (var[o] + eps).sqrt();
-        wf[o * fan_in..(o + 1) * fan_in]
-            .iter_mut()
-            .for_each(|v| *v *= s);
-        bf[o] = (b[o] - mean[o]) * s + beta[o];
-    }
-    (wf, bf)
 }
 
 /// Repacks [cout][cin][3][3] fp32 weights, whose input channels are the concatenation of

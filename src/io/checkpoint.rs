@@ -93,7 +93,7 @@ fn meta<'a>(file: &'a TensorFile, key: &str) -> Result<&'a str> {
 pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
     let file = TensorFile::read(path)?;
     let ctx = || format!("{} is not a usable training checkpoint", path.display());
-    let mut model = model_from_tensors(&file).with_context(ctx)?;
+    let model = model_from_tensors(&file).with_context(ctx)?;
     let state: TrainState = serde_json::from_str(meta(&file, KEY_STATE).with_context(ctx)?)
         .with_context(|| format!("{}: bad {KEY_STATE} metadata", path.display()))?;
     let config: TrainConfig = serde_json::from_str(meta(&file, KEY_TRAIN).with_context(ctx)?)
@@ -107,7 +107,6 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
             model.config()
         );
     }
-    model.table.config = model_cfg;
     let run = meta(&file, KEY_RUN).with_context(ctx)?.to_string();
     let mut trainer = Trainer::new(model, config);
     for p in &trainer.model.table.params {

@@ -289,7 +289,7 @@ pub fn config_metadata(cfg: &ModelConfig) -> HashMap<String, String> {
     ])
 }
 
-/// Infers the model config from tensor shapes (widths, concepts, classes) and the metadata
+/// Infers the model config from tensor names and shapes (depth, widths, concepts, classes) and the metadata
 /// (gcp mode, patch side; defaults max_minus_mean and 256).
 pub fn infer_config(file: &TensorFile) -> Result<ModelConfig> {
     let dim = |name: &str, axis: usize| -> Result<usize> {
@@ -309,11 +309,18 @@ pub fn infer_config(file: &TensorFile) -> Result<ModelConfig> {
             .map_err(|_| anyhow!("metadata patch={s:?} is not an integer"))?,
         None => 256,
     };
+    let depth = (1..)
+        .take_while(|k| file.tensors.contains_key(&format!("enc{k}.conv1.weight")))
+        .count();
+    if depth < 2 {
+        bail!("found {depth} encoder stage(s) (enc1.conv1.weight, enc2.conv1.weight, …); M²UNet has at least 2");
+    }
     let cfg = ModelConfig {
         patch,
+        depth,
         in_channels: dim("enc1.conv1.weight", 1)?,
         enc_width: dim("enc1.conv1.weight", 0)?,
-        bottleneck_width: dim("enc5.conv1.weight", 0)?,
+        bottleneck_width: dim(&format!("enc{depth}.conv1.weight"), 0)?,
         emb_concepts: dim("mil_emb.concepts.weight", 0)?,
         img_concepts: dim("mil_img.concepts.weight", 0)?,
         seg_classes: dim("seg_head.weight", 0)?,

@@ -1,7 +1,8 @@
-//! The network's parameters: table of PyTorch names, flat storage, initialisation, counts.
+//! The network: its layer list (`Arch`), parameter table of PyTorch names, flat storage,
+//! initialisation and counts.
 
-mod flops;
+mod arch;
 mod params;
 
-pub use flops::forward_flops_per_patch;
-pub use params::{BnEntry, Model, ParamEntry, ParamTable};
+pub use arch::{Arch, ConvUnit, Linear, MilHead, Module, ModuleKind, SegHead, Src};
+pub use params::{fold_bn, BnEntry, Model, ParamEntry, ParamTable};

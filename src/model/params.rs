@@ -1,7 +1,8 @@
 //! Parameter table (PyTorch state_dict names, shapes, offsets into one flat fp32 buffer),
 //! BatchNorm buffers, PyTorch-default initialisation and per-block counts.
 
-use crate::config::ModelConfig;
+use super::arch::{Arch, ModuleKind};
+use crate::config::{ModelConfig, BN_EPS};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -66,7 +67,8 @@ impl BnEntry {
 /// Names, shapes and offsets of every tensor of the network for one config.
 #[derive(Clone, Debug)]
 pub struct ParamTable {
-    pub config: ModelConfig,
+    /// The layers the table was built from.
+    pub arch: Arch,
     pub params: Vec<ParamEntry>,
     pub bns: Vec<BnEntry>,
     /// Total learnable scalars.
@@ -77,119 +79,73 @@ pub struct ParamTable {
     bn_index: HashMap<String, usize>,
 }
 
-struct Builder {
-    params: Vec<ParamEntry>,
-    bns: Vec<BnEntry>,
-    n_params: usize,
-    n_buffers: usize,
-}
-
-impl Builder {
-    fn tensor(&mut self, name: String, shape: Vec<usize>, init: Init) {
-        let entry = ParamEntry {
-            name,
-            shape,
-            offset: self.n_params,
-            init,
-        };
-        self.n_params += entry.len();
-        self.params.push(entry);
-    }
-    /// A 3×3 (k=3) or 1×1 (k=1) convolution with bias.
-    fn conv(&mut self, module: &str, cin: usize, cout: usize, k: usize) {
-        let fan_in = cin * k * k;
-        self.tensor(
-            format!("{module}.weight"),
-            vec![cout, cin, k, k],
-            Init::Uniform { fan_in },
-        );
-        self.tensor(
-            format!("{module}.bias"),
-            vec![cout],
-            Init::Uniform { fan_in },
-        );
-    }
-    fn linear(&mut self, module: &str, fin: usize, fout: usize) {
-        self.tensor(
-            format!("{module}.weight"),
-            vec![fout, fin],
-            Init::Uniform { fan_in: fin },
-        );
-        self.tensor(
-            format!("{module}.bias"),
-            vec![fout],
-            Init::Uniform { fan_in: fin },
-        );
-    }
-    fn bn(&mut self, module: &str, c: usize) {
-        self.tensor(format!("{module}.weight"), vec![c], Init::Ones);
-        self.tensor(format!("{module}.bias"), vec![c], Init::Zeros);
-        self.bns.push(BnEntry {
-            module: module.to_string(),
-            channels: c,
-            offset: self.n_buffers,
-        });
-        self.n_buffers += 2 * c;
-    }
-}
-
 impl ParamTable {
+    /// The table of the network `Arch::new(&config)`, walked in its module order.
     pub fn new(config: ModelConfig) -> Self {
-        let (w, b) = (config.enc_width, config.bottleneck_width);
-        let (k1, k2) = (config.emb_concepts, config.img_concepts);
-        let mut t = Builder {
-            params: vec![],
-            bns: vec![],
-            n_params: 0,
-            n_buffers: 0,
+        let arch = Arch::new(&config);
+        let (mut params, mut bns) = (vec![], vec![]);
+        let (mut n_params, mut n_buffers) = (0, 0);
+        let mut tensor = |name: String, shape: Vec<usize>, init: Init| {
+            let entry = ParamEntry {
+                name,
+                shape,
+                offset: n_params,
+                init,
+            };
+            n_params += entry.len();
+            params.push(entry);
         };
-        for (i, (cin, cout)) in [(config.in_channels, w), (w, w), (w, w), (w, w), (w, b)]
-            .into_iter()
-            .enumerate()
-        {
-            let m = format!("enc{}", i + 1);
-            t.conv(&format!("{m}.conv1"), cin, cout, 3);
-            t.bn(&format!("{m}.bn1"), cout);
-            t.conv(&format!("{m}.conv2"), cout, cout, 3);
-            t.bn(&format!("{m}.bn2"), cout);
+        for m in arch.modules() {
+            let name = &m.name;
+            match m.kind {
+                // weight [cout, cin, k, k] or [fout, fin], bias; both U(±1/√fan_in).
+                ModuleKind::Conv { cin, cout, k } => {
+                    let init = Init::Uniform {
+                        fan_in: cin * k * k,
+                    };
+                    tensor(format!("{name}.weight"), vec![cout, cin, k, k], init);
+                    tensor(format!("{name}.bias"), vec![cout], init);
+                }
+                ModuleKind::Linear { fin, fout } => {
+                    let init = Init::Uniform { fan_in: fin };
+                    tensor(format!("{name}.weight"), vec![fout, fin], init);
+                    tensor(format!("{name}.bias"), vec![fout], init);
+                }
+                ModuleKind::BatchNorm { c } => {
+                    tensor(format!("{name}.weight"), vec![c], Init::Ones);
+                    tensor(format!("{name}.bias"), vec![c], Init::Zeros);
+                    bns.push(BnEntry {
+                        module: name.clone(),
+                        channels: c,
+                        offset: n_buffers,
+                    });
+                    n_buffers += 2 * c;
+                }
+            }
         }
-        t.linear("mil_emb.concepts", b, k1);
-        t.linear("mil_emb.proj", k1, k1);
-        t.bn("mil_emb.bn", k1);
-        t.linear("mil_img.concepts", k1, k2);
-        t.linear("mil_img.proj", k2, k2);
-        t.linear("classifier", k2, config.cls_classes);
-        for (k, cin) in [(5, b), (4, w), (3, w), (2, w)] {
-            let m = format!("dec{k}");
-            t.conv(&format!("{m}.up_conv"), cin, w, 3);
-            t.bn(&format!("{m}.up_bn"), w);
-            t.conv(&format!("{m}.conv1"), 2 * w, w, 3);
-            t.bn(&format!("{m}.bn1"), w);
-            t.conv(&format!("{m}.conv2"), w, w, 3);
-            t.bn(&format!("{m}.bn2"), w);
-        }
-        t.conv("seg_head", w, config.seg_classes, 1);
-        let index = t
-            .params
+        let index = params
             .iter()
             .enumerate()
             .map(|(i, p)| (p.name.clone(), i))
             .collect();
-        let bn_index = t
-            .bns
+        let bn_index = bns
             .iter()
             .enumerate()
             .map(|(i, e)| (e.module.clone(), i))
             .collect();
         ParamTable {
-            config,
-            params: t.params,
-            bns: t.bns,
-            n_params: t.n_params,
-            n_buffers: t.n_buffers,
+            arch,
+            params,
+            bns,
+            n_params,
+            n_buffers,
             index,
             bn_index,
         }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.arch.config
     }
 
     /// The learnable tensor called `name`, if the network has one.
@@ -208,8 +164,13 @@ impl ParamTable {
 
     /// The BatchNorm layer called `module` (e.g. `dec5.up_bn`).
     pub fn bn(&self, module: &str) -> &BnEntry {
+        &self.bns[self.bn_position(module)]
+    }
+
+    /// The position of BatchNorm `module` in `bns` (and in `Model::batches_tracked`).
+    pub fn bn_position(&self, module: &str) -> usize {
         match self.bn_index.get(module) {
-            Some(&i) => &self.bns[i],
+            Some(&i) => i,
             None => panic!("no BatchNorm named {module}"),
         }
     }
@@ -270,12 +231,73 @@ impl Model {
     }
 
     pub fn config(&self) -> &ModelConfig {
-        &self.table.config
+        self.table.config()
+    }
+
+    pub fn arch(&self) -> &Arch {
+        &self.table.arch
+    }
+
+    /// Weights and bias of `layer` with the eval-mode BatchNorm `bn` that follows it folded in.
+    pub fn folded(&self, layer: &str, bn: &str) -> (Vec<f32>, Vec<f32>) {
+        let e = self.table.bn(bn);
+        fold_bn(
+            self.param(&format!("{layer}.weight")),
+            self.param(&format!("{layer}.bias")),
+            self.param(&format!("{bn}.weight")),
+            self.param(&format!("{bn}.bias")),
+            &self.buffers[e.mean_range()],
+            &self.buffers[e.var_range()],
+        )
+    }
+
+    /// Records the patch side these weights are trained at (metadata for preprocessing; the
+    /// engines take each batch's patch side from its input).
+    pub fn set_trained_patch(&mut self, patch: usize) -> anyhow::Result<()> {
+        self.table.arch.config.check_patch(patch)?;
+        self.table.arch.config.patch = patch;
+        Ok(())
     }
 
     pub fn param(&self, name: &str) -> &[f32] {
         &self.params[self.table.range(name)]
     }
+}
+
+/// Folds an eval-mode BatchNorm into the conv or linear layer before it, with weights `w`
+/// [out][fan_in] and bias `b` [out]: with s = γ/√(var + ε) per output, w' = w·s and
+/// b' = (b − mean)·s + β, computed in f64 and rounded once to f32.
+pub fn fold_bn(
+    w: &[f32],
+    b: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let out = b.len();
+    assert!(
+        out > 0 && w.len().is_multiple_of(out),
+        "fold_bn: w is not [out, fan_in]"
+    );
+    for v in [gamma, beta, mean, var] {
+        assert_eq!(
+            v.len(),
+            out,
+            "fold_bn: BatchNorm vectors need {out} entries"
+        );
+    }
+    let fan_in = w.len() / out;
+    let mut wf = vec![0f32; w.len()];
+    let mut bf = vec![0f32; out];
+    for o in 0..out {
+        let s = gamma[o] as f64 / (var[o] as f64 + BN_EPS as f64).sqrt();
+        for j in o * fan_in..(o + 1) * fan_in {
+            wf[j] = (w[j] as f64 * s) as f32;
+        }
+        bf[o] = ((b[o] as f64 - mean[o] as f64) * s + beta[o] as f64) as f32;
+    }
+    (wf, bf)
 }
 
 #[cfg(test)]

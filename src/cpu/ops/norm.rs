@@ -270,44 +270,6 @@ pub fn bn_relu_backward(
         });
 }
 
-/// Folds evaluation-mode BatchNorm into the preceding conv/linear with weights w [cout, k]
-/// (k = cin·kh·kw) and bias b [cout]: with s = γ/sqrt(rv+eps) per output channel,
-/// w' = w·s and b' = (b − rm)·s + β. Computed in f64, written as f32.
-#[allow(clippy::too_many_arguments)]
-pub fn fold_bn(
-    w: &[f32],
-    b: &[f32],
-    cout: usize,
-    gamma: &[f32],
-    beta: &[f32],
-    running_mean: &[f32],
-    running_var: &[f32],
-    w_out: &mut [f32],
-    b_out: &mut [f32],
-) {
-    assert!(cout > 0, "fold_bn: cout must be positive");
-    assert!(w.len().is_multiple_of(cout), "fold_bn: w is not [cout, k]");
-    assert_eq!(w_out.len(), w.len(), "fold_bn: bad w_out length");
-    for (name, len) in [
-        ("b", b.len()),
-        ("gamma", gamma.len()),
-        ("beta", beta.len()),
-        ("running_mean", running_mean.len()),
-        ("running_var", running_var.len()),
-        ("b_out", b_out.len()),
-    ] {
-        assert_eq!(len, cout, "fold_bn: {name} does not have {cout} entries");
-    }
-    let k = w.len() / cout;
-    for o in 0..cout {
-        let s = gamma[o] as f64 / (running_var[o] as f64 + BN_EPS as f64).sqrt();
-        for j in o * k..(o + 1) * k {
-            w_out[j] = (w[j] as f64 * s) as f32;
-        }
-        b_out[o] = ((b[o] as f64 - running_mean[o] as f64) * s + beta[o] as f64) as f32;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,8 +472,7 @@ mod tests {
         let mut y = vec![0.0; zf.len()];
         bn_relu_eval_forward(&zf, n, cout, hw, &gamma, &beta, &rm, &rv, &mut y);
         let eval_err = rel_err(&y, &reference);
-        let (mut wf, mut bf) = (vec![0.0; w.len()], vec![0.0; cout]);
-        fold_bn(&w, &b, cout, &gamma, &beta, &rm, &rv, &mut wf, &mut bf);
+        let (wf, bf) = crate::model::fold_bn(&w, &b, &gamma, &beta, &rm, &rv);
         let folded: Vec<f64> = linear(&to_f64(&wf), &to_f64(&bf))
             .iter()
             .map(|v| v.max(0.0))
