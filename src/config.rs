@@ -52,7 +52,7 @@ pub struct ModelConfig {
     pub in_channels: usize,
     /// Width W of encoder blocks 1–4 and of the decoder.
     pub enc_width: usize,
-    /// Width B of the bottleneck block enc5.
+    /// Width B of the bottleneck, the last encoder stage (enc5 for the paper).
     pub bottleneck_width: usize,
     /// K1: concepts of the embedding-level MIL layer.
     pub emb_concepts: usize,

@@ -359,7 +359,88 @@ fn bad_inputs(dir: &Path, good_gz: &Path) -> Vec<(PathBuf, &'static str)> {
     write_nifti(&p, &h, VoxelData::F32(&nan), true).unwrap();
     out.push((p, "NaN"));
     out.push((dir.join("missing.nii.gz"), "cannot read"));
+    // Raw header edits (little-endian file): dim[0] out of 1..7 or negative, a negative size.
+    let plain = dir.join("plain.nii");
+    write_nifti(&plain, &h, VoxelData::F32(&hu), false).unwrap();
+    let raw = std::fs::read(&plain).unwrap();
+    for (file, offset, value, needle) in [
+        (
+            "dim0_8.nii",
+            40,
+            8i16,
+            "dim[0] = 8 is not a dimension count",
+        ),
+        (
+            "dim0_neg.nii",
+            40,
+            -3,
+            "dim[0] = -3 is not a dimension count",
+        ),
+        ("dim1_neg.nii", 42, -64, "dim[1] = -64"),
+        ("huge.nii", 42, 32767, "more than the"),
+    ] {
+        let mut b = raw.clone();
+        b[offset..offset + 2].copy_from_slice(&value.to_le_bytes());
+        if file == "huge.nii" {
+            for o in [44, 46] {
+                b[o..o + 2].copy_from_slice(&32767i16.to_le_bytes());
+            }
+        }
+        let p = dir.join(file);
+        std::fs::write(&p, b).unwrap();
+        out.push((p, needle));
+    }
     out
+}
+
+/// Peak resident memory of this process so far (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<f64>()
+        .unwrap()
+        / 1024.0
+}
+
+#[test]
+fn a_gzip_bomb_is_read_only_up_to_its_declared_size() {
+    // A 64×64×32 int16 volume (256 KiB of voxels) followed by 1 GiB of zeros in the gzip
+    // stream: the reader must stop inflating at the declared size, so the read is fast and the
+    // process's peak memory grows by far less than the stream's inflated size.
+    use flate2::{write::GzEncoder, Compression};
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let h = NiftiHeader {
+        dim: [3, 64, 64, 32, 1, 1, 1, 1],
+        pixdim: [1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0],
+        ..NiftiHeader::default()
+    };
+    let plain = dir.path().join("plain.nii");
+    let hu: Vec<f32> = (0..64 * 64 * 32)
+        .map(|i| if i % 5 == 0 { 300.0 } else { -800.0 })
+        .collect();
+    write_nifti(&plain, &h, VoxelData::F32(&hu), false).unwrap();
+    let bomb = dir.path().join("bomb.nii.gz");
+    let mut gz = GzEncoder::new(std::fs::File::create(&bomb).unwrap(), Compression::fast());
+    gz.write_all(&std::fs::read(&plain).unwrap()).unwrap();
+    let zeros = vec![0u8; 1 << 24];
+    for _ in 0..64 {
+        gz.write_all(&zeros).unwrap();
+    }
+    gz.finish().unwrap();
+    let before = peak_rss_mib();
+    let t = std::time::Instant::now();
+    let v = read_volume(&bomb).unwrap();
+    let (secs, grew) = (t.elapsed().as_secs_f64(), peak_rss_mib() - before);
+    println!(
+        "bomb of {} KiB compressed, 1 GiB inflated: read in {secs:.3} s, peak memory +{grew:.0} MiB",
+        std::fs::metadata(&bomb).unwrap().len() / 1024
+    );
+    assert_eq!(v.data, hu);
+    assert!(secs < 1.0 && grew < 64.0);
 }
 
 #[test]

@@ -445,20 +445,16 @@ def write_fixtures(out_dir):
 
 
 def infer_config(state, metadata, patch_side):
-    """Model config from tensor shapes, gcp/patch from metadata (patch defaults to the input's)."""
+    """Model config from tensor shapes and the gcp metadata; the patch side is the input's (the
+    stored `patch` is only the side the weights were trained at, as in the engines)."""
 
     def dim(name, axis):
         if name not in state:
             raise InputError(f"weights lack tensor {name!r}: not an M²UNet state_dict")
         return int(state[name].shape[axis])
 
-    patch = int(metadata.get("patch", patch_side))
-    if patch != patch_side:
-        raise InputError(
-            f"weights are for {patch}×{patch} patches (metadata), input patches are {patch_side}×{patch_side}"
-        )
     cfg = ModelConfig(
-        patch=patch,
+        patch=patch_side,
         in_channels=dim("enc1.conv1.weight", 1),
         enc_width=dim("enc1.conv1.weight", 0),
         bottleneck_width=dim("enc5.conv1.weight", 0),

@@ -21,6 +21,9 @@ pub const MIN_INPLANE: usize = 16;
 /// Smallest accepted number of axial slices (a bag needs two patches).
 pub const MIN_SLICES: usize = 2;
 
+/// Largest accepted voxel count (1024 × 1024 × 2048; 8 GiB as f32).
+const MAX_VOXELS: usize = 1 << 31;
+
 /// NIfTI-1 header size and the offset of the voxel data in a single `.nii` file.
 const HEADER_BYTES: usize = 348;
 const DATA_OFFSET: usize = 352;
@@ -335,13 +338,17 @@ impl Volume {
 }
 
 /// Reads a `.nii` or `.nii.gz` file (gzip is recognised by its magic bytes) and validates it.
+/// The header is checked before any voxel is read, and no more than the header's declared
+/// voxel bytes are read or inflated, so memory stays bounded by the declared volume.
 pub fn read_volume(path: &Path) -> Result<Volume> {
     let name = path.display().to_string();
-    let bytes = read_maybe_gzip(path)?;
-    check_signature(&bytes, &name)?;
-    let header = NiftiHeader::from_reader(&bytes[..])
+    let mut reader = open_maybe_gzip(path)?;
+    let mut head = Vec::with_capacity(DATA_OFFSET);
+    read_up_to(&mut reader, &mut head, DATA_OFFSET as u64, &name)?;
+    check_signature(&head, &name)?;
+    let dims = validate_dims(&head, &name)?;
+    let header = NiftiHeader::from_reader(&head[..])
         .map_err(|e| anyhow!("{name}: the NIfTI-1 header cannot be parsed ({e})"))?;
-    let dims = validate_dims(&header, &name)?;
     let spacing = [header.pixdim[1], header.pixdim[2], header.pixdim[3]];
     if spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) {
         bail!(
@@ -357,15 +364,36 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
         )
     })?;
     let nvox = dims[0] * dims[1] * dims[2];
-    if !(header.vox_offset >= DATA_OFFSET as f32 && header.vox_offset <= bytes.len() as f32) {
+    if nvox > MAX_VOXELS {
+        bail!(
+            "{name}: the header declares {}×{}×{} = {nvox} voxels, more than the {MAX_VOXELS} this reader accepts (a 1024×1024×2048 CT)",
+            dims[0],
+            dims[1],
+            dims[2]
+        );
+    }
+    if !(header.vox_offset >= DATA_OFFSET as f32 && header.vox_offset < (1u64 << 32) as f32) {
         bail!(
             "{name}: vox_offset {} is invalid (a single-file NIfTI-1 volume starts its data at \
-             byte 352 or later, inside the file)",
+             byte 352 or later)",
             header.vox_offset
         );
     }
     let offset = header.vox_offset as usize;
     let need = offset + nvox * stored.size();
+    let mut bytes = head;
+    bytes.try_reserve_exact(need - bytes.len()).map_err(|_| {
+        anyhow!(
+            "{name}: cannot allocate {} for the {}×{}×{} {} voxels the header declares",
+            human_bytes(need),
+            dims[0],
+            dims[1],
+            dims[2],
+            stored.name()
+        )
+    })?;
+    read_up_to(&mut reader, &mut bytes, need as u64, &name)?;
+    drop(reader);
     if bytes.len() < need {
         bail!(
             "{name}: the file is truncated: the header promises {nvox} {} voxels ({need} bytes \
@@ -409,17 +437,39 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
     })
 }
 
-fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
+/// A reader of the file's bytes, inflating on the fly when it starts with the gzip magic.
+fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read>> {
     let name = path.display();
-    let raw = std::fs::read(path).map_err(|e| anyhow!("{name}: cannot read the file ({e})"))?;
-    if raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b {
-        let mut out = Vec::with_capacity(raw.len() * 2);
-        MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| anyhow!("{name}: the gzip stream is corrupt or truncated ({e})"))?;
-        Ok(out)
+    let mut file = File::open(path).map_err(|e| anyhow!("{name}: cannot read the file ({e})"))?;
+    let mut magic = [0u8; 2];
+    let n = file
+        .read(&mut magic)
+        .map_err(|e| anyhow!("{name}: cannot read the file ({e})"))?;
+    let start = std::io::Cursor::new(magic[..n].to_vec());
+    let raw = std::io::BufReader::new(start.chain(file));
+    Ok(if n == 2 && magic == [0x1f, 0x8b] {
+        Box::new(std::io::BufReader::new(MultiGzDecoder::new(raw)))
     } else {
-        Ok(raw)
+        Box::new(raw)
+    })
+}
+
+/// Appends bytes from `reader` to `out` until it holds `limit` bytes or the stream ends.
+fn read_up_to(reader: &mut dyn Read, out: &mut Vec<u8>, limit: u64, name: &str) -> Result<()> {
+    let want = limit.saturating_sub(out.len() as u64);
+    reader.take(want).read_to_end(out).map_err(|e| {
+        anyhow!("{name}: the file cannot be read: it is corrupt or truncated ({e})")
+    })?;
+    Ok(())
+}
+
+/// `n` bytes as KiB, MiB or GiB with one decimal.
+fn human_bytes(n: usize) -> String {
+    let n = n as f64;
+    match n {
+        n if n >= (1u64 << 30) as f64 => format!("{:.1} GiB", n / (1u64 << 30) as f64),
+        n if n >= (1u64 << 20) as f64 => format!("{:.1} MiB", n / (1u64 << 20) as f64),
+        n => format!("{:.1} KiB", n / 1024.0),
     }
 }
 
@@ -453,23 +503,44 @@ fn check_signature(bytes: &[u8], name: &str) -> Result<()> {
     }
 }
 
-fn validate_dims(header: &NiftiHeader, name: &str) -> Result<[usize; 3]> {
-    let nd = header.dim[0] as usize;
-    if !(3..=7).contains(&nd) {
-        bail!("{name}: the volume has {nd} dimensions; a 3D CT volume is needed");
+/// Checks `dim[0..8]` of the raw header (byte order from sizeof_hdr, so that an invalid
+/// dim[0] is reported as written rather than byte-swapped) and returns the 3D size.
+fn validate_dims(head: &[u8], name: &str) -> Result<[usize; 3]> {
+    let little = i32::from_le_bytes(head[0..4].try_into().expect("four bytes")) == 348;
+    let dim: Vec<i64> = (0..8)
+        .map(|i| {
+            let b = [head[40 + 2 * i], head[41 + 2 * i]];
+            (if little {
+                i16::from_le_bytes(b)
+            } else {
+                i16::from_be_bytes(b)
+            }) as i64
+        })
+        .collect();
+    let nd = dim[0];
+    if !(1..=7).contains(&nd) {
+        bail!("{name}: dim[0] = {nd} is not a dimension count (NIfTI allows 1 to 7)");
     }
-    let dim: Vec<usize> = header.dim[1..=nd].iter().map(|&d| d as usize).collect();
-    if dim.iter().any(|&d| d == 0 || d > i16::MAX as usize) {
-        bail!("{name}: invalid dimensions {dim:?} (each must be between 1 and 32767)");
+    if nd < 3 {
+        bail!("{name}: the volume has {nd} dimension(s); a 3D CT volume is needed");
     }
-    let frames: usize = dim[3..].iter().product();
-    if frames > 1 {
+    let nd = nd as usize;
+    if let Some(i) = (1..=nd).find(|&i| dim[i] < 1) {
         bail!(
-            "{name}: a {nd}D volume with {frames} frames ({dim:?}); pass a single 3D CT volume \
-             (extract one frame first)"
+            "{name}: dim[{i}] = {} (dimensions {:?}); every size must be at least 1",
+            dim[i],
+            &dim[1..=nd]
         );
     }
-    Ok([dim[0], dim[1], dim[2]])
+    let frames: i64 = dim[4..=nd.max(3)].iter().product();
+    if frames > 1 {
+        bail!(
+            "{name}: a {nd}D volume with {frames} frames ({:?}); pass a single 3D CT volume \
+             (extract one frame first)",
+            &dim[1..=nd]
+        );
+    }
+    Ok([dim[1] as usize, dim[2] as usize, dim[3] as usize])
 }
 
 fn decode_voxels(bytes: &[u8], stored: StoredType, big_endian: bool) -> Vec<f32> {
