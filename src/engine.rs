@@ -69,6 +69,13 @@ impl<'a> Batch<'a> {
                 cfg.in_channels
             );
         }
+        if let Some(i) = self.patches.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "patches hold a non-finite value ({}) at index {i} (patch {})",
+                self.patches[i],
+                i / (cfg.in_channels * p * p)
+            );
+        }
         if let Some(l) = self.seg_labels {
             if l.len() != m * p * p {
                 bail!(
@@ -134,14 +141,23 @@ pub trait InferenceEngine {
     fn segment(&mut self, patches: &[f32], patch: usize) -> Result<Vec<u8>>;
 }
 
-/// The number M of patches of side `patch` held in `len` values, for segmentation.
-pub fn segment_count(cfg: &ModelConfig, len: usize, patch: usize) -> Result<usize> {
+/// The number M of patches of side `patch` in `patches`, for segmentation (checked: whole
+/// patches, finite values).
+pub fn segment_count(cfg: &ModelConfig, patches: &[f32], patch: usize) -> Result<usize> {
     cfg.check_patch(patch)?;
+    let len = patches.len();
     let per = cfg.in_channels * patch * patch;
     if len == 0 || !len.is_multiple_of(per) {
         bail!(
             "segment: {len} values are not a whole number of {}×{patch}×{patch} patches",
             cfg.in_channels
+        );
+    }
+    if let Some(i) = patches.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "segment: patch {} holds a non-finite value ({})",
+            i / per,
+            patches[i]
         );
     }
     Ok(len / per)

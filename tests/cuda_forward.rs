@@ -317,6 +317,18 @@ fn bad_bags_are_errors() {
     let e3 = engine.forward_eval(&x[1..], &[3]).unwrap_err().to_string();
     println!("errors: {e1} | {e2} | {e3}");
     assert!(e1.contains("at least 2") && e2.contains("M = 4") && e3.contains("M = 3"));
+    // A non-finite pixel is refused by both engines, in forward and segment, naming the patch.
+    let mut nan = x.clone();
+    nan[2 * c.patch * c.patch + 7] = f32::NAN;
+    let mut cpu = m2unet::cpu::CpuEngine::new(Model::init(c, 1));
+    let engines: [&mut dyn InferenceEngine; 2] = [&mut engine, &mut cpu];
+    for e in engines {
+        let e4 = e.forward_eval(&nan, &[3]).unwrap_err().to_string();
+        let e5 = e.segment(&nan, c.patch).unwrap_err().to_string();
+        println!("{}: {e4} | {e5}", e.describe());
+        assert!(e4.contains("non-finite") && e4.contains("patch 2"));
+        assert!(e5.contains("non-finite") && e5.contains("patch 2"));
+    }
 }
 
 #[test]

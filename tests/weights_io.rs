@@ -146,3 +146,82 @@ fn config_is_inferred_from_shapes_for_both_presets() {
         assert_eq!(got, cfg);
     }
 }
+
+#[test]
+fn a_depth3_network_round_trips_and_its_depth_is_inferred() {
+    let cfg = ModelConfig {
+        depth: 3,
+        enc_width: 6,
+        bottleneck_width: 10,
+        ..ModelConfig::tiny()
+    };
+    let file = model_tensors(&Model::init(cfg, 2), WeightDtype::F32);
+    let got = m2unet::io::weights::infer_config(&file).unwrap();
+    println!("inferred {got:?}");
+    assert_eq!(got, cfg);
+    assert!(file.tensors.contains_key("dec3.conv1.weight"));
+    assert!(!file.tensors.contains_key("enc4.conv1.weight"));
+}
+
+#[test]
+fn non_finite_weights_and_non_positive_variances_are_named() {
+    let good = model_tensors(&tiny(), WeightDtype::F32);
+    let set = |name: &str, i: usize, v: f32| {
+        let mut f = good.clone();
+        let Some(Tensor::F32 { data, .. }) = f.tensors.get_mut(name) else {
+            panic!("{name} is an f32 tensor");
+        };
+        data[i] = v;
+        f
+    };
+    expect_error(&set("enc3.conv1.weight", 5, f32::NAN), "enc3.conv1.weight");
+    expect_error(&set("classifier.bias", 1, f32::INFINITY), "classifier.bias");
+    expect_error(
+        &set("dec4.bn2.running_var", 0, -0.5),
+        "dec4.bn2.running_var",
+    );
+    expect_error(
+        &set("mil_emb.bn.running_var", 2, 0.0),
+        "mil_emb.bn.running_var",
+    );
+    expect_error(
+        &set("enc1.bn1.running_mean", 2, f32::NAN),
+        "enc1.bn1.running_mean",
+    );
+}
+
+#[test]
+fn f16_overflow_is_an_error_and_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("half.safetensors");
+    let mut model = tiny();
+    let r = model.table.range("dec2.conv1.weight");
+    model.params[r.start + 3] = 1e6;
+    let msg = format!(
+        "{:#}",
+        save_model(&model, &path, WeightDtype::F16).unwrap_err()
+    );
+    println!("error: {msg}");
+    assert!(msg.contains("dec2.conv1.weight") && msg.contains("half.safetensors"));
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
+
+#[test]
+fn temporaries_of_killed_writers_are_removed_by_the_next_write() {
+    // A `.NAME.tmpPID` whose process no longer runs is what a killed writer leaves.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let stale = dir.path().join(".w.safetensors.tmp4000000000");
+    let other = dir.path().join(".x.safetensors.tmp4000000000");
+    std::fs::write(&stale, b"partial").unwrap();
+    std::fs::write(&other, b"someone else's").unwrap();
+    save_model(&tiny(), &path, WeightDtype::F32).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    println!("after the write: {names:?}");
+    assert_eq!(names, [".x.safetensors.tmp4000000000", "w.safetensors"]);
+}

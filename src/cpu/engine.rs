@@ -761,7 +761,7 @@ impl InferenceEngine for CpuEngine {
     }
 
     fn segment(&mut self, patches: &[f32], p: usize) -> Result<Vec<u8>> {
-        let m = segment_count(self.model.config(), patches.len(), p)?;
+        let m = segment_count(self.model.config(), patches, p)?;
         pool_begin(StepShape { m, p, train: false });
         let mut net = Net::new(&mut self.model, Mode::Eval);
         let acts = net.forward(patches, m, p, None);

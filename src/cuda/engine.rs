@@ -831,7 +831,7 @@ impl InferenceEngine for CudaEngine {
     }
 
     fn segment(&mut self, patches: &[f32], p: usize) -> Result<Vec<u8>> {
-        let m = segment_count(self.model.config(), patches.len(), p)?;
+        let m = segment_count(self.model.config(), patches, p)?;
         self.prepare(patches, None, m, p)?;
         self.run(Mode::Eval, Heads::Labels, m, 0)?;
         let a = self.arena.as_ref().expect("arena");

@@ -134,11 +134,15 @@ impl TensorFile {
     /// Writes the file atomically (a temporary file beside it, then a rename). The bytes are a
     /// function of the contents alone: tensors and metadata keys in sorted order.
     pub fn write(&self, path: &Path) -> Result<()> {
-        write_atomic(path, &self.encode())
+        let bytes = self
+            .encode()
+            .with_context(|| format!("{} was not written", path.display()))?;
+        write_atomic(path, &bytes)
     }
 
     /// The safetensors encoding: u64 header length, JSON header (space-padded to 8 bytes), data.
-    fn encode(&self) -> Vec<u8> {
+    /// Fails when an f16 tensor holds a value that f16 cannot represent (beyond ±65504).
+    fn encode(&self) -> Result<Vec<u8>> {
         let mut header = serde_json::Map::new();
         let mut data: Vec<u8> = vec![];
         for (name, t) in &self.tensors {
@@ -150,6 +154,12 @@ impl TensorFile {
                     "F32"
                 }
                 Tensor::F16 { data: v, .. } => {
+                    if let Some(x) = v
+                        .iter()
+                        .find(|x| x.is_finite() && x.abs() > f16::MAX.to_f32())
+                    {
+                        bail!("tensor {name:?} holds {x}, beyond the f16 range (±65504); store it as f32");
+                    }
                     v.iter()
                         .for_each(|x| data.extend_from_slice(&f16::from_f32(*x).to_le_bytes()));
                     "F16"
@@ -189,7 +199,7 @@ impl TensorFile {
         out.extend_from_slice(&(text.len() as u64).to_le_bytes());
         out.extend_from_slice(text.as_bytes());
         out.extend_from_slice(&data);
-        out
+        Ok(out)
     }
 
     fn get(&self, name: &str) -> Result<&Tensor> {
@@ -218,7 +228,8 @@ impl TensorFile {
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
-/// reader never sees a partial file and a killed writer leaves the old file intact.
+/// reader never sees a partial file and a killed writer leaves the old file intact. A failed
+/// write removes its temporary; temporaries that killed writers left for `path` are removed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
@@ -232,7 +243,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    remove_stale_temporaries(dir, &name.to_string_lossy());
+    std::fs::write(&tmp, bytes).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow!("cannot write {}: {e}", path.display())
+    })?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         anyhow!("cannot write {}: {e}", path.display())
@@ -351,6 +366,13 @@ pub fn model_from_tensors(file: &TensorFile) -> Result<Model> {
     for p in &table.params {
         take(p.name.clone(), &p.shape, &mut model.params[p.range()])?;
     }
+    if let Some(p) = table
+        .params
+        .iter()
+        .find(|p| model.params[p.range()].iter().any(|v| !v.is_finite()))
+    {
+        bail!("tensor {:?} holds NaN or infinite values", p.name);
+    }
     for bn in &table.bns {
         let c = [bn.channels];
         take(
@@ -363,6 +385,24 @@ pub fn model_from_tensors(file: &TensorFile) -> Result<Model> {
             &c,
             &mut model.buffers[bn.var_range()],
         )?;
+    }
+    for bn in &table.bns {
+        let (mean, var) = (
+            &model.buffers[bn.mean_range()],
+            &model.buffers[bn.var_range()],
+        );
+        if mean.iter().any(|v| !v.is_finite()) {
+            bail!(
+                "tensor \"{}.running_mean\" holds NaN or infinite values",
+                bn.module
+            );
+        }
+        if let Some(v) = var.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+            bail!(
+                "tensor \"{}.running_var\" holds {v}; a running variance must be positive and finite",
+                bn.module
+            );
+        }
     }
     for (i, bn) in table.bns.iter().enumerate() {
         let name = format!("{}.num_batches_tracked", bn.module);
@@ -393,4 +433,24 @@ pub fn load_model(path: &Path) -> Result<Model> {
 /// Saves the model's state_dict atomically.
 pub fn save_model(model: &Model, path: &Path, dtype: WeightDtype) -> Result<()> {
     model_tensors(model, dtype).write(path)
+}
+
+/// Removes `.NAME.tmpPID` files in `dir` whose writer process is no longer running.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let alive = pid.parse::<u32>().is_ok_and(|pid| {
+            pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+        });
+        if !alive {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
