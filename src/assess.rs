@@ -1,5 +1,7 @@
-//! CT volume → lobe label map on the input's grid, severity, JSON report and optional PNG
-//! preview, for one file or a batch, through any [`InferenceEngine`].
+//! Assessment of CT volumes: lobe label map, severity, JSON report and optional preview.
+//!
+//! One file or a batch, through any [`InferenceEngine`]; the lobe map is written on the
+//! input's grid.
 
 use crate::config::ModelConfig;
 use crate::data::dataset::stem;

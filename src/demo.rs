@@ -1,5 +1,4 @@
-//! The demo: one synthetic chest phantom assessed, with its lobe map, report and preview
-//! written and a per-lobe table against the phantom's ground truth.
+//! The demo: one synthetic chest phantom assessed and compared with its ground truth.
 
 use crate::assess::{assess_volume, AssessOptions, Report};
 use crate::data::phantom::{case_spec, generate, CaseTruth, StoredDtype, SynthOptions};

@@ -1,5 +1,7 @@
-//! Evaluation of a model on manifest cases: the full assess pipeline per volume, 3D Dice of the
-//! written lobe maps against the masks, and severity metrics against the labels.
+//! Evaluation of a model on manifest cases: 3D lobe Dice and severity metrics.
+//!
+//! Every volume goes through the full assess pipeline; the written lobe maps are compared with
+//! the masks, the severity probabilities with the labels.
 
 use crate::assess::{assess_volume, AssessOptions};
 use crate::cpu::CpuEngine;

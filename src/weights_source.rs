@@ -1,5 +1,6 @@
-//! Where a command's weights come from: `--weights FILE`, else `$M2UNET_WEIGHTS`, else the
-//! default weights embedded in the binary (so it works from any folder).
+//! Where weights come from: `--weights`, else `$M2UNET_WEIGHTS`, else the embedded default.
+//!
+//! The default weights are compiled into the binary, so it works from any folder.
 
 use crate::io::weights::{load_model, load_model_bytes};
 use crate::model::Model;

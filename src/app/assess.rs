@@ -1,5 +1,4 @@
-//! `m2unet assess`: its arguments, the engine they name, and the batch over the inputs with a
-//! line per volume on stderr.
+//! `m2unet assess`: its arguments, the engine they name, and the batch over the inputs.
 
 use crate::assess::{assess_batch, collect_inputs, AssessOptions, LabelScheme, Report};
 use crate::backend::{make_engine, Backend};

@@ -1,5 +1,4 @@
-//! `m2unet evaluate`: its arguments, the per-case table and summary it prints, and
-//! evaluation.json.
+//! `m2unet evaluate`: its arguments, the printed per-case table and summary, evaluation.json.
 
 use crate::data::dataset::read_checked_manifest;
 use crate::data::{LOBE_NAMES, NUM_LOBES};

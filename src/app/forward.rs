@@ -1,5 +1,6 @@
-//! `m2unet forward`: the network on patches stored in a safetensors file (the stable tensor
-//! contract of tools/torch_reference.py).
+//! `m2unet forward`: the network on patches in a safetensors file (the stable tensor contract).
+//!
+//! tools/torch_reference.py implements the same contract in PyTorch.
 
 use crate::backend::Backend;
 use crate::config::{ModelConfig, TrainConfig};
@@ -12,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use std::path::{Path, PathBuf};
 
+/// The BatchNorm mode of the forward.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
     /// BatchNorm with running statistics.

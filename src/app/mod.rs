@@ -1,7 +1,7 @@
-//! The command layer: each command's clap arguments and its `run` function, built on the
-//! library modules (which never import from here); `main.rs` parses and dispatches.
+//! The command layer: one file per command, holding its clap arguments and `run` function.
 //!
-//! It is part of the library so that tests drive the commands in-process.
+//! Built on the library modules, which never import from here; `main.rs` parses and
+//! dispatches. It is part of the library so that tests drive the commands in-process.
 
 pub mod assess;
 pub mod demo;

@@ -1,5 +1,4 @@
-//! `m2unet train`: its arguments, a new or resumed run in the library's training loop, and
-//! the line it prints where it stopped.
+//! `m2unet train`: its arguments, a new or resumed run of the training loop, the final line.
 
 use crate::backend::Backend;
 use crate::config::{ModelConfig, TrainConfig};

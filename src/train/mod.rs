@@ -1,5 +1,7 @@
-//! Bag-wise training of M²UNet on the CPU engine: case-level validation split, per-epoch
-//! validation (metrics CSV and curves), resumable atomic checkpoints.
+//! Bag-wise training of M²UNet on the CPU engine, resumable, with per-epoch validation.
+//!
+//! Cases are split by case id; each epoch ends with validation (metrics CSV and curves) and
+//! atomic checkpoints.
 
 mod batch;
 mod progress;
