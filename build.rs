@@ -18,6 +18,9 @@ fn main() {
     for var in ["M2UNET_NVCC", "CUDA_HOME", "PATH"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
+    // .cuda/ is watched only while it exists: cargo reruns a build script on every build while
+    // a watched path is missing. tools/install_cuda_wheels.sh touches this file when .cuda/ is
+    // newer than it, so the first build after the install finds nvcc.
     if root.join(".cuda").exists() {
         println!("cargo:rerun-if-changed=.cuda");
     }

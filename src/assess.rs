@@ -1,19 +1,21 @@
-//! `m2unet assess`: CT volume → lobe label map on the input's grid, severity, JSON report and
-//! optional PNG preview, for one file or a batch, through any [`InferenceEngine`].
+//! Assessment of CT volumes: lobe label map, severity, JSON report and optional preview.
+//!
+//! One file or a batch, through any [`InferenceEngine`]; the lobe map is written on the
+//! input's grid.
 
 use crate::config::ModelConfig;
 use crate::data::dataset::stem;
 use crate::data::preprocess::{
     keep_largest_components, paste_patches, volume_patches, CanonicalCt, PreprocessConfig,
+    VolumePatches,
 };
 use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::engine::InferenceEngine;
-use crate::io::nifti::{read_volume, write_label_map, AffineSource};
+use crate::io::nifti::{read_volume, write_label_map, AffineSource, Volume};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -49,6 +51,8 @@ pub struct AssessOptions {
     /// Continue (with a warning in the report) when the values do not look like HU.
     pub force: bool,
     pub label_scheme: LabelScheme,
+    /// How the report names the engine's weights (a path, or the embedded default).
+    pub weights: Option<String>,
 }
 
 impl Default for AssessOptions {
@@ -60,6 +64,7 @@ impl Default for AssessOptions {
             preview: false,
             force: false,
             label_scheme: LabelScheme::Lungmask,
+            weights: None,
         }
     }
 }
@@ -138,6 +143,8 @@ pub struct Report {
     pub volume: VolumeInfo,
     pub timings_ms: Timings,
     pub device: String,
+    /// The weights file, or "embedded default …"; null when the caller did not say.
+    pub weights: Option<String>,
     pub model: ModelConfig,
     pub label_scheme: LabelScheme,
     pub version: String,
@@ -194,40 +201,100 @@ pub fn assess_volume_with_progress(
     if opts.batch_size == 0 || opts.max_bag < 2 {
         bail!("the batch size must be at least 1 and the largest bag at least 2");
     }
-    let name = path.display().to_string();
     let start = Instant::now();
-    let mut timings = Timings::default();
+    let mut t = Timings::default();
     let mut warnings = Vec::new();
-    bar.set_message("reading");
+    let volume = stage(bar, "reading", &mut t.read, || {
+        read_hu_volume(path, opts.force, &mut warnings)
+    })?;
+    // The patch side the weights were trained at decides the preprocessing.
+    let patch = engine.config().patch;
+    let (ct, body) = stage(bar, "preprocessing", &mut t.preprocess, || {
+        body_patches(&volume, patch, path)
+    })?;
+    let seg = stage(bar, "segmenting", &mut t.segment, || {
+        segment(engine, &body, patch, opts.batch_size, bar, path)
+    })?;
+    let lobes = stage(bar, "post-processing", &mut t.postprocess, || {
+        Ok(LobeMap::new(&seg, &body, &ct, patch))
+    })?;
+    let bag = stage(bar, "classifying", &mut t.classify, || {
+        classify(engine, &body, &lobes, opts.max_bag, &mut warnings)
+    })?;
+    let assessed = Assessed {
+        volume,
+        ct,
+        body,
+        lobes,
+        bag,
+    };
+    let mut report = assessed.report(engine, path, opts, warnings);
+    bar.set_message("writing");
+    assessed.write(&mut report, path, opts, t, start)?;
+    bar.set_message("done");
+    Ok(report)
+}
+
+/// Runs one stage of an assessment: shows `what` on `bar` and stores its wall time (ms).
+fn stage<T>(
+    bar: &ProgressBar,
+    what: &str,
+    millis: &mut f64,
+    run: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    bar.set_message(what.to_string());
     let t = Instant::now();
+    let out = run()?;
+    *millis = ms(t);
+    Ok(out)
+}
+
+/// Reads the volume and checks that its values look like HU (a warning with `force`).
+fn read_hu_volume(path: &Path, force: bool, warnings: &mut Vec<String>) -> Result<Volume> {
     let volume = read_volume(path)?;
     if let Some(problem) = volume.hu_range_problem() {
-        if opts.force {
+        if force {
             warnings.push(problem);
         } else {
             bail!("{problem}; pass --force to assess it anyway");
         }
     }
-    timings.read = ms(t);
+    Ok(volume)
+}
 
-    bar.set_message("preprocessing");
-    let t = Instant::now();
-    let ct = CanonicalCt::from_volume(&volume);
-    let cfg = PreprocessConfig::new(engine.config().patch);
-    let vp = volume_patches(&ct, &cfg);
+/// The volume on the canonical grid and the network's patches of its body slices (at least 2).
+fn body_patches(
+    volume: &Volume,
+    patch: usize,
+    path: &Path,
+) -> Result<(CanonicalCt, VolumePatches)> {
+    let ct = CanonicalCt::from_volume(volume);
+    let vp = volume_patches(&ct, &PreprocessConfig::new(patch));
     let m = vp.slices.len();
     if m < 2 {
-        bail!("{name}: only {m} slice(s) hold body (voxels above −500 HU); at least 2 are needed");
+        bail!(
+            "{}: only {m} slice(s) hold body (voxels above −500 HU); at least 2 are needed",
+            path.display()
+        );
     }
-    timings.preprocess = ms(t);
+    Ok((ct, vp))
+}
 
-    bar.set_message("segmenting");
-    bar.set_length(m as u64);
+/// Lobe labels [M, P, P] of the body patches, `batch_size` patches per engine call.
+fn segment(
+    engine: &mut dyn InferenceEngine,
+    body: &VolumePatches,
+    p: usize,
+    batch_size: usize,
+    bar: &ProgressBar,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    let name = path.display();
+    let pp = p * p;
+    bar.set_length(body.slices.len() as u64);
     bar.set_position(0);
-    let t = Instant::now();
-    let p = cfg.patch;
-    let mut seg = Vec::with_capacity(m * p * p);
-    for chunk in vp.patches.chunks(opts.batch_size * p * p) {
+    let mut seg = Vec::with_capacity(body.patches.len());
+    for chunk in body.patches.chunks(batch_size * pp) {
         let labels = engine
             .segment(chunk, p)
             .with_context(|| format!("{name}: segmentation failed"))?;
@@ -242,55 +309,125 @@ pub fn assess_volume_with_progress(
             bail!("{name}: the engine returned label {bad}, outside 0–{NUM_LOBES}");
         }
         seg.extend_from_slice(&labels);
-        bar.inc((chunk.len() / (p * p)) as u64);
+        bar.inc((chunk.len() / pp) as u64);
     }
-    timings.segment = ms(t);
+    Ok(seg)
+}
 
-    bar.set_message("post-processing");
-    let t = Instant::now();
-    let dims = ct.dims;
-    let mut lobes = paste_patches(&seg, &vp.slices, dims, p);
-    keep_largest_components(&mut lobes, dims);
-    let n = dims[0] * dims[1];
-    let stats: Vec<[(usize, f64, usize); NUM_LOBES]> = lobes
-        .par_chunks(n)
-        .zip(ct.hu.par_chunks(n))
-        .map(|(ls, hs)| {
-            let mut acc = [(0usize, 0f64, 0usize); NUM_LOBES];
-            for (&l, &h) in ls.iter().zip(hs) {
-                if l > 0 {
-                    let a = &mut acc[l as usize - 1];
-                    a.0 += 1;
-                    a.1 += h as f64;
-                    a.2 += (h >= INVOLVED_HU.0 && h <= INVOLVED_HU.1) as usize;
+/// Voxel count, HU sum and involved voxels of one lobe in one slice.
+#[derive(Clone, Copy, Default)]
+struct LobeSums {
+    voxels: usize,
+    hu: f64,
+    involved: usize,
+}
+
+/// The post-processed lobe map on the canonical grid and its per-slice sums.
+struct LobeMap {
+    labels: Vec<u8>,
+    /// Per canonical z slice, per lobe.
+    per_slice: Vec<[LobeSums; NUM_LOBES]>,
+}
+
+impl LobeMap {
+    /// The patches' labels pasted back on the canonical grid, the largest component of each
+    /// lobe kept, and the sums of every slice.
+    fn new(seg: &[u8], body: &VolumePatches, ct: &CanonicalCt, patch: usize) -> LobeMap {
+        let dims = ct.dims;
+        let mut labels = paste_patches(seg, &body.slices, dims, patch);
+        keep_largest_components(&mut labels, dims);
+        let n = dims[0] * dims[1];
+        let per_slice = labels
+            .par_chunks(n)
+            .zip(ct.hu.par_chunks(n))
+            .map(|(ls, hs)| {
+                let mut acc = [LobeSums::default(); NUM_LOBES];
+                for (&l, &h) in ls.iter().zip(hs) {
+                    if l > 0 {
+                        let a = &mut acc[l as usize - 1];
+                        a.voxels += 1;
+                        a.hu += h as f64;
+                        a.involved += (h >= INVOLVED_HU.0 && h <= INVOLVED_HU.1) as usize;
+                    }
                 }
-            }
-            acc
-        })
-        .collect();
-    let lung_slices: Vec<usize> = (0..m)
-        .filter(|&k| stats[vp.slices[k].z].iter().any(|s| s.0 > 0))
-        .collect();
-    timings.postprocess = ms(t);
+                acc
+            })
+            .collect();
+        LobeMap { labels, per_slice }
+    }
 
-    bar.set_message("classifying");
-    let t = Instant::now();
-    let bag_pool: Vec<usize> = if lung_slices.len() >= 2 {
-        lung_slices.clone()
+    /// Whether canonical slice `z` holds any lobe voxel.
+    fn is_lung(&self, z: usize) -> bool {
+        self.per_slice[z].iter().any(|s| s.voxels > 0)
+    }
+
+    /// The report line of every lobe and the lung's (voxels, involved voxels).
+    fn lobe_reports(
+        &self,
+        voxel_ml: f64,
+        scheme: LabelScheme,
+    ) -> (Vec<LobeReport>, (usize, usize)) {
+        let mut totals = (0usize, 0usize);
+        let reports = (0..NUM_LOBES)
+            .map(|l| {
+                let (count, sum, involved) = self.per_slice.iter().fold((0, 0.0, 0), |a, s| {
+                    (a.0 + s[l].voxels, a.1 + s[l].hu, a.2 + s[l].involved)
+                });
+                totals.0 += count;
+                totals.1 += involved;
+                LobeReport {
+                    label: scheme.map(l as u8 + 1),
+                    name: LOBE_NAMES[l].to_string(),
+                    voxels: count,
+                    volume_ml: count as f64 * voxel_ml,
+                    mean_hu: (count > 0).then(|| sum / count as f64),
+                    involvement: (count > 0).then(|| involved as f64 / count as f64),
+                }
+            })
+            .collect();
+        (reports, totals)
+    }
+}
+
+/// The severity bag and its result.
+struct SeverityBag {
+    /// The body slices (indices into the patches) the bag was drawn from: the lung slices, or
+    /// all body slices when fewer than 2 hold lung.
+    pool: Vec<usize>,
+    /// Slices in the bag.
+    len: usize,
+    severity: Severity,
+}
+
+/// Classifies an evenly spaced bag of at most `max_bag` lung slices.
+fn classify(
+    engine: &mut dyn InferenceEngine,
+    body: &VolumePatches,
+    lobes: &LobeMap,
+    max_bag: usize,
+    warnings: &mut Vec<String>,
+) -> Result<SeverityBag> {
+    let m = body.slices.len();
+    let pp = body.patches.len() / m;
+    let lung: Vec<usize> = (0..m)
+        .filter(|&k| lobes.is_lung(body.slices[k].z))
+        .collect();
+    let pool: Vec<usize> = if lung.len() >= 2 {
+        lung
     } else {
         warnings.push(format!(
             "the lobe map marks {} slice(s) as lung; the severity bag uses evenly spaced body slices",
-            lung_slices.len()
+            lung.len()
         ));
         (0..m).collect()
     };
-    let bag: Vec<usize> = evenly(bag_pool.len(), opts.max_bag)
+    let bag: Vec<usize> = evenly(pool.len(), max_bag)
         .into_iter()
-        .map(|i| bag_pool[i])
+        .map(|i| pool[i])
         .collect();
-    let mut bag_patches = Vec::with_capacity(bag.len() * p * p);
+    let mut bag_patches = Vec::with_capacity(bag.len() * pp);
     for &k in &bag {
-        bag_patches.extend_from_slice(&vp.patches[k * p * p..(k + 1) * p * p]);
+        bag_patches.extend_from_slice(&body.patches[k * pp..(k + 1) * pp]);
     }
     let out = engine.forward_eval(&bag_patches, &[bag.len()])?;
     if out.cls_logits.len() < 2 || out.cls_logits.iter().any(|v| !v.is_finite()) {
@@ -299,103 +436,138 @@ pub fn assess_volume_with_progress(
             out.cls_logits
         );
     }
-    let logits = [out.cls_logits[0], out.cls_logits[1]];
-    let probability = 1.0 / (1.0 + ((logits[0] - logits[1]) as f64).exp());
-    timings.classify = ms(t);
+    Ok(SeverityBag {
+        pool,
+        len: bag.len(),
+        severity: Severity::from_logits([out.cls_logits[0], out.cls_logits[1]]),
+    })
+}
 
-    let voxel_ml = volume.voxel_ml();
-    let mut totals = (0usize, 0usize);
-    let lobe_reports: Vec<LobeReport> = (0..NUM_LOBES)
-        .map(|l| {
-            let (count, sum, involved) = stats.iter().fold((0, 0.0, 0), |a, s| {
-                (a.0 + s[l].0, a.1 + s[l].1, a.2 + s[l].2)
-            });
-            totals.0 += count;
-            totals.1 += involved;
-            LobeReport {
-                label: opts.label_scheme.map(l as u8 + 1),
-                name: LOBE_NAMES[l].to_string(),
-                voxels: count,
-                volume_ml: count as f64 * voxel_ml,
-                mean_hu: (count > 0).then(|| sum / count as f64),
-                involvement: (count > 0).then(|| involved as f64 / count as f64),
-            }
-        })
-        .collect();
-
-    bar.set_message("writing");
-    let t = Instant::now();
-    let [lobes_path, report_path, preview_path] = output_paths(path, opts);
-    let native: Vec<u8> = volume
-        .orientation
-        .from_canonical(&lobes)
-        .into_iter()
-        .map(|l| opts.label_scheme.map(l))
-        .collect();
-    let preview_slices: Vec<usize> = evenly(bag_pool.len(), 4)
-        .into_iter()
-        .map(|i| vp.slices[bag_pool[i]].z)
-        .collect();
-    let mut report = Report {
-        input: name.clone(),
-        outputs: OutputFiles {
-            lobes: lobes_path.display().to_string(),
-            report: report_path.display().to_string(),
-            preview: opts.preview.then(|| preview_path.display().to_string()),
-        },
-        severity: Severity {
+impl Severity {
+    /// The softmax probability of the severe class and the class at threshold 0.5.
+    fn from_logits(logits: [f32; 2]) -> Severity {
+        let probability = 1.0 / (1.0 + ((logits[0] - logits[1]) as f64).exp());
+        let class = if probability >= 0.5 {
+            "severe"
+        } else {
+            "non-severe"
+        };
+        Severity {
             probability,
-            class: if probability >= 0.5 {
-                "severe"
-            } else {
-                "non-severe"
-            }
-            .to_string(),
+            class: class.to_string(),
             logits,
-        },
-        lobes: lobe_reports,
-        lung_volume_ml: totals.0 as f64 * voxel_ml,
-        total_involvement: (totals.0 > 0).then(|| totals.1 as f64 / totals.0 as f64),
-        patches: PatchCounts {
-            segmented: m,
-            bag: bag.len(),
-        },
-        volume: VolumeInfo {
-            shape: volume.dims,
-            spacing_mm: volume.canonical_spacing(),
-            orientation: volume.orientation.axcodes(),
-            dtype: volume.dtype.to_string(),
-            affine_source: volume.affine_source,
-        },
-        timings_ms: Timings::default(),
-        device: engine.describe(),
-        model: *engine.config(),
-        label_scheme: opts.label_scheme,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        warnings,
-    };
-    let mut staged = Staged::default();
-    let written = (|| -> Result<()> {
-        let tmp = staged.temp_for(&lobes_path);
-        write_label_map(&tmp, &volume, &native, true)?;
-        if opts.preview {
-            let tmp = staged.temp_for(&preview_path);
-            write_preview(&tmp, &ct, &lobes, &preview_slices)?;
         }
-        timings.write = ms(t);
-        timings.total = ms(start);
-        report.timings_ms = timings.clone();
-        let tmp = staged.temp_for(&report_path);
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
-        staged.commit()
-    })();
-    if let Err(e) = written {
-        staged.discard();
-        return Err(e);
     }
-    bar.set_message("done");
-    Ok(report)
+}
+
+/// What the stages of an assessment produced.
+struct Assessed {
+    volume: Volume,
+    ct: CanonicalCt,
+    body: VolumePatches,
+    lobes: LobeMap,
+    bag: SeverityBag,
+}
+
+impl Assessed {
+    /// The report (timings still zero).
+    fn report(
+        &self,
+        engine: &dyn InferenceEngine,
+        path: &Path,
+        opts: &AssessOptions,
+        warnings: Vec<String>,
+    ) -> Report {
+        let volume = &self.volume;
+        let voxel_ml = volume.voxel_ml();
+        let (lobes, (lung, involved)) = self.lobes.lobe_reports(voxel_ml, opts.label_scheme);
+        let [lobes_path, report_path, preview_path] = output_paths(path, opts);
+        Report {
+            input: path.display().to_string(),
+            outputs: OutputFiles {
+                lobes: lobes_path.display().to_string(),
+                report: report_path.display().to_string(),
+                preview: opts.preview.then(|| preview_path.display().to_string()),
+            },
+            severity: self.bag.severity.clone(),
+            lobes,
+            lung_volume_ml: lung as f64 * voxel_ml,
+            total_involvement: (lung > 0).then(|| involved as f64 / lung as f64),
+            patches: PatchCounts {
+                segmented: self.body.slices.len(),
+                bag: self.bag.len,
+            },
+            volume: VolumeInfo {
+                shape: volume.dims,
+                spacing_mm: volume.canonical_spacing(),
+                orientation: volume.orientation.axcodes(),
+                dtype: volume.dtype.to_string(),
+                affine_source: volume.affine_source,
+            },
+            timings_ms: Timings::default(),
+            device: engine.describe(),
+            weights: opts.weights.clone(),
+            model: *engine.config(),
+            label_scheme: opts.label_scheme,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            warnings,
+        }
+    }
+
+    /// Writes the lobe map on the input's grid, the preview (if asked) and last the report
+    /// with the final `timings` (the writing's own and the total since `start`): all or none.
+    fn write(
+        &self,
+        report: &mut Report,
+        path: &Path,
+        opts: &AssessOptions,
+        mut timings: Timings,
+        start: Instant,
+    ) -> Result<()> {
+        let t = Instant::now();
+        let [lobes_path, report_path, preview_path] = output_paths(path, opts);
+        let mut staged = Staged::default();
+        let written = (|| -> Result<()> {
+            self.write_lobe_map(&staged.temp_for(&lobes_path), opts.label_scheme)?;
+            if opts.preview {
+                let tmp = staged.temp_for(&preview_path);
+                write_preview(&tmp, &self.ct, &self.lobes.labels, &self.preview_slices())?;
+            }
+            timings.write = ms(t);
+            timings.total = ms(start);
+            report.timings_ms = timings;
+            let tmp = staged.temp_for(&report_path);
+            let json = serde_json::to_string_pretty(&report)?;
+            std::fs::write(&tmp, json)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            staged.commit()
+        })();
+        if written.is_err() {
+            staged.discard();
+        }
+        written
+    }
+
+    /// The lobe map in the input's voxel order and header, labels in `scheme`.
+    fn write_lobe_map(&self, path: &Path, scheme: LabelScheme) -> Result<()> {
+        let native: Vec<u8> = self
+            .volume
+            .orientation
+            .from_canonical(&self.lobes.labels)
+            .into_iter()
+            .map(|l| scheme.map(l))
+            .collect();
+        write_label_map(path, &self.volume, &native, true)
+    }
+
+    /// Four evenly spaced canonical slices of the bag's pool.
+    fn preview_slices(&self) -> Vec<usize> {
+        let pool = &self.bag.pool;
+        evenly(pool.len(), 4)
+            .into_iter()
+            .map(|i| self.body.slices[pool[i]].z)
+            .collect()
+    }
 }
 
 /// Temporary files beside their destinations, renamed together on success.
@@ -562,137 +734,4 @@ pub fn assess_batch(
     }
     batch.finish_and_clear();
     results
-}
-
-/// Assess chest CT volumes: a lobe label map and a severity report per volume.
-///
-/// Each INPUT is a NIfTI file (.nii or .nii.gz) or a folder (every NIfTI file inside it, except
-/// label maps named *_lobes.nii* or *_mask.nii*). For each volume it writes
-/// `<name>_lobes.nii.gz` (uint8 lobe labels on the input's exact grid and header),
-/// `<name>_report.json` (severity probability and class, per-lobe volume, mean HU and
-/// involvement, timings) and with --preview `<name>_preview.png`. A file that fails is
-/// reported, leaves no output behind, and the batch goes on; the exit code is non-zero when
-/// any file failed.
-#[derive(clap::Args, Debug, Clone)]
-pub struct AssessArgs {
-    /// CT volumes (.nii/.nii.gz) or folders of them.
-    #[arg(required = true)]
-    pub inputs: Vec<PathBuf>,
-    /// Model weights or a training checkpoint (safetensors with the PyTorch parameter names);
-    /// default: the shipped weights trained on synthetic phantoms (weights/MODEL_CARD.md).
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
-    /// Output folder (created when missing); default: beside each input.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Where the network runs.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Patches segmented per engine call.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Largest number of slices in the severity bag (lung slices beyond it are evenly subsampled).
-    #[arg(long, default_value_t = 32)]
-    pub max_bag: usize,
-    /// Also write `<name>_preview.png`: axial slices with the lobe map overlaid.
-    #[arg(long)]
-    pub preview: bool,
-    /// No progress bars and no per-file lines (failures are still reported).
-    #[arg(long)]
-    pub quiet: bool,
-    /// Assess volumes whose values do not look like Hounsfield units (with a warning).
-    #[arg(long)]
-    pub force: bool,
-    /// Label values of the written lobe map.
-    #[arg(long, value_enum, default_value_t = LabelScheme::Lungmask)]
-    pub label_scheme: LabelScheme,
-}
-
-impl AssessArgs {
-    pub fn options(&self) -> AssessOptions {
-        AssessOptions {
-            out_dir: self.out.clone(),
-            batch_size: self.batch_size,
-            max_bag: self.max_bag,
-            preview: self.preview,
-            force: self.force,
-            label_scheme: self.label_scheme,
-        }
-    }
-}
-
-/// The shipped default weights (paper network trained on synthetic phantoms; see
-/// weights/MODEL_CARD.md).
-pub const DEFAULT_WEIGHTS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/weights/m2unet_synthetic_p80.safetensors"
-);
-
-/// The default weights' path, or an error saying how to pass weights when they are missing.
-pub fn default_weights() -> Result<PathBuf> {
-    let path = PathBuf::from(DEFAULT_WEIGHTS);
-    if !path.is_file() {
-        bail!(
-            "the default weights {} are missing; pass --weights FILE (e.g. from `m2unet train`)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-/// `m2unet assess`: builds the engine with `make_engine(weights, device)`, assesses every input
-/// and reports failures on stderr. Returns whether every volume succeeded.
-pub fn run_assess(
-    args: &AssessArgs,
-    make_engine: impl FnOnce(&Path, &str) -> Result<Box<dyn InferenceEngine>>,
-) -> Result<bool> {
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    if args.max_bag < 2 {
-        bail!("--max-bag must be at least 2 (a bag needs two patches)");
-    }
-    let opts = args.options();
-    let weights = match &args.weights {
-        Some(w) => w.clone(),
-        None => default_weights()?,
-    };
-    // The engine first: a bad device or weights file leaves no output folder behind.
-    let mut engine = make_engine(&weights, &args.device)?;
-    if let Some(dir) = &opts.out_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
-    }
-    let (files, mut failures) = collect_inputs(&args.inputs);
-    let show = !args.quiet && std::io::stderr().is_terminal();
-    let results = assess_batch(engine.as_mut(), &files, &opts, show);
-    let mut ok = 0;
-    for (file, result) in results {
-        match result {
-            Ok(report) => {
-                ok += 1;
-                if !args.quiet {
-                    eprintln!(
-                        "{}: {} (p = {:.3}), lung {:.0} mL → {}",
-                        file.display(),
-                        report.severity.class,
-                        report.severity.probability,
-                        report.lung_volume_ml,
-                        report.outputs.lobes
-                    );
-                }
-            }
-            Err(e) => failures.push((file, e)),
-        }
-    }
-    let total = ok + failures.len();
-    if !failures.is_empty() {
-        eprintln!("{} of {total} volume(s) failed:", failures.len());
-        for (_, e) in &failures {
-            eprintln!("  {e:#}");
-        }
-    } else if !args.quiet {
-        eprintln!("{ok} of {total} volume(s) assessed");
-    }
-    Ok(failures.is_empty())
 }

@@ -1,37 +1,24 @@
-//! `m2unet demo`: makes one synthetic chest phantom, assesses it (default weights unless told
-//! otherwise), writes the lobe map, report and preview, and prints the severity and a per-lobe
-//! table against the phantom's ground truth.
+//! The demo: one synthetic chest phantom assessed and compared with its ground truth.
 
-use crate::assess::{assess_volume, default_weights, AssessOptions, Report};
-use crate::data::phantom::{case_spec, generate, CaseTruth, StoredDtype, SynthArgs};
+use crate::assess::{assess_volume, AssessOptions, Report};
+use crate::data::phantom::{case_spec, generate, CaseTruth, StoredDtype, SynthOptions};
 use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::engine::InferenceEngine;
-use crate::io::read_volume;
-use crate::metrics::lobe_dice;
+use crate::evaluate::written_lobe_dice;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
-/// Makes one seeded phantom (80×80×48 voxels, the size the default weights were trained on;
-/// shape, spacing and orientation drawn as `synth` does), assesses it and prints the result.
-/// Writes `demo_case.nii.gz`, its mask and truth JSON, and the assess outputs
-/// `demo_case_lobes.nii.gz`, `demo_case_report.json` and `demo_case_preview.png` into --out.
-#[derive(clap::Args, Debug, Clone)]
-pub struct DemoArgs {
+/// What the demo makes and where.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
     /// Output folder (created when missing).
-    #[arg(long, default_value = "m2unet_demo")]
     pub out: PathBuf,
     /// Seed of the phantom.
-    #[arg(long, default_value_t = 2026)]
     pub seed: u64,
-    /// Make a severe case (lesions over ≥ 25 % of the lung) instead of a non-severe one.
-    #[arg(long)]
+    /// A severe case (lesions over ≥ 25 % of the lung) instead of a non-severe one.
     pub severe: bool,
-    /// Weights or checkpoint; default: the shipped weights (weights/MODEL_CARD.md).
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
-    /// Where the network runs.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// How the report names the engine's weights.
+    pub weights: String,
 }
 
 /// What the demo produced.
@@ -43,42 +30,25 @@ pub struct DemoResult {
     pub dice: [f64; NUM_LOBES],
 }
 
-/// `m2unet demo`: builds the engine with `make_engine(weights, device)`.
-pub fn run_demo(
-    args: &DemoArgs,
-    make_engine: impl FnOnce(&Path, &str) -> Result<Box<dyn InferenceEngine>>,
-) -> Result<DemoResult> {
-    let weights = match &args.weights {
-        Some(w) => w.clone(),
-        None => default_weights()?,
-    };
-    let mut engine = make_engine(&weights, &args.device)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create the output folder {}", args.out.display()))?;
-    let synth = SynthArgs {
-        out: args.out.clone(),
-        count: 1,
-        seed: args.seed,
-        shape: Some([80, 80, 48]),
-        spacing: None,
-        orientation: None,
-        dtype: Some(StoredDtype::Int16),
-        noise: None,
-        uncompressed: false,
-    };
-    let spec = case_spec(&synth, 0, args.severe)?;
-    let truth = generate(&spec, args.seed).write(&args.out, "demo_case", args.seed, true)?;
-    let image = args.out.join(&truth.image);
-    let opts = AssessOptions {
-        out_dir: Some(args.out.clone()),
+/// Makes one seeded phantom (80×80×48 voxels, the size the default weights were trained on;
+/// spacing and orientation drawn as `synth` does) and assesses it on `engine`. Writes
+/// `demo_case.nii.gz`, its mask and truth JSON, and the assess outputs
+/// `demo_case_lobes.nii.gz`, `demo_case_report.json` and `demo_case_preview.png`.
+pub fn run_demo(engine: &mut dyn InferenceEngine, opts: &DemoOptions) -> Result<DemoResult> {
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create the output folder {}", opts.out.display()))?;
+    let truth = write_phantom(&opts.out, opts.seed, opts.severe)?;
+    let assess = AssessOptions {
+        out_dir: Some(opts.out.clone()),
         preview: true,
+        weights: Some(opts.weights.clone()),
         ..AssessOptions::default()
     };
-    let report = assess_volume(engine.as_mut(), &image, &opts)?;
-    let pred = read_volume(Path::new(&report.outputs.lobes))?;
-    let mask = read_volume(&args.out.join(&truth.mask))?;
-    let to_u8 = |v: &[f32]| -> Vec<u8> { v.iter().map(|&x| x.round() as u8).collect() };
-    let dice = lobe_dice(&to_u8(&pred.data), &to_u8(&mask.data));
+    let report = assess_volume(engine, &opts.out.join(&truth.image), &assess)?;
+    let dice = written_lobe_dice(
+        Path::new(&report.outputs.lobes),
+        &opts.out.join(&truth.mask),
+    )?;
     Ok(DemoResult {
         truth,
         report,
@@ -86,8 +56,20 @@ pub fn run_demo(
     })
 }
 
+/// Writes the phantom `demo_case` into `out`.
+fn write_phantom(out: &Path, seed: u64, severe: bool) -> Result<CaseTruth> {
+    let draw = SynthOptions {
+        seed,
+        shape: Some([80, 80, 48]),
+        dtype: Some(StoredDtype::Int16),
+        ..SynthOptions::default()
+    };
+    let spec = case_spec(&draw, 0, severe)?;
+    generate(&spec, seed).write(out, "demo_case", seed, true)
+}
+
 /// The printed summary of a demo.
-pub fn summary(r: &DemoResult, weights: &str) -> String {
+pub fn summary(r: &DemoResult) -> String {
     let s = &r.report.severity;
     let mut out = format!(
         "phantom {} ({}×{}×{} voxels, {}): truth {} (involvement {:.1} %, {})\n",
@@ -105,8 +87,10 @@ pub fn summary(r: &DemoResult, weights: &str) -> String {
         r.truth.ct_grade_name
     );
     out += &format!(
-        "weights {weights}\nseverity: {} (p(severe) = {:.3})\n\n",
-        s.class, s.probability
+        "weights {}\nseverity: {} (p(severe) = {:.3})\n\n",
+        r.report.weights.as_deref().unwrap_or("-"),
+        s.class,
+        s.probability
     );
     out += &format!(
         "{:<5} {:>10} {:>10} {:>14} {:>14} {:>8}\n",

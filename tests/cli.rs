@@ -1,5 +1,6 @@
-//! The `m2unet` command line end to end: info, init, and the forward contract (against the
-//! PyTorch fixtures), with clear errors and no output on bad input.
+//! The `m2unet` command line end to end: info, init, the forward contract (against the
+//! PyTorch fixtures), assess and the demo from any folder, with clear errors and no output on
+//! bad input.
 
 use m2unet::io::weights::{Tensor, TensorFile};
 use std::path::{Path, PathBuf};
@@ -320,4 +321,73 @@ fn assess_with_unusable_weights_fails_before_creating_the_output_folder() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("w.safetensors"));
     assert!(!out.exists(), "no output folder on failure");
+}
+
+/// `m2unet demo` run in `dir` with `M2UNET_WEIGHTS` set to `env` (unset when None).
+fn demo_in(dir: &Path, env: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_m2unet"));
+    cmd.arg("demo").args(args).current_dir(dir);
+    match env {
+        Some(w) => cmd.env("M2UNET_WEIGHTS", w),
+        None => cmd.env_remove("M2UNET_WEIGHTS"),
+    };
+    cmd.output().expect("run m2unet demo")
+}
+
+fn report_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn demo_works_from_any_folder_and_names_the_weights_it_used() {
+    // A fresh folder, far from the checkout, without M2UNET_WEIGHTS: the embedded default.
+    let dir = tempfile::tempdir().unwrap();
+    let o = demo_in(dir.path(), None, &[]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    println!("{out}\n{}", stderr(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let name = "embedded default m2unet_synthetic_p80";
+    assert!(stderr(&o).contains(&format!("weights: {name}")));
+    assert!(out.contains(&format!("weights {name}")));
+    let report = report_json(&dir.path().join("m2unet_demo/demo_case_report.json"));
+    assert_eq!(report["weights"], name);
+    assert_eq!(
+        report["model"]["patch"], 80,
+        "the default weights are trained at P = 80"
+    );
+    let dice: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("mean lobe Dice "))
+        .expect("a mean Dice line")
+        .parse()
+        .unwrap();
+    println!("embedded default weights: mean lobe Dice {dice} against the phantom's truth");
+    assert!(dice > 0.9);
+
+    // M2UNET_WEIGHTS names other weights (tiny preset: enc_width 8): they are used and named.
+    let tiny = dir.path().join("tiny.safetensors");
+    let init = m2unet(&["init", "--preset", "tiny", "--out", tiny.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let o = demo_in(dir.path(), Some(&tiny), &["--out", "env_demo"]);
+    println!("{}", stderr(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("weights: {}", tiny.display())));
+    let report = report_json(&dir.path().join("env_demo/demo_case_report.json"));
+    println!(
+        "with M2UNET_WEIGHTS: report weights {}, model {}",
+        report["weights"], report["model"]
+    );
+    assert_eq!(report["weights"], tiny.display().to_string());
+    assert_eq!(report["model"]["enc_width"], 8);
+
+    // --weights comes first; a missing M2UNET_WEIGHTS file is named in the error.
+    let missing = dir.path().join("missing.safetensors");
+    let flag = ["--weights", tiny.to_str().unwrap(), "--out", "flag_demo"];
+    let o = demo_in(dir.path(), Some(&missing), &flag);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = demo_in(dir.path(), Some(&missing), &["--out", "never"]);
+    println!("{}", stderr(&o));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("M2UNET_WEIGHTS") && stderr(&o).contains("missing.safetensors"));
+    assert!(!dir.path().join("never").exists());
 }

@@ -3,14 +3,15 @@
 
 use anyhow::{anyhow, Result};
 use flate2::read::GzDecoder;
+use m2unet::app::assess::{run_with_engine, AssessArgs};
+use m2unet::app::synth::{run as run_synth, SynthArgs};
 use m2unet::assess::{assess_batch, assess_volume, AssessOptions, LabelScheme};
+use m2unet::backend::Backend;
 use m2unet::config::ModelConfig;
 use m2unet::data::dataset::{
     epoch_order, load_bag, read_manifest, split_by_case, stratified_slices, BagConfig, Prefetcher,
 };
-use m2unet::data::phantom::{
-    generate, run_synth, Phantom, PhantomSpec, StoredDtype, SynthArgs, XformKind,
-};
+use m2unet::data::phantom::{generate, Phantom, PhantomSpec, StoredDtype, XformKind};
 use m2unet::data::preprocess::{
     body_mask, keep_largest_components, label_patches, paste_patches, resize_bilinear,
     volume_patches, CanonicalCt, CropBox, PreprocessConfig,
@@ -1335,25 +1336,22 @@ fn run_assess_expands_folders_and_its_status_says_whether_all_succeeded() {
     generate(&s, 8).write(&input, "good", 8, true).unwrap();
     let good = input.join("good.nii.gz");
     let mask = input.join("good_mask.nii.gz");
-    let args =
-        |inputs: Vec<PathBuf>, out: Option<PathBuf>, force: bool| m2unet::assess::AssessArgs {
-            inputs,
-            weights: Some(PathBuf::from("weights.safetensors")),
-            out,
-            device: "cpu".into(),
-            batch_size: 4,
-            max_bag: 8,
-            preview: false,
-            quiet: true,
-            force,
-            label_scheme: LabelScheme::Lungmask,
-        };
-    let factory = |w: &Path, d: &str| -> Result<Box<dyn InferenceEngine>> {
-        assert_eq!((w, d), (Path::new("weights.safetensors"), "cpu"));
-        Ok(Box::new(OracleEngine::new(&good, &mask, 32)))
+    let args = |inputs: Vec<PathBuf>, out: Option<PathBuf>, force: bool| AssessArgs {
+        inputs,
+        weights: None,
+        out,
+        device: Backend::Cpu,
+        batch_size: 4,
+        max_bag: 8,
+        preview: false,
+        quiet: true,
+        force,
+        label_scheme: LabelScheme::Lungmask,
     };
-    let all_ok =
-        m2unet::assess::run_assess(&args(vec![input.clone()], None, false), factory).unwrap();
+    let run_assess = |args: &AssessArgs| {
+        run_with_engine(args, &mut OracleEngine::new(&good, &mask, 32), "oracle")
+    };
+    let all_ok = run_assess(&args(vec![input.clone()], None, false)).unwrap();
     let mut beside: Vec<String> = std::fs::read_dir(&input)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -1373,11 +1371,7 @@ fn run_assess_expands_folders_and_its_status_says_whether_all_succeeded() {
     write_nifti(&not_hu, &byte, VoxelData::U8(&values), false).unwrap();
     std::fs::write(input.join("broken.nii"), b"not an image at all").unwrap();
     let out = dir.path().join("out");
-    let all_ok = m2unet::assess::run_assess(
-        &args(vec![input.clone()], Some(out.clone()), false),
-        factory,
-    )
-    .unwrap();
+    let all_ok = run_assess(&args(vec![input.clone()], Some(out.clone()), false)).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -1390,10 +1384,11 @@ fn run_assess_expands_folders_and_its_status_says_whether_all_succeeded() {
     let err = assess_volume(&mut engine, &not_hu, &AssessOptions::default()).unwrap_err();
     println!("non-HU volume: {err}");
     assert!(err.to_string().contains("Hounsfield") && err.to_string().contains("--force"));
-    let status = m2unet::assess::run_assess(
-        &args(vec![dir.path().join("empty_dir_missing")], Some(out), false),
-        factory,
-    )
+    let status = run_assess(&args(
+        vec![dir.path().join("empty_dir_missing")],
+        Some(out),
+        false,
+    ))
     .unwrap();
     assert!(!status, "a missing input must fail the run");
 }

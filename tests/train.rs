@@ -1,13 +1,20 @@
 //! Training tests: learning on tiny phantoms, bit-exact resume, metrics against hand-computed
-//! cases, checkpoints surviving a killed writer, manifest errors, checkpoint loading.
+//! cases, checkpoints surviving a killed writer, manifest errors, checkpoint loading, the demo
+//! and where weights come from.
 
+use m2unet::app::synth::{run as run_synth, SynthArgs};
+use m2unet::app::train::{run as run_train, TrainArgs};
+use m2unet::backend::Backend;
 use m2unet::config::ModelConfig;
-use m2unet::data::phantom::{run_synth, SynthArgs};
-use m2unet::io::checkpoint::{load_checkpoint, OPTIM_PREFIX};
-use m2unet::io::weights::{load_model, model_from_tensors, Tensor, TensorFile};
+use m2unet::data::dataset::read_checked_manifest;
+use m2unet::evaluate::evaluate;
+use m2unet::io::checkpoint::load_checkpoint;
+use m2unet::io::weights::{load_model, model_from_tensors, Tensor, TensorFile, OPTIM_PREFIX};
 use m2unet::metrics::{dice, lobe_dice, roc_auc, Confusion, EvalMetrics};
 use m2unet::model::Model;
-use m2unet::train::{evaluate, read_checked_manifest, run_train, Schedule, TrainArgs};
+use m2unet::train::Schedule;
+use m2unet::weights_source::{WeightsSource, WEIGHTS_ENV};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,7 +39,7 @@ fn args(data: &Path, out: &Path) -> TrainArgs {
     TrainArgs {
         data: Some(data.to_path_buf()),
         out: out.to_path_buf(),
-        device: "cpu".into(),
+        device: Backend::Cpu,
         preset: "tiny".into(),
         epochs: 3,
         bags_per_step: 2,
@@ -320,7 +327,7 @@ fn killed_checkpoint_write_leaves_previous_checkpoint_loadable() {
     );
     assert!(killed_during_write);
     assert!(ck.state.step >= 1);
-    assert_eq!(ck.trainer.model.table.n_params, 4_015_304);
+    assert_eq!(ck.model.table.n_params, 4_015_304);
 }
 
 #[test]
@@ -363,7 +370,7 @@ fn bad_manifest_lines_give_errors_with_line_numbers() {
     let e3 = format!(
         "{:#}",
         run_train(&TrainArgs {
-            device: "cuda".into(),
+            device: Backend::Cuda,
             ..args(&manifest, &dir.path().join("run"))
         })
         .unwrap_err()
@@ -385,22 +392,21 @@ fn checkpoint_loads_as_weights_and_only_optim_tensors_are_ignored() {
     let path = run.join("last.safetensors");
     let ck = load_checkpoint(&path).unwrap();
     let weights = load_model(&path).unwrap();
-    let same =
-        weights.params == ck.trainer.model.params && weights.buffers == ck.trainer.model.buffers;
+    let same = weights.params == ck.model.params && weights.buffers == ck.model.buffers;
     let mut file = TensorFile::read(&path).unwrap();
     let n_optim = file
         .tensors
         .keys()
         .filter(|k| k.starts_with(OPTIM_PREFIX))
         .count();
-    let moments_nonzero = ck.trainer.m.iter().filter(|v| **v != 0.0).count();
+    let moments_nonzero = ck.m.iter().filter(|v| **v != 0.0).count();
     println!(
         "weights equal: {same}; {n_optim} optim tensors; {moments_nonzero} non-zero first moments; step {}",
         ck.state.step
     );
     assert!(same);
-    assert_eq!(n_optim, 2 * ck.trainer.model.table.params.len());
-    assert!(moments_nonzero > ck.trainer.m.len() / 2);
+    assert_eq!(n_optim, 2 * ck.model.table.params.len());
+    assert!(moments_nonzero > ck.m.len() / 2);
     file.tensors
         .insert("optimizer.m".into(), Tensor::scalar(0.0));
     let err = model_from_tensors(&file).unwrap_err().to_string();
@@ -418,18 +424,14 @@ fn demo_writes_outputs_and_reports_dice_of_the_written_map() {
     )
     .unwrap();
     let out = dir.path().join("demo");
-    let args = m2unet::demo::DemoArgs {
+    let opts = m2unet::demo::DemoOptions {
         out: out.clone(),
         seed: 9,
         severe: true,
-        weights: Some(weights.clone()),
-        device: "cpu".into(),
+        weights: "tiny".into(),
     };
-    let r = m2unet::demo::run_demo(&args, |w, d| {
-        assert_eq!((w, d), (weights.as_path(), "cpu"));
-        Ok(Box::new(m2unet::cpu::CpuEngine::new(load_model(w)?)))
-    })
-    .unwrap();
+    let mut engine = m2unet::cpu::CpuEngine::new(load_model(&weights).unwrap());
+    let r = m2unet::demo::run_demo(&mut engine, &opts).unwrap();
     // Dice of every lobe recomputed from the written files with a plain loop.
     let pred = m2unet::io::read_volume(&out.join("demo_case_lobes.nii.gz")).unwrap();
     let truth = m2unet::io::read_volume(&out.join("demo_case_mask.nii.gz")).unwrap();
@@ -450,7 +452,7 @@ fn demo_writes_outputs_and_reports_dice_of_the_written_map() {
         };
         err = err.max((want - d).abs());
     }
-    let text = m2unet::demo::summary(&r, "tiny");
+    let text = m2unet::demo::summary(&r);
     println!("{text}\nmax Dice error {err:e}");
     assert!(err < 1e-12);
     assert!(r.truth.severe);
@@ -458,39 +460,51 @@ fn demo_writes_outputs_and_reports_dice_of_the_written_map() {
     assert!(out.join("demo_case_preview.png").is_file());
     assert!(out.join("demo_case_report.json").is_file());
     assert!(text.contains("RML") && text.contains("not for clinical use"));
+    assert!(text.contains("weights tiny"));
+    assert_eq!(r.report.weights.as_deref(), Some("tiny"));
 }
 
 #[test]
-fn assess_without_weights_uses_the_shipped_default_weights() {
-    let dir = tempfile::tempdir().unwrap();
-    let args = m2unet::assess::AssessArgs {
-        inputs: vec![dir.path().join("none.nii.gz")],
-        weights: None,
-        out: None,
-        device: "cpu".into(),
-        batch_size: 8,
-        max_bag: 32,
-        preview: false,
-        quiet: true,
-        force: false,
-        label_scheme: m2unet::assess::LabelScheme::Lungmask,
-    };
-    let mut seen = None;
-    let ok = m2unet::assess::run_assess(&args, |w, _| {
-        seen = Some(w.to_path_buf());
-        Ok(Box::new(m2unet::cpu::CpuEngine::new(load_model(w)?)))
-    })
-    .unwrap();
-    let seen = seen.unwrap();
-    let model = load_model(&seen).unwrap();
-    println!(
-        "default weights {}: patch {}, {} parameters; missing input reported as failure: {}",
-        seen.display(),
-        model.config().patch,
-        model.table.n_params,
-        !ok
+fn weights_are_the_flag_else_the_environment_else_the_embedded_default() {
+    let (flag, env) = (Path::new("flag.safetensors"), "env.safetensors");
+    let cases = [
+        (Some(flag), Some(env), WeightsSource::Flag(flag.into())),
+        (Some(flag), None, WeightsSource::Flag(flag.into())),
+        (None, Some(env), WeightsSource::Env(env.into())),
+        (None, Some(""), WeightsSource::EmbeddedDefault),
+        (None, None, WeightsSource::EmbeddedDefault),
+    ];
+    for (f, e, want) in cases {
+        let got = WeightsSource::resolve(f, e.map(OsString::from));
+        println!("--weights {f:?}, {WEIGHTS_ENV}={e:?} → {got}");
+        assert_eq!(got, want);
+    }
+    assert_eq!(
+        WeightsSource::EmbeddedDefault.to_string(),
+        "embedded default m2unet_synthetic_p80"
     );
-    assert_eq!(seen, Path::new(m2unet::assess::DEFAULT_WEIGHTS));
-    assert_eq!(model.table.n_params, 4_015_304);
-    assert!(!ok);
+
+    // The embedded default is the shipped file, byte for byte and as a model.
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/m2unet_synthetic_p80.safetensors");
+    let embedded = WeightsSource::EmbeddedDefault.load().unwrap();
+    let file = load_model(&shipped).unwrap();
+    println!(
+        "embedded default: {} bytes, patch {}, {} parameters",
+        m2unet::weights_source::DEFAULT_WEIGHTS.len(),
+        embedded.config().patch,
+        embedded.table.n_params
+    );
+    assert_eq!(
+        m2unet::weights_source::DEFAULT_WEIGHTS,
+        std::fs::read(&shipped).unwrap()
+    );
+    assert_eq!(embedded.table.n_params, 4_015_304);
+    assert_eq!(embedded.config().patch, 80);
+    assert!(embedded.params == file.params && embedded.buffers == file.buffers);
+
+    let missing = WeightsSource::Env("/nonexistent/w.safetensors".into());
+    let err = format!("{:#}", missing.load().unwrap_err());
+    println!("{err}");
+    assert!(err.contains(WEIGHTS_ENV) && err.contains("/nonexistent/w.safetensors"));
 }

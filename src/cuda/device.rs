@@ -31,17 +31,6 @@ pub enum DeviceKind {
     Emu,
 }
 
-impl std::str::FromStr for DeviceKind {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cuda" | "gpu" => Ok(DeviceKind::Gpu),
-            "emu" => Ok(DeviceKind::Emu),
-            other => bail!("unknown CUDA device {other:?} (expected cuda or emu)"),
-        }
-    }
-}
-
 /// An address in device memory (a host address on the emulator).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DevPtr(pub u64);

@@ -83,6 +83,57 @@ pub fn read_manifest(path: &Path) -> Result<Vec<ManifestEntry>> {
     Ok(out)
 }
 
+/// Reads a manifest and checks every row before training: field count, label 0/1, image and
+/// mask files present. Errors name the file's line number.
+pub fn read_checked_manifest(path: &Path) -> Result<Vec<ManifestEntry>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the manifest {}", path.display()))?;
+    let mut rows = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    let header: Vec<&str> = match rows.next() {
+        Some((_, h)) => h.split(',').map(str::trim).collect(),
+        None => bail!("{}: the manifest is empty", path.display()),
+    };
+    let label_col = header.iter().position(|h| *h == "label");
+    let rows: Vec<(usize, Vec<&str>)> = rows
+        .map(|(i, l)| (i + 1, l.split(',').map(str::trim).collect()))
+        .collect();
+    for (line, fields) in &rows {
+        if fields.len() != header.len() {
+            bail!(
+                "{} line {line}: {} fields, but the header names {}",
+                path.display(),
+                fields.len(),
+                header.len()
+            );
+        }
+        if let Some(c) = label_col {
+            if !matches!(fields[c], "0" | "1") {
+                bail!(
+                    "{} line {line}: label {:?} must be 0 (non-severe) or 1 (severe)",
+                    path.display(),
+                    fields[c]
+                );
+            }
+        }
+    }
+    let entries = read_manifest(path)?;
+    for (e, (line, _)) in entries.iter().zip(&rows) {
+        for (what, file) in [("image", &e.image), ("mask", &e.mask)] {
+            if !file.is_file() {
+                bail!(
+                    "{} line {line}: the {what} file {} does not exist",
+                    path.display(),
+                    file.display()
+                );
+            }
+        }
+    }
+    Ok(entries)
+}
+
 /// A file name without its `.nii`/`.nii.gz` extension.
 pub fn stem(path: &Path) -> String {
     let name = path
@@ -264,7 +315,8 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
 }
 
 /// Loads one epoch's bags on background threads, `depth` bags ahead per worker, and yields
-/// them in [`epoch_order`] (the result does not depend on the number of workers).
+/// them in [`epoch_order`] (the result does not depend on the number of workers); a resumed
+/// epoch starts at a position in that order.
 pub struct Prefetcher {
     receivers: Vec<Receiver<Result<Bag>>>,
     next: usize,
@@ -273,6 +325,7 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
+    /// All bags of `epoch`.
     pub fn start(
         entries: Vec<ManifestEntry>,
         cfg: BagConfig,
@@ -281,17 +334,31 @@ impl Prefetcher {
         workers: usize,
         depth: usize,
     ) -> Self {
+        Self::start_at(entries, cfg, seed, epoch, 0, workers, depth)
+    }
+
+    /// The bags of `epoch` from `position` in its order on.
+    pub fn start_at(
+        entries: Vec<ManifestEntry>,
+        cfg: BagConfig,
+        seed: u64,
+        epoch: u64,
+        position: usize,
+        workers: usize,
+        depth: usize,
+    ) -> Self {
         let workers = workers.max(1);
         let order = Arc::new(epoch_order(entries.len(), seed, epoch));
         let entries = Arc::new(entries);
-        let total = order.len();
+        let first = position.min(order.len());
+        let total = order.len() - first;
         let mut receivers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
         for w in 0..workers {
             let (tx, rx) = sync_channel(depth.max(1));
             let (order, entries) = (Arc::clone(&order), Arc::clone(&entries));
             handles.push(std::thread::spawn(move || {
-                for pos in (w..order.len()).step_by(workers) {
+                for pos in (first + w..order.len()).step_by(workers) {
                     let idx = order[pos];
                     let bag = load_bag(&entries[idx], idx, &cfg, seed, epoch);
                     if tx.send(bag).is_err() {

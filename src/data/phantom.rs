@@ -1,4 +1,4 @@
-//! Seeded synthetic chest CT phantoms with exact lobe ground truth, and `m2unet synth`.
+//! Seeded synthetic chest CT phantoms with exact lobe ground truth, one by one or as a set.
 //!
 //! The anatomy lives in normalised canonical coordinates u, v, w ∈ [−1, 1] (u towards the
 //! patient's right, v anterior, w superior), so it fills any grid whatever the spacing. It is
@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// How the phantom's voxels are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -662,85 +662,24 @@ impl Phantom {
     }
 }
 
-fn parse_triple<T: std::str::FromStr>(s: &str, what: &str) -> Result<[T; 3], String> {
-    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
-    if parts.len() != 3 {
-        return Err(format!(
-            "{what} must be three comma-separated numbers, e.g. 128,128,96"
-        ));
-    }
-    let mut out = Vec::with_capacity(3);
-    for p in parts {
-        out.push(
-            p.parse::<T>()
-                .map_err(|_| format!("{what}: {p:?} is not a valid number"))?,
-        );
-    }
-    out.try_into()
-        .map_err(|_| format!("{what}: three values needed"))
-}
-
-fn parse_shape(s: &str) -> Result<[usize; 3], String> {
-    let v: [usize; 3] = parse_triple(s, "--shape")?;
-    if v[0] < 16 || v[1] < 16 || v[2] < 2 || v.iter().any(|&d| d > 2048) {
-        return Err("--shape needs at least 16×16×2 and at most 2048 per axis".into());
-    }
-    Ok(v)
-}
-
-fn parse_spacing(s: &str) -> Result<[f64; 3], String> {
-    let v: [f64; 3] = parse_triple(s, "--spacing")?;
-    if v.iter().any(|&d| !(d.is_finite() && d > 0.0 && d <= 20.0)) {
-        return Err("--spacing values must be positive mm (at most 20)".into());
-    }
-    Ok(v)
-}
-
-/// Generate seeded synthetic chest CT phantoms with lobe masks, per-case ground truth JSON and
-/// a manifest CSV.
-///
-/// For each case `case_NNNN` it writes the CT volume `case_NNNN.nii.gz` (HU), the lobe mask
-/// `case_NNNN_mask.nii.gz` (uint8: 0 background, 1 LUL, 2 LLL, 3 RUL, 4 RML, 5 RLL) and
-/// `case_NNNN.json` (per-lobe and total involvement, CT-grade, severe label), plus
-/// `manifest.csv` (image, mask, label, case_id) over all cases; with two cases or more both
-/// classes are present. Whatever is not fixed by an option (shape, spacing, orientation, data
-/// type, noise) is drawn per case from the seed; the same seed gives identical files.
-#[derive(clap::Args, Debug, Clone)]
-pub struct SynthArgs {
-    /// Output folder (created when missing).
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Number of cases.
-    #[arg(long, default_value_t = 8)]
-    pub count: usize,
+/// What a synthetic set fixes; whatever is `None` is drawn per case from the seed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SynthOptions {
     /// Seed of the whole set (case i uses a stream derived from it).
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Grid size X,Y,Z in voxels along the canonical axes (left→right, posterior→anterior,
-    /// inferior→superior); drawn per case when absent.
-    #[arg(long, value_parser = parse_shape)]
+    /// Grid size X,Y,Z in voxels along the canonical axes.
     pub shape: Option<[usize; 3]>,
-    /// Voxel spacing X,Y,Z in mm (canonical order); drawn per case (0.6–1.0 mm in-plane,
-    /// 1–5 mm between slices) when absent.
-    #[arg(long, value_parser = parse_spacing)]
+    /// Voxel spacing X,Y,Z in mm (canonical order).
     pub spacing: Option<[f64; 3]>,
-    /// Axis codes of the stored array (e.g. RAS, LPS, LAS, or any permutation such as PSR);
-    /// drawn per case from RAS, LPS and LAS when absent.
-    #[arg(long)]
+    /// Axis codes of the stored array (e.g. RAS, LPS, PSR).
     pub orientation: Option<String>,
-    /// Stored data type; drawn per case when absent.
-    #[arg(long, value_enum)]
     pub dtype: Option<StoredDtype>,
-    /// Voxel noise standard deviation in HU; drawn per case (5–30) when absent.
-    #[arg(long)]
+    /// Voxel noise standard deviation in HU.
     pub noise: Option<f32>,
-    /// Write uncompressed `.nii` files instead of `.nii.gz`.
-    #[arg(long)]
-    pub uncompressed: bool,
 }
 
-/// The spec of case `index` of a synth run (drawn from its own stream of the seed).
-pub fn case_spec(args: &SynthArgs, index: usize, severe: bool) -> Result<PhantomSpec> {
+/// The spec of case `index` of a synthetic set (drawn from its own stream of the seed).
+pub fn case_spec(args: &SynthOptions, index: usize, severe: bool) -> Result<PhantomSpec> {
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     rng.set_stream(index as u64 + 1);
     let shape = match args.shape {
@@ -804,27 +743,25 @@ pub fn case_classes(count: usize, seed: u64) -> Vec<bool> {
     classes
 }
 
-/// `m2unet synth`: writes the phantoms and the manifest.
-pub fn run_synth(args: &SynthArgs) -> Result<()> {
-    if args.count == 0 {
-        bail!("--count must be at least 1");
-    }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create the output folder {}", args.out.display()))?;
-    let classes = case_classes(args.count, args.seed);
+/// Writes `count` phantoms `case_NNNN` into `out` (created when missing; `.nii.gz` with `gzip`,
+/// else `.nii`) and `manifest.csv` (image, mask, label, case_id) over all of them.
+pub fn write_set(out: &Path, count: usize, args: &SynthOptions, gzip: bool) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create the output folder {}", out.display()))?;
+    let classes = case_classes(count, args.seed);
     let mut manifest = String::from("image,mask,label,case_id\n");
     for (i, &severe) in classes.iter().enumerate() {
         let spec = case_spec(args, i, severe)?;
         let case_seed = splitmix64(args.seed ^ splitmix64(i as u64 + 1));
         let phantom = generate(&spec, case_seed);
         let case_id = format!("case_{i:04}");
-        let truth = phantom.write(&args.out, &case_id, case_seed, !args.uncompressed)?;
+        let truth = phantom.write(out, &case_id, case_seed, gzip)?;
         manifest.push_str(&format!(
             "{},{},{},{}\n",
             truth.image, truth.mask, truth.label, truth.case_id
         ));
     }
-    let path = args.out.join("manifest.csv");
+    let path = out.join("manifest.csv");
     std::fs::write(&path, manifest).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

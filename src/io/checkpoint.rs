@@ -4,16 +4,18 @@
 //!
 //! PyTorch users load a checkpoint with `load_state_dict` after dropping the keys that start
 //! with [`OPTIM_PREFIX`]; `load_model` (and so `assess`) ignores exactly that prefix.
+//!
+//! The module works on plain data (model, optimiser settings, moments, run state); the training
+//! module turns a [`Checkpoint`] into its trainer and back.
 
 use crate::config::{ModelConfig, TrainConfig};
-use crate::cpu::Trainer;
-use crate::io::weights::{model_from_tensors, model_tensors, Tensor, TensorFile, WeightDtype};
+use crate::io::weights::{
+    model_from_tensors, model_tensors, Tensor, TensorFile, WeightDtype, OPTIM_PREFIX,
+};
+use crate::model::Model;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-
-/// Prefix of the optimiser tensors in a checkpoint.
-pub const OPTIM_PREFIX: &str = "optim.";
 
 /// Where a run stands: everything besides tensors and configs that a resume needs.
 ///
@@ -41,21 +43,37 @@ const KEY_TRAIN: &str = "train_config";
 const KEY_MODEL: &str = "model_config";
 const KEY_RUN: &str = "run";
 
-/// A checkpoint's contents.
+/// A checkpoint read back by [`load_checkpoint`].
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
-    pub trainer: Trainer,
+    pub model: Model,
+    /// The optimiser's settings.
+    pub train_config: TrainConfig,
+    /// AdamW first and second moments, laid out as the model's parameters.
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
     pub state: TrainState,
     /// The run's settings (JSON written by the trainer).
     pub run: String,
 }
 
+/// What [`save_checkpoint`] writes, borrowed from whoever trains.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckpointRef<'a> {
+    pub model: &'a Model,
+    pub train_config: &'a TrainConfig,
+    pub m: &'a [f32],
+    pub v: &'a [f32],
+    pub state: &'a TrainState,
+    pub run: &'a str,
+}
+
 /// The tensors and metadata of a checkpoint.
-pub fn checkpoint_tensors(trainer: &Trainer, state: &TrainState, run: &str) -> Result<TensorFile> {
-    let model = &trainer.model;
+fn checkpoint_tensors(ck: &CheckpointRef) -> Result<TensorFile> {
+    let model = ck.model;
     let mut file = model_tensors(model, WeightDtype::F32);
     for p in &model.table.params {
-        for (kind, buf) in [("m", &trainer.m), ("v", &trainer.v)] {
+        for (kind, buf) in [("m", ck.m), ("v", ck.v)] {
             file.tensors.insert(
                 format!("{OPTIM_PREFIX}{kind}.{}", p.name),
                 Tensor::f32(&p.shape, buf[p.range()].to_vec()),
@@ -63,23 +81,18 @@ pub fn checkpoint_tensors(trainer: &Trainer, state: &TrainState, run: &str) -> R
         }
     }
     file.metadata
-        .insert(KEY_STATE.into(), serde_json::to_string(state)?);
+        .insert(KEY_STATE.into(), serde_json::to_string(ck.state)?);
     file.metadata
-        .insert(KEY_TRAIN.into(), serde_json::to_string(&trainer.config)?);
+        .insert(KEY_TRAIN.into(), serde_json::to_string(ck.train_config)?);
     file.metadata
         .insert(KEY_MODEL.into(), serde_json::to_string(model.config())?);
-    file.metadata.insert(KEY_RUN.into(), run.to_string());
+    file.metadata.insert(KEY_RUN.into(), ck.run.to_string());
     Ok(file)
 }
 
 /// Writes a checkpoint atomically (a killed writer leaves the previous file intact).
-pub fn save_checkpoint(
-    path: &Path,
-    trainer: &Trainer,
-    state: &TrainState,
-    run: &str,
-) -> Result<()> {
-    checkpoint_tensors(trainer, state, run)?.write(path)
+pub fn save_checkpoint(path: &Path, ck: &CheckpointRef) -> Result<()> {
+    checkpoint_tensors(ck)?.write(path)
 }
 
 fn meta<'a>(file: &'a TensorFile, key: &str) -> Result<&'a str> {
@@ -96,7 +109,7 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
     let model = model_from_tensors(&file).with_context(ctx)?;
     let state: TrainState = serde_json::from_str(meta(&file, KEY_STATE).with_context(ctx)?)
         .with_context(|| format!("{}: bad {KEY_STATE} metadata", path.display()))?;
-    let config: TrainConfig = serde_json::from_str(meta(&file, KEY_TRAIN).with_context(ctx)?)
+    let train_config: TrainConfig = serde_json::from_str(meta(&file, KEY_TRAIN).with_context(ctx)?)
         .with_context(|| format!("{}: bad {KEY_TRAIN} metadata", path.display()))?;
     let model_cfg: ModelConfig = serde_json::from_str(meta(&file, KEY_MODEL).with_context(ctx)?)
         .with_context(|| format!("{}: bad {KEY_MODEL} metadata", path.display()))?;
@@ -108,9 +121,10 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
         );
     }
     let run = meta(&file, KEY_RUN).with_context(ctx)?.to_string();
-    let mut trainer = Trainer::new(model, config);
-    for p in &trainer.model.table.params {
-        for (kind, buf) in [("m", &mut trainer.m), ("v", &mut trainer.v)] {
+    let n = model.params.len();
+    let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+    for p in &model.table.params {
+        for (kind, buf) in [("m", &mut m), ("v", &mut v)] {
             let name = format!("{OPTIM_PREFIX}{kind}.{}", p.name);
             let (shape, data) = file.f32(&name).with_context(ctx)?;
             if shape != p.shape.as_slice() {
@@ -123,9 +137,11 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
             buf[p.range()].copy_from_slice(data);
         }
     }
-    trainer.step = state.step;
     Ok(Checkpoint {
-        trainer,
+        model,
+        train_config,
+        m,
+        v,
         state,
         run,
     })

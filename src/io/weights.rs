@@ -2,7 +2,6 @@
 //! writes) and model weights under the PyTorch state_dict names of docs/model.md.
 
 use crate::config::{GcpMode, ModelConfig};
-use crate::io::checkpoint::OPTIM_PREFIX;
 use crate::model::{Model, ParamTable};
 use anyhow::{anyhow, bail, Context, Result};
 use half::{bf16, f16};
@@ -83,12 +82,17 @@ impl TensorFile {
     pub fn read(path: &Path) -> Result<Self> {
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow!("{} is not a valid safetensors file: {e:?}", path.display()))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| anyhow!("{}: bad safetensors header: {e:?}", path.display()))?;
+        Self::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// [`TensorFile::read`] of a file's bytes; `name` says which file in errors.
+    pub fn from_bytes(bytes: &[u8], name: &str) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow!("{name} is not a valid safetensors file: {e:?}"))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow!("{name}: bad safetensors header: {e:?}"))?;
         let mut tensors = BTreeMap::new();
-        for (name, view) in st.tensors() {
+        for (tensor, view) in st.tensors() {
             let shape = view.shape().to_vec();
             let d = view.data();
             let t = match view.dtype() {
@@ -120,12 +124,9 @@ impl TensorFile {
                     shape,
                     data: d.iter().map(|&v| v as i64).collect(),
                 },
-                other => bail!(
-                    "{}: tensor {name} has unsupported dtype {other:?}",
-                    path.display()
-                ),
+                other => bail!("{name}: tensor {tensor} has unsupported dtype {other:?}"),
             };
-            tensors.insert(name, t);
+            tensors.insert(tensor, t);
         }
         let metadata = meta.metadata().clone().unwrap_or_default();
         Ok(TensorFile { tensors, metadata })
@@ -253,6 +254,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         anyhow!("cannot write {}: {e}", path.display())
     })
 }
+
+/// Prefix of the tensors a weights file may hold besides the state_dict and that loading
+/// ignores: a training checkpoint's optimiser state (`optim.m.<name>`, `optim.v.<name>`).
+pub const OPTIM_PREFIX: &str = "optim.";
 
 /// Precision of the learnable tensors and running statistics in a saved weights file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -428,6 +433,12 @@ pub fn load_model(path: &Path) -> Result<Model> {
     let file = TensorFile::read(path)?;
     model_from_tensors(&file)
         .with_context(|| format!("{} is not a usable M²UNet weights file", path.display()))
+}
+
+/// [`load_model`] of a weights file's bytes; `name` says which weights in errors.
+pub fn load_model_bytes(bytes: &[u8], name: &str) -> Result<Model> {
+    let file = TensorFile::from_bytes(bytes, name)?;
+    model_from_tensors(&file).with_context(|| format!("{name} is not a usable M²UNet weights file"))
 }
 
 /// Saves the model's state_dict atomically.
