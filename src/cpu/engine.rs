@@ -1,7 +1,7 @@
 //! CPU engine orchestration: M²UNet forward (eval and train mode), the hand-written backward
 //! in reverse order, and AdamW — over the f32 NCHW operators in `ops`.
 
-use super::ops::{conv, loss, mil, norm, optim, pool, tensor, upsample, Dims};
+use super::ops::{conv, linear, loss, mil, norm, optim, pool, tensor, upsample, Dims};
 use crate::config::{GcpMode, ModelConfig, TrainConfig};
 use crate::engine::{InferenceEngine, Outputs};
 use crate::model::Model;
@@ -419,7 +419,7 @@ impl Net<'_> {
         let mut ht = vec![0f32; h.len()];
         tensor::transpose_cs(h, m, bw, s2, &mut ht);
         let mut s = vec![0f32; m * s2 * k1];
-        conv::linear_forward(
+        linear::linear_forward(
             &ht,
             m * s2,
             bw,
@@ -432,7 +432,7 @@ impl Net<'_> {
         let (mut z, mut s_arg) = (vec![0f32; m * k1], vec![0usize; m * k1]);
         mil::gcp_forward(&s, k1, &patch_bags, cfg.gcp, &mut z, &mut s_arg);
         let mut q = vec![0f32; m * k1];
-        conv::linear_forward(
+        linear::linear_forward(
             &z,
             m,
             k1,
@@ -478,7 +478,7 @@ impl Net<'_> {
             }
         }
         let mut t = vec![0f32; m * k2];
-        conv::linear_forward(
+        linear::linear_forward(
             &e,
             m,
             k1,
@@ -491,7 +491,7 @@ impl Net<'_> {
         let (mut g, mut t_arg) = (vec![0f32; nb * k2], vec![0usize; nb * k2]);
         mil::gcp_forward(&t, k2, bags, cfg.gcp, &mut g, &mut t_arg);
         let mut r = vec![0f32; nb * k2];
-        conv::linear_forward(
+        linear::linear_forward(
             &g,
             nb,
             k2,
@@ -503,7 +503,7 @@ impl Net<'_> {
         let mut v = vec![0f32; nb * k2];
         tensor::relu_forward(&r, &mut v);
         let mut cls_logits = vec![0f32; nb * nc];
-        conv::linear_forward(
+        linear::linear_forward(
             &v,
             nb,
             k2,
@@ -679,7 +679,7 @@ impl Net<'_> {
             &format!("{module}.weight"),
             &format!("{module}.bias"),
         );
-        conv::linear_backward(
+        linear::linear_backward(
             x,
             rows,
             fin,
