@@ -11,4 +11,5 @@ pub mod io;
 pub mod metrics;
 pub mod model;
 pub mod plot;
+pub mod reference;
 pub mod train;
