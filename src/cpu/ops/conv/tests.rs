@@ -1,7 +1,8 @@
-//! Tests of the convolutions: every backend and blocking against direct f64 loops, backward
-//! against finite differences, and bit-reproducibility across thread counts.
+//! Tests of the convolutions: every backend and blocking, forward and backward, against
+//! `reference`, and bit-reproducibility across thread counts.
 
 use super::*;
+use crate::reference::{self, Grads};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -34,47 +35,29 @@ fn backends() -> Vec<Backend> {
     v
 }
 
-/// Direct loops in f64: 3×3 zero-padded (taps 9) or 1×1 (taps 1) convolution with bias.
-fn naive_conv(x: &[f64], d: Dims, taps: usize, w: &[f64], b: &[f64], cout: usize) -> Vec<f64> {
-    let (ks, pad) = if taps == 9 { (3, 1) } else { (1, 0) };
-    let mut y = vec![0.0; d.n * cout * d.hw()];
-    for i in 0..d.n {
-        for co in 0..cout {
-            for oy in 0..d.h {
-                for ox in 0..d.w {
-                    let mut s = b[co];
-                    for ci in 0..d.c {
-                        for ky in 0..ks {
-                            for kx in 0..ks {
-                                let (sy, sx) = (oy + ky, ox + kx);
-                                if sy < pad || sx < pad || sy - pad >= d.h || sx - pad >= d.w {
-                                    continue;
-                                }
-                                let xv = x[((i * d.c + ci) * d.h + sy - pad) * d.w + sx - pad];
-                                s += w[((co * d.c + ci) * ks + ky) * ks + kx] * xv;
-                            }
-                        }
-                    }
-                    y[((i * cout + co) * d.h + oy) * d.w + ox] = s;
-                }
-            }
-        }
+/// The reference convolution: 3×3 zero-padded (taps 9) or 1×1 (taps 1), with bias.
+fn ref_forward(x: &[f32], d: Dims, taps: usize, w: &[f32], b: &[f32], cout: usize) -> Vec<f64> {
+    let (x, w, b) = (to_f64(x), to_f64(w), to_f64(b));
+    match taps {
+        9 => reference::conv3x3_forward(&x, d, &w, &b, cout),
+        _ => reference::conv1x1_forward(&x, d, &w, &b, cout),
     }
-    y
 }
 
-/// Splits x [n, Σc, h, w] into tensors [n, c_i, h, w].
-fn split_channels(x: &[f32], d: Dims, cs: &[usize]) -> Vec<Vec<f32>> {
-    let mut c0 = 0;
-    cs.iter()
-        .map(|&c| {
-            let mut part = Vec::with_capacity(d.n * c * d.hw());
-            for i in 0..d.n {
-                part.extend_from_slice(&x[(i * d.c + c0) * d.hw()..(i * d.c + c0 + c) * d.hw()]);
-            }
-            c0 += c;
-            part
-        })
+/// The reference gradients of [`ref_forward`] for dy.
+fn ref_backward(x: &[f32], d: Dims, taps: usize, w: &[f32], dy: &[f32], cout: usize) -> Grads {
+    let (x, w, dy) = (to_f64(x), to_f64(w), to_f64(dy));
+    match taps {
+        9 => reference::conv3x3_backward(&x, d, &w, &dy, cout),
+        _ => reference::conv1x1_backward(&x, d, &w, &dy, cout),
+    }
+}
+
+/// Splits x [n, Σc, h, w] into tensors [n, c_i, h, w] (reference::split_channels, in f32).
+fn split_f32(x: &[f32], d: Dims, cs: &[usize]) -> Vec<Vec<f32>> {
+    reference::split_channels(&to_f64(x), d.n, d.hw(), cs)
+        .iter()
+        .map(|p| p.iter().map(|&v| v as f32).collect())
         .collect()
 }
 
@@ -122,9 +105,9 @@ fn check_forward(taps: usize) {
         let x = rand_vec(&mut rng, d.len());
         let wt = rand_vec(&mut rng, cout * cin * taps);
         let b = rand_vec(&mut rng, cout);
-        let want = naive_conv(&to_f64(&x), d, taps, &to_f64(&wt), &to_f64(&b), cout);
-        let want_relu: Vec<f64> = want.iter().map(|v| v.max(0.0)).collect();
-        let parts_data = split_channels(&x, d, cs);
+        let want = ref_forward(&x, d, taps, &wt, &b, cout);
+        let want_relu = reference::relu_forward(&want);
+        let parts_data = split_f32(&x, d, cs);
         let parts: Vec<(&[f32], usize)> = parts_data
             .iter()
             .map(|p| p.as_slice())
@@ -148,17 +131,17 @@ fn check_forward(taps: usize) {
 }
 
 #[test]
-fn conv3x3_forward_matches_naive_loops() {
+fn conv3x3_forward_matches_reference() {
     check_forward(9);
 }
 
 #[test]
-fn conv1x1_forward_matches_naive_loops() {
+fn conv1x1_forward_matches_reference() {
     check_forward(1);
 }
 
 #[test]
-fn public_conv_entry_points_match_naive_loops() {
+fn public_conv_entry_points_match_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let d = Dims::new(2, 6, 7, 9);
     let cout = 5;
@@ -166,8 +149,8 @@ fn public_conv_entry_points_match_naive_loops() {
     let b = rand_vec(&mut rng, cout);
     for taps in [9, 1] {
         let wt = rand_vec(&mut rng, cout * d.c * taps);
-        let want = naive_conv(&to_f64(&x), d, taps, &to_f64(&wt), &to_f64(&b), cout);
-        let want_relu: Vec<f64> = want.iter().map(|v| v.max(0.0)).collect();
+        let want = ref_forward(&x, d, taps, &wt, &b, cout);
+        let want_relu = reference::relu_forward(&want);
         let mut y = vec![0.0; d.n * cout * d.hw()];
         let mut errs = Vec::new();
         if taps == 9 {
@@ -175,7 +158,7 @@ fn public_conv_entry_points_match_naive_loops() {
             errs.push(max_abs_diff(&y, &want));
             conv3x3_relu_forward(&x, d, &wt, &b, cout, &mut y);
             errs.push(max_abs_diff(&y, &want_relu));
-            let parts_data = split_channels(&x, d, &[2, 4]);
+            let parts_data = split_f32(&x, d, &[2, 4]);
             let parts = [(&parts_data[0][..], 2), (&parts_data[1][..], 4)];
             conv3x3_forward_concat(&parts, d, &wt, &b, cout, false, &mut y);
             errs.push(max_abs_diff(&y, &want));
@@ -197,24 +180,6 @@ fn public_conv_entry_points_match_naive_loops() {
     }
 }
 
-/// Central differences of L = Σ r ⊙ f(θ) over every entry of θ, f evaluated in f64.
-fn fd_grad(theta: &[f32], r: &[f32], f: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f64> {
-    let eps = 1e-3;
-    let mut t = to_f64(theta);
-    let loss = |y: Vec<f64>| -> f64 { y.iter().zip(r).map(|(a, &b)| a * b as f64).sum() };
-    (0..t.len())
-        .map(|i| {
-            let v = t[i];
-            t[i] = v + eps;
-            let lp = loss(f(&t));
-            t[i] = v - eps;
-            let lm = loss(f(&t));
-            t[i] = v;
-            (lp - lm) / (2.0 * eps)
-        })
-        .collect()
-}
-
 const BACKWARD_SHAPES: [ConvShape; 6] = [
     (2, &[3], 4, 7, 1),
     (2, &[3], 4, 5, 7),
@@ -231,19 +196,15 @@ fn check_backward(taps: usize) {
         let d = Dims::new(n, cin, h, w);
         let x = rand_vec(&mut rng, d.len());
         let wt = rand_vec(&mut rng, cout * cin * taps);
-        let b = rand_vec(&mut rng, cout);
         let r = rand_vec(&mut rng, n * cout * h * w);
-        let (xf, wf, bf) = (to_f64(&x), to_f64(&wt), to_f64(&b));
-        let fd_x = fd_grad(&x, &r, |t| naive_conv(t, d, taps, &wf, &bf, cout));
-        let fd_w = fd_grad(&wt, &r, |t| naive_conv(&xf, d, taps, t, &bf, cout));
-        let fd_b = fd_grad(&b, &r, |t| naive_conv(&xf, d, taps, &wf, t, cout));
-        let parts_data = split_channels(&x, d, cs);
+        let want = ref_backward(&x, d, taps, &wt, &r, cout);
+        let want_dx = reference::split_channels(&want.dx, n, h * w, cs);
+        let parts_data = split_f32(&x, d, cs);
         let parts: Vec<(&[f32], usize)> = parts_data
             .iter()
             .map(|p| p.as_slice())
             .zip(cs.iter().copied())
             .collect();
-        let fd_x_parts = split_channels(&fd_x.iter().map(|&v| v as f32).collect::<Vec<_>>(), d, cs);
         for be in backends() {
             for bl in [BLOCKING, SMALL] {
                 let mut dx_data: Vec<Vec<f32>> =
@@ -257,55 +218,50 @@ fn check_backward(taps: usize) {
                 );
                 let ex: Vec<f64> = dx_data
                     .iter()
-                    .zip(&fd_x_parts)
-                    .map(|(g, fd)| rel_err(g, &to_f64(fd)))
+                    .zip(&want_dx)
+                    .map(|(g, r)| rel_err(g, r))
                     .collect();
-                let (ew, eb) = (rel_err(&dw, &fd_w), rel_err(&db, &fd_b));
+                let (ew, eb) = (rel_err(&dw, &want.dw), rel_err(&db, &want.db));
                 println!(
                     "taps {taps} {be:?} dw_k {} n{n} c{cs:?}→{cout} {h}×{w}: rel err dx [{}] dw {ew:.2e} db {eb:.2e}",
                     bl.dw_k,
                     fmt_errs(&ex)
                 );
-                assert!(ex.iter().all(|&e| e < 1e-3) && ew < 1e-3 && eb < 1e-3);
+                assert!(ex.iter().all(|&e| e < 1e-5) && ew < 1e-5 && eb < 1e-5);
             }
         }
     }
 }
 
 #[test]
-fn conv3x3_backward_matches_finite_differences() {
+fn conv3x3_backward_matches_reference() {
     check_backward(9);
 }
 
 #[test]
-fn conv1x1_backward_matches_finite_differences() {
+fn conv1x1_backward_matches_reference() {
     check_backward(1);
 }
 
 #[test]
-fn public_backward_entry_points_match_finite_differences() {
+fn public_backward_entry_points_match_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let (d, cout) = (Dims::new(2, 3, 4, 6), 2);
     let x = rand_vec(&mut rng, d.len());
-    let b = rand_vec(&mut rng, cout);
     let r = rand_vec(&mut rng, d.n * cout * d.hw());
-    let (xf, bf) = (to_f64(&x), to_f64(&b));
     for taps in [9, 1] {
         let wt = rand_vec(&mut rng, cout * d.c * taps);
-        let wf = to_f64(&wt);
-        let fd_x = fd_grad(&x, &r, |t| naive_conv(t, d, taps, &wf, &bf, cout));
-        let fd_w = fd_grad(&wt, &r, |t| naive_conv(&xf, d, taps, t, &bf, cout));
-        let fd_b = fd_grad(&b, &r, |t| naive_conv(&xf, d, taps, &wf, t, cout));
+        let want = ref_backward(&x, d, taps, &wt, &r, cout);
         let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; wt.len()], vec![0.0; cout]);
         let mut errs = Vec::new();
         if taps == 9 {
             conv3x3_backward(&x, d, &wt, &r, cout, Some(&mut dx), &mut dw, &mut db);
             errs.extend([
-                rel_err(&dx, &fd_x),
-                rel_err(&dw, &fd_w),
-                rel_err(&db, &fd_b),
+                rel_err(&dx, &want.dx),
+                rel_err(&dw, &want.dw),
+                rel_err(&db, &want.db),
             ]);
-            let parts_data = split_channels(&x, d, &[1, 2]);
+            let parts_data = split_f32(&x, d, &[1, 2]);
             let parts = [(&parts_data[0][..], 1), (&parts_data[1][..], 2)];
             let mut dx1 = vec![0.0; d.n * 2 * d.hw()];
             let mut empty: [f32; 0] = [];
@@ -320,29 +276,25 @@ fn public_backward_entry_points_match_finite_differences() {
                 &mut dw,
                 &mut db,
             );
-            let fd_x1 = split_channels(
-                &fd_x.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-                d,
-                &[1, 2],
-            );
+            let want_dx1 = reference::split_channels(&want.dx, d.n, d.hw(), &[1, 2]);
             errs.extend([
-                rel_err(&dx1, &to_f64(&fd_x1[1])),
-                rel_err(&dw, &fd_w),
-                rel_err(&db, &fd_b),
+                rel_err(&dx1, &want_dx1[1]),
+                rel_err(&dw, &want.dw),
+                rel_err(&db, &want.db),
             ]);
         } else {
             conv1x1_backward(&x, d, &wt, &r, cout, Some(&mut dx), &mut dw, &mut db);
             errs.extend([
-                rel_err(&dx, &fd_x),
-                rel_err(&dw, &fd_w),
-                rel_err(&db, &fd_b),
+                rel_err(&dx, &want.dx),
+                rel_err(&dw, &want.dw),
+                rel_err(&db, &want.db),
             ]);
         }
         println!(
             "public backward taps {taps}: rel errors (dx, dw, db …) {}",
             fmt_errs(&errs)
         );
-        assert!(errs.iter().all(|&e| e < 1e-3), "errors {errs:?}");
+        assert!(errs.iter().all(|&e| e < 1e-5), "errors {errs:?}");
     }
 }
 
@@ -366,15 +318,13 @@ fn conv3x3_backward_is_bit_reproducible() {
         })
     };
     let first = run(2);
-    // A reference for dw entries, so that the test also fails on a wrong (if stable) result.
-    let col0: f64 = (0..d.n)
-        .flat_map(|i| (1..d.h).flat_map(move |oy| (1..d.w).map(move |ox| (i, oy, ox))))
-        .map(|(i, oy, ox)| {
-            dy[i * cout * d.hw() + oy * d.w + ox] as f64
-                * x[i * d.c * d.hw() + (oy - 1) * d.w + ox - 1] as f64
-        })
-        .sum();
-    let err0 = (first.1[0] as f64 - col0).abs();
+    // The reference gradients, so that the test also fails on a wrong (if stable) result.
+    let want = ref_backward(&x, d, 9, &w, &dy, cout);
+    let errs = [
+        rel_err(&first.0, &want.dx),
+        rel_err(&first.1, &want.dw),
+        rel_err(&first.2, &want.db),
+    ];
     for threads in [2, 1, 3] {
         let again = run(threads);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -385,7 +335,8 @@ fn conv3x3_backward_is_bit_reproducible() {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         println!(
-            "{threads} threads: max |dw − dw₀| = {diff:e}; dw[0,0,0,0] err vs f64 sum {err0:.2e}"
+            "{threads} threads: max |dw − dw₀| = {diff:e}; rel err vs reference (dx, dw, db) {}",
+            fmt_errs(&errs)
         );
         assert_eq!(
             bits(&first.1),
@@ -403,5 +354,8 @@ fn conv3x3_backward_is_bit_reproducible() {
             "dx differs with {threads} threads"
         );
     }
-    assert!(err0 < 1e-3, "dw[0,0,0,0] error {err0}");
+    assert!(
+        errs.iter().all(|&e| e < 1e-5),
+        "errors vs reference {errs:?}"
+    );
 }
