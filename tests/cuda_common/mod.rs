@@ -56,15 +56,19 @@ impl Guarded {
     pub fn addr(&self) -> u64 {
         self.ptr.0
     }
-    /// Panics when a sentinel byte changed.
-    pub fn check_guards(&self, dev: &Device, what: &str) {
+    /// How many sentinel bytes changed.
+    pub fn damage(&self, dev: &Device) -> usize {
         let mut all = vec![0u8; self.bytes + 2 * GUARD];
         dev.download(self.base, &mut all).unwrap();
-        let bad = all[..GUARD]
+        all[..GUARD]
             .iter()
             .chain(&all[GUARD + self.bytes..])
             .filter(|&&b| b != GUARD_BYTE)
-            .count();
+            .count()
+    }
+    /// Panics when a sentinel byte changed.
+    pub fn check_guards(&self, dev: &Device, what: &str) {
+        let bad = self.damage(dev);
         assert_eq!(bad, 0, "{what}: {bad} guard bytes overwritten");
     }
     pub fn read_f16(&self, dev: &Device) -> Vec<f32> {
