@@ -2,6 +2,11 @@
 //! multi-stage pipeline, swizzled shared memory, no im2col buffer; concat and bilinear ×2
 //! upsampling done by the loader; bias/ReLU/2×2 max-pool in the epilogue) and the direct
 //! kernel for the first layer's few fp32 input channels.
+//! Equals (src/reference.rs): conv3x3_igemm = reference::conv3x3_forward of
+//! concat_channels(x, x2), with bn_eval_forward folded into w and b by the host, → relu_forward
+//! → maxpool2x2_forward (y_pool); conv3x3_igemm_up = the same of upsample2x_forward(x);
+//! conv_splitk_reduce finishes either; conv3x3_first = conv3x3_forward → relu_forward
+//! (→ maxpool2x2_forward).
 #include "common.cuh"
 #include "ptx_helpers.cuh"
 

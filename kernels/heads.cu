@@ -1,5 +1,8 @@
 //! The network's heads: the segmentation head (1×1 conv to class logits + argmax) and the
 //! hierarchical MIL head (concept scores with GCP pooling, small dense layers, bag pooling).
+//! Equals (src/reference.rs): seg_head = reference::conv1x1_forward and argmax_channels;
+//! mil_concepts_gcp = linear_forward over the instance rows → gcp_forward over each patch's
+//! instances; linear_f32 = linear_forward (→ relu_forward with act 1); gcp_bags = gcp_forward.
 #include "common.cuh"
 
 /// One thread per pixel. Needs classes ≤ 16 and classes·c_real ≤ 4096.

@@ -1,6 +1,10 @@
 //! BatchNorm in training mode over NHWC fp16 activations (per-chunk statistics, a
 //! deterministic combination into scale/shift with the running-stats update, and the
 //! BN + ReLU (+ 2×2 max-pool) application), and BatchNorm1d for the MIL head.
+//! Equals (src/reference.rs): bn_stats + bn_finalize + bn_apply = reference::bn_train_forward
+//! (NHWC as [pixels, c, 1]) → relu_forward (→ maxpool2x2_forward), running statistics as
+//! bn_running_update; bn1d_train_relu = bn_train_forward (hw = 1) → relu_forward, with
+//! bn_running_update.
 #include "common.cuh"
 
 /// Grid ⌈pixels/chunk⌉, any block size: per-chunk mean and centred sum of squares per channel.

@@ -14,5 +14,6 @@ pub mod io;
 pub mod metrics;
 pub mod model;
 pub mod plot;
+pub mod reference;
 pub mod train;
 pub mod weights_source;

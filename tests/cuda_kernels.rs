@@ -1,4 +1,4 @@
-//! Each CUDA kernel against a naive f32 reference written here, on the emulator (or a GPU with
+//! Each CUDA kernel against `m2unet::reference`, on the emulator (or a GPU with
 //! M2UNET_TEST_DEVICE=cuda): normalised error against a per-kernel threshold, guard bytes
 //! around every output, NaN/Inf checks; shapes include sizes that are not tile multiples.
 
@@ -7,6 +7,7 @@ mod cuda_common;
 use cuda_common::*;
 use m2unet::cuda::kernels::*;
 use m2unet::cuda::weights::{pack_conv3x3, pad8};
+use m2unet::reference;
 
 #[test]
 fn emulator_round_trip_bn_apply() {
@@ -68,15 +69,13 @@ fn run_conv_case(case: &ConvCase, seed: u64) {
         .collect();
     let wgt = round_f16(&uniform(&mut r, cout * cin * 9, -0.3, 0.3));
     let bias = uniform(&mut r, cout, -0.2, 0.2);
-    let mut xcat = vec![0f32; n * cin * h * w];
-    for i in 0..n {
-        let mut c0 = 0;
-        for (part, x) in case.parts.iter().zip(&xs) {
-            let len = part * h * w;
-            xcat[(i * cin + c0) * h * w..][..len].copy_from_slice(&x[i * len..(i + 1) * len]);
-            c0 += part;
-        }
-    }
+    let xs64: Vec<Vec<f64>> = xs.iter().map(|x| to_f64(x)).collect();
+    let parts: Vec<(&[f64], usize)> = xs64
+        .iter()
+        .map(|x| x.as_slice())
+        .zip(case.parts.iter().copied())
+        .collect();
+    let xcat = to_f32(&reference::concat_channels(&parts, n, h * w));
     let mut want = ref_conv3x3(&xcat, &wgt, &bias, n, cin, cout, h, w);
     if case.relu {
         relu(&mut want);
@@ -329,22 +328,20 @@ fn bn_train_stats_finalize_apply_pool() {
     let beta = uniform(&mut r, c_real, -0.5, 0.5);
     let rm0 = uniform(&mut r, c_real, -0.1, 0.1);
     let rv0 = uniform(&mut r, c_real, 0.9, 1.1);
-    let (eps, mom) = (1e-5f32, 0.1f32);
-    // Reference in f64.
+    let (eps, mom) = (m2unet::config::BN_EPS, m2unet::config::BN_MOMENTUM);
+    // The reference sees NHWC [pixels, c] as NCHW [pixels, c, 1]: the same channel statistics.
+    let real: Vec<f64> = (0..pixels * c_real)
+        .map(|i| x[i / c_real * c + i % c_real] as f64)
+        .collect();
+    let batch = reference::bn_train_forward(&real, c_real, 1, &to_f64(&gamma), &to_f64(&beta));
+    let y_real = reference::relu_forward(&batch.y);
     let mut want_y = vec![0f32; pixels * c];
-    let (mut want_rm, mut want_rv) = (rm0.clone(), rv0.clone());
-    for ch in 0..c_real {
-        let vals: Vec<f64> = (0..pixels).map(|p| x[p * c + ch] as f64).collect();
-        let mean = vals.iter().sum::<f64>() / pixels as f64;
-        let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / pixels as f64;
-        let s = gamma[ch] as f64 / (var + eps as f64).sqrt();
-        for p in 0..pixels {
-            want_y[p * c + ch] = (((vals[p] - mean) * s + beta[ch] as f64).max(0.0)) as f32;
-        }
-        want_rm[ch] = ((1.0 - mom as f64) * rm0[ch] as f64 + mom as f64 * mean) as f32;
-        want_rv[ch] = ((1.0 - mom as f64) * rv0[ch] as f64
-            + mom as f64 * var * pixels as f64 / (pixels - 1) as f64) as f32;
+    for (i, v) in y_real.iter().enumerate() {
+        want_y[i / c_real * c + i % c_real] = *v as f32;
     }
+    let (want_rm, want_rv) =
+        reference::bn_running_update(&to_f64(&rm0), &to_f64(&rv0), &batch, pixels);
+    let (want_rm, want_rv) = (to_f32(&want_rm), to_f32(&want_rv));
     let chunks = bn_chunks(pixels);
     let gx = Guarded::with(&mut dev, &to_f16(&x));
     let gpart = Guarded::new(&mut dev, chunks * 2 * c * 4);
@@ -430,24 +427,14 @@ fn seg_head_logits_and_argmax() {
     let x = round_f16(&uniform(&mut r, n * c_real * h * w, 0.0, 1.0));
     let wgt = uniform(&mut r, classes * c_real, -0.5, 0.5);
     let bias = uniform(&mut r, classes, -0.1, 0.1);
-    let mut want = vec![0f32; n * classes * h * w];
-    let mut want_lab = vec![0u8; n * h * w];
-    for i in 0..n {
-        for p in 0..h * w {
-            let mut best = (f32::NEG_INFINITY, 0);
-            for k in 0..classes {
-                let s = bias[k]
-                    + (0..c_real)
-                        .map(|ch| x[(i * c_real + ch) * h * w + p] * wgt[k * c_real + ch])
-                        .sum::<f32>();
-                want[(i * classes + k) * h * w + p] = s;
-                if s > best.0 {
-                    best = (s, k);
-                }
-            }
-            want_lab[i * h * w + p] = best.1 as u8;
-        }
-    }
+    let xd = m2unet::cpu::ops::Dims::new(n, c_real, h, w);
+    let logits =
+        reference::conv1x1_forward(&to_f64(&x), xd, &to_f64(&wgt), &to_f64(&bias), classes);
+    let want = to_f32(&logits);
+    let want_lab: Vec<u8> = reference::argmax_channels(&logits, classes, h * w)
+        .iter()
+        .map(|&k| k as u8)
+        .collect();
     let gx = Guarded::with(&mut dev, &to_f16(&nchw_to_nhwc(&x, n, c_real, h, w, c)));
     let gw = Guarded::with(&mut dev, &wgt);
     let gb = Guarded::with(&mut dev, &bias);
@@ -477,16 +464,6 @@ fn seg_head_logits_and_argmax() {
     assert!(e < 1e-10 && mism == 0);
     gl.check_guards(&dev, "seg logits");
     glab.check_guards(&dev, "seg labels");
-}
-
-fn gcp_ref(v: &[f32], mode: i32) -> f32 {
-    let mx = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mean = v.iter().sum::<f32>() / v.len() as f32;
-    match mode {
-        0 => mx - mean,
-        1 => mx,
-        _ => mean,
-    }
 }
 
 #[test]
@@ -522,20 +499,11 @@ fn mil_head_kernels() {
             gcp,
         };
         mil_concepts_gcp(&dev, &p).unwrap();
-        let mut want = vec![0f32; m * k];
-        for pm in 0..m {
-            for kk in 0..k {
-                let s: Vec<f32> = (0..inst)
-                    .map(|i| {
-                        bc[kk]
-                            + (0..c_real)
-                                .map(|ch| x[(pm * inst + i) * c_real + ch] * wc[kk * c_real + ch])
-                                .sum::<f32>()
-                    })
-                    .collect();
-                want[pm * k + kk] = gcp_ref(&s, gcp);
-            }
-        }
+        // Concept scores of every instance row, then GCP over each patch's instances.
+        let scores =
+            reference::linear_forward(&to_f64(&x), m * inst, c_real, &to_f64(&wc), &to_f64(&bc), k);
+        let patches: Vec<(usize, usize)> = (0..m).map(|pm| (pm * inst, inst)).collect();
+        let want = to_f32(&reference::gcp_forward(&scores, k, &patches, gcp_mode(gcp)));
         let e = nerr(&want, &gz.read_f32(&dev));
         println!("mil_concepts_gcp gcp={gcp}: normalised error {e:.3e} (threshold 1e-9)");
         assert!(e < 1e-9);
@@ -566,15 +534,8 @@ fn mil_head_kernels() {
         },
     )
     .unwrap();
-    let want: Vec<f32> = (0..m * fout)
-        .map(|u| {
-            (bl[u % fout]
-                + (0..fin)
-                    .map(|i| xl[u / fout * fin + i] * wl[u % fout * fin + i])
-                    .sum::<f32>())
-            .max(0.0)
-        })
-        .collect();
+    let lin = reference::linear_forward(&to_f64(&xl), m, fin, &to_f64(&wl), &to_f64(&bl), fout);
+    let want = to_f32(&reference::relu_forward(&lin));
     let el = nerr(&want, &gyl.read_f32(&dev));
     println!("linear_f32 relu: normalised error {el:.3e} (threshold 1e-10)");
     assert!(el < 1e-10);
@@ -596,16 +557,9 @@ fn mil_head_kernels() {
         },
     )
     .unwrap();
-    let yl = gyl.read_f32(&dev);
-    let mut want = vec![0f32; 2 * fout];
-    for b in 0..2 {
-        for kk in 0..fout {
-            let v: Vec<f32> = (starts[b]..starts[b + 1])
-                .map(|row| yl[row as usize * fout + kk])
-                .collect();
-            want[b * fout + kk] = gcp_ref(&v, 0);
-        }
-    }
+    let yl = to_f64(&gyl.read_f32(&dev));
+    let bags = [(0, 2), (2, 3)];
+    let want = to_f32(&reference::gcp_forward(&yl, fout, &bags, gcp_mode(0)));
     let eg = nerr(&want, &gg.read_f32(&dev));
     println!("gcp_bags (bags of 2 and 3): normalised error {eg:.3e} (threshold 1e-12)");
     assert!(eg < 1e-12);
@@ -637,23 +591,14 @@ fn bn1d_train_relu_rows() {
         y: gy.addr(),
         rows: rows as i32,
         c: c as i32,
-        momentum: 0.1,
-        eps: 1e-5,
+        momentum: m2unet::config::BN_MOMENTUM,
+        eps: m2unet::config::BN_EPS,
     };
     bn1d_train_relu(&dev, &p).unwrap();
-    let mut want = vec![0f32; rows * c];
-    let mut want_rv = vec![0f32; c];
-    for ch in 0..c {
-        let v: Vec<f64> = (0..rows).map(|i| x[i * c + ch] as f64).collect();
-        let mean = v.iter().sum::<f64>() / rows as f64;
-        let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / rows as f64;
-        for i in 0..rows {
-            want[i * c + ch] = (((v[i] - mean) / (var + 1e-5).sqrt() * gamma[ch] as f64
-                + beta[ch] as f64)
-                .max(0.0)) as f32;
-        }
-        want_rv[ch] = (0.9 + 0.1 * var * rows as f64 / (rows - 1) as f64) as f32;
-    }
+    let batch = reference::bn_train_forward(&to_f64(&x), c, 1, &to_f64(&gamma), &to_f64(&beta));
+    let want = to_f32(&reference::relu_forward(&batch.y));
+    let (_, want_rv) = reference::bn_running_update(&vec![0.0; c], &vec![1.0; c], &batch, rows);
+    let want_rv = to_f32(&want_rv);
     let e = nerr(&want, &gy.read_f32(&dev));
     let ev = nerr(&want_rv, &grv.read_f32(&dev));
     println!(

@@ -30,7 +30,7 @@ for line in sys.stdin:
         continue
     exe = m.get("executable")
     name = m.get("target", {}).get("name", "")
-    if exe and name.startswith("cuda_"):
+    if exe and (name.startswith("cuda_") or name == "ops_table"):
         suffix = "_bench" if "bench" in m["target"]["kind"] else ""
         shutil.copy(exe, f"{dst}/{name}{suffix}")
         print("collected", name + suffix)
@@ -57,7 +57,7 @@ run() {
   nvidia-smi --query-gpu=name --format=csv,noheader | head -1 >"$out/gpu_name.txt"
   nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1 >"$out/driver.txt"
   local status=0
-  for t in cuda_kernels cuda_forward; do
+  for t in cuda_kernels cuda_forward ops_table; do
     say "== $t on the GPU (M2UNET_TEST_DEVICE=cuda)"
     # The CLI-on-the-emulator test needs the source tree and the m2unet binary: CI runs it.
     if M2UNET_TEST_DEVICE=cuda timeout 90 "$bin/$t" --nocapture --test-threads 1 \

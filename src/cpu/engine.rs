@@ -1,7 +1,7 @@
 //! CPU engine orchestration: M²UNet forward (eval and train mode), the hand-written backward
 //! in reverse order, and AdamW — over the f32 NCHW operators in `ops`.
 
-use super::ops::{conv, loss, mil, norm, optim, pool, tensor, upsample, Dims};
+use super::ops::{conv, linear, loss, mil, norm, optim, pool, tensor, upsample, Dims};
 use crate::config::{GcpMode, ModelConfig, TrainConfig};
 use crate::engine::{segment_count, Batch, InferenceEngine, Mode, Outputs};
 use crate::model::{Arch, ConvUnit, Linear, Model, Src};
@@ -305,7 +305,7 @@ impl<'m> Net<'m> {
 
     fn linear(&self, l: &Linear, x: &[f32], rows: usize, y: &mut [f32]) {
         let (w, b) = (format!("{}.weight", l.name), format!("{}.bias", l.name));
-        conv::linear_forward(x, rows, l.fin, self.p(&w), self.p(&b), l.fout, y);
+        linear::linear_forward(x, rows, l.fin, self.p(&w), self.p(&b), l.fout, y);
     }
 
     fn mil_head(&mut self, h: &[f32], hd: Dims, bags: &[(usize, usize)]) -> MilActs {
@@ -474,7 +474,7 @@ impl<'m> Net<'m> {
         let mut dx = vec![0f32; rows * l.fin];
         let (w, b) = (format!("{}.weight", l.name), format!("{}.bias", l.name));
         let (dw, db) = pair_mut(grads, self.model, &w, &b);
-        conv::linear_backward(
+        linear::linear_backward(
             x,
             rows,
             l.fin,

@@ -1,9 +1,13 @@
 //! Helpers shared by the CUDA tests: device choice, guarded buffers, fp16 packing, NHWC
-//! layout conversions and the normalised error mse(a,b)/mse(a,0).
+//! layout conversions, the normalised error mse(a,b)/mse(a,0), and f32 adapters of
+//! `m2unet::reference`.
 #![allow(dead_code)]
 
 use half::f16;
+use m2unet::config::GcpMode;
+use m2unet::cpu::ops::Dims;
 use m2unet::cuda::{DevPtr, Device, DeviceKind};
+use m2unet::reference;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -52,15 +56,19 @@ impl Guarded {
     pub fn addr(&self) -> u64 {
         self.ptr.0
     }
-    /// Panics when a sentinel byte changed.
-    pub fn check_guards(&self, dev: &Device, what: &str) {
+    /// How many sentinel bytes changed.
+    pub fn damage(&self, dev: &Device) -> usize {
         let mut all = vec![0u8; self.bytes + 2 * GUARD];
         dev.download(self.base, &mut all).unwrap();
-        let bad = all[..GUARD]
+        all[..GUARD]
             .iter()
             .chain(&all[GUARD + self.bytes..])
             .filter(|&&b| b != GUARD_BYTE)
-            .count();
+            .count()
+    }
+    /// Panics when a sentinel byte changed.
+    pub fn check_guards(&self, dev: &Device, what: &str) {
+        let bad = self.damage(dev);
         assert_eq!(bad, 0, "{what}: {bad} guard bytes overwritten");
     }
     pub fn read_f16(&self, dev: &Device) -> Vec<f32> {
@@ -137,7 +145,24 @@ pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize, cp: usize
     out
 }
 
-/// Naive 3×3 convolution, stride 1, zero padding 1, NCHW f32.
+pub fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+pub fn to_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+/// The GcpMode of the kernels' `gcp` parameter (0: max − mean, 1: max, 2: mean).
+pub fn gcp_mode(gcp: i32) -> GcpMode {
+    match gcp {
+        0 => GcpMode::MaxMinusMean,
+        1 => GcpMode::Max,
+        _ => GcpMode::Mean,
+    }
+}
+
+/// reference::conv3x3_forward in f32: x [n, cin, h, wd], w [cout, cin, 3, 3].
 #[allow(clippy::too_many_arguments)]
 pub fn ref_conv3x3(
     x: &[f32],
@@ -149,70 +174,34 @@ pub fn ref_conv3x3(
     h: usize,
     wd: usize,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; n * cout * h * wd];
-    for i in 0..n {
-        for o in 0..cout {
-            for yy in 0..h {
-                for xx in 0..wd {
-                    let mut s = b[o] as f64;
-                    for c in 0..cin {
-                        for ky in 0..3 {
-                            for kx in 0..3 {
-                                let (sy, sx) =
-                                    (yy as isize + ky as isize - 1, xx as isize + kx as isize - 1);
-                                if sy < 0 || sx < 0 || sy >= h as isize || sx >= wd as isize {
-                                    continue;
-                                }
-                                let v = x[((i * cin + c) * h + sy as usize) * wd + sx as usize];
-                                s += (v * w[((o * cin + c) * 3 + ky) * 3 + kx]) as f64;
-                            }
-                        }
-                    }
-                    y[((i * cout + o) * h + yy) * wd + xx] = s as f32;
-                }
-            }
-        }
-    }
-    y
+    let xd = Dims::new(n, cin, h, wd);
+    to_f32(&reference::conv3x3_forward(
+        &to_f64(x),
+        xd,
+        &to_f64(w),
+        &to_f64(b),
+        cout,
+    ))
 }
 
+/// reference::relu_forward in place.
 pub fn relu(v: &mut [f32]) {
-    v.iter_mut().for_each(|x| *x = x.max(0.0));
+    let r = reference::relu_forward(&to_f64(v));
+    v.copy_from_slice(&to_f32(&r));
 }
 
-/// Naive 2×2 max-pool, stride 2, NCHW.
+/// reference::maxpool2x2_forward of nc planes of h × w.
 pub fn ref_maxpool(x: &[f32], nc: usize, h: usize, w: usize) -> Vec<f32> {
-    let mut y = vec![f32::NEG_INFINITY; nc * (h / 2) * (w / 2)];
-    for p in 0..nc {
-        for yy in 0..h / 2 * 2 {
-            for xx in 0..w / 2 * 2 {
-                let o = (p * (h / 2) + yy / 2) * (w / 2) + xx / 2;
-                y[o] = y[o].max(x[(p * h + yy) * w + xx]);
-            }
-        }
-    }
-    y
+    to_f32(&reference::maxpool2x2_forward(
+        &to_f64(x),
+        Dims::new(1, nc, h, w),
+    ))
 }
 
-/// Naive bilinear ×2 upsampling, align_corners=False (PyTorch's source-index rule).
+/// reference::upsample2x_forward of nc planes of h × w.
 pub fn ref_upsample2x(x: &[f32], nc: usize, h: usize, w: usize) -> Vec<f32> {
-    let src = |d: usize, size: usize| {
-        let s = ((d as f32 + 0.5) / 2.0 - 0.5).max(0.0);
-        let i0 = s.floor() as usize;
-        (i0, (i0 + 1).min(size - 1), s - i0 as f32)
-    };
-    let mut y = vec![0f32; nc * 4 * h * w];
-    for p in 0..nc {
-        for yy in 0..2 * h {
-            let (y0, y1, ly) = src(yy, h);
-            for xx in 0..2 * w {
-                let (x0, x1, lx) = src(xx, w);
-                let at = |a: usize, b: usize| x[(p * h + a) * w + b];
-                y[(p * 2 * h + yy) * 2 * w + xx] = (1.0 - ly)
-                    * ((1.0 - lx) * at(y0, x0) + lx * at(y0, x1))
-                    + ly * ((1.0 - lx) * at(y1, x0) + lx * at(y1, x1));
-            }
-        }
-    }
-    y
+    to_f32(&reference::upsample2x_forward(
+        &to_f64(x),
+        Dims::new(1, nc, h, w),
+    ))
 }

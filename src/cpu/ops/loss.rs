@@ -280,39 +280,7 @@ pub fn softmax_rows(logits: &[f32], b: usize, c: usize, out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::cpu::ops::tensor::test_support::*;
-
-    /// f64 twin of the segmentation loss, written pixel by pixel from the definitions.
-    fn seg_f64(z: &[f64], m: usize, c: usize, hw: usize, labels: &[i64]) -> (f64, f64) {
-        let (mut ce, mut cnt) = (0.0, 0.0);
-        let (mut inter, mut ps, mut ys) = (vec![0.0; c], vec![0.0; c], vec![0.0; c]);
-        for i in 0..m {
-            for p in 0..hw {
-                let l = labels[i * hw + p];
-                if l < 0 {
-                    continue;
-                }
-                let zs: Vec<f64> = (0..c).map(|k| z[(i * c + k) * hw + p]).collect();
-                let e: Vec<f64> = zs.iter().map(|v| v.exp()).collect();
-                let s: f64 = e.iter().sum();
-                ce -= (e[l as usize] / s).ln();
-                cnt += 1.0;
-                for k in 0..c {
-                    let y = if k as i64 == l { 1.0 } else { 0.0 };
-                    inter[k] += e[k] / s * y;
-                    ps[k] += e[k] / s;
-                    ys[k] += y;
-                }
-            }
-        }
-        if cnt == 0.0 {
-            return (0.0, 0.0);
-        }
-        let dice: f64 = (1..c)
-            .map(|k| (2.0 * inter[k] + 1.0) / (ps[k] + ys[k] + 1.0))
-            .sum::<f64>()
-            / (c - 1) as f64;
-        (ce / cnt, 1.0 - dice)
-    }
+    use crate::reference;
 
     fn random_labels(g: &mut rand_chacha::ChaCha8Rng, len: usize, c: usize) -> Vec<i64> {
         use rand::Rng;
@@ -320,7 +288,7 @@ mod tests {
     }
 
     #[test]
-    fn seg_loss_gradient_matches_finite_differences() {
+    fn seg_loss_and_gradient_match_reference() {
         let mut g = rng(50);
         for &(m, c, hw) in &[(1, 2, 5), (2, 6, 7), (3, 3, 4)] {
             let z = rand_vec(&mut g, m * c * hw, -2.0, 2.0);
@@ -328,18 +296,13 @@ mod tests {
             let scale = 0.7;
             let mut d = vec![f32::NAN; z.len()];
             let (ce, dice) = seg_loss(&z, m, c, hw, &labels, scale, Some(&mut d)).unwrap();
-            let (ce64, dice64) = seg_f64(&to_f64(&z), m, c, hw, &labels);
-            let loss_err = (ce as f64 - ce64).abs().max((dice as f64 - dice64).abs());
-            let fd = fd_grad(
-                |v| {
-                    let (a, b) = seg_f64(v, m, c, hw, &labels);
-                    scale as f64 * (a + b)
-                },
-                &to_f64(&z),
-                1e-6,
-            );
-            let err = rel_err(&d, &fd);
-            println!("seg loss m={m} c={c} hw={hw}: ce {ce:.5} dice {dice:.5}, loss error {loss_err:.3e}, gradient vs FD {err:.3e}");
+            let want = reference::seg_loss(&to_f64(&z), m, c, hw, &labels);
+            let loss_err = (ce as f64 - want.ce)
+                .abs()
+                .max((dice as f64 - want.dice).abs());
+            let scaled: Vec<f64> = want.dlogits.iter().map(|v| scale as f64 * v).collect();
+            let err = rel_err(&d, &scaled);
+            println!("seg loss m={m} c={c} hw={hw}: ce {ce:.5} dice {dice:.5}, loss error {loss_err:.3e}, gradient error {err:.3e}");
             assert!(loss_err < 1e-6, "seg loss value error {loss_err}");
             assert!(err < 1e-6, "seg loss gradient error {err}");
         }
@@ -456,27 +419,19 @@ mod tests {
     }
 
     #[test]
-    fn cls_loss_gradient_matches_finite_differences() {
+    fn cls_loss_and_gradient_match_reference() {
         let mut g = rng(52);
         let (b, c) = (5, 3);
         let z = rand_vec(&mut g, b * c, -3.0, 3.0);
         let labels = [0i64, 2, 1, 2, 2];
         let w = [0.3f32, 1.0, 2.5];
-        let cls_f64 = |v: &[f64]| -> f64 {
-            let (mut num, mut den) = (0.0, 0.0);
-            for i in 0..b {
-                let l = labels[i] as usize;
-                let s: f64 = (0..c).map(|k| v[i * c + k].exp()).sum();
-                num += w[l] as f64 * (s.ln() - v[i * c + l]);
-                den += w[l] as f64;
-            }
-            1.5 * num / den
-        };
         let mut d = vec![f32::NAN; b * c];
         let loss = cls_loss(&z, b, c, &labels, Some(&w), 1.5, Some(&mut d)).unwrap();
-        let loss_err = (1.5 * loss as f64 - cls_f64(&to_f64(&z))).abs();
-        let err = rel_err(&d, &fd_grad(cls_f64, &to_f64(&z), 1e-6));
-        println!("cls loss: value error {loss_err:.3e}, gradient vs FD {err:.3e}");
+        let (want, want_d) = reference::cls_loss(&to_f64(&z), b, c, &labels, Some(&to_f64(&w)));
+        let loss_err = (loss as f64 - want).abs();
+        let scaled: Vec<f64> = want_d.iter().map(|v| 1.5 * v).collect();
+        let err = rel_err(&d, &scaled);
+        println!("cls loss: value error {loss_err:.3e}, gradient error {err:.3e}");
         assert!(loss_err < 1e-6 && err < 1e-6);
     }
 

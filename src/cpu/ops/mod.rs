@@ -2,6 +2,7 @@
 //! Each backward overwrites its outputs (it never accumulates into them).
 
 pub mod conv;
+pub mod linear;
 pub mod loss;
 pub mod mil;
 pub mod norm;

@@ -274,32 +274,8 @@ pub fn bn_relu_backward(
 mod tests {
     use super::*;
     use crate::cpu::ops::tensor::test_support::*;
-
-    /// f64 twin of the training forward: per channel, mean and biased variance over the
-    /// batch, then relu(γ·(x−mean)/sqrt(var+eps) + β).
-    fn bn_relu_f64(
-        x: &[f64],
-        n: usize,
-        c: usize,
-        hw: usize,
-        gamma: &[f64],
-        beta: &[f64],
-    ) -> Vec<f64> {
-        let mut y = vec![0.0; x.len()];
-        for ch in 0..c {
-            let idx: Vec<usize> = (0..n)
-                .flat_map(|i| (0..hw).map(move |p| (i * c + ch) * hw + p))
-                .collect();
-            let cnt = idx.len() as f64;
-            let m = idx.iter().map(|&i| x[i]).sum::<f64>() / cnt;
-            let var = idx.iter().map(|&i| (x[i] - m).powi(2)).sum::<f64>() / cnt;
-            for &i in &idx {
-                let v = gamma[ch] * (x[i] - m) / (var + BN_EPS as f64).sqrt() + beta[ch];
-                y[i] = v.max(0.0);
-            }
-        }
-        y
-    }
+    use crate::cpu::ops::Dims;
+    use crate::reference;
 
     struct Case {
         n: usize,
@@ -308,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn bn_relu_backward_matches_finite_differences() {
+    fn bn_relu_train_forward_and_backward_match_reference() {
         let mut g = rng(40);
         let cases = [
             Case { n: 3, c: 2, hw: 5 },
@@ -337,28 +313,27 @@ mod tests {
                 &mut rm,
                 &mut rv,
             );
-            let (xf, gf, bf) = (to_f64(&x), to_f64(&gamma), to_f64(&beta));
-            let fwd_err = rel_err(&y, &bn_relu_f64(&xf, n, c, hw, &gf, &bf));
+            let (xf, gf) = (to_f64(&x), to_f64(&gamma));
+            let batch = reference::bn_train_forward(&xf, c, hw, &gf, &to_f64(&beta));
+            let fwd_err = rel_err(&y, &reference::relu_forward(&batch.y));
             let mut dx = vec![f32::NAN; len];
             let (mut dg, mut db) = (vec![f32::NAN; c], vec![f32::NAN; c]);
             bn_relu_backward(
                 &x, &y, n, c, hw, &gamma, &mean, &invstd, &r, &mut dx, &mut dg, &mut db,
             );
-            let h = 1e-6;
-            let fd_x = fd_grad(|v| dot(&r, &bn_relu_f64(v, n, c, hw, &gf, &bf)), &xf, h);
-            let fd_g = fd_grad(|v| dot(&r, &bn_relu_f64(&xf, n, c, hw, v, &bf)), &gf, h);
-            let fd_b = fd_grad(|v| dot(&r, &bn_relu_f64(&xf, n, c, hw, &gf, v)), &bf, h);
+            let dz = reference::relu_backward(&batch.y, &to_f64(&r));
+            let want = reference::bn_train_backward(&xf, c, hw, &gf, &batch, &dz);
             let (ex, eg, eb) = (
-                rel_err(&dx, &fd_x),
-                rel_err(&dg, &fd_g),
-                rel_err(&db, &fd_b),
+                rel_err(&dx, &want.dx),
+                rel_err(&dg, &want.dgamma),
+                rel_err(&db, &want.dbeta),
             );
             println!(
                 "bn n={n} c={c} hw={hw}: forward {fwd_err:.3e}, dx {ex:.3e}, dgamma {eg:.3e}, dbeta {eb:.3e}"
             );
             assert!(fwd_err < 1e-6, "bn forward error {fwd_err}");
             assert!(
-                ex < 1e-4 && eg < 1e-4 && eb < 1e-4,
+                ex < 1e-5 && eg < 1e-5 && eb < 1e-5,
                 "bn backward errors {ex} {eg} {eb}"
             );
         }
@@ -443,43 +418,29 @@ mod tests {
         let beta = rand_vec(&mut g, cout, -0.5, 0.5);
         let rm = rand_vec(&mut g, cout, -0.3, 0.3);
         let rv = rand_vec(&mut g, cout, 0.5, 2.0);
-        // A 1×1 conv (linear over channels) in f64: z[i, o, p] = Σ_j w[o, j]·x[i, j, p] + b[o].
-        let linear = |w: &[f64], b: &[f64]| -> Vec<f64> {
-            let mut z = vec![0.0; n * cout * hw];
-            for i in 0..n {
-                for o in 0..cout {
-                    for p in 0..hw {
-                        z[(i * cout + o) * hw + p] = b[o]
-                            + (0..cin)
-                                .map(|j| w[o * cin + j] * x[(i * cin + j) * hw + p] as f64)
-                                .sum::<f64>();
-                    }
-                }
-            }
-            z
-        };
-        let z = linear(&to_f64(&w), &to_f64(&b));
-        let reference: Vec<f64> = z
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                let o = (i / hw) % cout;
-                let s = gamma[o] as f64 / (rv[o] as f64 + 1e-5).sqrt();
-                ((v - rm[o] as f64) * s + beta[o] as f64).max(0.0)
-            })
-            .collect();
+        // The conv as a 1×1 convolution over [n, cin, hw, 1], then BatchNorm with the running
+        // statistics and ReLU.
+        let xd = Dims::new(n, cin, hw, 1);
+        let conv = |w: &[f64], b: &[f64]| reference::conv1x1_forward(&to_f64(&x), xd, w, b, cout);
+        let z = conv(&to_f64(&w), &to_f64(&b));
+        let want = reference::relu_forward(&reference::bn_eval_forward(
+            &z,
+            cout,
+            hw,
+            &to_f64(&gamma),
+            &to_f64(&beta),
+            &to_f64(&rm),
+            &to_f64(&rv),
+        ));
         let zf: Vec<f32> = z.iter().map(|&v| v as f32).collect();
         let mut y = vec![0.0; zf.len()];
         bn_relu_eval_forward(&zf, n, cout, hw, &gamma, &beta, &rm, &rv, &mut y);
-        let eval_err = rel_err(&y, &reference);
+        let eval_err = rel_err(&y, &want);
         let (wf, bf) = crate::model::fold_bn(&w, &b, &gamma, &beta, &rm, &rv);
-        let folded: Vec<f64> = linear(&to_f64(&wf), &to_f64(&bf))
-            .iter()
-            .map(|v| v.max(0.0))
-            .collect();
+        let folded = reference::relu_forward(&conv(&to_f64(&wf), &to_f64(&bf)));
         let fold_err = folded
             .iter()
-            .zip(&reference)
+            .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
         println!("bn eval forward error {eval_err:.3e}, folded conv error {fold_err:.3e}");

@@ -93,26 +93,7 @@ pub fn maxpool2x2_backward(dy: &[f32], xd: Dims, argmax: &[u8], dx: &mut [f32]) 
 mod tests {
     use super::*;
     use crate::cpu::ops::tensor::test_support::*;
-
-    /// f64 twin of the forward, written independently (max over the four taps).
-    fn maxpool_f64(x: &[f64], xd: Dims) -> Vec<f64> {
-        let (oh, ow) = (xd.h / 2, xd.w / 2);
-        let mut y = Vec::with_capacity(xd.n * xd.c * oh * ow);
-        for p in 0..xd.n * xd.c {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut m = f64::NEG_INFINITY;
-                    for dy in 0..2 {
-                        for dx in 0..2 {
-                            m = m.max(x[p * xd.hw() + (2 * oy + dy) * xd.w + 2 * ox + dx]);
-                        }
-                    }
-                    y.push(m);
-                }
-            }
-        }
-        y
-    }
+    use crate::reference;
 
     #[test]
     fn maxpool_ties_pick_first_maximum() {
@@ -144,7 +125,7 @@ mod tests {
     }
 
     #[test]
-    fn maxpool_backward_matches_finite_differences() {
+    fn maxpool_forward_and_backward_match_reference() {
         let mut g = rng(10);
         for &(n, c, h, w) in &[(1, 1, 2, 2), (2, 3, 4, 6), (1, 2, 8, 2), (3, 1, 6, 10)] {
             let xd = Dims::new(n, c, h, w);
@@ -154,14 +135,14 @@ mod tests {
             let mut y = vec![0.0; olen];
             let mut am = vec![0u8; olen];
             maxpool2x2_forward(&x, xd, &mut y, &mut am);
-            let fwd_err = rel_err(&y, &maxpool_f64(&to_f64(&x), xd));
+            let xf = to_f64(&x);
+            let fwd_err = rel_err(&y, &reference::maxpool2x2_forward(&xf, xd));
             let mut dx = vec![f32::NAN; xd.len()];
             maxpool2x2_backward(&r, xd, &am, &mut dx);
-            let fd = fd_grad(|v| dot(&r, &maxpool_f64(v, xd)), &to_f64(&x), 1e-7);
-            let err = rel_err(&dx, &fd);
-            println!("maxpool {xd:?}: forward error {fwd_err:.3e}, backward vs FD {err:.3e}");
+            let err = rel_err(&dx, &reference::maxpool2x2_backward(&xf, xd, &to_f64(&r)));
+            println!("maxpool {xd:?}: forward error {fwd_err:.3e}, backward error {err:.3e}");
             assert_eq!(fwd_err, 0.0);
-            assert!(err < 1e-6, "maxpool backward error {err}");
+            assert_eq!(err, 0.0, "maxpool backward error {err}");
         }
     }
 }

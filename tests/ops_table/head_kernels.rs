@@ -1,0 +1,247 @@
+//! Device rows of kernels/heads.cu: seg_head (logits and labels), mil_concepts_gcp, linear_f32
+//! and gcp_bags.
+
+use crate::cuda_common::*;
+use crate::device::{abs, damage, relative, ACC};
+use crate::{max_abs, max_err, Table};
+use m2unet::cpu::ops::Dims;
+use m2unet::cuda::kernels::*;
+use m2unet::cuda::weights::{pad8, transpose};
+use m2unet::cuda::Device;
+use m2unet::reference;
+
+pub fn rows(dev: &mut Device, t: &mut Table) {
+    seg_head_rows(dev, t);
+    concepts_rows(dev, t);
+    linear_rows(dev, t);
+    gcp_bags_rows(dev, t);
+}
+
+/// seg_head: 1×1 conv of fp16 NHWC features to fp32 logits (= reference::conv1x1) and their
+/// argmax (= reference::argmax_channels).
+fn seg_head_rows(dev: &mut Device, t: &mut Table) {
+    for (n, h, w, c_real, classes) in [
+        (2, 5, 7, 12, 6),
+        (1, 1, 3, 3, 2),
+        (3, 4, 4, 16, 16),
+        (1, 9, 11, 5, 3),
+    ] {
+        let mut r = rng((n * 100 + h * 10 + c_real) as u64);
+        let c = pad8(c_real);
+        let hw = h * w;
+        let x = round_f16(&uniform(&mut r, n * c_real * hw, 0.0, 1.0));
+        let wgt = uniform(&mut r, classes * c_real, -0.5, 0.5);
+        let bias = uniform(&mut r, classes, -0.1, 0.1);
+        let d = Dims::new(n, c_real, h, w);
+        let (xf, wf, bf) = (to_f64(&x), to_f64(&wgt), to_f64(&bias));
+        let logits = reference::conv1x1_forward(&xf, d, &wf, &bf, classes);
+        let labels = reference::argmax_channels(&logits, classes, hw);
+        // Bound: the fp32 sum of c_real products and the bias (fp32 output, no rounding).
+        let a = reference::conv1x1_forward(&abs(&xf), d, &abs(&wf), &abs(&bf), classes);
+        let k = (c_real + 1) as f64;
+
+        let gx = Guarded::with(dev, &to_f16(&nchw_to_nhwc(&x, n, c_real, h, w, c)));
+        let gw = Guarded::with(dev, &wgt);
+        let gb = Guarded::with(dev, &bias);
+        let gl = Guarded::new(dev, logits.len() * 4);
+        let glab = Guarded::new(dev, n * hw);
+        let p = SegHeadParams {
+            x: gx.addr(),
+            w: gw.addr(),
+            bias: gb.addr(),
+            logits: gl.addr(),
+            labels: glab.addr(),
+            n: n as i32,
+            hw: hw as i32,
+            c: c as i32,
+            c_real: c_real as i32,
+            classes: classes as i32,
+            pad_: 0,
+        };
+        seg_head(dev, &p).unwrap();
+        let hurt = damage(dev, &[&gx, &gw, &gb, &gl, &glab]);
+        let shape = format!("n{n} {h}×{w} c{c_real}→{classes}");
+        let err = max_err(&gl.read_f32(dev), &logits);
+        t.add_guarded(
+            "seg_head logits",
+            &shape,
+            err,
+            relative(k * ACC * max_abs(&a), &logits),
+            hurt,
+        );
+        // Labels: the share of pixels whose label differs from the reference's argmax, among
+        // those whose top two logits are further apart than twice the logits' error bound
+        // (closer ones are numerically tied); it must be zero.
+        let got = glab.read_u8(dev);
+        let (mut wrong, mut clear) = (0, 0);
+        for i in 0..n {
+            for p in 0..hw {
+                let at = |k: usize| logits[(i * classes + k) * hw + p];
+                let top = at(labels[i * hw + p]);
+                let second = (0..classes)
+                    .filter(|&k| k != labels[i * hw + p])
+                    .map(at)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let slack = (0..classes)
+                    .map(|k| a[(i * classes + k) * hw + p])
+                    .fold(0.0, f64::max);
+                if top - second > 2.0 * k * ACC * slack {
+                    clear += 1;
+                    wrong += usize::from(got[i * hw + p] as usize != labels[i * hw + p]);
+                }
+            }
+        }
+        let share = wrong as f64 / clear.max(1) as f64;
+        t.add_guarded(
+            "seg_head labels",
+            &format!("{shape} ({clear} clear)"),
+            share,
+            0.0,
+            hurt,
+        );
+    }
+}
+
+/// mil_concepts_gcp: concept scores of every instance (= reference::linear over the instance
+/// rows) pooled by GCP over each patch's instances (= reference::gcp_forward).
+fn concepts_rows(dev: &mut Device, t: &mut Table) {
+    for (m, inst, c_real, k) in [(5, 4, 20, 70), (2, 9, 5, 3), (3, 1, 8, 33)] {
+        let mut r = rng((m * 100 + inst * 10 + c_real) as u64);
+        let c = pad8(c_real);
+        let x = round_f16(&uniform(&mut r, m * inst * c_real, 0.0, 2.0));
+        let wc = uniform(&mut r, k * c_real, -0.3, 0.3);
+        let bc = uniform(&mut r, k, -0.1, 0.1);
+        let mut xh = vec![0f32; m * inst * c];
+        for row in 0..m * inst {
+            xh[row * c..row * c + c_real].copy_from_slice(&x[row * c_real..(row + 1) * c_real]);
+        }
+        let (xf, wf, bf) = (to_f64(&x), to_f64(&wc), to_f64(&bc));
+        let scores = reference::linear_forward(&xf, m * inst, c_real, &wf, &bf, k);
+        let a = reference::linear_forward(&abs(&xf), m * inst, c_real, &abs(&wf), &abs(&bf), k);
+        let patches: Vec<(usize, usize)> = (0..m).map(|pm| (pm * inst, inst)).collect();
+        // Bound: each score errs by at most (c_real + 1)·ACC·Σ|terms|; max takes one score's
+        // error, the mean at most that plus the fp32 sum of `inst` scores; max − mean both
+        // and one more rounding.
+        let kk = (c_real + 1) as f64;
+        let bound = 2.0 * kk * ACC * max_abs(&a) + (inst + 2) as f64 * ACC * max_abs(&scores);
+
+        let gx = Guarded::with(dev, &to_f16(&xh));
+        let gw = Guarded::with(dev, &transpose(&wc, k, c_real));
+        let gb = Guarded::with(dev, &bc);
+        for gcp in 0..3 {
+            let mode = gcp_mode(gcp);
+            let want = reference::gcp_forward(&scores, k, &patches, mode);
+            let gz = Guarded::new(dev, m * k * 4);
+            let p = ConceptsGcpParams {
+                x: gx.addr(),
+                wt: gw.addr(),
+                bias: gb.addr(),
+                z: gz.addr(),
+                m: m as i32,
+                inst: inst as i32,
+                c: c as i32,
+                c_real: c_real as i32,
+                k: k as i32,
+                gcp,
+            };
+            mil_concepts_gcp(dev, &p).unwrap();
+            let hurt = damage(dev, &[&gx, &gw, &gb, &gz]);
+            let err = max_err(&gz.read_f32(dev), &want);
+            // One instance: max − mean is exactly zero, an absolute comparison.
+            let tol = relative(bound, &want);
+            let shape = format!("m{m} inst{inst} c{c_real}→{k}");
+            t.add_guarded(&format!("concepts+gcp {mode}"), &shape, err, tol, hurt);
+        }
+    }
+}
+
+/// linear_f32: y = act(x·wᵀ + b) in fp32.
+fn linear_rows(dev: &mut Device, t: &mut Table) {
+    for (rows, fin, fout, relu) in [
+        (5, 70, 9, true),
+        (1, 1, 1, false),
+        (33, 17, 130, false),
+        (4, 0, 3, true),
+    ] {
+        let mut r = rng((rows * 100 + fin * 10 + fout) as u64);
+        let x = uniform(&mut r, rows * fin, -1.0, 1.0);
+        let w = uniform(&mut r, fout * fin, -0.3, 0.3);
+        let b = uniform(&mut r, fout, -0.1, 0.1);
+        let (xf, wf, bf) = (to_f64(&x), to_f64(&w), to_f64(&b));
+        let mut want = reference::linear_forward(&xf, rows, fin, &wf, &bf, fout);
+        if relu {
+            want = reference::relu_forward(&want);
+        }
+        // Bound: the fp32 sum of fin products and the bias.
+        let a = reference::linear_forward(&abs(&xf), rows, fin, &abs(&wf), &abs(&bf), fout);
+        let tol = relative((fin + 1) as f64 * ACC * max_abs(&a), &want);
+
+        let (gx, gw, gb) = (
+            Guarded::with(dev, &x),
+            Guarded::with(dev, &w),
+            Guarded::with(dev, &b),
+        );
+        let gy = Guarded::new(dev, rows * fout * 4);
+        let p = LinearParams {
+            x: gx.addr(),
+            w: gw.addr(),
+            bias: gb.addr(),
+            y: gy.addr(),
+            rows: rows as i32,
+            fin: fin as i32,
+            fout: fout as i32,
+            act: relu as i32,
+        };
+        linear_f32(dev, &p).unwrap();
+        let hurt = damage(dev, &[&gx, &gw, &gb, &gy]);
+        let op = if relu { "linear+relu" } else { "linear" };
+        let err = max_err(&gy.read_f32(dev), &want);
+        t.add_guarded(op, &format!("{rows}×{fin}→{fout}"), err, tol, hurt);
+    }
+}
+
+/// gcp_bags: GCP over the rows of each bag of an fp32 [rows, k] tensor.
+fn gcp_bags_rows(dev: &mut Device, t: &mut Table) {
+    for (k, sizes) in [(9, &[2, 3][..]), (1, &[1][..]), (70, &[4, 1, 7][..])] {
+        let rows: usize = sizes.iter().sum();
+        let mut r = rng((k * 100 + rows) as u64);
+        let x = uniform(&mut r, rows * k, -1.0, 1.0);
+        let mut starts = vec![0i32];
+        let mut bags = vec![];
+        for &s in sizes {
+            bags.push((*starts.last().unwrap() as usize, s));
+            starts.push(starts.last().unwrap() + s as i32);
+        }
+        let xf = to_f64(&x);
+        // Bound: the mean is an fp32 sum of at most max(sizes) values, then a division and
+        // (max − mean) a subtraction.
+        let longest = *sizes.iter().max().unwrap();
+        let bound = (longest + 2) as f64 * ACC * max_abs(&xf);
+        let (gx, gs) = (Guarded::with(dev, &x), Guarded::with(dev, &starts));
+        for gcp in 0..3 {
+            let mode = gcp_mode(gcp);
+            let want = reference::gcp_forward(&xf, k, &bags, mode);
+            let gg = Guarded::new(dev, sizes.len() * k * 4);
+            let p = GcpBagsParams {
+                t: gx.addr(),
+                bag_start: gs.addr(),
+                g: gg.addr(),
+                bags: sizes.len() as i32,
+                k: k as i32,
+                gcp,
+                pad_: 0,
+            };
+            gcp_bags(dev, &p).unwrap();
+            let hurt = damage(dev, &[&gx, &gs, &gg]);
+            let err = max_err(&gg.read_f32(dev), &want);
+            let tol = relative(bound, &want);
+            t.add_guarded(
+                &format!("gcp bags {mode}"),
+                &format!("k{k} bags {sizes:?}"),
+                err,
+                tol,
+                hurt,
+            );
+        }
+    }
+}
