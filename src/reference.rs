@@ -6,6 +6,10 @@
 //! return fresh gradients. The tests at the bottom check each backward against central finite
 //! differences of its forward, and each forward against hand-computed values.
 
+mod network;
+
+pub use network::{network_pass, NetworkPass};
+
 use crate::config::{GcpMode, BN_EPS, BN_MOMENTUM};
 use crate::cpu::ops::Dims;
 

@@ -5,10 +5,13 @@
 mod cuda_common;
 
 use cuda_common::*;
-use m2unet::config::{GcpMode, ModelConfig, BN_EPS, BN_MOMENTUM};
+use m2unet::config::TrainConfig;
+use m2unet::config::{GcpMode, ModelConfig};
 use m2unet::cuda::{CudaEngine, DeviceKind};
 use m2unet::engine::InferenceEngine;
-use m2unet::model::{Model, Src};
+use m2unet::engine::Mode;
+use m2unet::model::Model;
+use m2unet::reference::network_pass;
 use rand::Rng;
 
 /// A model with random BatchNorm affine parameters and running statistics (so eval-mode BN
@@ -38,173 +41,13 @@ fn random_model(c: ModelConfig, seed: u64) -> Model {
     m
 }
 
-/// The reference: f32 NCHW, straight from docs/model.md.
-struct Reference<'a> {
-    m: &'a mut Model,
-    train: bool,
+/// The reference network (f64 reference ops walking the layer list) on patches of side `p`:
+/// (seg logits, cls logits, running statistics after the pass), as f32.
+fn reference(model: &Model, x: &[f32], p: usize, bags: &[usize], mode: Mode) -> [Vec<f32>; 3] {
+    let pass = network_pass(model, x, p, bags, mode, None, &TrainConfig::default());
+    [pass.seg_logits, pass.cls_logits, pass.buffers].map(|v| v.iter().map(|&a| a as f32).collect())
 }
 
-impl Reference<'_> {
-    /// BatchNorm (running or batch statistics) + ReLU over NCHW [n, c, hw].
-    fn bn_relu(&mut self, x: &mut [f32], module: &str, n: usize, c: usize, hw: usize) {
-        let gamma = self.m.param(&format!("{module}.weight")).to_vec();
-        let beta = self.m.param(&format!("{module}.bias")).to_vec();
-        let e = self.m.table.bn(module).clone();
-        for ch in 0..c {
-            let vals = || (0..n).flat_map(move |i| (0..hw).map(move |p| (i * c + ch) * hw + p));
-            let (mean, var) = if self.train {
-                let cnt = (n * hw) as f64;
-                let mean = vals().map(|j| x[j] as f64).sum::<f64>() / cnt;
-                let var = vals().map(|j| (x[j] as f64 - mean).powi(2)).sum::<f64>() / cnt;
-                let mom = BN_MOMENTUM as f64;
-                let rm = &mut self.m.buffers[e.mean_range()][ch];
-                *rm = ((1.0 - mom) * *rm as f64 + mom * mean) as f32;
-                let rv = &mut self.m.buffers[e.var_range()][ch];
-                *rv = ((1.0 - mom) * *rv as f64 + mom * var * cnt / (cnt - 1.0)) as f32;
-                (mean, var)
-            } else {
-                (
-                    self.m.buffers[e.mean_range()][ch] as f64,
-                    self.m.buffers[e.var_range()][ch] as f64,
-                )
-            };
-            let s = gamma[ch] as f64 / (var + BN_EPS as f64).sqrt();
-            for j in vals() {
-                x[j] = (((x[j] as f64 - mean) * s + beta[ch] as f64).max(0.0)) as f32;
-            }
-        }
-    }
-
-    fn conv_bn_relu(
-        &mut self,
-        x: &[f32],
-        conv: &str,
-        bn: &str,
-        n: usize,
-        cin: usize,
-        h: usize,
-    ) -> Vec<f32> {
-        let w = self.m.param(&format!("{conv}.weight")).to_vec();
-        let b = self.m.param(&format!("{conv}.bias")).to_vec();
-        let cout = b.len();
-        let mut y = ref_conv3x3(x, &w, &b, n, cin, cout, h, h);
-        self.bn_relu(&mut y, bn, n, cout, h * h);
-        y
-    }
-
-    fn linear(&self, x: &[f32], module: &str, rows: usize) -> Vec<f32> {
-        let w = self.m.param(&format!("{module}.weight"));
-        let b = self.m.param(&format!("{module}.bias"));
-        let (fout, fin) = (b.len(), w.len() / b.len());
-        (0..rows * fout)
-            .map(|u| {
-                b[u % fout]
-                    + (0..fin)
-                        .map(|i| x[u / fout * fin + i] * w[u % fout * fin + i])
-                        .sum::<f32>()
-            })
-            .collect()
-    }
-
-    fn gcp(v: impl Iterator<Item = f32> + Clone, mode: GcpMode) -> f32 {
-        let n = v.clone().count() as f32;
-        let mx = v.clone().fold(f32::NEG_INFINITY, f32::max);
-        let mean = v.sum::<f32>() / n;
-        match mode {
-            GcpMode::MaxMinusMean => mx - mean,
-            GcpMode::Max => mx,
-            GcpMode::Mean => mean,
-        }
-    }
-
-    /// Returns (seg logits [m, classes, P, P], cls logits [bags, classes]) of patches of side
-    /// `p`, walking the model's layer list.
-    fn forward(&mut self, x: &[f32], bags: &[usize], p: usize) -> (Vec<f32>, Vec<f32>) {
-        let arch = self.m.arch().clone();
-        let c = arch.config;
-        let n = bags.iter().sum::<usize>();
-        let mut outs: Vec<Vec<f32>> = vec![];
-        for u in &arch.units {
-            let r = p >> u.level;
-            let parts: Vec<(Vec<f32>, usize)> = u
-                .inputs
-                .iter()
-                .map(|&(src, ch)| {
-                    let v = match src {
-                        Src::Input => x.to_vec(),
-                        Src::Unit(j) => outs[j].clone(),
-                        Src::Pooled(j) => ref_maxpool(&outs[j], n * ch, 2 * r, 2 * r),
-                        Src::Upsampled(j) => ref_upsample2x(&outs[j], n * ch, r / 2, r / 2),
-                    };
-                    (v, ch)
-                })
-                .collect();
-            // Channel concatenation, per patch.
-            let mut cat = vec![];
-            for i in 0..n {
-                for (v, ch) in &parts {
-                    cat.extend_from_slice(&v[i * ch * r * r..(i + 1) * ch * r * r]);
-                }
-            }
-            let y = self.conv_bn_relu(&cat, &u.conv, &u.bn, n, u.cin(), r);
-            outs.push(y);
-        }
-        let (low, w) = (&outs[arch.seg.src], arch.seg.cin);
-        let h = &outs[arch.mil.src];
-        let b = arch.mil.channels;
-        let sw = self.m.param("seg_head.weight");
-        let sb = self.m.param("seg_head.bias");
-        let classes = c.seg_classes;
-        let mut seg = vec![0f32; n * classes * p * p];
-        for i in 0..n {
-            for k in 0..classes {
-                for px in 0..p * p {
-                    seg[(i * classes + k) * p * p + px] = sb[k]
-                        + (0..w)
-                            .map(|ch| low[(i * w + ch) * p * p + px] * sw[k * w + ch])
-                            .sum::<f32>();
-                }
-            }
-        }
-        // MIL head.
-        let inst = (p >> arch.mil.level) * (p >> arch.mil.level);
-        let (k1, k2) = (c.emb_concepts, c.img_concepts);
-        let cw = self.m.param("mil_emb.concepts.weight");
-        let cb = self.m.param("mil_emb.concepts.bias");
-        let mut z = vec![0f32; n * k1];
-        for i in 0..n {
-            for k in 0..k1 {
-                let scores: Vec<f32> = (0..inst)
-                    .map(|j| {
-                        cb[k]
-                            + (0..b)
-                                .map(|ch| cw[k * b + ch] * h[(i * b + ch) * inst + j])
-                                .sum::<f32>()
-                    })
-                    .collect();
-                z[i * k1 + k] = Self::gcp(scores.iter().cloned(), c.gcp);
-            }
-        }
-        let mut e = self.linear(&z, "mil_emb.proj", n);
-        // BatchNorm1d over the patches: the same routine with hw = 1.
-        self.bn_relu(&mut e, "mil_emb.bn", n, k1, 1);
-        let t = self.linear(&e, "mil_img.concepts", n);
-        let mut g = vec![];
-        let mut r0 = 0;
-        for &bs in bags {
-            for k in 0..k2 {
-                g.push(Self::gcp((r0..r0 + bs).map(|r| t[r * k2 + k]), c.gcp));
-            }
-            r0 += bs;
-        }
-        let mut v = self.linear(&g, "mil_img.proj", bags.len());
-        relu(&mut v);
-        let cls = self.linear(&v, "classifier", bags.len());
-        (seg, cls)
-    }
-}
-
-/// The bn_relu above sees BatchNorm1d input [n, c] as NCHW with hw = 1: the layouts agree.
 fn rel_l2(reference: &[f32], got: &[f32]) -> f64 {
     nerr(reference, got).sqrt()
 }
@@ -223,17 +66,12 @@ fn check_forward(c: ModelConfig, p: usize, bags: &[usize], train: bool, seed: u6
         engine.forward_eval(&x, bags).unwrap()
     };
     let secs = t.elapsed().as_secs_f64();
-    let mut ref_model = model.clone();
-    let (seg, cls) = Reference {
-        m: &mut ref_model,
-        train,
-    }
-    .forward(&x, bags, p);
+    let mode = if train { Mode::Train } else { Mode::Eval };
+    let [seg, cls, ref_buffers] = reference(&model, &x, p, bags, mode);
     let es = rel_l2(&seg, &out.seg_logits);
     let ec = rel_l2(&cls, &out.cls_logits);
-    let mode = if train { "train" } else { "eval" };
     println!(
-        "depth {} P={p} W={} B={} bags {bags:?} {mode}: rel L2 seg logits {es:.3e}, cls logits {ec:.3e} (threshold 1e-2); {secs:.2} s on {}",
+        "depth {} P={p} W={} B={} bags {bags:?} {mode:?}: rel L2 seg logits {es:.3e}, cls logits {ec:.3e} (threshold 1e-2); {secs:.2} s on {}",
         c.depth,
         c.enc_width,
         c.bottleneck_width,
@@ -241,7 +79,7 @@ fn check_forward(c: ModelConfig, p: usize, bags: &[usize], train: bool, seed: u6
     );
     assert!(es <= 1e-2 && ec <= 1e-2);
     if train {
-        let er = rel_l2(&ref_model.buffers, &engine.model().buffers);
+        let er = rel_l2(&ref_buffers, &engine.model().buffers);
         println!("  running statistics after the train pass: rel L2 {er:.3e} (threshold 1e-3)");
         assert!(er <= 1e-3);
         assert!(engine.model().batches_tracked.iter().all(|&b| b == 1));
@@ -422,43 +260,77 @@ fn variant_depth3_cuda_matches_reference() {
 
 #[test]
 fn variant_depth3_cpu_matches_reference() {
-    // The CPU engine (f32) against the same reference: eval and train outputs and running
-    // statistics, at f32 rounding (rel L2 ≤ 1e-5).
-    use m2unet::config::TrainConfig;
+    // The CPU engine (f32) against the f64 reference network: eval and train outputs, running
+    // statistics, losses and every parameter's gradient, at f32 rounding.
     use m2unet::cpu::run_step;
-    use m2unet::engine::{Batch, Mode};
+    use m2unet::engine::Batch;
     let (c, p, bags) = (variant(), 20, [2usize, 3]);
     assert_eq!(m2unet::model::Arch::new(&c).units.len(), 6 + 6);
     let model = random_model(c, 46);
     let x = uniform(&mut rng(44), 5 * p * p, 0.0, 1.0);
-    let batch = Batch {
-        patches: &x,
-        patch: p,
-        bag_sizes: &bags,
-        seg_labels: None,
-        cls_labels: None,
-    };
-    for (mode, train) in [(Mode::Eval, false), (Mode::Train, true)] {
+    let seg_labels: Vec<i64> = (0..5 * p * p)
+        .map(|i| (i * 7 % 13) as i64 % 7 - 1)
+        .collect();
+    let cls_labels = [1i64, 0];
+    for mode in [Mode::Eval, Mode::Train] {
         let mut cpu_model = model.clone();
-        let out = run_step(&mut cpu_model, &batch, mode, &TrainConfig::default())
-            .unwrap()
-            .outputs;
-        let mut ref_model = model.clone();
-        let (seg, cls) = Reference {
-            m: &mut ref_model,
-            train,
-        }
-        .forward(&x, &bags, p);
-        let (es, ec) = (rel_l2(&seg, &out.seg_logits), rel_l2(&cls, &out.cls_logits));
+        let batch = Batch {
+            patches: &x,
+            patch: p,
+            bag_sizes: &bags,
+            seg_labels: Some(&seg_labels),
+            cls_labels: Some(&cls_labels),
+        };
+        let train = TrainConfig::default();
+        let out = run_step(&mut cpu_model, &batch, mode, &train).unwrap();
+        let labels = Some((seg_labels.as_slice(), cls_labels.as_slice()));
+        let pass = network_pass(&model, &x, p, &bags, mode, labels, &train);
+        let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let es = rel_l2(&f32s(&pass.seg_logits), &out.outputs.seg_logits);
+        let ec = rel_l2(&f32s(&pass.cls_logits), &out.outputs.cls_logits);
+        let er = rel_l2(&f32s(&pass.buffers), &cpu_model.buffers);
         // The image-level head must be live (not every ReLU closed), or cls compares biases.
         let bias = model.param("classifier.bias");
         assert!(
-            cls.chunks(2).any(|l| l != bias),
+            f32s(&pass.cls_logits).chunks(2).any(|l| l != bias),
             "cls logits are the bias alone"
         );
-        let er = rel_l2(&ref_model.buffers, &cpu_model.buffers);
-        println!("CPU engine vs reference, depth 3 P={p} {mode:?}: rel L2 seg {es:.3e}, cls {ec:.3e}, running stats {er:.3e} (threshold 1e-5)");
-        assert!(es <= 1e-5 && ec <= 1e-5 && er <= 1e-5);
+        let want = pass.losses.unwrap();
+        let l = out.losses.unwrap();
+        let el = [l.total, l.cls, l.seg_ce, l.seg_dice]
+            .iter()
+            .zip(want)
+            .map(|(&a, b)| (a as f64 - b).abs() / b.abs().max(1e-3))
+            .fold(0.0, f64::max);
+        println!("CPU engine vs reference network, depth 3 P={p} {mode:?}: rel L2 seg {es:.3e}, cls {ec:.3e}, running stats {er:.3e}, losses {el:.3e} (threshold 1e-5)");
+        assert!(es <= 1e-5 && ec <= 1e-5 && er <= 1e-5 && el <= 1e-5);
+        if mode == Mode::Train {
+            // Per tensor, relative to the tensor's largest reference gradient, floored at 1e-3
+            // of the largest gradient overall: biases that feed a train-mode BatchNorm have an
+            // exact gradient of 0, which both sides compute as rounding noise (f32 or f64).
+            let (got, want) = (out.grads.unwrap(), pass.grads.unwrap());
+            let floor = 1e-3 * want.iter().fold(0f64, |a, v| a.max(v.abs()));
+            let mut worst = (0.0f64, String::new());
+            for e in &model.table.params {
+                let (g, w) = (&got[e.range()], &want[e.range()]);
+                let scale = w.iter().fold(floor, |a, v| a.max(v.abs()));
+                let err = g
+                    .iter()
+                    .zip(w)
+                    .map(|(&a, b)| (a as f64 - b).abs() / scale)
+                    .fold(0.0, f64::max);
+                if err > worst.0 {
+                    worst = (err, e.name.clone());
+                }
+            }
+            println!(
+                "  gradients of {} tensors: worst rel error {:.3e} ({}) (threshold 1e-3)",
+                model.table.params.len(),
+                worst.0,
+                worst.1
+            );
+            assert!(worst.0 <= 1e-3);
+        }
     }
 }
 
