@@ -429,17 +429,14 @@ fn classify(
     for &k in &bag {
         bag_patches.extend_from_slice(&body.patches[k * pp..(k + 1) * pp]);
     }
-    let out = engine.forward_eval(&bag_patches, &[bag.len()])?;
-    if out.cls_logits.len() < 2 || out.cls_logits.iter().any(|v| !v.is_finite()) {
-        bail!(
-            "the engine returned invalid class logits {:?}",
-            out.cls_logits
-        );
+    let cls = engine.classify(&bag_patches, &[bag.len()])?;
+    if cls.len() < 2 || cls.iter().any(|v| !v.is_finite()) {
+        bail!("the engine returned invalid class logits {cls:?}");
     }
     Ok(SeverityBag {
         pool,
         len: bag.len(),
-        severity: Severity::from_logits([out.cls_logits[0], out.cls_logits[1]]),
+        severity: Severity::from_logits([cls[0], cls[1]]),
     })
 }
 

@@ -136,6 +136,9 @@ pub trait InferenceEngine {
     /// Eval-mode forward of `patches` [M, in_channels, P, P] split into consecutive bags of
     /// `bag_sizes` (each ≥ 2, summing to M); P is read off the data.
     fn forward_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Outputs>;
+    /// Eval-mode severity logits [bags, cls_classes] only (no decoder), for bags as in
+    /// `forward_eval`; memory does not grow with the bag beyond its patches and bottleneck.
+    fn classify(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Vec<f32>>;
     /// Eval-mode segmentation only (no bag needed) of patches [M, in_channels, P, P] of side
     /// `patch`: argmax lobe labels [M, P, P].
     fn segment(&mut self, patches: &[f32], patch: usize) -> Result<Vec<u8>>;

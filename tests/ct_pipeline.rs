@@ -917,6 +917,9 @@ impl InferenceEngine for OracleEngine {
             cls_logits: cls,
         })
     }
+    fn classify(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Vec<f32>> {
+        Ok(self.forward_eval(patches, bag_sizes)?.cls_logits)
+    }
     fn segment(&mut self, patches: &[f32], patch: usize) -> Result<Vec<u8>> {
         let n = patch * patch;
         let mut out = Vec::with_capacity(patches.len());

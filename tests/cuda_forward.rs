@@ -146,6 +146,31 @@ fn segment_labels_match_eval_logits() {
 }
 
 #[test]
+fn classify_in_chunks_equals_the_full_forward() {
+    // classify runs only the encoder, in chunks of patches (4 on the CPU, 8 on CUDA), and the
+    // MIL head over the whole bag: its logits must equal forward_eval's (eval-mode BatchNorm
+    // treats every patch alone). Bags of 7 and 4 patches cross the chunk boundaries.
+    let c = ModelConfig::tiny();
+    let model = random_model(c, 51);
+    let bags = [7usize, 4];
+    let x = uniform(&mut rng(52), 11 * c.patch * c.patch, 0.0, 1.0);
+    let mut cuda = CudaEngine::new(&model, device_kind()).unwrap();
+    let mut cpu = m2unet::cpu::CpuEngine::new(model.clone());
+    let engines: [&mut dyn InferenceEngine; 2] = [&mut cuda, &mut cpu];
+    for e in engines {
+        let full = e.forward_eval(&x, &bags).unwrap().cls_logits;
+        let chunked = e.classify(&x, &bags).unwrap();
+        let err = rel_l2(&full, &chunked);
+        println!(
+            "{}: classify vs forward_eval cls logits rel L2 {err:.3e} (threshold 1e-6)",
+            e.describe()
+        );
+        assert!(err <= 1e-6, "{full:?} vs {chunked:?}");
+        assert_ne!(full[..2], full[2..], "the two bags must get different logits");
+    }
+}
+
+#[test]
 fn bad_bags_are_errors() {
     let c = ModelConfig::tiny();
     let mut engine = CudaEngine::new(&Model::init(c, 1), DeviceKind::Emu).unwrap();

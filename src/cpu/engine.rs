@@ -14,6 +14,9 @@ thread_local! {
     static POOL: RefCell<(StepShape, Vec<Vec<f32>>)> = RefCell::new(Default::default());
 }
 
+/// Patches per encoder pass of `classify` (bounds its memory whatever the bag size).
+const CLASSIFY_CHUNK: usize = 4;
+
 /// What decides a step's buffer sizes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct StepShape {
@@ -273,11 +276,12 @@ impl<'m> Net<'m> {
         m.batches_tracked[m.table.bn_position(bn)] += 1;
     }
 
-    /// Every conv unit of the architecture, in order, on patches [m, in_channels, p, p].
-    fn units(&mut self, patches: &[f32], m: usize, p: usize) -> Vec<UnitActs> {
+    /// The first `count` conv units of the architecture, in order, on patches
+    /// [m, in_channels, p, p] (a unit only reads the input or earlier units).
+    fn units(&mut self, patches: &[f32], m: usize, p: usize, count: usize) -> Vec<UnitActs> {
         let arch_units = std::mem::take(&mut self.arch.units);
-        let mut acts: Vec<UnitActs> = Vec::with_capacity(arch_units.len());
-        for u in &arch_units {
+        let mut acts: Vec<UnitActs> = Vec::with_capacity(count);
+        for u in &arch_units[..count] {
             let side = p >> u.level;
             let mut up = vec![];
             if let Some(&(Src::Upsampled(j), c)) = u
@@ -388,7 +392,7 @@ impl<'m> Net<'m> {
         p: usize,
         bags: Option<&[(usize, usize)]>,
     ) -> Acts {
-        let units = self.units(patches, m, p);
+        let units = self.units(patches, m, p, self.arch.units.len());
         let h = &units[self.arch.mil.src];
         let mil = bags.map(|b| self.mil_head(&h.y, h.yd(), b));
         let seg = &self.arch.seg;
@@ -758,6 +762,35 @@ impl InferenceEngine for CpuEngine {
     fn forward_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Outputs> {
         let batch = Batch::unlabelled(patches, bag_sizes, self.model.config().in_channels)?;
         Ok(run_step(&mut self.model, &batch, Mode::Eval, &TrainConfig::default())?.outputs)
+    }
+
+    fn classify(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Vec<f32>> {
+        let batch = Batch::unlabelled(patches, bag_sizes, self.model.config().in_channels)?;
+        batch.validate(self.model.config())?;
+        let (m, p) = (batch.patches_count(), batch.patch);
+        let mut net = Net::new(&mut self.model, Mode::Eval);
+        let mil = net.arch.mil.clone();
+        let side = p >> mil.level;
+        let per = patches.len() / m;
+        // Eval-mode BatchNorm treats every patch alone, so the encoder runs in chunks and only
+        // h (the MIL head's input) is kept for the whole bag.
+        let mut h = Vec::with_capacity(m * mil.channels * side * side);
+        for start in (0..m).step_by(CLASSIFY_CHUNK) {
+            let n = CLASSIFY_CHUNK.min(m - start);
+            pool_begin(StepShape {
+                m: n,
+                p,
+                train: false,
+            });
+            let chunk = &patches[start * per..(start + n) * per];
+            let acts = net.units(chunk, n, p, mil.src + 1);
+            h.extend_from_slice(&acts[mil.src].y);
+            for a in acts {
+                recycle([a.up, a.z, a.y, a.pooled]);
+            }
+        }
+        let hd = Dims::new(m, mil.channels, side, side);
+        Ok(net.mil_head(&h, hd, &batch.bag_ranges()).cls_logits)
     }
 
     fn segment(&mut self, patches: &[f32], p: usize) -> Result<Vec<u8>> {

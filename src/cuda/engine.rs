@@ -194,6 +194,8 @@ fn check_loader(u: &ConvUnit) -> Result<()> {
 struct Arena {
     m: usize,
     patch: usize,
+    /// Patches the MIL head's buffers hold (≥ m: `classify` runs the encoder in chunks).
+    rows: usize,
     base: DevPtr,
     input: usize,
     /// Per arch unit: its output and (units marked `pooled`) its 2×2 max-pooled output.
@@ -218,7 +220,7 @@ struct Arena {
 }
 
 impl Arena {
-    fn layout(arch: &Arch, m: usize, p: usize) -> (Arena, usize) {
+    fn layout(arch: &Arch, m: usize, p: usize, rows: usize) -> (Arena, usize) {
         let mut off = 0usize;
         let mut take = |bytes: usize| {
             let o = off;
@@ -274,6 +276,7 @@ impl Arena {
         let a = Arena {
             m,
             patch: p,
+            rows,
             base: DevPtr::NULL,
             input,
             units,
@@ -284,14 +287,14 @@ impl Arena {
             shift,
             seg_logits,
             labels,
-            mil_z: take(m * k1 * 4),
-            mil_pre: take(m * k1 * 4),
-            mil_e: take(m * k1 * 4),
-            mil_t: take(m * k2 * 4),
-            mil_g: take(m * k2 * 4),
-            mil_v: take(m * k2 * 4),
-            cls: take(m * arch.mil.classifier.fout * 4),
-            bag_start: take((m + 1) * 4),
+            mil_z: take(rows * k1 * 4),
+            mil_pre: take(rows * k1 * 4),
+            mil_e: take(rows * k1 * 4),
+            mil_t: take(rows * k2 * 4),
+            mil_g: take(rows * k2 * 4),
+            mil_v: take(rows * k2 * 4),
+            cls: take(rows * arch.mil.classifier.fout * 4),
+            bag_start: take((rows + 1) * 4),
         };
         (a, off)
     }
@@ -477,8 +480,8 @@ impl CudaEngine {
         Ok(m)
     }
 
-    /// Refreshes stale eval weights, sizes the arena for `m` patches of side `p` (growing it
-    /// when needed) and uploads the inputs.
+    /// Refreshes stale eval weights, sizes the arena for `m` patches of side `p` and uploads
+    /// the inputs.
     fn prepare(
         &mut self,
         patches: &[f32],
@@ -486,27 +489,48 @@ impl CudaEngine {
         m: usize,
         p: usize,
     ) -> Result<()> {
+        self.ensure_arena(m, p, m)?;
+        self.upload_input(patches)?;
+        if let Some(bags) = bag_sizes {
+            self.upload_bags(bags)?;
+        }
+        Ok(())
+    }
+
+    /// Refreshes stale eval weights and makes the arena hold `m` patches of side `p` and
+    /// `rows` patches in the MIL head (growing it when needed).
+    fn ensure_arena(&mut self, m: usize, p: usize, rows: usize) -> Result<()> {
         if self.stale_eval {
             self.refresh_weights()?;
         }
-        if self.arena.as_ref().is_none_or(|a| a.m < m || a.patch != p) {
+        if self
+            .arena
+            .as_ref()
+            .is_none_or(|a| a.m < m || a.patch != p || a.rows < rows)
+        {
             if let Some(a) = self.arena.take() {
                 self.dev.free(a.base)?;
             }
-            let (mut a, bytes) = Arena::layout(&self.arch, m, p);
+            let (mut a, bytes) = Arena::layout(&self.arch, m, p, rows);
             a.base = self.dev.alloc(bytes)?;
             self.arena = Some(a);
         }
-        let a = self.arena.as_ref().expect("arena just sized");
-        self.dev.upload(a.base.offset(a.input), patches)?;
-        if let Some(bags) = bag_sizes {
-            let mut starts = vec![0i32];
-            for &b in bags {
-                starts.push(starts.last().unwrap() + b as i32);
-            }
-            self.dev.upload(a.base.offset(a.bag_start), &starts)?;
-        }
         Ok(())
+    }
+
+    fn upload_input(&mut self, patches: &[f32]) -> Result<()> {
+        let a = self.arena.as_ref().expect("arena sized");
+        self.dev.upload(a.base.offset(a.input), patches)
+    }
+
+    /// The bags' first patch indices (and the end) for the bag-level GCP.
+    fn upload_bags(&mut self, bags: &[usize]) -> Result<()> {
+        let a = self.arena.as_ref().expect("arena sized");
+        let mut starts = vec![0i32];
+        for &b in bags {
+            starts.push(starts.last().unwrap() + b as i32);
+        }
+        self.dev.upload(a.base.offset(a.bag_start), &starts)
     }
 
     /// Re-folds the eval weights after train-mode passes changed the running statistics.
@@ -660,15 +684,32 @@ impl CudaEngine {
     /// The whole forward pass on the device for m patches in `bags` bags: every conv unit of
     /// the architecture in order, the seg head, then the MIL head.
     fn run(&self, mode: Mode, heads: Heads, m: usize, bags: usize) -> Result<()> {
+        self.run_units(mode, m, self.arch.units.len())?;
+        self.run_seg_head(heads, m)?;
+        if heads == Heads::All {
+            self.run_mil_patches(mode, m, 0)?;
+            self.run_mil_bags(m, bags)?;
+            self.mark("mil_head")?;
+        }
+        Ok(())
+    }
+
+    /// The first `count` conv units for m patches.
+    fn run_units(&self, mode: Mode, m: usize, count: usize) -> Result<()> {
         let a = self.arena.as_ref().expect("arena");
-        let (arch, c, p) = (&self.arch, self.model.config(), a.patch);
-        for ((u, l), &[out, pooled]) in arch.units.iter().zip(&self.w.convs).zip(&a.units) {
+        let units = self.arch.units.iter().zip(&self.w.convs).zip(&a.units);
+        for ((u, l), &[out, pooled]) in units.take(count) {
             let pool = u.pooled.then(|| a.at(pooled));
             let input = self.conv_input(u, a);
-            self.conv(l, input, a.at(out), pool, m, p >> u.level, mode)?;
+            self.conv(l, input, a.at(out), pool, m, a.patch >> u.level, mode)?;
         }
-        let low = a.at(a.units[arch.seg.src][0]);
-        let wp = pad8(arch.seg.cin);
+        Ok(())
+    }
+
+    /// The seg head on the last unit: logits, or argmax labels only.
+    fn run_seg_head(&self, heads: Heads, m: usize) -> Result<()> {
+        let a = self.arena.as_ref().expect("arena");
+        let (seg, p) = (&self.arch.seg, a.patch);
         let (logits, labels) = match heads {
             Heads::All => (a.at(a.seg_logits), 0),
             Heads::Labels => (0, a.at(a.labels)),
@@ -676,67 +717,87 @@ impl CudaEngine {
         seg_head(
             &self.dev,
             &SegHeadParams {
-                x: low,
+                x: a.at(a.units[seg.src][0]),
                 w: self.wp(self.w.seg.w),
                 bias: self.wp(self.w.seg.b),
                 logits,
                 labels,
                 n: m as i32,
                 hw: (p * p) as i32,
-                c: wp as i32,
-                c_real: arch.seg.cin as i32,
-                classes: arch.seg.classes as i32,
+                c: pad8(seg.cin) as i32,
+                c_real: seg.cin as i32,
+                classes: seg.classes as i32,
                 pad_: 0,
             },
         )?;
-        self.mark("seg_head")?;
-        if heads == Heads::Labels {
-            return Ok(());
-        }
-        // MIL head: concept scores pooled per patch, proj (+BN) + ReLU, image-level concepts
-        // pooled per bag, proj + ReLU, classifier.
-        let gcp = match c.gcp {
+        self.mark(&seg.name)
+    }
+
+    /// The GCP mode's code in the kernels.
+    fn gcp_code(&self) -> i32 {
+        match self.arch.config.gcp {
             GcpMode::MaxMinusMean => 0,
             GcpMode::Max => 1,
             GcpMode::Mean => 2,
-        };
-        let mil = &arch.mil;
-        let (k1, k2) = (mil.emb_proj.fout as i32, mil.img_proj.fout as i32);
-        let r5 = p >> mil.level;
+        }
+    }
+
+    /// One fully connected layer over arena rows (offsets), with an optional ReLU.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        l: &Linear,
+        x: usize,
+        y: usize,
+        rows: usize,
+        fin: usize,
+        fout: usize,
+        relu: bool,
+    ) -> Result<()> {
+        let a = self.arena.as_ref().expect("arena");
+        linear_f32(
+            &self.dev,
+            &LinearParams {
+                x: a.at(x),
+                w: self.wp(l.w),
+                bias: self.wp(l.b),
+                y: a.at(y),
+                rows: rows as i32,
+                fin: fin as i32,
+                fout: fout as i32,
+                act: relu as i32,
+            },
+        )
+    }
+
+    /// The embedding level of the MIL head for m patches whose h is in the bottleneck unit's
+    /// output: concept scores pooled per patch, proj, BatchNorm (folded in eval mode), ReLU,
+    /// written to rows `row0..row0 + m` of the embeddings e.
+    fn run_mil_patches(&self, mode: Mode, m: usize, row0: usize) -> Result<()> {
+        let a = self.arena.as_ref().expect("arena");
+        let mil = &self.arch.mil;
+        let k1 = mil.emb_proj.fout;
+        let side = a.patch >> mil.level;
+        let (z, e) = (a.mil_z + row0 * k1 * 4, a.mil_e + row0 * k1 * 4);
         mil_concepts_gcp(
             &self.dev,
             &ConceptsGcpParams {
                 x: a.at(a.units[mil.src][0]),
                 wt: self.wp(self.w.concepts_t.w),
                 bias: self.wp(self.w.concepts_t.b),
-                z: a.at(a.mil_z),
+                z: a.at(z),
                 m: m as i32,
-                inst: (r5 * r5) as i32,
+                inst: (side * side) as i32,
                 c: pad8(mil.channels) as i32,
                 c_real: mil.channels as i32,
-                k: k1,
-                gcp,
+                k: k1 as i32,
+                gcp: self.gcp_code(),
             },
         )?;
-        let lin = |l: &Linear, x: usize, y: usize, rows: usize, fin: i32, fout: i32, act: i32| {
-            linear_f32(
-                &self.dev,
-                &LinearParams {
-                    x: a.at(x),
-                    w: self.wp(l.w),
-                    bias: self.wp(l.b),
-                    y: a.at(y),
-                    rows: rows as i32,
-                    fin,
-                    fout,
-                    act,
-                },
-            )
-        };
         match mode {
-            Mode::Eval => lin(&self.w.emb_proj_eval, a.mil_z, a.mil_e, m, k1, k1, 1)?,
+            Mode::Eval => self.linear(&self.w.emb_proj_eval, z, e, m, k1, k1, true),
             Mode::Train => {
-                lin(&self.w.emb_proj, a.mil_z, a.mil_pre, m, k1, k1, 0)?;
+                self.linear(&self.w.emb_proj, z, a.mil_pre, m, k1, k1, false)?;
                 let [g, b, rm, rv] = self.w.emb_bn;
                 bn1d_train_relu(
                     &self.dev,
@@ -746,16 +807,24 @@ impl CudaEngine {
                         beta: self.wp(b),
                         running_mean: self.wp(rm),
                         running_var: self.wp(rv),
-                        y: a.at(a.mil_e),
+                        y: a.at(e),
                         rows: m as i32,
-                        c: k1,
+                        c: k1 as i32,
                         momentum: BN_MOMENTUM,
                         eps: BN_EPS,
                     },
-                )?;
+                )
             }
         }
-        lin(&self.w.img_concepts, a.mil_e, a.mil_t, m, k1, k2, 0)?;
+    }
+
+    /// The image level of the MIL head over the m embeddings: concepts, GCP per bag, proj +
+    /// ReLU, classifier → class logits.
+    fn run_mil_bags(&self, m: usize, bags: usize) -> Result<()> {
+        let a = self.arena.as_ref().expect("arena");
+        let mil = &self.arch.mil;
+        let (k1, k2) = (mil.emb_proj.fout, mil.img_proj.fout);
+        self.linear(&self.w.img_concepts, a.mil_e, a.mil_t, m, k1, k2, false)?;
         gcp_bags(
             &self.dev,
             &GcpBagsParams {
@@ -763,22 +832,14 @@ impl CudaEngine {
                 bag_start: a.at(a.bag_start),
                 g: a.at(a.mil_g),
                 bags: bags as i32,
-                k: k2,
-                gcp,
+                k: k2 as i32,
+                gcp: self.gcp_code(),
                 pad_: 0,
             },
         )?;
-        lin(&self.w.img_proj, a.mil_g, a.mil_v, bags, k2, k2, 1)?;
-        lin(
-            &self.w.classifier,
-            a.mil_v,
-            a.cls,
-            bags,
-            k2,
-            mil.classifier.fout as i32,
-            0,
-        )?;
-        self.mark("mil_head")
+        self.linear(&self.w.img_proj, a.mil_g, a.mil_v, bags, k2, k2, true)?;
+        let classes = mil.classifier.fout;
+        self.linear(&self.w.classifier, a.mil_v, a.cls, bags, k2, classes, false)
     }
 
     fn read_outputs(&self, m: usize, bags: usize) -> Result<Outputs> {
@@ -816,6 +877,9 @@ impl CudaEngine {
     }
 }
 
+/// Patches per encoder pass of `classify`.
+const CLASSIFY_CHUNK: usize = 8;
+
 impl InferenceEngine for CudaEngine {
     fn config(&self) -> &ModelConfig {
         self.model.config()
@@ -828,6 +892,28 @@ impl InferenceEngine for CudaEngine {
     fn forward_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Outputs> {
         let m = self.launch_eval(patches, bag_sizes)?;
         self.read_outputs(m, bag_sizes.len())
+    }
+
+    fn classify(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Vec<f32>> {
+        let batch = Batch::unlabelled(patches, bag_sizes, self.model.config().in_channels)?;
+        batch.validate(self.model.config())?;
+        let (m, p) = (batch.patches_count(), batch.patch);
+        let chunk = CLASSIFY_CHUNK.min(m);
+        self.ensure_arena(chunk, p, m)?;
+        self.upload_bags(bag_sizes)?;
+        let per = patches.len() / m;
+        let encoder = self.arch.mil.src + 1;
+        for start in (0..m).step_by(chunk) {
+            let n = chunk.min(m - start);
+            self.upload_input(&patches[start * per..(start + n) * per])?;
+            self.run_units(Mode::Eval, n, encoder)?;
+            self.run_mil_patches(Mode::Eval, n, start)?;
+        }
+        self.run_mil_bags(m, bag_sizes.len())?;
+        let a = self.arena.as_ref().expect("arena");
+        let mut cls = vec![0f32; bag_sizes.len() * self.arch.mil.classifier.fout];
+        self.dev.download(a.base.offset(a.cls), &mut cls)?;
+        Ok(cls)
     }
 
     fn segment(&mut self, patches: &[f32], p: usize) -> Result<Vec<u8>> {
