@@ -2,13 +2,15 @@
 //! optional PNG preview, for one file or a batch, through any [`InferenceEngine`].
 
 use crate::config::ModelConfig;
+use crate::ct_input::{collect_ct_inputs, CtInput};
 use crate::data::dataset::stem;
 use crate::data::preprocess::{
     keep_largest_components, paste_patches, volume_patches, CanonicalCt, PreprocessConfig,
 };
 use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::engine::InferenceEngine;
-use crate::io::nifti::{read_volume, write_label_map, AffineSource};
+use crate::io::dicom::SeriesInfo;
+use crate::io::nifti::{write_label_map, AffineSource};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
@@ -142,6 +144,9 @@ pub struct Report {
     pub label_scheme: LabelScheme,
     pub version: String,
     pub warnings: Vec<String>,
+    /// The DICOM series' identifying tags (no patient tags); absent for NIfTI inputs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dicom: Option<SeriesInfo>,
 }
 
 /// HU window counted as involved by the report's estimate.
@@ -191,16 +196,29 @@ pub fn assess_volume_with_progress(
     opts: &AssessOptions,
     bar: &ProgressBar,
 ) -> Result<Report> {
+    assess_input_with_progress(engine, &CtInput::Nifti(path.to_path_buf()), opts, bar)
+}
+
+/// Assesses one NIfTI volume or DICOM series, reporting its stages on `bar`; the outputs are
+/// named after [`CtInput::path`].
+pub fn assess_input_with_progress(
+    engine: &mut dyn InferenceEngine,
+    input: &CtInput,
+    opts: &AssessOptions,
+    bar: &ProgressBar,
+) -> Result<Report> {
     if opts.batch_size == 0 || opts.max_bag < 2 {
         bail!("the batch size must be at least 1 and the largest bag at least 2");
     }
+    let path = &input.path();
     let name = path.display().to_string();
     let start = Instant::now();
     let mut timings = Timings::default();
-    let mut warnings = Vec::new();
     bar.set_message("reading");
     let t = Instant::now();
-    let volume = read_volume(path)?;
+    let loaded = input.read()?;
+    let volume = loaded.volume;
+    let mut warnings = loaded.warnings;
     if let Some(problem) = volume.hu_range_problem() {
         if opts.force {
             warnings.push(problem);
@@ -373,6 +391,7 @@ pub fn assess_volume_with_progress(
         label_scheme: opts.label_scheme,
         version: env!("CARGO_PKG_VERSION").to_string(),
         warnings,
+        dicom: loaded.dicom,
     };
     let mut staged = Staged::default();
     let written = (|| -> Result<()> {
@@ -526,10 +545,11 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<(PathBuf, anyhow
     (files, failures)
 }
 
-/// Assesses every file in turn; a failure is recorded and the batch goes on.
-pub fn assess_batch(
+/// Assesses every input (paths of NIfTI files, or [`CtInput`]s) in turn; a failure is
+/// recorded under [`CtInput::path`] and the batch goes on.
+pub fn assess_batch<I: Clone + Into<CtInput>>(
     engine: &mut dyn InferenceEngine,
-    files: &[PathBuf],
+    files: &[I],
     opts: &AssessOptions,
     show_progress: bool,
 ) -> Vec<(PathBuf, Result<Report>)> {
@@ -547,18 +567,20 @@ pub fn assess_batch(
     batch.set_prefix("batch");
     let mut results = Vec::with_capacity(files.len());
     for file in files {
+        let input: CtInput = file.clone().into();
+        let file = input.path();
         let bar = multi.add(ProgressBar::new(1));
         bar.set_style(
             ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} slices {msg}")
                 .expect("valid template")
                 .progress_chars("=> "),
         );
-        bar.set_prefix(stem(file));
-        let result = assess_volume_with_progress(engine, file, opts, &bar);
+        bar.set_prefix(stem(&file));
+        let result = assess_input_with_progress(engine, &input, opts, &bar);
         bar.finish_and_clear();
         multi.remove(&bar);
         batch.inc(1);
-        results.push((file.clone(), result));
+        results.push((file, result));
     }
     batch.finish_and_clear();
     results
@@ -566,8 +588,11 @@ pub fn assess_batch(
 
 /// Assess chest CT volumes: a lobe label map and a severity report per volume.
 ///
-/// Each INPUT is a NIfTI file (.nii or .nii.gz) or a folder (every NIfTI file inside it, except
-/// label maps named *_lobes.nii* or *_mask.nii*). For each volume it writes
+/// Each INPUT is a NIfTI file (.nii or .nii.gz) or a folder: every NIfTI file inside it (except
+/// label maps named *_lobes.nii* or *_mask.nii*) or, when it holds none, every DICOM CT series
+/// in it and its subfolders (any file names; each series assessed on its own and named
+/// S<number>_<description> or by its SeriesInstanceUID; other files skipped with a note).
+/// For each volume it writes
 /// `<name>_lobes.nii.gz` (uint8 lobe labels on the input's exact grid and header),
 /// `<name>_report.json` (severity probability and class, per-lobe volume, mean HU and
 /// involvement, timings) and with --preview `<name>_preview.png`. A file that fails is
@@ -575,14 +600,15 @@ pub fn assess_batch(
 /// any file failed.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AssessArgs {
-    /// CT volumes (.nii/.nii.gz) or folders of them.
+    /// CT volumes (.nii/.nii.gz), folders of them, or folders of DICOM CT series.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
     /// Model weights or a training checkpoint (safetensors with the PyTorch parameter names);
     /// default: the shipped weights trained on synthetic phantoms (weights/MODEL_CARD.md).
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Output folder (created when missing); default: beside each input.
+    /// Output folder (created when missing); default: beside each input (a DICOM series: in
+    /// its folder).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Where the network runs.
@@ -663,7 +689,11 @@ pub fn run_assess(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
     }
-    let (files, mut failures) = collect_inputs(&args.inputs);
+    let collected = collect_ct_inputs(&args.inputs);
+    let (files, mut failures) = (collected.inputs, collected.failures);
+    if !args.quiet {
+        collected.notes.iter().for_each(|n| eprintln!("note: {n}"));
+    }
     let show = !args.quiet && std::io::stderr().is_terminal();
     let results = assess_batch(engine.as_mut(), &files, &opts, show);
     let mut ok = 0;

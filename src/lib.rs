@@ -2,7 +2,9 @@
 
 pub mod assess;
 pub mod config;
+pub mod convert;
 pub mod cpu;
+pub mod ct_input;
 pub mod cuda;
 pub mod data;
 pub mod demo;

@@ -46,6 +46,8 @@ enum Command {
     Demo(DemoArgs),
     /// Write a checkpoint's weights without optimiser state (optionally f16).
     Export(ExportArgs),
+    /// Write each DICOM CT series in the given folders as NIfTI (HU) with a JSON of its tags.
+    Convert(m2unet::convert::ConvertArgs),
 }
 
 #[derive(clap::Args)]
@@ -131,6 +133,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train(&a).map(|()| true),
         Command::Evaluate(a) => run_evaluate(&a).map(|_| true),
         Command::Export(a) => run_export(&a).map(|()| true),
+        Command::Convert(a) => m2unet::convert::run_convert(&a),
         Command::Demo(a) => run_demo(&a, make_engine).map(|r| {
             let w = a
                 .weights
