@@ -40,7 +40,11 @@ pub fn convert_series(series: &DicomSeries, out: &Path) -> Result<PathBuf> {
         .data
         .iter()
         .all(|&x| x.fract() == 0.0 && (i16::MIN as f32..=i16::MAX as f32).contains(&x));
-    let tmp = out.join(format!(".{}.nii.gz.partial-{}", series.name, std::process::id()));
+    let tmp = out.join(format!(
+        ".{}.nii.gz.partial-{}",
+        series.name,
+        std::process::id()
+    ));
     let written = if whole {
         let ints: Vec<i16> = v.data.iter().map(|&x| x as i16).collect();
         write_nifti(&tmp, &header, VoxelData::I16(&ints), true)
@@ -51,13 +55,8 @@ pub fn convert_series(series: &DicomSeries, out: &Path) -> Result<PathBuf> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, &nifti_path).with_context(|| {
-        format!(
-            "cannot move {} to {}",
-            tmp.display(),
-            nifti_path.display()
-        )
-    })?;
+    std::fs::rename(&tmp, &nifti_path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), nifti_path.display()))?;
     let json_path = out.join(format!("{}.json", series.name));
     let mut sidecar = serde_json::to_value(&sv.info)?;
     sidecar["warnings"] = serde_json::to_value(&sv.warnings)?;

@@ -14,7 +14,10 @@ pub const SUPPORTED_TRANSFER_SYNTAXES: [(&str, &str); 8] = [
     ("1.2.840.10008.1.2", "Implicit VR Little Endian"),
     ("1.2.840.10008.1.2.1", "Explicit VR Little Endian"),
     ("1.2.840.10008.1.2.2", "Explicit VR Big Endian"),
-    ("1.2.840.10008.1.2.1.99", "Deflated Explicit VR Little Endian"),
+    (
+        "1.2.840.10008.1.2.1.99",
+        "Deflated Explicit VR Little Endian",
+    ),
     (
         "1.2.840.10008.1.2.1.98",
         "Encapsulated Uncompressed Explicit VR Little Endian",
@@ -145,7 +148,9 @@ impl SliceHeader {
                 .int(tags::NUMBER_OF_FRAMES, "NumberOfFrames")?
                 .unwrap_or(1)
                 .max(1) as u32,
-            samples_per_pixel: f.uint(tags::SAMPLES_PER_PIXEL, "SamplesPerPixel")?.unwrap_or(1),
+            samples_per_pixel: f
+                .uint(tags::SAMPLES_PER_PIXEL, "SamplesPerPixel")?
+                .unwrap_or(1),
             photometric: f.text(tags::PHOTOMETRIC_INTERPRETATION),
             bits_allocated: f.uint(tags::BITS_ALLOCATED, "BitsAllocated")?,
             bits_stored: f.uint(tags::BITS_STORED, "BitsStored")?,

@@ -212,7 +212,16 @@ pub fn read_series(series: &DicomSeries) -> Result<SeriesVolume> {
         data.extend_from_slice(&img.values);
     }
     let mut header = NiftiHeader {
-        dim: [3, dims[0] as u16, dims[1] as u16, dims[2] as u16, 1, 1, 1, 1],
+        dim: [
+            3,
+            dims[0] as u16,
+            dims[1] as u16,
+            dims[2] as u16,
+            1,
+            1,
+            1,
+            1,
+        ],
         xyzt_units: 2,
         descrip: b"m2unet from DICOM".to_vec(),
         ..NiftiHeader::default()
