@@ -41,23 +41,36 @@ fn norm(a: [f64; 3]) -> f64 {
     dot(a, a).sqrt()
 }
 
-/// Checks that every slice has the same grid as the first, returning its required fields.
-fn common_grid(headers: &[SliceHeader], label: &str) -> Result<([f64; 6], [f64; 2], u16, u16)> {
+/// The in-plane grid a slice declares.
+struct Grid {
+    orientation: [f64; 6],
+    spacing: [f64; 2],
+    rows: u16,
+    columns: u16,
+}
+
+/// A slice's grid, failing when a geometry tag (position included) is missing.
+fn grid(h: &SliceHeader) -> Result<Grid> {
+    let missing = |what: &str| anyhow!("{}: {what} is missing", file(h));
+    h.position
+        .ok_or_else(|| missing("ImagePositionPatient (0020,0032)"))?;
+    Ok(Grid {
+        orientation: h
+            .orientation
+            .ok_or_else(|| missing("ImageOrientationPatient (0020,0037)"))?,
+        spacing: h
+            .pixel_spacing
+            .ok_or_else(|| missing("PixelSpacing (0028,0030)"))?,
+        rows: h.rows.ok_or_else(|| missing("Rows (0028,0010)"))?,
+        columns: h.columns.ok_or_else(|| missing("Columns (0028,0011)"))?,
+    })
+}
+
+/// Checks that every slice has the same grid as the first and returns it.
+fn common_grid(headers: &[SliceHeader], label: &str) -> Result<Grid> {
     let first = &headers[0];
-    let need = |h: &SliceHeader| -> Result<([f64; 6], [f64; 2], [f64; 3], u16, u16)> {
-        let missing = |what: &str| anyhow!("{}: {what} is missing", file(h));
-        Ok((
-            h.orientation
-                .ok_or_else(|| missing("ImageOrientationPatient (0020,0037)"))?,
-            h.pixel_spacing
-                .ok_or_else(|| missing("PixelSpacing (0028,0030)"))?,
-            h.position
-                .ok_or_else(|| missing("ImagePositionPatient (0020,0032)"))?,
-            h.rows.ok_or_else(|| missing("Rows (0028,0010)"))?,
-            h.columns.ok_or_else(|| missing("Columns (0028,0011)"))?,
-        ))
-    };
-    let (iop, spacing, _, rows, cols) = need(first)?;
+    let g = grid(first)?;
+    let (iop, spacing, rows, cols) = (g.orientation, g.spacing, g.rows, g.columns);
     if spacing.iter().any(|&s| s <= 0.0) {
         bail!(
             "{}: PixelSpacing {spacing:?} is invalid (each spacing must be positive)",
@@ -65,7 +78,8 @@ fn common_grid(headers: &[SliceHeader], label: &str) -> Result<([f64; 6], [f64; 
         );
     }
     for h in &headers[1..] {
-        let (o, s, _, r, c) = need(h)?;
+        let other = grid(h)?;
+        let (o, s, r, c) = (other.orientation, other.spacing, other.rows, other.columns);
         if (r, c) != (rows, cols) {
             bail!(
                 "{label}: {} is {r}×{c} pixels but {} is {rows}×{cols}; a series must hold one \
@@ -94,7 +108,7 @@ fn common_grid(headers: &[SliceHeader], label: &str) -> Result<([f64; 6], [f64; 
             );
         }
     }
-    Ok((iop, spacing, rows, cols))
+    Ok(g)
 }
 
 /// Orders the slices along their normal, checks the spacing and builds the affine.
@@ -102,7 +116,11 @@ pub fn stack(headers: &[SliceHeader], label: &str) -> Result<Stack> {
     if headers.is_empty() {
         bail!("{label}: the series holds no slice");
     }
-    let (iop, spacing, _, _) = common_grid(headers, label)?;
+    let Grid {
+        orientation: iop,
+        spacing,
+        ..
+    } = common_grid(headers, label)?;
     let row_dir = [iop[0], iop[1], iop[2]];
     let col_dir = [iop[3], iop[4], iop[5]];
     let (nr, nc) = (norm(row_dir), norm(col_dir));

@@ -8,29 +8,19 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// Transfer syntaxes whose pixel data is read (uncompressed, deflated, and the lossless
-/// codecs with pure-Rust decoders), as (UID, name).
-pub const SUPPORTED_TRANSFER_SYNTAXES: [(&str, &str); 8] = [
-    ("1.2.840.10008.1.2", "Implicit VR Little Endian"),
-    ("1.2.840.10008.1.2.1", "Explicit VR Little Endian"),
-    ("1.2.840.10008.1.2.2", "Explicit VR Big Endian"),
-    (
-        "1.2.840.10008.1.2.1.99",
-        "Deflated Explicit VR Little Endian",
-    ),
-    (
-        "1.2.840.10008.1.2.1.98",
-        "Encapsulated Uncompressed Explicit VR Little Endian",
-    ),
-    ("1.2.840.10008.1.2.5", "RLE Lossless"),
-    (
-        "1.2.840.10008.1.2.4.57",
-        "JPEG Lossless, Non-Hierarchical (Process 14)",
-    ),
-    (
-        "1.2.840.10008.1.2.4.70",
-        "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 SV1)",
-    ),
+/// Transfer syntaxes whose pixel data is read: uncompressed (implicit and explicit VR little
+/// endian, explicit VR big endian, deflated, encapsulated uncompressed) and the lossless codecs
+/// with pure-Rust decoders (RLE Lossless; JPEG Lossless process 14, any predictor, and SV1).
+/// Lossy codecs are refused, and so are JPEG-LS and JPEG 2000 (C/C++ decoders only).
+pub const SUPPORTED_TRANSFER_SYNTAXES: [&str; 8] = [
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.1.98",
+    "1.2.840.10008.1.2.5",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
 ];
 
 /// The SOP classes read as CT slices.
@@ -53,7 +43,7 @@ pub fn transfer_syntax_name(uid: &str) -> String {
 /// Whether a transfer syntax's pixel data is read here.
 pub fn transfer_syntax_supported(uid: &str) -> bool {
     let uid = uid.trim_end_matches(['\0', ' ']);
-    SUPPORTED_TRANSFER_SYNTAXES.iter().any(|(u, _)| *u == uid)
+    SUPPORTED_TRANSFER_SYNTAXES.contains(&uid)
 }
 
 /// Whether a file starts like a DICOM Part 10 file (128-byte preamble, then "DICM").
@@ -79,7 +69,6 @@ pub struct SliceHeader {
     pub series_instance_uid: Option<String>,
     pub series_number: Option<i64>,
     pub series_description: Option<String>,
-    pub instance_number: Option<i64>,
     /// ImagePositionPatient: the centre of the first pixel, mm, DICOM LPS.
     pub position: Option<[f64; 3]>,
     /// ImageOrientationPatient: row direction (along a row, increasing column), then column
@@ -117,7 +106,7 @@ impl SliceHeader {
     }
 
     /// Collects the header fields of an opened object.
-    pub fn from_object(path: &Path, obj: &DefaultDicomObject) -> Result<SliceHeader> {
+    fn from_object(path: &Path, obj: &DefaultDicomObject) -> Result<SliceHeader> {
         let f = Fields { obj, path };
         let meta = obj.meta();
         let sop_class_uid = f
@@ -137,7 +126,6 @@ impl SliceHeader {
             series_instance_uid: f.text(tags::SERIES_INSTANCE_UID),
             series_number: f.int(tags::SERIES_NUMBER, "SeriesNumber")?,
             series_description: f.text(tags::SERIES_DESCRIPTION),
-            instance_number: f.int(tags::INSTANCE_NUMBER, "InstanceNumber")?,
             position: f.floats::<3>(tags::IMAGE_POSITION_PATIENT, "ImagePositionPatient")?,
             orientation: f
                 .floats::<6>(tags::IMAGE_ORIENTATION_PATIENT, "ImageOrientationPatient")?,

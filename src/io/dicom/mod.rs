@@ -5,7 +5,6 @@ mod header;
 mod scan;
 mod volume;
 
-pub use geometry::MAX_TILT_DEGREES;
-pub use header::{has_dicom_magic, transfer_syntax_name, SliceHeader, SUPPORTED_TRANSFER_SYNTAXES};
+pub use header::{has_dicom_magic, SliceHeader};
 pub use scan::{make_names_unique, sanitise, scan_folder, DicomSeries, FolderScan, SeriesTags};
 pub use volume::{read_series, read_slice, SeriesInfo, SeriesVolume, SliceImage};
