@@ -290,6 +290,18 @@ fn a_mixed_folder_gives_each_ct_series_and_names_every_skipped_or_broken_file() 
     let garbage = format!("{:#}", c.failures[0].1);
     assert!(garbage.contains("garbage.dcm") && garbage.contains("not a readable DICOM file"));
 
+    let single = std::fs::read_dir(folder.join("sub"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let c = collect_ct_inputs(std::slice::from_ref(&single));
+    let e = format!("{:#}", c.failures[0].1);
+    println!("one file: {e}");
+    assert!(c.inputs.is_empty());
+    assert!(e.contains("a single DICOM file") && e.contains(single.to_str().unwrap()));
+
     let (_, mr) = bad_case("mr_only");
     let c = collect_ct_inputs(std::slice::from_ref(&mr));
     let e = format!("{:#}", c.failures[0].1);

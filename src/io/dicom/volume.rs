@@ -175,23 +175,9 @@ pub fn read_series(series: &DicomSeries) -> Result<SeriesVolume> {
     for h in &slices {
         check_format(h)?;
     }
-    let images: Vec<SliceImage> = slices
-        .par_iter()
-        .map(|h| decode(h))
-        .collect::<Result<_>>()?;
-    let (rows, columns) = (images[0].rows, images[0].columns);
-    if let Some((h, img)) = slices
-        .iter()
-        .zip(&images)
-        .find(|(_, img)| (img.rows, img.columns) != (rows, columns))
-    {
-        bail!(
-            "{}: its pixel data is {}×{} but the series' slices are {rows}×{columns}",
-            h.path.display(),
-            img.rows,
-            img.columns
-        );
-    }
+    let first = slices[0];
+    let rows = first.rows.expect("checked by the stack geometry") as usize;
+    let columns = first.columns.expect("checked by the stack geometry") as usize;
     let dims = [columns, rows, slices.len()];
     if dims.iter().any(|&d| d > i16::MAX as usize) {
         bail!("{label}: {dims:?} voxels do not fit a NIfTI-1 header (at most 32767 per axis)");
@@ -207,10 +193,24 @@ pub fn read_series(series: &DicomSeries) -> Result<SeriesVolume> {
             c[2]
         );
     }
-    let mut data = Vec::with_capacity(dims.iter().product());
-    for img in images {
-        data.extend_from_slice(&img.values);
-    }
+    // Each slice is decoded straight into its place, so memory holds one volume and the
+    // slices in flight.
+    let mut data = vec![0f32; dims.iter().product()];
+    data.par_chunks_mut(rows * columns)
+        .zip(slices.par_iter())
+        .try_for_each(|(dst, h)| -> Result<()> {
+            let img = decode(h)?;
+            if (img.rows, img.columns) != (rows, columns) {
+                bail!(
+                    "{}: its pixel data is {}×{} but the series' slices are {rows}×{columns}",
+                    h.path.display(),
+                    img.rows,
+                    img.columns
+                );
+            }
+            dst.copy_from_slice(&img.values);
+            Ok(())
+        })?;
     let mut header = NiftiHeader {
         dim: [
             3,
@@ -237,7 +237,7 @@ pub fn read_series(series: &DicomSeries) -> Result<SeriesVolume> {
         path: series.path(),
         header,
         dims,
-        dtype: dtype_name(slices[0]),
+        dtype: dtype_name(first),
         data,
         affine: geometry.affine,
         affine_source: AffineSource::Dicom,
