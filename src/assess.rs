@@ -4,6 +4,7 @@
 //! input's grid.
 
 use crate::config::ModelConfig;
+use crate::ct_input::{CtInput, LoadedCt};
 use crate::data::dataset::stem;
 use crate::data::preprocess::{
     keep_largest_components, paste_patches, volume_patches, CanonicalCt, PreprocessConfig,
@@ -11,7 +12,8 @@ use crate::data::preprocess::{
 };
 use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::engine::InferenceEngine;
-use crate::io::nifti::{read_volume, write_label_map, AffineSource, Volume};
+use crate::io::dicom::SeriesInfo;
+use crate::io::nifti::{write_label_map, AffineSource, Volume};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
@@ -149,6 +151,9 @@ pub struct Report {
     pub label_scheme: LabelScheme,
     pub version: String,
     pub warnings: Vec<String>,
+    /// The DICOM series' identifying tags (no patient tags); absent for NIfTI inputs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dicom: Option<SeriesInfo>,
 }
 
 /// HU window counted as involved by the report's estimate.
@@ -198,15 +203,27 @@ pub fn assess_volume_with_progress(
     opts: &AssessOptions,
     bar: &ProgressBar,
 ) -> Result<Report> {
+    assess_input_with_progress(engine, &CtInput::Nifti(path.to_path_buf()), opts, bar)
+}
+
+/// Assesses one NIfTI volume or DICOM series, reporting its stages on `bar`; the outputs are
+/// named after [`CtInput::path`].
+pub fn assess_input_with_progress(
+    engine: &mut dyn InferenceEngine,
+    input: &CtInput,
+    opts: &AssessOptions,
+    bar: &ProgressBar,
+) -> Result<Report> {
     if opts.batch_size == 0 || opts.max_bag < 2 {
         bail!("the batch size must be at least 1 and the largest bag at least 2");
     }
+    let path = &input.path();
     let start = Instant::now();
     let mut t = Timings::default();
-    let mut warnings = Vec::new();
-    let volume = stage(bar, "reading", &mut t.read, || {
-        read_hu_volume(path, opts.force, &mut warnings)
+    let loaded = stage(bar, "reading", &mut t.read, || {
+        read_hu_volume(input, opts.force)
     })?;
+    let (volume, dicom, warnings) = (loaded.volume, loaded.dicom, loaded.warnings);
     // The patch side the weights were trained at decides the preprocessing.
     let patch = engine.config().patch;
     let (ct, body) = stage(bar, "preprocessing", &mut t.preprocess, || {
@@ -218,6 +235,7 @@ pub fn assess_volume_with_progress(
     let lobes = stage(bar, "post-processing", &mut t.postprocess, || {
         Ok(LobeMap::new(&seg, &body, &ct, patch))
     })?;
+    let mut warnings = warnings;
     let bag = stage(bar, "classifying", &mut t.classify, || {
         classify(engine, &body, &lobes, opts.max_bag, &mut warnings)
     })?;
@@ -229,6 +247,7 @@ pub fn assess_volume_with_progress(
         bag,
     };
     let mut report = assessed.report(engine, path, opts, warnings);
+    report.dicom = dicom;
     bar.set_message("writing");
     assessed.write(&mut report, path, opts, t, start)?;
     bar.set_message("done");
@@ -249,17 +268,17 @@ fn stage<T>(
     Ok(out)
 }
 
-/// Reads the volume and checks that its values look like HU (a warning with `force`).
-fn read_hu_volume(path: &Path, force: bool, warnings: &mut Vec<String>) -> Result<Volume> {
-    let volume = read_volume(path)?;
-    if let Some(problem) = volume.hu_range_problem() {
+/// Reads the input and checks that its values look like HU (a warning with `force`).
+fn read_hu_volume(input: &CtInput, force: bool) -> Result<LoadedCt> {
+    let mut loaded = input.read()?;
+    if let Some(problem) = loaded.volume.hu_range_problem() {
         if force {
-            warnings.push(problem);
+            loaded.warnings.push(problem);
         } else {
             bail!("{problem}; pass --force to assess it anyway");
         }
     }
-    Ok(volume)
+    Ok(loaded)
 }
 
 /// The volume on the canonical grid and the network's patches of its body slices (at least 2).
@@ -508,6 +527,7 @@ impl Assessed {
             label_scheme: opts.label_scheme,
             version: env!("CARGO_PKG_VERSION").to_string(),
             warnings,
+            dicom: None,
         }
     }
 
@@ -695,10 +715,11 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<(PathBuf, anyhow
     (files, failures)
 }
 
-/// Assesses every file in turn; a failure is recorded and the batch goes on.
-pub fn assess_batch(
+/// Assesses every input (paths of NIfTI files, or [`CtInput`]s) in turn; a failure is
+/// recorded under [`CtInput::path`] and the batch goes on.
+pub fn assess_batch<I: Clone + Into<CtInput>>(
     engine: &mut dyn InferenceEngine,
-    files: &[PathBuf],
+    files: &[I],
     opts: &AssessOptions,
     show_progress: bool,
 ) -> Vec<(PathBuf, Result<Report>)> {
@@ -716,18 +737,20 @@ pub fn assess_batch(
     batch.set_prefix("batch");
     let mut results = Vec::with_capacity(files.len());
     for file in files {
+        let input: CtInput = file.clone().into();
+        let file = input.path();
         let bar = multi.add(ProgressBar::new(1));
         bar.set_style(
             ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} slices {msg}")
                 .expect("valid template")
                 .progress_chars("=> "),
         );
-        bar.set_prefix(stem(file));
-        let result = assess_volume_with_progress(engine, file, opts, &bar);
+        bar.set_prefix(stem(&file));
+        let result = assess_input_with_progress(engine, &input, opts, &bar);
         bar.finish_and_clear();
         multi.remove(&bar);
         batch.inc(1);
-        results.push((file.clone(), result));
+        results.push((file, result));
     }
     batch.finish_and_clear();
     results

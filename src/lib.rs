@@ -5,6 +5,7 @@ pub mod assess;
 pub mod backend;
 pub mod config;
 pub mod cpu;
+pub mod ct_input;
 pub mod cuda;
 pub mod data;
 pub mod demo;

@@ -1,7 +1,7 @@
 //! The `m2unet` binary: parses the command line and runs the command (see `m2unet::app`).
 
 use clap::{Parser, Subcommand};
-use m2unet::app::{assess, demo, evaluate, export, forward, info, init, synth, train};
+use m2unet::app::{assess, convert, demo, evaluate, export, forward, info, init, synth, train};
 use std::process::ExitCode;
 
 /// M²UNet: lung-lobe segmentation and COVID-19 severity assessment from chest CT
@@ -33,6 +33,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Write a checkpoint's weights without optimiser state (optionally f16).
     Export(export::ExportArgs),
+    /// Write each DICOM CT series in the given folders as NIfTI (HU) with a JSON of its tags.
+    Convert(convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Evaluate(a) => evaluate::run(&a).map(|_| true),
         Command::Export(a) => export::run(&a).map(|()| true),
         Command::Demo(a) => demo::run(&a).map(|()| true),
+        Command::Convert(a) => convert::run(&a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -166,7 +166,11 @@ fn classify_in_chunks_equals_the_full_forward() {
             e.describe()
         );
         assert!(err <= 1e-6, "{full:?} vs {chunked:?}");
-        assert_ne!(full[..2], full[2..], "the two bags must get different logits");
+        assert_ne!(
+            full[..2],
+            full[2..],
+            "the two bags must get different logits"
+        );
     }
 }
 

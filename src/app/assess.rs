@@ -1,7 +1,8 @@
 //! `m2unet assess`: its arguments, the engine they name, and the batch over the inputs.
 
-use crate::assess::{assess_batch, collect_inputs, AssessOptions, LabelScheme, Report};
+use crate::assess::{assess_batch, AssessOptions, LabelScheme, Report};
 use crate::backend::{make_engine, Backend};
+use crate::ct_input::collect_ct_inputs;
 use crate::engine::InferenceEngine;
 use crate::weights_source::WeightsSource;
 use anyhow::{bail, Context, Result};
@@ -10,8 +11,11 @@ use std::path::PathBuf;
 
 /// Assess chest CT volumes: a lobe label map and a severity report per volume.
 ///
-/// Each INPUT is a NIfTI file (.nii or .nii.gz) or a folder (every NIfTI file inside it, except
-/// label maps named *_lobes.nii* or *_mask.nii*). For each volume it writes
+/// Each INPUT is a NIfTI file (.nii or .nii.gz) or a folder: every NIfTI file inside it (except
+/// label maps named *_lobes.nii* or *_mask.nii*) or, when it holds none, every DICOM CT series
+/// in it and its subfolders (any file names; each series assessed on its own and named
+/// S<number>_<description> or by its SeriesInstanceUID; other files skipped with a note).
+/// For each volume it writes
 /// `<name>_lobes.nii.gz` (uint8 lobe labels on the input's exact grid and header),
 /// `<name>_report.json` (severity probability and class, per-lobe volume, mean HU and
 /// involvement, timings) and with --preview `<name>_preview.png`. A file that fails is
@@ -19,7 +23,7 @@ use std::path::PathBuf;
 /// any file failed.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AssessArgs {
-    /// CT volumes (.nii/.nii.gz) or folders of them.
+    /// CT volumes (.nii/.nii.gz), folders of them, or folders of DICOM CT series.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
     /// Model weights or a training checkpoint (safetensors with the PyTorch parameter names);
@@ -27,7 +31,8 @@ pub struct AssessArgs {
     /// binary (trained on synthetic phantoms, weights/MODEL_CARD.md).
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Output folder (created when missing); default: beside each input.
+    /// Output folder (created when missing); default: beside each input (a DICOM series: in
+    /// its folder).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Where the network runs.
@@ -97,7 +102,11 @@ pub fn run_with_engine(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
     }
-    let (files, failures) = collect_inputs(&args.inputs);
+    let collected = collect_ct_inputs(&args.inputs);
+    let (files, failures) = (collected.inputs, collected.failures);
+    if !args.quiet {
+        collected.notes.iter().for_each(|n| eprintln!("note: {n}"));
+    }
     let show = !args.quiet && std::io::stderr().is_terminal();
     let results = assess_batch(engine, &files, &opts, show);
     Ok(report_results(results, failures, args.quiet))

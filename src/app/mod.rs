@@ -4,6 +4,7 @@
 //! dispatches. It is part of the library so that tests drive the commands in-process.
 
 pub mod assess;
+pub mod convert;
 pub mod demo;
 pub mod evaluate;
 pub mod export;

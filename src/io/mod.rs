@@ -1,6 +1,7 @@
-//! File formats: NIfTI volumes (read, validate, orient, write) and safetensors weights and tensors.
+//! File formats: NIfTI volumes (read, validate, orient, write), DICOM CT series (read), safetensors weights and tensors.
 
 pub mod checkpoint;
+pub mod dicom;
 pub mod nifti;
 pub mod weights;
 

@@ -28,13 +28,16 @@ const MAX_VOXELS: usize = 1 << 31;
 const HEADER_BYTES: usize = 348;
 const DATA_OFFSET: usize = 352;
 
-/// Which header fields the voxel-to-world affine came from (data.md: sform, else qform, else pixdim).
+/// Which header fields the voxel-to-world affine came from (data.md: sform, else qform, else
+/// pixdim; or a DICOM series' geometry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AffineSource {
     Sform,
     Qform,
     Pixdim,
+    /// A DICOM series' ImageOrientationPatient, PixelSpacing and ImagePositionPatient.
+    Dicom,
 }
 
 /// The voxel data types this reader accepts, with their NIfTI codes.
