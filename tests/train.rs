@@ -30,6 +30,7 @@ fn synth(dir: &Path, count: usize, seed: u64) -> PathBuf {
         dtype: None,
         noise: None,
         uncompressed: true,
+        overwrite: false,
     })
     .unwrap();
     dir.join("manifest.csv")

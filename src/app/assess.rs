@@ -1,6 +1,8 @@
 //! `m2unet assess`: its arguments, the engine they name, and the batch over the inputs.
 
-use crate::assess::{assess_batch, collect_inputs, AssessOptions, LabelScheme, Report};
+use crate::assess::{
+    assess_batch, claim_outputs, collect_inputs, AssessOptions, LabelScheme, Report,
+};
 use crate::backend::{make_engine, Backend};
 use crate::engine::InferenceEngine;
 use crate::weights_source::WeightsSource;
@@ -14,9 +16,14 @@ use std::path::PathBuf;
 /// label maps named *_lobes.nii* or *_mask.nii*). For each volume it writes
 /// `<name>_lobes.nii.gz` (uint8 lobe labels on the input's exact grid and header),
 /// `<name>_report.json` (severity probability and class, per-lobe volume, mean HU and
-/// involvement, timings) and with --preview `<name>_preview.png`. A file that fails is
-/// reported, leaves no output behind, and the batch goes on; the exit code is non-zero when
-/// any file failed.
+/// involvement, timings) and with --preview `<name>_preview.png`, all three or none. A file
+/// that fails is reported, leaves no output behind, and the batch goes on; the exit code is
+/// non-zero when any file failed.
+///
+/// Output names are never made up: inputs whose outputs would collide (`a/ct.nii.gz` and
+/// `b/ct.nii.gz` with one --out, or `ct.nii` beside `ct.nii.gz`) are refused with an error
+/// naming each other before anything is written, and so is an input whose output would
+/// overwrite another input; the other inputs are assessed. A file named twice is assessed once.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AssessArgs {
     /// CT volumes (.nii/.nii.gz) or folders of them.
@@ -97,7 +104,9 @@ pub fn run_with_engine(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
     }
-    let (files, failures) = collect_inputs(&args.inputs);
+    let (files, mut failures) = collect_inputs(&args.inputs);
+    let (files, refused) = claim_outputs(&files, &opts);
+    failures.extend(refused);
     let show = !args.quiet && std::io::stderr().is_terminal();
     let results = assess_batch(engine, &files, &opts, show);
     Ok(report_results(results, failures, args.quiet))

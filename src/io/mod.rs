@@ -1,5 +1,6 @@
-//! File formats: NIfTI volumes (read, validate, orient, write) and safetensors weights and tensors.
+//! File formats: NIfTI volumes, safetensors weights and tensors, and the atomic writes they go through.
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod nifti;
 pub mod weights;

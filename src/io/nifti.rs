@@ -5,6 +5,7 @@
 //! takes one path. Writing serialises the NIfTI-1 header here as well: the crate's writer
 //! always resets `scl_slope`/`scl_inter`, which the phantoms' uint16 volumes need.
 
+use crate::io::atomic::write_atomic_with;
 use ::nifti::{Endianness, NiftiHeader};
 use anyhow::{anyhow, bail, Result};
 use flate2::read::MultiGzDecoder;
@@ -13,7 +14,7 @@ use flate2::Compression;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Smallest accepted in-plane size (voxels along canonical x and y).
@@ -785,27 +786,48 @@ impl VoxelData<'_> {
         }
     }
 
-    fn extend_le(&self, out: &mut Vec<u8>) {
-        match self {
-            VoxelData::U8(v) => out.extend_from_slice(v),
-            VoxelData::I16(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            VoxelData::U16(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            VoxelData::F32(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+    /// Writes the values little-endian, a block at a time.
+    fn write_le(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        const BLOCK: usize = 1 << 16;
+        let mut buf = Vec::with_capacity(BLOCK * 4);
+        macro_rules! blocks {
+            ($v:expr) => {
+                for chunk in $v.chunks(BLOCK) {
+                    buf.clear();
+                    chunk
+                        .iter()
+                        .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+                    w.write_all(&buf)?;
+                }
+            };
         }
+        match self {
+            VoxelData::U8(v) => w.write_all(v)?,
+            VoxelData::I16(v) => blocks!(v),
+            VoxelData::U16(v) => blocks!(v),
+            VoxelData::F32(v) => blocks!(v),
+        }
+        Ok(())
     }
 }
 
-/// Writes a single-file NIfTI-1 volume (little-endian), gzip-compressed when `gzip`.
+/// Writes a single-file NIfTI-1 volume (little-endian), gzip-compressed when `gzip`, atomically:
+/// through a temporary beside `path` and a rename ([`crate::io::atomic`]), so a failed or killed
+/// write leaves no partial volume.
 ///
 /// `header` supplies every field except the data type, bit width, data offset, magic and
 /// header size, which follow from `data`; `header.dim` must describe `data.len()` voxels.
 pub fn write_nifti(path: &Path, header: &NiftiHeader, data: VoxelData, gzip: bool) -> Result<()> {
+    write_atomic_with(path, |w| write_nifti_to(w, header, data, gzip))
+}
+
+/// The bytes of [`write_nifti`]'s file, streamed into `w`.
+pub fn write_nifti_to(
+    w: &mut dyn Write,
+    header: &NiftiHeader,
+    data: VoxelData,
+    gzip: bool,
+) -> Result<()> {
     let nd = header.dim[0] as usize;
     let nvox: usize = header.dim[1..=nd.clamp(1, 7)]
         .iter()
@@ -813,8 +835,7 @@ pub fn write_nifti(path: &Path, header: &NiftiHeader, data: VoxelData, gzip: boo
         .product();
     if nvox != data.len() {
         bail!(
-            "{}: the header describes {nvox} voxels but {} values were given",
-            path.display(),
+            "the header describes {nvox} voxels but {} values were given",
             data.len()
         );
     }
@@ -825,22 +846,19 @@ pub fn write_nifti(path: &Path, header: &NiftiHeader, data: VoxelData, gzip: boo
     h.vox_offset = DATA_OFFSET as f32;
     h.sizeof_hdr = HEADER_BYTES as i32;
     h.magic = *b"n+1\0";
-    let mut bytes = Vec::with_capacity(DATA_OFFSET + nvox * (bits as usize / 8));
-    serialise_header(&h, &mut bytes);
-    bytes.extend_from_slice(&[0u8; 4]);
-    data.extend_le(&mut bytes);
-    let file = File::create(path)
-        .map_err(|e| anyhow!("{}: cannot create the file ({e})", path.display()))?;
-    let result = if gzip {
-        let mut enc = GzEncoder::new(BufWriter::new(file), Compression::fast());
-        enc.write_all(&bytes)
-            .and_then(|_| enc.finish())
-            .and_then(|mut w| w.flush())
+    let mut head = Vec::with_capacity(DATA_OFFSET);
+    serialise_header(&h, &mut head);
+    head.extend_from_slice(&[0u8; 4]);
+    if gzip {
+        let mut enc = GzEncoder::new(w, Compression::fast());
+        enc.write_all(&head)?;
+        data.write_le(&mut enc)?;
+        enc.finish()?;
     } else {
-        let mut w = BufWriter::new(file);
-        w.write_all(&bytes).and_then(|_| w.flush())
-    };
-    result.map_err(|e| anyhow!("{}: cannot write the file ({e})", path.display()))
+        w.write_all(&head)?;
+        data.write_le(w)?;
+    }
+    Ok(())
 }
 
 fn serialise_header(h: &NiftiHeader, out: &mut Vec<u8>) {
@@ -900,9 +918,20 @@ fn serialise_header(h: &NiftiHeader, out: &mut Vec<u8>) {
     debug_assert_eq!(out.len() - start, HEADER_BYTES);
 }
 
-/// Writes a uint8 label map (native order) on `reference`'s exact grid: same dimensions,
-/// pixdim, sform and qform; label intent, no scaling.
+/// Writes a uint8 label map (native order) on `reference`'s exact grid (atomically, as
+/// [`write_nifti`]).
 pub fn write_label_map(path: &Path, reference: &Volume, labels: &[u8], gzip: bool) -> Result<()> {
+    write_nifti(
+        path,
+        &label_map_header(reference, labels),
+        VoxelData::U8(labels),
+        gzip,
+    )
+}
+
+/// The header of a uint8 label map on `reference`'s exact grid: same dimensions, pixdim, sform
+/// and qform; label intent, no scaling.
+pub fn label_map_header(reference: &Volume, labels: &[u8]) -> NiftiHeader {
     let mut h = reference.header.clone();
     h.scl_slope = 1.0;
     h.scl_inter = 0.0;
@@ -911,5 +940,5 @@ pub fn write_label_map(path: &Path, reference: &Volume, labels: &[u8], gzip: boo
     h.intent_code = 1002;
     h.descrip = b"m2unet lobe labels".to_vec();
     h.endianness = Endianness::Little;
-    write_nifti(path, &h, VoxelData::U8(labels), gzip)
+    h
 }
