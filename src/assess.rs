@@ -235,7 +235,9 @@ pub fn assess_volume_with_progress(
     };
     let mut report = assessed.report(engine, path, opts, warnings);
     bar.set_message("writing");
-    assessed.write(&mut report, path, opts, t, start)?;
+    assessed
+        .write(&mut report, path, opts, t, start)
+        .with_context(|| format!("{}: no output written", path.display()))?;
     bar.set_message("done");
     Ok(report)
 }
