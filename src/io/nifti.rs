@@ -343,43 +343,14 @@ impl Volume {
 /// voxel bytes are read or inflated, so memory stays bounded by the declared volume.
 pub fn read_volume(path: &Path) -> Result<Volume> {
     let name = path.display().to_string();
-    let mut reader = open_maybe_gzip(path)?;
-    let mut head = Vec::with_capacity(DATA_OFFSET);
-    read_up_to(&mut reader, &mut head, DATA_OFFSET as u64, &name)?;
-    check_signature(&head, &name)?;
-    let dims = validate_dims(&head, &name)?;
-    let header = NiftiHeader::from_reader(&head[..])
-        .map_err(|e| anyhow!("{name}: the NIfTI-1 header cannot be parsed ({e})"))?;
-    let spacing = [header.pixdim[1], header.pixdim[2], header.pixdim[3]];
-    if spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) {
-        bail!(
-            "{name}: voxel spacing (pixdim) {spacing:?} is invalid: every spacing must be a \
-             positive finite number of mm"
-        );
-    }
-    let stored = StoredType::from_code(header.datatype).ok_or_else(|| {
-        anyhow!(
-            "{name}: NIfTI data type code {} is not supported (use uint8, int16, uint16, int32, \
-             float32 or float64)",
-            header.datatype
-        )
-    })?;
+    let Opened {
+        mut reader,
+        head,
+        header,
+        dims,
+        stored,
+    } = open_header(path, &name)?;
     let nvox = dims[0] * dims[1] * dims[2];
-    if nvox > MAX_VOXELS {
-        bail!(
-            "{name}: the header declares {}×{}×{} = {nvox} voxels, more than the {MAX_VOXELS} this reader accepts (a 1024×1024×2048 CT)",
-            dims[0],
-            dims[1],
-            dims[2]
-        );
-    }
-    if !(header.vox_offset >= DATA_OFFSET as f32 && header.vox_offset < (1u64 << 32) as f32) {
-        bail!(
-            "{name}: vox_offset {} is invalid (a single-file NIfTI-1 volume starts its data at \
-             byte 352 or later)",
-            header.vox_offset
-        );
-    }
     let offset = header.vox_offset as usize;
     let need = offset + nvox * stored.size();
     let mut bytes = head;
@@ -414,7 +385,138 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
     if bad > 0 {
         bail!("{name}: {bad} voxels are NaN or infinite; the volume cannot be used");
     }
-    let (affine, affine_source) = header_affine(&header, &name)?;
+    let (affine, affine_source, orientation) = geometry(&header, dims, &name)?;
+    Ok(Volume {
+        path: path.to_path_buf(),
+        header,
+        dims,
+        dtype: stored.name(),
+        data,
+        affine,
+        affine_source,
+        orientation,
+    })
+}
+
+/// The grid a volume's voxels lie on: array size and voxel-to-world affine.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Grid {
+    pub dims: [usize; 3],
+    pub affine: [[f64; 4]; 4],
+}
+
+impl Grid {
+    /// How `other` differs from this grid: other dimensions, or an affine entry that differs
+    /// by more than 1e-3 relative (mm for the offsets); `None` when they match.
+    pub fn mismatch(&self, other: &Grid) -> Option<String> {
+        let [a, b] = [self.dims, other.dims];
+        if a != b {
+            return Some(format!(
+                "dimensions {}×{}×{} vs {}×{}×{}",
+                a[0], a[1], a[2], b[0], b[1], b[2]
+            ));
+        }
+        let pairs = self
+            .affine
+            .iter()
+            .flatten()
+            .zip(other.affine.iter().flatten());
+        let worst = pairs
+            .filter(|(x, y)| (*x - *y).abs() > 1e-3 * (1.0 + x.abs()))
+            .map(|(x, y)| (x - y).abs())
+            .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
+        worst.map(|d| format!("affines differ by up to {d:.4} (beyond 1e-3 relative)"))
+    }
+}
+
+impl Volume {
+    pub fn grid(&self) -> Grid {
+        Grid {
+            dims: self.dims,
+            affine: self.affine,
+        }
+    }
+}
+
+/// Reads and validates only the header of a `.nii`/`.nii.gz` file (as [`read_volume`] does,
+/// without the voxels) and returns its grid.
+pub fn read_grid(path: &Path) -> Result<Grid> {
+    let name = path.display().to_string();
+    let opened = open_header(path, &name)?;
+    let (affine, _, _) = geometry(&opened.header, opened.dims, &name)?;
+    Ok(Grid {
+        dims: opened.dims,
+        affine,
+    })
+}
+
+/// A file whose header has been read and validated, positioned after it.
+struct Opened {
+    reader: Box<dyn Read>,
+    /// The bytes read so far (the header and its extension flag).
+    head: Vec<u8>,
+    header: NiftiHeader,
+    dims: [usize; 3],
+    stored: StoredType,
+}
+
+/// Opens a volume and validates its header: signature, dimensions, spacing, data type, voxel
+/// count and data offset.
+fn open_header(path: &Path, name: &str) -> Result<Opened> {
+    let mut reader = open_maybe_gzip(path)?;
+    let mut head = Vec::with_capacity(DATA_OFFSET);
+    read_up_to(&mut reader, &mut head, DATA_OFFSET as u64, name)?;
+    check_signature(&head, name)?;
+    let dims = validate_dims(&head, name)?;
+    let header = NiftiHeader::from_reader(&head[..])
+        .map_err(|e| anyhow!("{name}: the NIfTI-1 header cannot be parsed ({e})"))?;
+    let spacing = [header.pixdim[1], header.pixdim[2], header.pixdim[3]];
+    if spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+        bail!(
+            "{name}: voxel spacing (pixdim) {spacing:?} is invalid: every spacing must be a \
+             positive finite number of mm"
+        );
+    }
+    let stored = StoredType::from_code(header.datatype).ok_or_else(|| {
+        anyhow!(
+            "{name}: NIfTI data type code {} is not supported (use uint8, int16, uint16, int32, \
+             float32 or float64)",
+            header.datatype
+        )
+    })?;
+    let nvox = dims[0] * dims[1] * dims[2];
+    if nvox > MAX_VOXELS {
+        bail!(
+            "{name}: the header declares {}×{}×{} = {nvox} voxels, more than the {MAX_VOXELS} this reader accepts (a 1024×1024×2048 CT)",
+            dims[0],
+            dims[1],
+            dims[2]
+        );
+    }
+    if !(header.vox_offset >= DATA_OFFSET as f32 && header.vox_offset < (1u64 << 32) as f32) {
+        bail!(
+            "{name}: vox_offset {} is invalid (a single-file NIfTI-1 volume starts its data at \
+             byte 352 or later)",
+            header.vox_offset
+        );
+    }
+    Ok(Opened {
+        reader,
+        head,
+        header,
+        dims,
+        stored,
+    })
+}
+
+/// The header's affine, where it came from and the orientation, checked: a usable affine and
+/// at least the smallest accepted size in canonical order.
+fn geometry(
+    header: &NiftiHeader,
+    dims: [usize; 3],
+    name: &str,
+) -> Result<([[f64; 4]; 4], AffineSource, Orientation)> {
+    let (affine, affine_source) = header_affine(header, name)?;
     let orientation = Orientation::from_affine(&affine, dims);
     let c = orientation.canonical_dims();
     if c[0] < MIN_INPLANE || c[1] < MIN_INPLANE || c[2] < MIN_SLICES {
@@ -426,16 +528,7 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
             c[2]
         );
     }
-    Ok(Volume {
-        path: path.to_path_buf(),
-        header,
-        dims,
-        dtype: stored.name(),
-        data,
-        affine,
-        affine_source,
-        orientation,
-    })
+    Ok((affine, affine_source, orientation))
 }
 
 /// A reader of the file's bytes, inflating on the fly when it starts with the gzip magic.
