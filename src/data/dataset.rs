@@ -102,8 +102,8 @@ const MASK_LABELS: std::ops::RangeInclusive<f32> = 0.0..=5.0;
 /// relative: headers only); every mask voxel is a lobe label 0–5. Every problem is reported,
 /// each with its line.
 ///
-/// The masks are read whole (once each, in parallel over the files): the check costs one read
-/// of every mask, and holds one mask's stored bytes and f32 values per worker thread.
+/// The masks are read whole, once each, [`PARALLEL_MASKS`] files at a time: the check costs
+/// one read of every mask and holds up to that many masks' stored bytes and f32 values.
 pub fn read_checked_manifest(path: &Path) -> Result<Vec<ManifestEntry>> {
     let entries = read_manifest(path)?;
     let mut problems: Vec<(usize, String)> = Vec::new();
@@ -164,21 +164,29 @@ pub fn read_checked_manifest(path: &Path) -> Result<Vec<ManifestEntry>> {
     bail!(msg)
 }
 
-/// The grid and label problems of rows whose files exist: each mask read once, the images'
-/// headers only, in parallel over the files.
+/// Masks read at once by [`read_checked_manifest`]: enough to overlap their inflation, few
+/// enough to bound the memory (5 bytes per voxel of a uint8 mask each).
+const PARALLEL_MASKS: usize = 4;
+
+/// The grid and label problems of rows whose files exist: each mask read once
+/// ([`PARALLEL_MASKS`] at a time), the images' headers only (in parallel).
 fn check_masks(rows: &[&ManifestEntry]) -> Vec<(usize, String)> {
     let mut masks: Vec<&Path> = rows.iter().map(|e| e.mask.as_path()).collect();
     masks.sort();
     masks.dedup();
-    let read: HashMap<&Path, Result<Grid>> = masks
-        .par_iter()
-        .map(|&m| {
-            (
-                m,
-                read_volume(m).and_then(|v| check_labels(&v).map(|_| v.grid())),
-            )
-        })
-        .collect();
+    let mut read: HashMap<&Path, Result<Grid>> = HashMap::new();
+    for batch in masks.chunks(PARALLEL_MASKS) {
+        let grids: Vec<(&Path, Result<Grid>)> = batch
+            .par_iter()
+            .map(|&m| {
+                (
+                    m,
+                    read_volume(m).and_then(|v| check_labels(&v).map(|_| v.grid())),
+                )
+            })
+            .collect();
+        read.extend(grids);
+    }
     rows.par_iter()
         .filter_map(|e| {
             let problem = match (&read[e.mask.as_path()], &read_grid(&e.image)) {
