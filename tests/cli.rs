@@ -559,8 +559,14 @@ fn synth_refuses_a_non_empty_folder_and_overwrite_replaces_the_whole_set() {
     assert!(stderr(&o).contains("is not empty") && stderr(&o).contains("--overwrite"));
     assert_eq!(read_all(&set), first);
 
-    // With --overwrite: exactly the new set (the third case is gone), byte for byte what a
-    // fresh folder gets with the same seed.
+    // With --overwrite: exactly the new set (the third case is gone, and so are temporaries
+    // that a killed synth left), byte for byte what a fresh folder gets with the same seed.
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    for name in [".case_0000.nii.gz.tmp", ".case_0007.json.tmp"] {
+        std::fs::write(set.join(format!("{name}{dead}")), "partial").unwrap();
+    }
     let o = synth(&set, "2", "2", &["--overwrite"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let fresh = d.join("fresh");

@@ -849,12 +849,14 @@ pub fn write_set(
     let kept = set_file_names(count, gzip);
     for name in previous.iter().filter(|n| !kept.contains(n)) {
         let path = out.join(name);
-        std::fs::remove_file(&path).with_context(|| {
-            format!(
-                "the new set is written, but its predecessor's {} cannot be removed",
+        match std::fs::remove_file(&path) {
+            // A stale temporary may already be gone: writing its file removed it.
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => bail!(
+                "the new set is written, but its predecessor's {} cannot be removed: {e}",
                 path.display()
-            )
-        })?;
+            ),
+            _ => {}
+        }
     }
     Ok(())
 }
