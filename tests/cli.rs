@@ -507,6 +507,11 @@ fn assess_refuses_inputs_whose_outputs_would_collide_before_writing() {
     println!("{msg}");
     assert!(!o.status.success() && msg.contains("1 of 2 volume(s) failed"));
     assert!(msg.contains("x.nii.gz: not assessed: its output") && msg.contains("is the input"));
+    let help = String::from_utf8_lossy(&m2unet(&["assess", "--help"]).stdout).to_string();
+    assert!(
+        help.contains("are refused before anything is written"),
+        "--help says so"
+    );
     assert_eq!(
         listing(&d.join("e")),
         [

@@ -34,7 +34,10 @@ pub struct AssessArgs {
     /// binary (trained on synthetic phantoms, weights/MODEL_CARD.md).
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Output folder (created when missing); default: beside each input.
+    /// Output folder (created when missing); default: beside each input. Inputs whose outputs
+    /// would collide (a/ct.nii.gz and b/ct.nii.gz into one folder, ct.nii beside ct.nii.gz)
+    /// are refused before anything is written, each with an error naming the other; output
+    /// names are never made up. A volume's outputs are written all or none.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Where the network runs.

@@ -1,4 +1,4 @@
-//! Atomic file writes: temporaries beside their targets, renamed over them on success and removed on any failure (stale ones of killed writers too).
+//! Atomic file writes: a temporary beside each target, renamed over it on success, removed on failure.
 
 use anyhow::{anyhow, bail, Result};
 use std::fs::File;
