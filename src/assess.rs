@@ -12,12 +12,15 @@ use crate::data::preprocess::{
 };
 use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::engine::InferenceEngine;
+use crate::io::atomic::StagedFiles;
 use crate::io::dicom::SeriesInfo;
-use crate::io::nifti::{write_label_map, AffineSource, Volume};
+use crate::io::nifti::{label_map_header, write_nifti_to, AffineSource, Volume, VoxelData};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -249,7 +252,9 @@ pub fn assess_input_with_progress(
     let mut report = assessed.report(engine, path, opts, warnings);
     report.dicom = dicom;
     bar.set_message("writing");
-    assessed.write(&mut report, path, opts, t, start)?;
+    assessed
+        .write(&mut report, path, opts, t, start)
+        .with_context(|| format!("{}: no output written", path.display()))?;
     bar.set_message("done");
     Ok(report)
 }
@@ -532,7 +537,9 @@ impl Assessed {
     }
 
     /// Writes the lobe map on the input's grid, the preview (if asked) and last the report
-    /// with the final `timings` (the writing's own and the total since `start`): all or none.
+    /// with the final `timings` (the writing's own and the total since `start`): each to a
+    /// temporary beside its target, renamed together at the end, so a failure anywhere leaves
+    /// none of them (and no temporary).
     fn write(
         &self,
         report: &mut Report,
@@ -543,38 +550,30 @@ impl Assessed {
     ) -> Result<()> {
         let t = Instant::now();
         let [lobes_path, report_path, preview_path] = output_paths(path, opts);
-        let mut staged = Staged::default();
-        let written = (|| -> Result<()> {
-            self.write_lobe_map(&staged.temp_for(&lobes_path), opts.label_scheme)?;
-            if opts.preview {
-                let tmp = staged.temp_for(&preview_path);
-                write_preview(&tmp, &self.ct, &self.lobes.labels, &self.preview_slices())?;
-            }
-            timings.write = ms(t);
-            timings.total = ms(start);
-            report.timings_ms = timings;
-            let tmp = staged.temp_for(&report_path);
-            let json = serde_json::to_string_pretty(&report)?;
-            std::fs::write(&tmp, json)
-                .with_context(|| format!("cannot write {}", tmp.display()))?;
-            staged.commit()
-        })();
-        if written.is_err() {
-            staged.discard();
-        }
-        written
-    }
-
-    /// The lobe map in the input's voxel order and header, labels in `scheme`.
-    fn write_lobe_map(&self, path: &Path, scheme: LabelScheme) -> Result<()> {
+        let mut staged = StagedFiles::default();
         let native: Vec<u8> = self
             .volume
             .orientation
             .from_canonical(&self.lobes.labels)
             .into_iter()
-            .map(|l| scheme.map(l))
+            .map(|l| opts.label_scheme.map(l))
             .collect();
-        write_label_map(path, &self.volume, &native, true)
+        let header = label_map_header(&self.volume, &native);
+        staged.write(&lobes_path, |w| {
+            write_nifti_to(w, &header, VoxelData::U8(&native), true)
+        })?;
+        if opts.preview {
+            staged.write(&preview_path, |w| {
+                write_preview(w, &self.ct, &self.lobes.labels, &self.preview_slices())
+            })?;
+        }
+        timings.write = ms(t);
+        timings.total = ms(start);
+        report.timings_ms = timings;
+        staged.write(&report_path, |w| {
+            Ok(serde_json::to_writer_pretty(w, &report)?)
+        })?;
+        staged.commit()
     }
 
     /// Four evenly spaced canonical slices of the bag's pool.
@@ -584,39 +583,6 @@ impl Assessed {
             .into_iter()
             .map(|i| self.body.slices[pool[i]].z)
             .collect()
-    }
-}
-
-/// Temporary files beside their destinations, renamed together on success.
-#[derive(Default)]
-struct Staged {
-    pairs: Vec<(PathBuf, PathBuf)>,
-}
-
-impl Staged {
-    fn temp_for(&mut self, dest: &Path) -> PathBuf {
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dest.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-        self.pairs.push((tmp.clone(), dest.to_path_buf()));
-        tmp
-    }
-
-    fn commit(&mut self) -> Result<()> {
-        for (tmp, dest) in &self.pairs {
-            std::fs::rename(tmp, dest)
-                .with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))?;
-        }
-        self.pairs.clear();
-        Ok(())
-    }
-
-    fn discard(&mut self) {
-        for (tmp, _) in self.pairs.drain(..) {
-            let _ = std::fs::remove_file(tmp);
-        }
     }
 }
 
@@ -630,8 +596,13 @@ const LOBE_COLOURS: [[u8; 3]; NUM_LOBES] = [
 ];
 
 /// Axial slices side by side in radiological view (patient's right on the left, anterior up,
-/// square pixels), window [−1000, 400] HU, lobes overlaid at 45 % opacity.
-pub fn write_preview(path: &Path, ct: &CanonicalCt, lobes: &[u8], slices: &[usize]) -> Result<()> {
+/// square pixels), window [−1000, 400] HU, lobes overlaid at 45 % opacity: a PNG into `w`.
+pub fn write_preview(
+    w: &mut dyn Write,
+    ct: &CanonicalCt,
+    lobes: &[u8],
+    slices: &[usize],
+) -> Result<()> {
     let [nx, ny, _] = ct.dims;
     let tile_h = ((ny as f64 * ct.spacing[1] / ct.spacing[0]).round() as usize).max(1);
     let width = nx * slices.len().max(1);
@@ -658,17 +629,12 @@ pub fn write_preview(path: &Path, ct: &CanonicalCt, lobes: &[u8], slices: &[usiz
             }
         }
     }
-    let file =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, tile_h as u32);
+    let mut enc = png::Encoder::new(w, width as u32, tile_h as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let mut w = enc
-        .write_header()
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    w.write_image_data(&rgb)
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    w.finish().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let mut png = enc.write_header()?;
+    png.write_image_data(&rgb)?;
+    png.finish()?;
     Ok(())
 }
 
@@ -713,6 +679,94 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<(PathBuf, anyhow
         }
     }
     (files, failures)
+}
+
+/// Checks, before anything is written, that every input's outputs are its own. An input named
+/// twice (the same file) is assessed once. Inputs whose outputs would land on the same files
+/// (`a/ct.nii.gz` and `b/ct.nii.gz` with one `--out`, or `ct.nii` beside `ct.nii.gz`) are all
+/// refused, and so is an input whose output would overwrite another input; each refusal is a
+/// failure naming the other input. Returns the inputs to assess (in order) and the refusals.
+pub fn claim_outputs(
+    files: &[CtInput],
+    opts: &AssessOptions,
+) -> (Vec<CtInput>, Vec<(PathBuf, anyhow::Error)>) {
+    let mut inputs: Vec<(PathBuf, &CtInput, PathBuf)> = Vec::new();
+    let mut seen = HashSet::new();
+    for input in files {
+        let file = input.path();
+        let key = file_key(&file);
+        if seen.insert(key.clone()) {
+            inputs.push((file, input, key));
+        }
+    }
+    let named: Vec<[PathBuf; 3]> = inputs
+        .iter()
+        .map(|(file, _, _)| output_paths(file, opts))
+        .collect();
+    let outputs: Vec<[PathBuf; 3]> = named
+        .iter()
+        .map(|out| out.clone().map(|p| file_key(&p)))
+        .collect();
+    let mut by_output: HashMap<&Path, Vec<usize>> = HashMap::new();
+    for (i, out) in outputs.iter().enumerate() {
+        by_output.entry(&out[0]).or_default().push(i);
+    }
+    let by_input: HashMap<&Path, usize> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, _, key))| (key.as_path(), i))
+        .collect();
+    let mut refusals: Vec<Vec<String>> = vec![Vec::new(); inputs.len()];
+    for (i, out) in outputs.iter().enumerate() {
+        for &j in &by_output[out[0].as_path()] {
+            if j != i {
+                refusals[i].push(format!(
+                    "{} would write the same outputs ({})",
+                    inputs[j].0.display(),
+                    named[i][0].display()
+                ));
+            }
+        }
+        for (path, name) in out.iter().zip(&named[i]) {
+            if let Some(&j) = by_input.get(path.as_path()) {
+                refusals[i].push(format!(
+                    "its output {} is the input {}",
+                    name.display(),
+                    inputs[j].0.display()
+                ));
+            }
+        }
+    }
+    let mut claimed = Vec::new();
+    let mut refused = Vec::new();
+    for ((file, input, _), why) in inputs.into_iter().zip(refusals) {
+        if why.is_empty() {
+            claimed.push(input.clone());
+        } else {
+            refused.push((
+                file.clone(),
+                anyhow!(
+                    "{}: not assessed: {}; assess such inputs into different --out folders or \
+                     rename one",
+                    file.display(),
+                    why.join("; ")
+                ),
+            ));
+        }
+    }
+    (claimed, refused)
+}
+
+/// A path with its folder resolved (the file itself need not exist), to compare paths.
+fn file_key(path: &Path) -> PathBuf {
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match (std::fs::canonicalize(folder), path.file_name()) {
+        (Ok(folder), Some(name)) => folder.join(name),
+        _ => path.to_path_buf(),
+    }
 }
 
 /// Assesses every input (paths of NIfTI files, or [`CtInput`]s) in turn; a failure is

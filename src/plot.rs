@@ -257,6 +257,6 @@ pub fn write_line_charts(path: &Path, panels: &[Panel]) -> Result<()> {
         let mut writer = enc.write_header().context("PNG header")?;
         writer.write_image_data(&cv.px).context("PNG data")?;
     }
-    crate::io::weights::write_atomic(path, &bytes)
+    crate::io::atomic::write_atomic(path, &bytes)
         .with_context(|| format!("cannot write {}", path.display()))
 }

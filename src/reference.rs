@@ -630,7 +630,8 @@ pub fn seg_loss(logits: &[f64], m: usize, c: usize, hw: usize, labels: &[i64]) -
             let l = labels[i * hw + p];
             assert!(
                 (-1..c as i64).contains(&l),
-                "seg loss: label {l} outside −1..{c}"
+                "seg loss: label {l} is not −1 (ignore) or a class 0..={}",
+                c - 1
             );
             if l < 0 {
                 continue;

@@ -391,3 +391,201 @@ fn demo_works_from_any_folder_and_names_the_weights_it_used() {
     assert!(stderr(&o).contains("M2UNET_WEIGHTS") && stderr(&o).contains("missing.safetensors"));
     assert!(!dir.path().join("never").exists());
 }
+
+/// The file names in a folder, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn assess_refuses_inputs_whose_outputs_would_collide_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ph = d.join("ph");
+    let o = m2unet(&[
+        "synth",
+        "--out",
+        ph.to_str().unwrap(),
+        "--count",
+        "2",
+        "--shape",
+        "64,64,24",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let w = d.join("w.safetensors");
+    let o = m2unet(&["init", "--out", w.to_str().unwrap(), "--preset", "tiny"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (from, to) in [
+        ("case_0000.nii.gz", "a/ct.nii.gz"),
+        ("case_0000.nii.gz", "b/ct.nii.gz"),
+        ("case_0001.nii.gz", "c/other.nii.gz"),
+        ("case_0001.nii.gz", "d/ct.nii.gz"),
+    ] {
+        std::fs::create_dir_all(d.join(to).parent().unwrap()).unwrap();
+        std::fs::copy(ph.join(from), d.join(to)).unwrap();
+    }
+    let p = |rel: &str| d.join(rel).to_str().unwrap().to_string();
+
+    // a/ct and b/ct into one --out: both refused, naming each other; c/other (named twice)
+    // is assessed once.
+    let out = d.join("o");
+    let o = m2unet(&[
+        "assess",
+        &p("a/ct.nii.gz"),
+        &p("b/ct.nii.gz"),
+        &p("c/other.nii.gz"),
+        &p("c/other.nii.gz"),
+        "--weights",
+        w.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let msg = stderr(&o);
+    println!("{msg}");
+    assert!(!o.status.success());
+    assert!(msg.contains("2 of 3 volume(s) failed"));
+    for (me, other) in [
+        ("a/ct.nii.gz", "b/ct.nii.gz"),
+        ("b/ct.nii.gz", "a/ct.nii.gz"),
+    ] {
+        let line = msg
+            .lines()
+            .find(|l| l.contains(&format!("{me}: not assessed")))
+            .unwrap_or_else(|| panic!("no refusal of {me}"));
+        assert!(line.contains(other) && line.contains("o/ct_lobes.nii.gz"));
+    }
+    assert_eq!(
+        listing(&out),
+        ["other_lobes.nii.gz", "other_report.json"],
+        "only the input without a collision wrote its outputs"
+    );
+
+    // ct.nii beside ct.nii.gz, outputs beside the inputs: both refused, the folder unchanged.
+    let plain = m2unet::io::nifti::read_volume(&d.join("d/ct.nii.gz")).unwrap();
+    let header = plain.header.clone();
+    let hu: Vec<i16> = plain.data.iter().map(|&v| v as i16).collect();
+    m2unet::io::nifti::write_nifti(
+        &d.join("d/ct.nii"),
+        &header,
+        m2unet::io::nifti::VoxelData::I16(&hu),
+        false,
+    )
+    .unwrap();
+    let o = m2unet(&[
+        "assess",
+        &p("d"),
+        "--weights",
+        w.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let msg = stderr(&o);
+    println!("{msg}");
+    assert!(!o.status.success());
+    assert!(msg.contains("2 of 2 volume(s) failed"));
+    assert!(msg.contains("d/ct.nii: not assessed") && msg.contains("d/ct.nii.gz: not assessed"));
+    assert_eq!(listing(&d.join("d")), ["ct.nii", "ct.nii.gz"]);
+
+    // An output that is another input: the input that would overwrite it is refused.
+    std::fs::create_dir(d.join("e")).unwrap();
+    std::fs::copy(ph.join("case_0000.nii.gz"), d.join("e/x.nii.gz")).unwrap();
+    std::fs::copy(ph.join("case_0001.nii.gz"), d.join("e/x_lobes.nii.gz")).unwrap();
+    let o = m2unet(&[
+        "assess",
+        &p("e/x.nii.gz"),
+        &p("e/x_lobes.nii.gz"),
+        "--weights",
+        w.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let msg = stderr(&o);
+    println!("{msg}");
+    assert!(!o.status.success() && msg.contains("1 of 2 volume(s) failed"));
+    assert!(msg.contains("x.nii.gz: not assessed: its output") && msg.contains("is the input"));
+    let help = String::from_utf8_lossy(&m2unet(&["assess", "--help"]).stdout).to_string();
+    assert!(
+        help.contains("are refused before anything is written"),
+        "--help says so"
+    );
+    assert_eq!(
+        listing(&d.join("e")),
+        [
+            "x.nii.gz",
+            "x_lobes.nii.gz",
+            "x_lobes_lobes.nii.gz",
+            "x_lobes_report.json"
+        ]
+    );
+}
+
+#[test]
+fn synth_refuses_a_non_empty_folder_and_overwrite_replaces_the_whole_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let synth = |out: &Path, count: &str, seed: &str, extra: &[&str]| {
+        let mut args = vec![
+            "synth",
+            "--out",
+            out.to_str().unwrap(),
+            "--count",
+            count,
+            "--seed",
+            seed,
+            "--shape",
+            "32,32,8",
+        ];
+        args.extend_from_slice(extra);
+        m2unet(&args)
+    };
+    let set = d.join("set");
+    assert!(synth(&set, "3", "1", &[]).status.success());
+    let read_all = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        listing(dir)
+            .into_iter()
+            .map(|n| {
+                let bytes = std::fs::read(dir.join(&n)).unwrap();
+                (n, bytes)
+            })
+            .collect()
+    };
+    let first = read_all(&set);
+    println!("first set: {:?}", listing(&set));
+    assert_eq!(first.len(), 10);
+
+    // Without --overwrite: refused, nothing changed.
+    let o = synth(&set, "2", "2", &[]);
+    println!("{}", stderr(&o));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is not empty") && stderr(&o).contains("--overwrite"));
+    assert_eq!(read_all(&set), first);
+
+    // With --overwrite: exactly the new set (the third case is gone, and so are temporaries
+    // that a killed synth left), byte for byte what a fresh folder gets with the same seed.
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    for name in [".case_0000.nii.gz.tmp", ".case_0007.json.tmp"] {
+        std::fs::write(set.join(format!("{name}{dead}")), "partial").unwrap();
+    }
+    let o = synth(&set, "2", "2", &["--overwrite"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let fresh = d.join("fresh");
+    assert!(synth(&fresh, "2", "2", &[]).status.success());
+    println!("after --overwrite: {:?}", listing(&set));
+    assert_eq!(read_all(&set), read_all(&fresh));
+    let manifest = std::fs::read_to_string(set.join("manifest.csv")).unwrap();
+    assert_eq!(manifest.lines().count(), 3, "header and two cases");
+
+    // Anything synth does not write is refused even with --overwrite.
+    std::fs::write(set.join("notes.txt"), "mine").unwrap();
+    let before = read_all(&set);
+    let o = synth(&set, "1", "3", &["--overwrite"]);
+    println!("{}", stderr(&o));
+    assert!(!o.status.success() && stderr(&o).contains("notes.txt"));
+    assert_eq!(read_all(&set), before);
+}

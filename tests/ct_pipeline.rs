@@ -479,6 +479,7 @@ fn phantom_same_seed_same_bytes_and_classes_follow_involvement() {
         dtype: None,
         noise: None,
         uncompressed: false,
+        overwrite: false,
     };
     run_synth(&args).unwrap();
     args.out = b.path().to_path_buf();
@@ -1101,6 +1102,7 @@ fn dataset_bags_are_stratified_seeded_prefetched_and_split_by_patient() {
         dtype: None,
         noise: None,
         uncompressed: true,
+        overwrite: false,
     };
     run_synth(&args).unwrap();
     let manifest = dir.path().join("manifest.csv");

@@ -1,6 +1,6 @@
 //! Training tests: learning on tiny phantoms, bit-exact resume, metrics against hand-computed
-//! cases, checkpoints surviving a killed writer, manifest errors, checkpoint loading, the demo
-//! and where weights come from.
+//! cases, checkpoints surviving a killed writer, manifest errors and checks, loss label ranges,
+//! checkpoint loading, the demo and where weights come from.
 
 use m2unet::app::synth::{run as run_synth, SynthArgs};
 use m2unet::app::train::{run as run_train, TrainArgs};
@@ -30,6 +30,7 @@ fn synth(dir: &Path, count: usize, seed: u64) -> PathBuf {
         dtype: None,
         noise: None,
         uncompressed: true,
+        overwrite: false,
     })
     .unwrap();
     dir.join("manifest.csv")
@@ -377,6 +378,151 @@ fn bad_manifest_lines_give_errors_with_line_numbers() {
     );
     println!("cuda: {e3}");
     assert!(e3.contains("training runs on the CPU engine for now"));
+}
+
+/// A mask like `from` (same header) with `edit` applied to its values, written as `to`.
+fn edited_mask(
+    from: &Path,
+    to: &Path,
+    edit_header: impl FnOnce(&mut nifti::NiftiHeader),
+    edit: impl FnOnce(&mut [u8]),
+) {
+    let vol = m2unet::io::read_volume(from).unwrap();
+    let mut labels: Vec<u8> = vol.data.iter().map(|&v| v as u8).collect();
+    edit(&mut labels);
+    let mut h = vol.header.clone();
+    edit_header(&mut h);
+    m2unet::io::nifti::write_nifti(to, &h, m2unet::io::nifti::VoxelData::U8(&labels), false)
+        .unwrap();
+}
+
+#[test]
+fn manifest_problems_are_reported_with_their_lines_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let set = |out: &Path, count: usize, shape: [usize; 3]| {
+        run_synth(&SynthArgs {
+            out: out.to_path_buf(),
+            count,
+            seed: 41,
+            shape: Some(shape),
+            spacing: None,
+            orientation: Some("RAS".into()),
+            dtype: None,
+            noise: None,
+            uncompressed: true,
+            overwrite: false,
+        })
+        .unwrap();
+    };
+    set(&data, 4, [48, 48, 24]);
+    set(&data.join("other"), 1, [48, 48, 20]);
+    // Label 9 in 50 voxels and 6 in 3; a mask shifted by 5 mm; a mask of 20 slices.
+    edited_mask(
+        &data.join("case_0001_mask.nii"),
+        &data.join("bad_mask.nii"),
+        |_| {},
+        |v| {
+            v[..50].fill(9);
+            v[50..53].fill(6);
+        },
+    );
+    edited_mask(
+        &data.join("case_0002_mask.nii"),
+        &data.join("shifted_mask.nii"),
+        |h| {
+            h.srow_x[3] += 5.0;
+            h.quatern_x += 5.0;
+        },
+        |_| {},
+    );
+    let clean = read_checked_manifest(&data.join("manifest.csv")).unwrap();
+    let label = |i: usize| clean[i].label;
+    let rows = [
+        "image,mask,label,case_id".to_string(),
+        format!("case_0000.nii,case_0000_mask.nii,{},case_0000", label(0)),
+        format!("case_0001.nii,bad_mask.nii,{},case_0001", label(1)),
+        format!("./case_0000.nii,case_0000_mask.nii,{},again", label(0)),
+        format!("case_0002.nii,shifted_mask.nii,{},case_0002", label(2)),
+        format!(
+            "case_0003.nii,other/case_0000_mask.nii,{},case_0003",
+            label(3)
+        ),
+        format!(
+            "other/case_0000.nii,other/case_0000_mask.nii,{},case_0000",
+            1 - label(0)
+        ),
+        "missing.nii,case_0000_mask.nii,0,gone".to_string(),
+    ];
+    let manifest = data.join("bad.csv");
+    std::fs::write(&manifest, rows.join("\n")).unwrap();
+    let started = Instant::now();
+    let msg = format!("{:#}", read_checked_manifest(&manifest).unwrap_err());
+    println!(
+        "checked in {:.3} s:\n{msg}",
+        started.elapsed().as_secs_f64()
+    );
+    let line = |n: usize| -> &str {
+        msg.lines()
+            .find(|l| l.trim_start().starts_with(&format!("line {n}:")))
+            .unwrap_or_else(|| panic!("no problem reported on line {n}"))
+    };
+    assert!(msg.contains("bad.csv: 6 problem(s)"));
+    assert!(!msg.contains("line 2:"), "line 2 is fine");
+    assert!(line(3).contains("bad_mask.nii holds 53 voxels outside the lobe labels 0–5"));
+    assert!(line(3).contains("9 (50 voxels)") && line(3).contains("6 (3 voxels)"));
+    assert!(line(4).contains("is already listed on line 2"));
+    assert!(line(5).contains("not on the same grid") && line(5).contains("differ by up to 5.0000"));
+    assert!(line(6).contains("not on the same grid") && line(6).contains("48×48×24 vs 48×48×20"));
+    assert!(line(7).contains(&format!(
+        "case id \"case_0000\" is labelled {} here but {} on line 2",
+        1 - label(0),
+        label(0)
+    )));
+    assert!(line(8).contains("missing.nii does not exist"));
+
+    // train and evaluate stop at the check: no run folder, no evaluation folder.
+    let run = dir.path().join("run");
+    let e = format!("{:#}", run_train(&args(&manifest, &run)).unwrap_err());
+    assert!(e.contains("6 problem(s)"), "{e}");
+    assert!(!run.exists(), "train left {}", run.display());
+    let weights = dir.path().join("tiny.safetensors");
+    m2unet::io::weights::save_model(
+        &Model::init(ModelConfig::tiny(), 1),
+        &weights,
+        m2unet::io::weights::WeightDtype::F32,
+    )
+    .unwrap();
+    let out = dir.path().join("eval");
+    let e = m2unet::app::evaluate::run(&m2unet::app::evaluate::EvaluateArgs {
+        weights,
+        data: manifest,
+        out: out.clone(),
+    })
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("6 problem(s)"));
+    assert!(!out.exists(), "evaluate left {}", out.display());
+    println!("train and evaluate refused the manifest; nothing written");
+}
+
+#[test]
+fn segmentation_and_class_label_errors_state_the_valid_range() {
+    use m2unet::cpu::ops::loss::{cls_loss, seg_loss};
+    // Six classes: −1 (ignore) and 0..=5 are valid, 6 is not.
+    let (m, c, hw) = (1, 6, 4);
+    let logits = vec![0f32; m * c * hw];
+    assert!(seg_loss(&logits, m, c, hw, &[-1, 0, 5, 3], 1.0, None).is_ok());
+    let e = seg_loss(&logits, m, c, hw, &[0, 1, 6, 5], 1.0, None)
+        .unwrap_err()
+        .to_string();
+    println!("label 6 of 6 classes: {e}");
+    assert!(e.contains("label 6") && e.contains("pixel 2"));
+    assert!(e.contains("−1 (ignore) or a class 0..=5") && !e.contains("..6"));
+    let e = cls_loss(&[0.0; 2], 1, 2, &[2], None, 1.0, None)
+        .unwrap_err()
+        .to_string();
+    println!("class 2 of 2: {e}");
+    assert!(e.contains("label 2") && e.contains("0..=1"));
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! `m2unet assess`: its arguments, the engine they name, and the batch over the inputs.
 
-use crate::assess::{assess_batch, AssessOptions, LabelScheme, Report};
+use crate::assess::{assess_batch, claim_outputs, AssessOptions, LabelScheme, Report};
 use crate::backend::{make_engine, Backend};
 use crate::ct_input::collect_ct_inputs;
 use crate::engine::InferenceEngine;
@@ -18,9 +18,14 @@ use std::path::PathBuf;
 /// For each volume it writes
 /// `<name>_lobes.nii.gz` (uint8 lobe labels on the input's exact grid and header),
 /// `<name>_report.json` (severity probability and class, per-lobe volume, mean HU and
-/// involvement, timings) and with --preview `<name>_preview.png`. A file that fails is
-/// reported, leaves no output behind, and the batch goes on; the exit code is non-zero when
-/// any file failed.
+/// involvement, timings) and with --preview `<name>_preview.png`, all three or none. A file
+/// that fails is reported, leaves no output behind, and the batch goes on; the exit code is
+/// non-zero when any file failed.
+///
+/// Output names are never made up: inputs whose outputs would collide (`a/ct.nii.gz` and
+/// `b/ct.nii.gz` with one --out, or `ct.nii` beside `ct.nii.gz`) are refused with an error
+/// naming each other before anything is written, and so is an input whose output would
+/// overwrite another input; the other inputs are assessed. A file named twice is assessed once.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AssessArgs {
     /// CT volumes (.nii/.nii.gz), folders of them, or folders of DICOM CT series.
@@ -32,7 +37,10 @@ pub struct AssessArgs {
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// Output folder (created when missing); default: beside each input (a DICOM series: in
-    /// its folder).
+    /// its folder). Inputs whose outputs would collide (a/ct.nii.gz and b/ct.nii.gz into one
+    /// folder, ct.nii beside ct.nii.gz) are refused before anything is written, each with an
+    /// error naming the other; output names are never made up. A volume's outputs are written
+    /// all or none.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Where the network runs.
@@ -103,10 +111,12 @@ pub fn run_with_engine(
             .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
     }
     let collected = collect_ct_inputs(&args.inputs);
-    let (files, failures) = (collected.inputs, collected.failures);
+    let (files, mut failures) = (collected.inputs, collected.failures);
     if !args.quiet {
         collected.notes.iter().for_each(|n| eprintln!("note: {n}"));
     }
+    let (files, refused) = claim_outputs(&files, &opts);
+    failures.extend(refused);
     let show = !args.quiet && std::io::stderr().is_terminal();
     let results = assess_batch(engine, &files, &opts, show);
     Ok(report_results(results, failures, args.quiet))

@@ -3,9 +3,10 @@
 use crate::data::dataset::read_checked_manifest;
 use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::evaluate::{evaluate, CaseResult};
+use crate::io::atomic::write_atomic;
 use crate::io::weights::load_model;
 use crate::metrics::EvalMetrics;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -105,6 +106,5 @@ fn write_json(args: &EvaluateArgs, m: &EvalMetrics, cases: &[CaseResult]) -> Res
         auc: (!m.auc.is_nan()).then_some(m.auc),
     };
     let path = args.out.join("evaluation.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("cannot write {}", path.display()))
+    write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())
 }

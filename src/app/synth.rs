@@ -1,6 +1,6 @@
 //! `m2unet synth`: its arguments and the set of phantoms it writes.
 
-use crate::data::phantom::{write_set, StoredDtype, SynthOptions};
+use crate::data::phantom::{check_shape, write_set, StoredDtype, SynthOptions};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -13,11 +13,19 @@ use std::path::PathBuf;
 /// `manifest.csv` (image, mask, label, case_id) over all cases; with two cases or more both
 /// classes are present. Whatever is not fixed by an option (shape, spacing, orientation, data
 /// type, noise) is drawn per case from the seed; the same seed gives identical files.
+///
+/// The output folder must be empty (or missing); --overwrite replaces the synthetic set in it.
+/// The set is written whole or not at all: a failure (a full disk, too little memory) leaves
+/// no file of the new set behind and an earlier set untouched.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SynthArgs {
-    /// Output folder (created when missing).
+    /// Output folder (created when missing); it must be empty unless --overwrite is given.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace the synthetic set in --out: its cases are replaced and those the new set does not
+    /// have removed. The folder may hold nothing else (anything synth does not write is refused).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Number of cases.
     #[arg(long, default_value_t = 8)]
     pub count: usize,
@@ -25,7 +33,9 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Grid size X,Y,Z in voxels along the canonical axes (left→right, posterior→anterior,
-    /// inferior→superior); drawn per case when absent.
+    /// inferior→superior): at least 16,16,2, at most 2048 per axis and 268,435,456 voxels in
+    /// all (e.g. 512,512,1024; the generator needs about 16 bytes per voxel, 4 GiB at that
+    /// size); drawn per case when absent.
     #[arg(long, value_parser = parse_shape)]
     pub shape: Option<[usize; 3]>,
     /// Voxel spacing X,Y,Z in mm (canonical order); drawn per case (0.6–1.0 mm in-plane,
@@ -66,7 +76,13 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     if args.count == 0 {
         bail!("--count must be at least 1");
     }
-    write_set(&args.out, args.count, &args.options(), !args.uncompressed)
+    write_set(
+        &args.out,
+        args.count,
+        &args.options(),
+        !args.uncompressed,
+        args.overwrite,
+    )
 }
 
 fn parse_triple<T: std::str::FromStr>(s: &str, what: &str) -> Result<[T; 3], String> {
@@ -89,9 +105,7 @@ fn parse_triple<T: std::str::FromStr>(s: &str, what: &str) -> Result<[T; 3], Str
 
 fn parse_shape(s: &str) -> Result<[usize; 3], String> {
     let v: [usize; 3] = parse_triple(s, "--shape")?;
-    if v[0] < 16 || v[1] < 16 || v[2] < 2 || v.iter().any(|&d| d > 2048) {
-        return Err("--shape needs at least 16×16×2 and at most 2048 per axis".into());
-    }
+    check_shape(v).map_err(|e| e.to_string())?;
     Ok(v)
 }
 

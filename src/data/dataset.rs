@@ -2,12 +2,13 @@
 //! sampling stratified over the lung's z-range, background prefetch, patient-level split.
 
 use crate::data::preprocess::{resize_nearest, slice_patch, CanonicalCt, PreprocessConfig};
-use crate::io::read_volume;
+use crate::io::nifti::{read_grid, read_volume, Grid, Volume};
 use anyhow::{anyhow, bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::BTreeMap;
+use rayon::prelude::*;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -20,118 +21,221 @@ pub struct ManifestEntry {
     pub mask: PathBuf,
     pub label: u8,
     pub case_id: String,
+    /// The row's line in the manifest file (1-based, blank lines counted).
+    pub line: usize,
 }
 
-/// Reads a manifest CSV with a header naming the columns `image`, `mask`, `label` and
+/// Parses a manifest CSV with a header naming the columns `image`, `mask`, `label` and
 /// optionally `case_id` (default: the image file name without extension). Relative paths are
-/// taken from the manifest's folder.
+/// taken from the manifest's folder; blank lines are skipped. Syntax errors (field count,
+/// empty paths, a label other than 0 or 1) name the file and line. The rows are not checked
+/// against the files: [`read_checked_manifest`] does that.
 pub fn read_manifest(path: &Path) -> Result<Vec<ManifestEntry>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the manifest {}", path.display()))?;
+    let name = path.display();
     let base = path.parent().unwrap_or(Path::new("."));
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines
+    let mut rows = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l))
+        .filter(|(_, l)| !l.trim().is_empty());
+    let header: Vec<&str> = rows
         .next()
-        .ok_or_else(|| anyhow!("{}: the manifest is empty", path.display()))?
+        .ok_or_else(|| anyhow!("{name}: the manifest is empty"))?
+        .1
         .split(',')
         .map(str::trim)
         .collect();
-    let column = |name: &str| header.iter().position(|h| *h == name);
+    let column = |col: &str| header.iter().position(|h| *h == col);
     let (Some(ci), Some(cm), Some(cl)) = (column("image"), column("mask"), column("label")) else {
         bail!(
-            "{}: the manifest header must name the columns image, mask and label (found {header:?})",
-            path.display()
+            "{name}: the manifest header must name the columns image, mask and label (found {header:?})"
         );
     };
     let cc = column("case_id");
     let mut out = Vec::new();
-    for (n, line) in lines.enumerate() {
-        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+    for (line, row) in rows {
+        let fields: Vec<&str> = row.split(',').map(str::trim).collect();
         if fields.len() != header.len() {
             bail!(
-                "{}: row {} has {} fields, the header {}",
-                path.display(),
-                n + 2,
+                "{name} line {line}: {} fields, but the header names {}",
                 fields.len(),
                 header.len()
             );
         }
+        if let Some(col) = [ci, cm].into_iter().find(|&c| fields[c].is_empty()) {
+            bail!("{name} line {line}: the {} field is empty", header[col]);
+        }
         let label: u8 = match fields[cl] {
             "0" => 0,
             "1" => 1,
-            other => bail!(
-                "{}: row {}: label {other:?} must be 0 (non-severe) or 1 (severe)",
-                path.display(),
-                n + 2
-            ),
+            other => {
+                bail!("{name} line {line}: label {other:?} must be 0 (non-severe) or 1 (severe)")
+            }
         };
         let image = base.join(fields[ci]);
-        let case_id = match cc {
-            Some(c) => fields[c].to_string(),
-            None => stem(&image),
+        let case_id = match cc.map(|c| fields[c]) {
+            Some(id) if !id.is_empty() => id.to_string(),
+            _ => stem(&image),
         };
         out.push(ManifestEntry {
             mask: base.join(fields[cm]),
             image,
             label,
             case_id,
+            line,
         });
     }
     if out.is_empty() {
-        bail!("{}: the manifest has no rows", path.display());
+        bail!("{name}: the manifest has no rows");
     }
     Ok(out)
 }
 
-/// Reads a manifest and checks every row before training: field count, label 0/1, image and
-/// mask files present. Errors name the file's line number.
+/// The lobe labels a mask may hold (0 background, 1–5 the lobes).
+const MASK_LABELS: std::ops::RangeInclusive<f32> = 0.0..=5.0;
+
+/// Reads a manifest ([`read_manifest`]) and checks every row before anything trains or
+/// evaluates on it: the image and mask files exist; no image is listed twice; a case id keeps
+/// one label; image and mask lie on the same grid (dimensions, and affines within 1e-3
+/// relative: headers only); every mask voxel is a lobe label 0–5. Every problem is reported,
+/// each with its line.
+///
+/// The masks are read whole, once each, [`PARALLEL_MASKS`] files at a time: the check costs
+/// one read of every mask and holds up to that many masks' stored bytes and f32 values.
 pub fn read_checked_manifest(path: &Path) -> Result<Vec<ManifestEntry>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the manifest {}", path.display()))?;
-    let mut rows = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
-    let header: Vec<&str> = match rows.next() {
-        Some((_, h)) => h.split(',').map(str::trim).collect(),
-        None => bail!("{}: the manifest is empty", path.display()),
-    };
-    let label_col = header.iter().position(|h| *h == "label");
-    let rows: Vec<(usize, Vec<&str>)> = rows
-        .map(|(i, l)| (i + 1, l.split(',').map(str::trim).collect()))
-        .collect();
-    for (line, fields) in &rows {
-        if fields.len() != header.len() {
-            bail!(
-                "{} line {line}: {} fields, but the header names {}",
-                path.display(),
-                fields.len(),
-                header.len()
-            );
-        }
-        if let Some(c) = label_col {
-            if !matches!(fields[c], "0" | "1") {
-                bail!(
-                    "{} line {line}: label {:?} must be 0 (non-severe) or 1 (severe)",
-                    path.display(),
-                    fields[c]
-                );
-            }
-        }
-    }
     let entries = read_manifest(path)?;
-    for (e, (line, _)) in entries.iter().zip(&rows) {
-        for (what, file) in [("image", &e.image), ("mask", &e.mask)] {
-            if !file.is_file() {
-                bail!(
-                    "{} line {line}: the {what} file {} does not exist",
-                    path.display(),
-                    file.display()
-                );
+    let mut problems: Vec<(usize, String)> = Vec::new();
+    let mut images: HashMap<PathBuf, usize> = HashMap::new();
+    let mut labels: HashMap<&str, (u8, usize)> = HashMap::new();
+    let mut to_read: Vec<&ManifestEntry> = Vec::new();
+    for e in &entries {
+        if let Some((label, first)) = labels.get(e.case_id.as_str()) {
+            if *label != e.label {
+                problems.push((
+                    e.line,
+                    format!(
+                        "case id {:?} is labelled {} here but {label} on line {first}",
+                        e.case_id, e.label
+                    ),
+                ));
+            }
+        } else {
+            labels.insert(&e.case_id, (e.label, e.line));
+        }
+        let missing: Vec<String> = [("image", &e.image), ("mask", &e.mask)]
+            .iter()
+            .filter(|(_, f)| !f.is_file())
+            .map(|(what, f)| format!("the {what} file {} does not exist", f.display()))
+            .collect();
+        if !missing.is_empty() {
+            problems.extend(missing.into_iter().map(|m| (e.line, m)));
+            continue;
+        }
+        let key = std::fs::canonicalize(&e.image).unwrap_or_else(|_| e.image.clone());
+        match images.get(&key) {
+            Some(first) => problems.push((
+                e.line,
+                format!(
+                    "the image {} is already listed on line {first}",
+                    e.image.display()
+                ),
+            )),
+            None => {
+                images.insert(key, e.line);
+                to_read.push(e);
             }
         }
     }
-    Ok(entries)
+    problems.extend(check_masks(&to_read));
+    if problems.is_empty() {
+        return Ok(entries);
+    }
+    problems.sort_by_key(|(line, _)| *line);
+    const SHOWN: usize = 20;
+    let mut msg = format!("{}: {} problem(s)", path.display(), problems.len());
+    for (line, problem) in problems.iter().take(SHOWN) {
+        msg += &format!("\n  line {line}: {problem}");
+    }
+    if problems.len() > SHOWN {
+        msg += &format!("\n  … and {} more", problems.len() - SHOWN);
+    }
+    bail!(msg)
+}
+
+/// Masks read at once by [`read_checked_manifest`]: enough to overlap their inflation, few
+/// enough to bound the memory (5 bytes per voxel of a uint8 mask each).
+const PARALLEL_MASKS: usize = 4;
+
+/// The grid and label problems of rows whose files exist: each mask read once
+/// ([`PARALLEL_MASKS`] at a time), the images' headers only (in parallel).
+fn check_masks(rows: &[&ManifestEntry]) -> Vec<(usize, String)> {
+    let mut masks: Vec<&Path> = rows.iter().map(|e| e.mask.as_path()).collect();
+    masks.sort();
+    masks.dedup();
+    let mut read: HashMap<&Path, Result<Grid>> = HashMap::new();
+    for batch in masks.chunks(PARALLEL_MASKS) {
+        let grids: Vec<(&Path, Result<Grid>)> = batch
+            .par_iter()
+            .map(|&m| {
+                (
+                    m,
+                    read_volume(m).and_then(|v| check_labels(&v).map(|_| v.grid())),
+                )
+            })
+            .collect();
+        read.extend(grids);
+    }
+    rows.par_iter()
+        .filter_map(|e| {
+            let problem = match (&read[e.mask.as_path()], &read_grid(&e.image)) {
+                (Err(err), _) | (_, Err(err)) => format!("{err:#}"),
+                (Ok(mask), Ok(image)) => format!(
+                    "the image {} and the mask {} are not on the same grid: {}",
+                    e.image.display(),
+                    e.mask.display(),
+                    image.mismatch(mask)?
+                ),
+            };
+            Some((e.line, problem))
+        })
+        .collect()
+}
+
+/// Fails when a mask holds values other than the lobe labels 0–5 (within 1e-3 of an
+/// integer), naming the values (the first 8 distinct ones) and their voxel counts.
+fn check_labels(mask: &Volume) -> Result<()> {
+    let mut bad: Vec<(f32, usize)> = Vec::new();
+    let mut total = 0usize;
+    for &v in &mask.data {
+        if MASK_LABELS.contains(&v) && (v - v.round()).abs() <= 1e-3 {
+            continue;
+        }
+        total += 1;
+        if let Some(k) = bad.iter().position(|(b, _)| *b == v) {
+            bad[k].1 += 1;
+        } else if bad.len() < 8 {
+            bad.push((v, 1));
+        }
+    }
+    if total == 0 {
+        return Ok(());
+    }
+    let listed: Vec<String> = bad
+        .iter()
+        .map(|(v, n)| format!("{v} ({n} voxels)"))
+        .collect();
+    bail!(
+        "the mask {} holds {total} voxels outside the lobe labels 0–5: {}{}",
+        mask.path.display(),
+        listed.join(", "),
+        if total > bad.iter().map(|b| b.1).sum() {
+            ", …"
+        } else {
+            ""
+        }
+    )
 }
 
 /// A file name without its `.nii`/`.nii.gz` extension.
@@ -219,16 +323,10 @@ pub fn stratified_slices(lung_slices: &[usize], n: usize, rng: &mut impl Rng) ->
 pub fn load_case(entry: &ManifestEntry) -> Result<(CanonicalCt, Vec<u8>)> {
     let image = read_volume(&entry.image)?;
     let mask = read_volume(&entry.mask)?;
-    if image.dims != mask.dims
-        || image
-            .affine
-            .iter()
-            .flatten()
-            .zip(mask.affine.iter().flatten())
-            .any(|(a, b)| (a - b).abs() > 1e-3 * (1.0 + a.abs()))
-    {
+    if let Some(mismatch) = image.grid().mismatch(&mask.grid()) {
         bail!(
-            "{} and {} are not on the same grid (dimensions or affine differ)",
+            "manifest line {}: the image {} and the mask {} are not on the same grid: {mismatch}",
+            entry.line,
             entry.image.display(),
             entry.mask.display()
         );

@@ -7,15 +7,16 @@
 //! by hashing), so generation is parallel and the bytes are reproducible.
 
 use crate::data::{ct_grade, LOBE_NAMES, NUM_LOBES};
-use crate::io::nifti::{set_header_affine, write_nifti, Orientation, VoxelData};
+use crate::io::atomic::{is_stale_temporary, StagedFiles};
+use crate::io::nifti::{set_header_affine, write_nifti_to, Orientation, VoxelData};
 use ::nifti::NiftiHeader;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How the phantom's voxels are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -599,8 +600,24 @@ impl Phantom {
         Ok((orientation, affine))
     }
 
-    /// Writes `<case_id>.nii[.gz]`, `<case_id>_mask.nii[.gz]` and `<case_id>.json` in `dir`.
+    /// Writes `<case_id>.nii[.gz]`, `<case_id>_mask.nii[.gz]` and `<case_id>.json` in `dir`:
+    /// all three or, on failure, none.
     pub fn write(&self, dir: &Path, case_id: &str, seed: u64, gzip: bool) -> Result<CaseTruth> {
+        let mut staged = StagedFiles::default();
+        let truth = self.stage(&mut staged, dir, case_id, seed, gzip)?;
+        staged.commit()?;
+        Ok(truth)
+    }
+
+    /// [`Phantom::write`] into temporaries of `staged`, renamed when it is committed.
+    pub fn stage(
+        &self,
+        staged: &mut StagedFiles,
+        dir: &Path,
+        case_id: &str,
+        seed: u64,
+        gzip: bool,
+    ) -> Result<CaseTruth> {
         let ext = if gzip { "nii.gz" } else { "nii" };
         let truth = self.truth(case_id, seed, ext);
         let (orientation, affine) = self.native_geometry()?;
@@ -619,17 +636,20 @@ impl Phantom {
         set_header_affine(&mut h, &affine, sform, qform);
         let native_hu = orientation.from_canonical(&self.hu);
         let image_path = dir.join(&truth.image);
+        let mut image = |h: &NiftiHeader, data: VoxelData| {
+            staged.write(&image_path, |w| write_nifti_to(w, h, data, gzip))
+        };
         match self.spec.dtype {
             StoredDtype::Int16 => {
                 let v: Vec<i16> = native_hu.iter().map(|&x| x.round() as i16).collect();
                 h.scl_slope = 1.0;
                 h.scl_inter = 0.0;
-                write_nifti(&image_path, &h, VoxelData::I16(&v), gzip)?;
+                image(&h, VoxelData::I16(&v))?;
             }
             StoredDtype::Float32 => {
                 h.scl_slope = 1.0;
                 h.scl_inter = 0.0;
-                write_nifti(&image_path, &h, VoxelData::F32(&native_hu), gzip)?;
+                image(&h, VoxelData::F32(&native_hu))?;
             }
             StoredDtype::Uint16 => {
                 let v: Vec<u16> = native_hu
@@ -638,9 +658,10 @@ impl Phantom {
                     .collect();
                 h.scl_slope = 0.5;
                 h.scl_inter = -1024.0;
-                write_nifti(&image_path, &h, VoxelData::U16(&v), gzip)?;
+                image(&h, VoxelData::U16(&v))?;
             }
         }
+        drop(native_hu);
         let native_mask = orientation.from_canonical(&self.lobes);
         let mut mh = h.clone();
         mh.scl_slope = 1.0;
@@ -648,16 +669,12 @@ impl Phantom {
         mh.intent_code = 1002;
         mh.cal_max = 5.0;
         mh.descrip = b"m2unet synth lobe mask".to_vec();
-        write_nifti(
-            &dir.join(&truth.mask),
-            &mh,
-            VoxelData::U8(&native_mask),
-            gzip,
-        )?;
-        let json = serde_json::to_string_pretty(&truth)?;
-        let json_path = dir.join(format!("{case_id}.json"));
-        std::fs::write(&json_path, json)
-            .with_context(|| format!("cannot write {}", json_path.display()))?;
+        staged.write(&dir.join(&truth.mask), |w| {
+            write_nifti_to(w, &mh, VoxelData::U8(&native_mask), gzip)
+        })?;
+        staged.write(&dir.join(format!("{case_id}.json")), |w| {
+            Ok(serde_json::to_writer_pretty(w, &truth)?)
+        })?;
         Ok(truth)
     }
 }
@@ -683,7 +700,10 @@ pub fn case_spec(args: &SynthOptions, index: usize, severe: bool) -> Result<Phan
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     rng.set_stream(index as u64 + 1);
     let shape = match args.shape {
-        Some(s) => s,
+        Some(s) => {
+            check_shape(s)?;
+            s
+        }
         None => {
             let nx = *[112usize, 128, 144].choose(&mut rng).expect("non-empty");
             let ny = if rng.gen_bool(0.5) { nx } else { nx - 16 };
@@ -743,25 +763,209 @@ pub fn case_classes(count: usize, seed: u64) -> Vec<bool> {
     classes
 }
 
+/// Largest phantom in voxels (e.g. 512×512×1024): the generator holds about
+/// [`PEAK_BYTES_PER_VOXEL`] bytes per voxel at its peak, 4 GiB at this size.
+pub const MAX_PHANTOM_VOXELS: usize = 1 << 28;
+
+/// Most bytes per voxel the generator and the writer hold at once: the canonical HU (4) and
+/// labels (1), the lesion flags (1) and lobe member lists (up to 8 while they grow), or while
+/// writing the native HU (4) and their stored values (up to 2).
+pub const PEAK_BYTES_PER_VOXEL: usize = 16;
+
+/// Checks a phantom's grid size: at least 16×16×2, at most 2048 per axis and
+/// [`MAX_PHANTOM_VOXELS`] in all.
+pub fn check_shape(shape: [usize; 3]) -> Result<()> {
+    let [x, y, z] = shape;
+    if x < 16 || y < 16 || z < 2 || shape.iter().any(|&d| d > 2048) {
+        bail!("a phantom's shape {x}×{y}×{z} must be at least 16×16×2 and at most 2048 per axis");
+    }
+    let voxels = x * y * z;
+    if voxels > MAX_PHANTOM_VOXELS {
+        bail!(
+            "a {x}×{y}×{z} phantom has {voxels} voxels, more than the {MAX_PHANTOM_VOXELS} (e.g. \
+             512×512×1024) the generator makes: it needs about {PEAK_BYTES_PER_VOXEL} bytes per \
+             voxel ({})",
+            gib(voxels * PEAK_BYTES_PER_VOXEL)
+        );
+    }
+    Ok(())
+}
+
+/// `bytes` in GiB with one decimal.
+fn gib(bytes: usize) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Fails clearly, instead of aborting later, when the memory a phantom of `shape` needs at its
+/// peak cannot be allocated: that much is reserved (not touched) and released again.
+fn check_memory(shape: [usize; 3]) -> Result<()> {
+    let bytes = shape.iter().product::<usize>() * PEAK_BYTES_PER_VOXEL;
+    let mut probe: Vec<u8> = Vec::new();
+    probe.try_reserve_exact(bytes).map_err(|_| {
+        anyhow!(
+            "cannot allocate {} for a {}×{}×{} phantom (about {PEAK_BYTES_PER_VOXEL} bytes per \
+             voxel); choose a smaller --shape",
+            gib(bytes),
+            shape[0],
+            shape[1],
+            shape[2]
+        )
+    })
+}
+
 /// Writes `count` phantoms `case_NNNN` into `out` (created when missing; `.nii.gz` with `gzip`,
-/// else `.nii`) and `manifest.csv` (image, mask, label, case_id) over all of them.
-pub fn write_set(out: &Path, count: usize, args: &SynthOptions, gzip: bool) -> Result<()> {
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create the output folder {}", out.display()))?;
+/// else `.nii`) and `manifest.csv` (image, mask, label, case_id) over all of them: the whole set
+/// or, on failure, nothing (a folder it created is removed again).
+///
+/// `out` must be empty, or with `overwrite` hold only an earlier set's files
+/// ([`is_set_file`]): the new set replaces it, and its files that the new set does not have are
+/// removed, so no stale case stays beside the new manifest.
+pub fn write_set(
+    out: &Path,
+    count: usize,
+    args: &SynthOptions,
+    gzip: bool,
+    overwrite: bool,
+) -> Result<()> {
     let classes = case_classes(count, args.seed);
+    let specs = (0..count)
+        .map(|i| case_spec(args, i, classes[i]))
+        .collect::<Result<Vec<_>>>()?;
+    let largest = specs
+        .iter()
+        .map(|s| s.shape)
+        .max_by_key(|s| s.iter().product::<usize>())
+        .expect("at least one case");
+    check_memory(largest)?;
+    let previous = previous_set(out, overwrite)?;
+    let created = create_folder(out)?;
+    let written = stage_set(out, &specs, args.seed, gzip).and_then(|staged| staged.commit());
+    if let Err(e) = written {
+        if let Some(top) = created {
+            let _ = std::fs::remove_dir_all(top);
+        }
+        return Err(e);
+    }
+    let kept = set_file_names(count, gzip);
+    for name in previous.iter().filter(|n| !kept.contains(n)) {
+        let path = out.join(name);
+        match std::fs::remove_file(&path) {
+            // A stale temporary may already be gone: writing its file removed it.
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => bail!(
+                "the new set is written, but its predecessor's {} cannot be removed: {e}",
+                path.display()
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Every case of a set and its manifest (last) written into temporaries in `out`.
+fn stage_set(out: &Path, specs: &[PhantomSpec], seed: u64, gzip: bool) -> Result<StagedFiles> {
+    let mut staged = StagedFiles::default();
     let mut manifest = String::from("image,mask,label,case_id\n");
-    for (i, &severe) in classes.iter().enumerate() {
-        let spec = case_spec(args, i, severe)?;
-        let case_seed = splitmix64(args.seed ^ splitmix64(i as u64 + 1));
-        let phantom = generate(&spec, case_seed);
-        let case_id = format!("case_{i:04}");
-        let truth = phantom.write(out, &case_id, case_seed, gzip)?;
+    for (i, spec) in specs.iter().enumerate() {
+        let case_seed = splitmix64(seed ^ splitmix64(i as u64 + 1));
+        let phantom = generate(spec, case_seed);
+        let truth = phantom.stage(&mut staged, out, &case_name(i), case_seed, gzip)?;
         manifest.push_str(&format!(
             "{},{},{},{}\n",
             truth.image, truth.mask, truth.label, truth.case_id
         ));
     }
-    let path = out.join("manifest.csv");
-    std::fs::write(&path, manifest).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    staged.write(&out.join(MANIFEST), |w| {
+        Ok(w.write_all(manifest.as_bytes())?)
+    })?;
+    Ok(staged)
+}
+
+/// The manifest of a set.
+const MANIFEST: &str = "manifest.csv";
+
+/// The case id of case `i`.
+fn case_name(i: usize) -> String {
+    format!("case_{i:04}")
+}
+
+/// The file names of a set of `count` cases.
+fn set_file_names(count: usize, gzip: bool) -> Vec<String> {
+    let ext = if gzip { "nii.gz" } else { "nii" };
+    let mut names: Vec<String> = (0..count)
+        .flat_map(|i| {
+            let id = case_name(i);
+            [
+                format!("{id}.{ext}"),
+                format!("{id}_mask.{ext}"),
+                format!("{id}.json"),
+            ]
+        })
+        .collect();
+    names.push(MANIFEST.to_string());
+    names
+}
+
+/// Whether `name` is a file that [`write_set`] writes: `manifest.csv`, `case_N.json`,
+/// `case_N.nii[.gz]` or `case_N_mask.nii[.gz]` (N decimal digits).
+pub fn is_set_file(name: &str) -> bool {
+    if name == MANIFEST {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("case_") else {
+        return false;
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    digits > 0
+        && [".json", ".nii", ".nii.gz", "_mask.nii", "_mask.nii.gz"].contains(&&rest[digits..])
+}
+
+/// The names in `out` that a new set replaces: none when `out` is missing or empty; with
+/// `overwrite` the files of an earlier set and the temporaries of killed writers; otherwise
+/// (or with anything else in the folder) an error.
+fn previous_set(out: &Path, overwrite: bool) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(out) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => bail!("cannot use {} as the output folder: {e}", out.display()),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", out.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if overwrite && !(is_file && (is_set_file(&name) || is_stale_temporary(&name))) {
+            bail!(
+                "{}: --overwrite replaces a synthetic set, but the folder also holds {name:?}, \
+                 which synth does not write; move it away or choose another --out",
+                out.display()
+            );
+        }
+        names.push(name);
+    }
+    if !overwrite && !names.is_empty() {
+        names.sort();
+        bail!(
+            "{} is not empty (it holds {} entries: {}{}); pass --overwrite to replace the \
+             synthetic set in it, or choose another --out",
+            out.display(),
+            names.len(),
+            names[..names.len().min(3)].join(", "),
+            if names.len() > 3 { ", …" } else { "" }
+        );
+    }
+    Ok(names)
+}
+
+/// Creates `dir` when missing; returns the outermost folder it created (to remove on failure).
+fn create_folder(dir: &Path) -> Result<Option<PathBuf>> {
+    let mut top = None;
+    for ancestor in dir.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+        if ancestor.exists() {
+            break;
+        }
+        top = Some(ancestor.to_path_buf());
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
+    Ok(top)
 }

@@ -1,5 +1,7 @@
-//! File formats: NIfTI volumes (read, validate, orient, write), DICOM CT series (read), safetensors weights and tensors.
+//! File formats: NIfTI volumes (read, validate, orient, write), DICOM CT series (read),
+//! safetensors weights and tensors, and the atomic writes they go through.
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod dicom;
 pub mod nifti;

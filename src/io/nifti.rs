@@ -5,6 +5,7 @@
 //! takes one path. Writing serialises the NIfTI-1 header here as well: the crate's writer
 //! always resets `scl_slope`/`scl_inter`, which the phantoms' uint16 volumes need.
 
+use crate::io::atomic::write_atomic_with;
 use ::nifti::{Endianness, NiftiHeader};
 use anyhow::{anyhow, bail, Result};
 use flate2::read::MultiGzDecoder;
@@ -13,7 +14,7 @@ use flate2::Compression;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Smallest accepted in-plane size (voxels along canonical x and y).
@@ -345,43 +346,14 @@ impl Volume {
 /// voxel bytes are read or inflated, so memory stays bounded by the declared volume.
 pub fn read_volume(path: &Path) -> Result<Volume> {
     let name = path.display().to_string();
-    let mut reader = open_maybe_gzip(path)?;
-    let mut head = Vec::with_capacity(DATA_OFFSET);
-    read_up_to(&mut reader, &mut head, DATA_OFFSET as u64, &name)?;
-    check_signature(&head, &name)?;
-    let dims = validate_dims(&head, &name)?;
-    let header = NiftiHeader::from_reader(&head[..])
-        .map_err(|e| anyhow!("{name}: the NIfTI-1 header cannot be parsed ({e})"))?;
-    let spacing = [header.pixdim[1], header.pixdim[2], header.pixdim[3]];
-    if spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) {
-        bail!(
-            "{name}: voxel spacing (pixdim) {spacing:?} is invalid: every spacing must be a \
-             positive finite number of mm"
-        );
-    }
-    let stored = StoredType::from_code(header.datatype).ok_or_else(|| {
-        anyhow!(
-            "{name}: NIfTI data type code {} is not supported (use uint8, int16, uint16, int32, \
-             float32 or float64)",
-            header.datatype
-        )
-    })?;
+    let Opened {
+        mut reader,
+        head,
+        header,
+        dims,
+        stored,
+    } = open_header(path, &name)?;
     let nvox = dims[0] * dims[1] * dims[2];
-    if nvox > MAX_VOXELS {
-        bail!(
-            "{name}: the header declares {}×{}×{} = {nvox} voxels, more than the {MAX_VOXELS} this reader accepts (a 1024×1024×2048 CT)",
-            dims[0],
-            dims[1],
-            dims[2]
-        );
-    }
-    if !(header.vox_offset >= DATA_OFFSET as f32 && header.vox_offset < (1u64 << 32) as f32) {
-        bail!(
-            "{name}: vox_offset {} is invalid (a single-file NIfTI-1 volume starts its data at \
-             byte 352 or later)",
-            header.vox_offset
-        );
-    }
     let offset = header.vox_offset as usize;
     let need = offset + nvox * stored.size();
     let mut bytes = head;
@@ -416,7 +388,138 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
     if bad > 0 {
         bail!("{name}: {bad} voxels are NaN or infinite; the volume cannot be used");
     }
-    let (affine, affine_source) = header_affine(&header, &name)?;
+    let (affine, affine_source, orientation) = geometry(&header, dims, &name)?;
+    Ok(Volume {
+        path: path.to_path_buf(),
+        header,
+        dims,
+        dtype: stored.name(),
+        data,
+        affine,
+        affine_source,
+        orientation,
+    })
+}
+
+/// The grid a volume's voxels lie on: array size and voxel-to-world affine.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Grid {
+    pub dims: [usize; 3],
+    pub affine: [[f64; 4]; 4],
+}
+
+impl Grid {
+    /// How `other` differs from this grid: other dimensions, or an affine entry that differs
+    /// by more than 1e-3 relative (mm for the offsets); `None` when they match.
+    pub fn mismatch(&self, other: &Grid) -> Option<String> {
+        let [a, b] = [self.dims, other.dims];
+        if a != b {
+            return Some(format!(
+                "dimensions {}×{}×{} vs {}×{}×{}",
+                a[0], a[1], a[2], b[0], b[1], b[2]
+            ));
+        }
+        let pairs = self
+            .affine
+            .iter()
+            .flatten()
+            .zip(other.affine.iter().flatten());
+        let worst = pairs
+            .filter(|(x, y)| (*x - *y).abs() > 1e-3 * (1.0 + x.abs()))
+            .map(|(x, y)| (x - y).abs())
+            .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
+        worst.map(|d| format!("affines differ by up to {d:.4} (beyond 1e-3 relative)"))
+    }
+}
+
+impl Volume {
+    pub fn grid(&self) -> Grid {
+        Grid {
+            dims: self.dims,
+            affine: self.affine,
+        }
+    }
+}
+
+/// Reads and validates only the header of a `.nii`/`.nii.gz` file (as [`read_volume`] does,
+/// without the voxels) and returns its grid.
+pub fn read_grid(path: &Path) -> Result<Grid> {
+    let name = path.display().to_string();
+    let opened = open_header(path, &name)?;
+    let (affine, _, _) = geometry(&opened.header, opened.dims, &name)?;
+    Ok(Grid {
+        dims: opened.dims,
+        affine,
+    })
+}
+
+/// A file whose header has been read and validated, positioned after it.
+struct Opened {
+    reader: Box<dyn Read>,
+    /// The bytes read so far (the header and its extension flag).
+    head: Vec<u8>,
+    header: NiftiHeader,
+    dims: [usize; 3],
+    stored: StoredType,
+}
+
+/// Opens a volume and validates its header: signature, dimensions, spacing, data type, voxel
+/// count and data offset.
+fn open_header(path: &Path, name: &str) -> Result<Opened> {
+    let mut reader = open_maybe_gzip(path)?;
+    let mut head = Vec::with_capacity(DATA_OFFSET);
+    read_up_to(&mut reader, &mut head, DATA_OFFSET as u64, name)?;
+    check_signature(&head, name)?;
+    let dims = validate_dims(&head, name)?;
+    let header = NiftiHeader::from_reader(&head[..])
+        .map_err(|e| anyhow!("{name}: the NIfTI-1 header cannot be parsed ({e})"))?;
+    let spacing = [header.pixdim[1], header.pixdim[2], header.pixdim[3]];
+    if spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+        bail!(
+            "{name}: voxel spacing (pixdim) {spacing:?} is invalid: every spacing must be a \
+             positive finite number of mm"
+        );
+    }
+    let stored = StoredType::from_code(header.datatype).ok_or_else(|| {
+        anyhow!(
+            "{name}: NIfTI data type code {} is not supported (use uint8, int16, uint16, int32, \
+             float32 or float64)",
+            header.datatype
+        )
+    })?;
+    let nvox = dims[0] * dims[1] * dims[2];
+    if nvox > MAX_VOXELS {
+        bail!(
+            "{name}: the header declares {}×{}×{} = {nvox} voxels, more than the {MAX_VOXELS} this reader accepts (a 1024×1024×2048 CT)",
+            dims[0],
+            dims[1],
+            dims[2]
+        );
+    }
+    if !(header.vox_offset >= DATA_OFFSET as f32 && header.vox_offset < (1u64 << 32) as f32) {
+        bail!(
+            "{name}: vox_offset {} is invalid (a single-file NIfTI-1 volume starts its data at \
+             byte 352 or later)",
+            header.vox_offset
+        );
+    }
+    Ok(Opened {
+        reader,
+        head,
+        header,
+        dims,
+        stored,
+    })
+}
+
+/// The header's affine, where it came from and the orientation, checked: a usable affine and
+/// at least the smallest accepted size in canonical order.
+fn geometry(
+    header: &NiftiHeader,
+    dims: [usize; 3],
+    name: &str,
+) -> Result<([[f64; 4]; 4], AffineSource, Orientation)> {
+    let (affine, affine_source) = header_affine(header, name)?;
     let orientation = Orientation::from_affine(&affine, dims);
     let c = orientation.canonical_dims();
     if c[0] < MIN_INPLANE || c[1] < MIN_INPLANE || c[2] < MIN_SLICES {
@@ -428,16 +531,7 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
             c[2]
         );
     }
-    Ok(Volume {
-        path: path.to_path_buf(),
-        header,
-        dims,
-        dtype: stored.name(),
-        data,
-        affine,
-        affine_source,
-        orientation,
-    })
+    Ok((affine, affine_source, orientation))
 }
 
 /// A reader of the file's bytes, inflating on the fly when it starts with the gzip magic.
@@ -788,27 +882,48 @@ impl VoxelData<'_> {
         }
     }
 
-    fn extend_le(&self, out: &mut Vec<u8>) {
-        match self {
-            VoxelData::U8(v) => out.extend_from_slice(v),
-            VoxelData::I16(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            VoxelData::U16(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            VoxelData::F32(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+    /// Writes the values little-endian, a block at a time.
+    fn write_le(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        const BLOCK: usize = 1 << 16;
+        let mut buf = Vec::with_capacity(BLOCK * 4);
+        macro_rules! blocks {
+            ($v:expr) => {
+                for chunk in $v.chunks(BLOCK) {
+                    buf.clear();
+                    chunk
+                        .iter()
+                        .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+                    w.write_all(&buf)?;
+                }
+            };
         }
+        match self {
+            VoxelData::U8(v) => w.write_all(v)?,
+            VoxelData::I16(v) => blocks!(v),
+            VoxelData::U16(v) => blocks!(v),
+            VoxelData::F32(v) => blocks!(v),
+        }
+        Ok(())
     }
 }
 
-/// Writes a single-file NIfTI-1 volume (little-endian), gzip-compressed when `gzip`.
+/// Writes a single-file NIfTI-1 volume (little-endian), gzip-compressed when `gzip`, atomically:
+/// through a temporary beside `path` and a rename ([`crate::io::atomic`]), so a failed or killed
+/// write leaves no partial volume.
 ///
 /// `header` supplies every field except the data type, bit width, data offset, magic and
 /// header size, which follow from `data`; `header.dim` must describe `data.len()` voxels.
 pub fn write_nifti(path: &Path, header: &NiftiHeader, data: VoxelData, gzip: bool) -> Result<()> {
+    write_atomic_with(path, |w| write_nifti_to(w, header, data, gzip))
+}
+
+/// The bytes of [`write_nifti`]'s file, streamed into `w`.
+pub fn write_nifti_to(
+    w: &mut dyn Write,
+    header: &NiftiHeader,
+    data: VoxelData,
+    gzip: bool,
+) -> Result<()> {
     let nd = header.dim[0] as usize;
     let nvox: usize = header.dim[1..=nd.clamp(1, 7)]
         .iter()
@@ -816,8 +931,7 @@ pub fn write_nifti(path: &Path, header: &NiftiHeader, data: VoxelData, gzip: boo
         .product();
     if nvox != data.len() {
         bail!(
-            "{}: the header describes {nvox} voxels but {} values were given",
-            path.display(),
+            "the header describes {nvox} voxels but {} values were given",
             data.len()
         );
     }
@@ -828,22 +942,19 @@ pub fn write_nifti(path: &Path, header: &NiftiHeader, data: VoxelData, gzip: boo
     h.vox_offset = DATA_OFFSET as f32;
     h.sizeof_hdr = HEADER_BYTES as i32;
     h.magic = *b"n+1\0";
-    let mut bytes = Vec::with_capacity(DATA_OFFSET + nvox * (bits as usize / 8));
-    serialise_header(&h, &mut bytes);
-    bytes.extend_from_slice(&[0u8; 4]);
-    data.extend_le(&mut bytes);
-    let file = File::create(path)
-        .map_err(|e| anyhow!("{}: cannot create the file ({e})", path.display()))?;
-    let result = if gzip {
-        let mut enc = GzEncoder::new(BufWriter::new(file), Compression::fast());
-        enc.write_all(&bytes)
-            .and_then(|_| enc.finish())
-            .and_then(|mut w| w.flush())
+    let mut head = Vec::with_capacity(DATA_OFFSET);
+    serialise_header(&h, &mut head);
+    head.extend_from_slice(&[0u8; 4]);
+    if gzip {
+        let mut enc = GzEncoder::new(w, Compression::fast());
+        enc.write_all(&head)?;
+        data.write_le(&mut enc)?;
+        enc.finish()?;
     } else {
-        let mut w = BufWriter::new(file);
-        w.write_all(&bytes).and_then(|_| w.flush())
-    };
-    result.map_err(|e| anyhow!("{}: cannot write the file ({e})", path.display()))
+        w.write_all(&head)?;
+        data.write_le(w)?;
+    }
+    Ok(())
 }
 
 fn serialise_header(h: &NiftiHeader, out: &mut Vec<u8>) {
@@ -903,9 +1014,20 @@ fn serialise_header(h: &NiftiHeader, out: &mut Vec<u8>) {
     debug_assert_eq!(out.len() - start, HEADER_BYTES);
 }
 
-/// Writes a uint8 label map (native order) on `reference`'s exact grid: same dimensions,
-/// pixdim, sform and qform; label intent, no scaling.
+/// Writes a uint8 label map (native order) on `reference`'s exact grid (atomically, as
+/// [`write_nifti`]).
 pub fn write_label_map(path: &Path, reference: &Volume, labels: &[u8], gzip: bool) -> Result<()> {
+    write_nifti(
+        path,
+        &label_map_header(reference, labels),
+        VoxelData::U8(labels),
+        gzip,
+    )
+}
+
+/// The header of a uint8 label map on `reference`'s exact grid: same dimensions, pixdim, sform
+/// and qform; label intent, no scaling.
+pub fn label_map_header(reference: &Volume, labels: &[u8]) -> NiftiHeader {
     let mut h = reference.header.clone();
     h.scl_slope = 1.0;
     h.scl_inter = 0.0;
@@ -914,5 +1036,5 @@ pub fn write_label_map(path: &Path, reference: &Volume, labels: &[u8], gzip: boo
     h.intent_code = 1002;
     h.descrip = b"m2unet lobe labels".to_vec();
     h.endianness = Endianness::Little;
-    write_nifti(path, &h, VoxelData::U8(labels), gzip)
+    h
 }

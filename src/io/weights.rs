@@ -2,6 +2,7 @@
 //! writes) and model weights under the PyTorch state_dict names of docs/model.md.
 
 use crate::config::{GcpMode, ModelConfig};
+use crate::io::atomic::write_atomic;
 use crate::model::{Model, ParamTable};
 use anyhow::{anyhow, bail, Context, Result};
 use half::{bf16, f16};
@@ -228,33 +229,6 @@ impl TensorFile {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
-/// reader never sees a partial file and a killed writer leaves the old file intact. A failed
-/// write removes its temporary; temporaries that killed writers left for `path` are removed.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    remove_stale_temporaries(dir, &name.to_string_lossy());
-    std::fs::write(&tmp, bytes).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow!("cannot write {}: {e}", path.display())
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow!("cannot write {}: {e}", path.display())
-    })
-}
-
 /// Prefix of the tensors a weights file may hold besides the state_dict and that loading
 /// ignores: a training checkpoint's optimiser state (`optim.m.<name>`, `optim.v.<name>`).
 pub const OPTIM_PREFIX: &str = "optim.";
@@ -444,24 +418,4 @@ pub fn load_model_bytes(bytes: &[u8], name: &str) -> Result<Model> {
 /// Saves the model's state_dict atomically.
 pub fn save_model(model: &Model, path: &Path, dtype: WeightDtype) -> Result<()> {
     model_tensors(model, dtype).write(path)
-}
-
-/// Removes `.NAME.tmpPID` files in `dir` whose writer process is no longer running.
-fn remove_stale_temporaries(dir: &Path, name: &str) {
-    let prefix = format!(".{name}.tmp");
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let file = entry.file_name();
-        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
-            continue;
-        };
-        let alive = pid.parse::<u32>().is_ok_and(|pid| {
-            pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
-        });
-        if !alive {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
 }

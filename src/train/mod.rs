@@ -141,10 +141,11 @@ struct Session {
 }
 
 impl Session {
-    /// Opens the run folder, starts or resumes the run, loads the cases, resets the logs to
-    /// the run's state and sets the schedule's length.
+    /// Starts or resumes the run, loads the cases (the manifest checked), then creates the run
+    /// folder, resets the logs to the run's state and sets the schedule's length: a bad
+    /// manifest leaves no folder or log behind.
     fn open(out: &Path, start: Start, length: RunLength, quiet: bool) -> Result<Session> {
-        let dir = RunDir::create(out)?;
+        let dir = RunDir::at(out);
         let resumed = matches!(start, Start::Resume);
         let (trainer, state, mut run) = match start {
             Start::Resume => dir.load_last()?,
@@ -159,6 +160,7 @@ impl Session {
         };
         let cfg = *trainer.model.config();
         let cases = Cases::load(&run, state.seed, cfg.patch)?;
+        dir.create()?;
         dir.reset_logs(resumed.then_some(&state))?;
         let per_epoch = cases.train.len().div_ceil(run.bags_per_step) as u64;
         run.schedule_steps = per_epoch * length.epochs;

@@ -2,6 +2,7 @@
 
 use crate::cpu::{Losses, Trainer};
 use crate::data::{LOBE_NAMES, NUM_LOBES};
+use crate::io::atomic::write_atomic;
 use crate::io::checkpoint::{load_checkpoint, save_checkpoint, CheckpointRef, TrainState};
 use crate::metrics::EvalMetrics;
 use crate::plot::{write_line_charts, Panel, Series};
@@ -37,17 +38,21 @@ pub struct Validation {
 }
 
 impl RunDir {
-    /// The run folder `root`, created when missing.
-    pub fn create(root: &Path) -> Result<RunDir> {
-        std::fs::create_dir_all(root)
-            .with_context(|| format!("cannot create the run folder {}", root.display()))?;
-        Ok(RunDir {
+    /// The run folder `root` (not created yet: see [`RunDir::create`]).
+    pub fn at(root: &Path) -> RunDir {
+        RunDir {
             root: root.to_path_buf(),
             last: root.join("last.safetensors"),
             best: root.join("best.safetensors"),
             steps_csv: root.join("steps.csv"),
             metrics_csv: root.join("metrics.csv"),
-        })
+        }
+    }
+
+    /// Creates the folder when missing.
+    pub fn create(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("cannot create the run folder {}", self.root.display()))
     }
 
     /// Where the validation volumes' assess outputs go.
@@ -187,7 +192,7 @@ fn metrics_header() -> String {
     )
 }
 
-/// Rewrites `path` keeping the header and the rows whose first field passes `keep`.
+/// Rewrites `path` (atomically) keeping the header and the rows whose first field passes `keep`.
 fn truncate_csv(path: &Path, header: &str, keep: impl Fn(u64) -> bool) -> Result<()> {
     let mut out = format!("{header}\n");
     if path.exists() {
@@ -201,7 +206,7 @@ fn truncate_csv(path: &Path, header: &str, keep: impl Fn(u64) -> bool) -> Result
             }
         }
     }
-    std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
+    write_atomic(path, out.as_bytes())
 }
 
 fn append_line(path: &Path, line: &str) -> Result<()> {

@@ -91,11 +91,10 @@ pub fn seg_loss(
     );
     if let Some(pos) = labels.iter().position(|&l| l < -1 || l >= c as i64) {
         bail!(
-            "segmentation label {} at image {}, pixel {} is outside −1..{} (−1 = ignore, 0..{} = classes)",
+            "segmentation label {} at image {}, pixel {} is not −1 (ignore) or a class 0..={}",
             labels[pos],
             pos / hw.max(1),
             pos % hw.max(1),
-            c,
             c - 1
         );
     }
@@ -215,7 +214,7 @@ pub fn cls_loss(
     );
     if let Some(pos) = labels.iter().position(|&l| l < 0 || l >= c as i64) {
         bail!(
-            "classification label {} of bag {pos} is outside 0..{} (expected a class index)",
+            "classification label {} of bag {pos} is not a class 0..={}",
             labels[pos],
             c - 1
         );
