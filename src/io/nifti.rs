@@ -341,8 +341,16 @@ impl Volume {
 /// The header is checked before any voxel is read, and no more than the header's declared
 /// voxel bytes are read or inflated, so memory stays bounded by the declared volume.
 pub fn read_volume(path: &Path) -> Result<Volume> {
+    let file = File::open(path)
+        .map_err(|e| anyhow!("{}: cannot read the file ({e})", path.display()))?;
+    read_volume_from(path, file)
+}
+
+/// [`read_volume`] of a stream holding a `.nii` or `.nii.gz` file's bytes; `path` names the
+/// file in errors and in the returned volume.
+pub fn read_volume_from(path: &Path, source: impl Read) -> Result<Volume> {
     let name = path.display().to_string();
-    let mut reader = open_maybe_gzip(path)?;
+    let mut reader = maybe_gunzip(source, &name)?;
     let mut head = Vec::with_capacity(DATA_OFFSET);
     read_up_to(&mut reader, &mut head, DATA_OFFSET as u64, &name)?;
     check_signature(&head, &name)?;
@@ -438,16 +446,16 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
 }
 
 /// A reader of the file's bytes, inflating on the fly when it starts with the gzip magic.
-fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read>> {
-    let name = path.display();
-    let mut file = File::open(path).map_err(|e| anyhow!("{name}: cannot read the file ({e})"))?;
-    let mut magic = [0u8; 2];
-    let n = file
-        .read(&mut magic)
+fn maybe_gunzip<'a>(source: impl Read + 'a, name: &str) -> Result<Box<dyn Read + 'a>> {
+    let mut source = std::io::BufReader::new(source);
+    let mut magic = Vec::with_capacity(2);
+    (&mut source)
+        .take(2)
+        .read_to_end(&mut magic)
         .map_err(|e| anyhow!("{name}: cannot read the file ({e})"))?;
-    let start = std::io::Cursor::new(magic[..n].to_vec());
-    let raw = std::io::BufReader::new(start.chain(file));
-    Ok(if n == 2 && magic == [0x1f, 0x8b] {
+    let gzip = magic == [0x1f, 0x8b];
+    let raw = std::io::Cursor::new(magic).chain(source);
+    Ok(if gzip {
         Box::new(std::io::BufReader::new(MultiGzDecoder::new(raw)))
     } else {
         Box::new(raw)
