@@ -8,8 +8,8 @@ use m2unet::config::BN_EPS;
 use m2unet::cpu::ops::Dims;
 use m2unet::cuda::kernels::*;
 use m2unet::cuda::weights::{pack_conv3x3, pad8, padded};
-use m2unet::model::fold_bn;
 use m2unet::cuda::Device;
+use m2unet::model::fold_bn;
 use m2unet::reference;
 
 pub fn rows(dev: &mut Device, t: &mut Table) {
