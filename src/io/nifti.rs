@@ -339,10 +339,11 @@ impl Volume {
 
 /// Reads a `.nii` or `.nii.gz` file (gzip is recognised by its magic bytes) and validates it.
 /// The header is checked before any voxel is read, and no more than the header's declared
-/// voxel bytes are read or inflated, so memory stays bounded by the declared volume.
+/// voxel bytes are read or inflated, and the buffer grows with the data read, so memory stays
+/// bounded by the declared volume and by the data actually present.
 pub fn read_volume(path: &Path) -> Result<Volume> {
-    let file = File::open(path)
-        .map_err(|e| anyhow!("{}: cannot read the file ({e})", path.display()))?;
+    let file =
+        File::open(path).map_err(|e| anyhow!("{}: cannot read the file ({e})", path.display()))?;
     read_volume_from(path, file)
 }
 
@@ -389,18 +390,15 @@ pub fn read_volume_from(path: &Path, source: impl Read) -> Result<Volume> {
     }
     let offset = header.vox_offset as usize;
     let need = offset + nvox * stored.size();
+    let what = format!(
+        "the {}×{}×{} {} voxels the header declares",
+        dims[0],
+        dims[1],
+        dims[2],
+        stored.name()
+    );
     let mut bytes = head;
-    bytes.try_reserve_exact(need - bytes.len()).map_err(|_| {
-        anyhow!(
-            "{name}: cannot allocate {} for the {}×{}×{} {} voxels the header declares",
-            human_bytes(need),
-            dims[0],
-            dims[1],
-            dims[2],
-            stored.name()
-        )
-    })?;
-    read_up_to(&mut reader, &mut bytes, need as u64, &name)?;
+    read_declared(&mut reader, &mut bytes, need, &name, &what)?;
     drop(reader);
     if bytes.len() < need {
         bail!(
@@ -468,6 +466,28 @@ fn read_up_to(reader: &mut dyn Read, out: &mut Vec<u8>, limit: u64, name: &str) 
     reader.take(want).read_to_end(out).map_err(|e| {
         anyhow!("{name}: the file cannot be read: it is corrupt or truncated ({e})")
     })?;
+    Ok(())
+}
+
+/// Appends bytes from `reader` to `out` until it holds `need` bytes or the stream ends. The
+/// buffer grows with the data (doubling, never past `need`), so that a short file declaring a
+/// huge volume allocates no more than it holds; a failed allocation is an error naming `what`.
+fn read_declared(
+    reader: &mut dyn Read,
+    out: &mut Vec<u8>,
+    need: usize,
+    name: &str,
+    what: &str,
+) -> Result<()> {
+    while out.len() < need {
+        let target = need.min(out.len().max(1 << 16) * 2);
+        out.try_reserve_exact(target - out.len())
+            .map_err(|_| anyhow!("{name}: cannot allocate {} for {what}", human_bytes(need)))?;
+        read_up_to(reader, out, target as u64, name)?;
+        if out.len() < target {
+            break;
+        }
+    }
     Ok(())
 }
 
