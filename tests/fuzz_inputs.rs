@@ -603,7 +603,7 @@ fn header_json(entries: &[Entry], metadata: &Value) -> Value {
 /// A safetensors file: u64 header length, the header text space-padded to 8 bytes, the data.
 fn encode_safetensors(header: &str, entries: &[Entry]) -> Vec<u8> {
     let mut text = header.as_bytes().to_vec();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

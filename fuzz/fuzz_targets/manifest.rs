@@ -3,18 +3,19 @@
 
 use libfuzzer_sys::fuzz_target;
 use m2unet::data::dataset::read_manifest;
-use std::sync::OnceLock;
-
-static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+use std::io::Write;
 
 fuzz_target!(|data: &[u8]| {
-    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temporary folder"));
-    let path = dir.path().join("manifest.csv");
-    std::fs::write(&path, data).expect("write the manifest");
-    match read_manifest(&path) {
+    let mut file = tempfile::Builder::new()
+        .suffix(".csv")
+        .tempfile()
+        .expect("temporary file");
+    file.write_all(data).expect("write the manifest");
+    let name = file.path().display().to_string();
+    match read_manifest(file.path()) {
         Ok(rows) => assert!(!rows.is_empty(), "an accepted manifest has rows"),
         Err(e) => assert!(
-            format!("{e:#}").contains("manifest.csv"),
+            format!("{e:#}").contains(&name),
             "error without the file name: {e:#}"
         ),
     }
