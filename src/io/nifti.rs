@@ -343,8 +343,17 @@ impl Volume {
 
 /// Reads a `.nii` or `.nii.gz` file (gzip is recognised by its magic bytes) and validates it.
 /// The header is checked before any voxel is read, and no more than the header's declared
-/// voxel bytes are read or inflated, so memory stays bounded by the declared volume.
+/// voxel bytes are read or inflated, and the buffer grows with the data read, so memory stays
+/// bounded by the declared volume and by the data actually present.
 pub fn read_volume(path: &Path) -> Result<Volume> {
+    let file =
+        File::open(path).map_err(|e| anyhow!("{}: cannot read the file ({e})", path.display()))?;
+    read_volume_from(path, file)
+}
+
+/// [`read_volume`] of a stream holding a `.nii` or `.nii.gz` file's bytes; `path` names the
+/// file in errors and in the returned volume.
+pub fn read_volume_from(path: &Path, source: impl Read) -> Result<Volume> {
     let name = path.display().to_string();
     let Opened {
         mut reader,
@@ -352,22 +361,19 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
         header,
         dims,
         stored,
-    } = open_header(path, &name)?;
+    } = open_header(source, &name)?;
     let nvox = dims[0] * dims[1] * dims[2];
     let offset = header.vox_offset as usize;
     let need = offset + nvox * stored.size();
+    let what = format!(
+        "the {}×{}×{} {} voxels the header declares",
+        dims[0],
+        dims[1],
+        dims[2],
+        stored.name()
+    );
     let mut bytes = head;
-    bytes.try_reserve_exact(need - bytes.len()).map_err(|_| {
-        anyhow!(
-            "{name}: cannot allocate {} for the {}×{}×{} {} voxels the header declares",
-            human_bytes(need),
-            dims[0],
-            dims[1],
-            dims[2],
-            stored.name()
-        )
-    })?;
-    read_up_to(&mut reader, &mut bytes, need as u64, &name)?;
+    read_declared(&mut reader, &mut bytes, need, &name, &what)?;
     drop(reader);
     if bytes.len() < need {
         bail!(
@@ -445,7 +451,8 @@ impl Volume {
 /// without the voxels) and returns its grid.
 pub fn read_grid(path: &Path) -> Result<Grid> {
     let name = path.display().to_string();
-    let opened = open_header(path, &name)?;
+    let file = File::open(path).map_err(|e| anyhow!("{name}: cannot read the file ({e})"))?;
+    let opened = open_header(file, &name)?;
     let (affine, _, _) = geometry(&opened.header, opened.dims, &name)?;
     Ok(Grid {
         dims: opened.dims,
@@ -454,8 +461,8 @@ pub fn read_grid(path: &Path) -> Result<Grid> {
 }
 
 /// A file whose header has been read and validated, positioned after it.
-struct Opened {
-    reader: Box<dyn Read>,
+struct Opened<'a> {
+    reader: Box<dyn Read + 'a>,
     /// The bytes read so far (the header and its extension flag).
     head: Vec<u8>,
     header: NiftiHeader,
@@ -465,8 +472,8 @@ struct Opened {
 
 /// Opens a volume and validates its header: signature, dimensions, spacing, data type, voxel
 /// count and data offset.
-fn open_header(path: &Path, name: &str) -> Result<Opened> {
-    let mut reader = open_maybe_gzip(path)?;
+fn open_header<'a>(source: impl Read + 'a, name: &str) -> Result<Opened<'a>> {
+    let mut reader = maybe_gunzip(source, name)?;
     let mut head = Vec::with_capacity(DATA_OFFSET);
     read_up_to(&mut reader, &mut head, DATA_OFFSET as u64, name)?;
     check_signature(&head, name)?;
@@ -535,16 +542,16 @@ fn geometry(
 }
 
 /// A reader of the file's bytes, inflating on the fly when it starts with the gzip magic.
-fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read>> {
-    let name = path.display();
-    let mut file = File::open(path).map_err(|e| anyhow!("{name}: cannot read the file ({e})"))?;
-    let mut magic = [0u8; 2];
-    let n = file
-        .read(&mut magic)
+fn maybe_gunzip<'a>(source: impl Read + 'a, name: &str) -> Result<Box<dyn Read + 'a>> {
+    let mut source = std::io::BufReader::new(source);
+    let mut magic = Vec::with_capacity(2);
+    (&mut source)
+        .take(2)
+        .read_to_end(&mut magic)
         .map_err(|e| anyhow!("{name}: cannot read the file ({e})"))?;
-    let start = std::io::Cursor::new(magic[..n].to_vec());
-    let raw = std::io::BufReader::new(start.chain(file));
-    Ok(if n == 2 && magic == [0x1f, 0x8b] {
+    let gzip = magic == [0x1f, 0x8b];
+    let raw = std::io::Cursor::new(magic).chain(source);
+    Ok(if gzip {
         Box::new(std::io::BufReader::new(MultiGzDecoder::new(raw)))
     } else {
         Box::new(raw)
@@ -557,6 +564,28 @@ fn read_up_to(reader: &mut dyn Read, out: &mut Vec<u8>, limit: u64, name: &str) 
     reader.take(want).read_to_end(out).map_err(|e| {
         anyhow!("{name}: the file cannot be read: it is corrupt or truncated ({e})")
     })?;
+    Ok(())
+}
+
+/// Appends bytes from `reader` to `out` until it holds `need` bytes or the stream ends. The
+/// buffer grows with the data (doubling, never past `need`), so that a short file declaring a
+/// huge volume allocates no more than it holds; a failed allocation is an error naming `what`.
+fn read_declared(
+    reader: &mut dyn Read,
+    out: &mut Vec<u8>,
+    need: usize,
+    name: &str,
+    what: &str,
+) -> Result<()> {
+    while out.len() < need {
+        let target = need.min(out.len().max(1 << 16) * 2);
+        out.try_reserve_exact(target - out.len())
+            .map_err(|_| anyhow!("{name}: cannot allocate {} for {what}", human_bytes(need)))?;
+        read_up_to(reader, out, target as u64, name)?;
+        if out.len() < target {
+            break;
+        }
+    }
     Ok(())
 }
 

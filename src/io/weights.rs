@@ -283,26 +283,36 @@ pub fn config_metadata(cfg: &ModelConfig) -> HashMap<String, String> {
     ])
 }
 
+/// Largest channel, concept or class count a weights file may declare (the paper's widest
+/// layer has 512): keeps the parameter-count arithmetic of any accepted config far from overflow.
+const MAX_WIDTH: usize = 1 << 16;
+
+/// Largest patch side a weights file may declare (the paper's is 256); preprocessing
+/// allocates patches of this side for every slice of a bag.
+const MAX_PATCH: usize = 1024;
+
 /// Infers the model config from tensor names and shapes (depth, widths, concepts, classes) and the metadata
 /// (gcp mode, patch side; defaults max_minus_mean and 256).
 pub fn infer_config(file: &TensorFile) -> Result<ModelConfig> {
     let dim = |name: &str, axis: usize| -> Result<usize> {
         let (shape, _) = file.f32(name)?;
-        shape
-            .get(axis)
-            .copied()
-            .ok_or_else(|| anyhow!("tensor {name:?} has shape {shape:?}"))
+        match shape.get(axis) {
+            Some(&v) if v <= MAX_WIDTH => Ok(v),
+            Some(v) => bail!("tensor {name:?} has shape {shape:?}: {v} is beyond the {MAX_WIDTH} channels a layer may have"),
+            None => bail!("tensor {name:?} has shape {shape:?}"),
+        }
     };
     let gcp = match file.metadata.get("gcp") {
         Some(s) => s.parse::<GcpMode>()?,
         None => GcpMode::MaxMinusMean,
     };
-    let patch = match file.metadata.get("patch") {
-        Some(s) => s
-            .parse()
-            .map_err(|_| anyhow!("metadata patch={s:?} is not an integer"))?,
-        None => 256,
-    };
+    let patch =
+        match file.metadata.get("patch") {
+            Some(s) => s.parse().ok().filter(|p| *p <= MAX_PATCH).ok_or_else(|| {
+                anyhow!("metadata patch={s:?} is not an integer up to {MAX_PATCH}")
+            })?,
+            None => 256,
+        };
     let depth = (1..)
         .take_while(|k| file.tensors.contains_key(&format!("enc{k}.conv1.weight")))
         .count();
@@ -331,6 +341,19 @@ pub fn infer_config(file: &TensorFile) -> Result<ModelConfig> {
 pub fn model_from_tensors(file: &TensorFile) -> Result<Model> {
     let cfg = infer_config(file)?;
     let table = ParamTable::new(cfg);
+    // The shapes read so far may describe a model far larger than the file: refuse it before
+    // allocating one.
+    let held: usize = file
+        .tensors
+        .values()
+        .map(|t| t.shape().iter().product::<usize>())
+        .sum();
+    if table.n_params + table.n_buffers > held {
+        bail!(
+            "the tensor shapes describe a model of {} values, but the file holds only {held}",
+            table.n_params + table.n_buffers
+        );
+    }
     let mut model = Model::init(cfg, 0);
     let mut expected: Vec<String> = vec![];
     let mut take = |name: String, shape: &[usize], dst: &mut [f32]| -> Result<()> {
