@@ -129,8 +129,12 @@ pub fn run_with_engine(
 /// The quality gate's checks for `--help`.
 fn gate_help() -> String {
     format!(
-        "Quality gate (FAIL: not a chest CT or broken values; warning: reported, the result \
-         stands):\n{}",
+        "Lobes are kept only inside a lung mask measured from the HU (grown by 40 mm), and the \
+         severity bag takes only slices that hold lung.\n\nQuality gate, in the report's \
+         `quality` section and on the console. A FAIL (not a chest CT, or broken header or \
+         values) still writes the outputs, but the report marks the severity \
+         \"reliable\": false and the volume counts as failed (exit code 1) unless --force; a \
+         warning (partial coverage, say) is reported and the result stands:\n{}",
         crate::quality::rules_text()
     )
 }
