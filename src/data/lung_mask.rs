@@ -863,7 +863,11 @@ mod tests {
         let mut worst = 0f32;
         for seed in 0..20u64 {
             let feature: Vec<bool> = (0..w * h)
-                .map(|i| (i as u64 * 2654435761 + seed * 97).wrapping_mul(seed + 3) % 37 == 0)
+                .map(|i| {
+                    (i as u64 * 2654435761 + seed * 97)
+                        .wrapping_mul(seed + 3)
+                        .is_multiple_of(37)
+                })
                 .collect();
             let got = distance_sq(&feature, w, h, 0.7, 1.9);
             let want = brute(&feature, w, h, 0.7, 1.9);
