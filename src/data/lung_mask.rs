@@ -799,35 +799,33 @@ fn envelope(ct: &CanonicalCt, labels: &[u8]) -> Vec<bool> {
                 out[(by0 + k / w) * nx + bx0 + k % w] = d <= r2;
             }
         });
+    // Along z: a voxel is in the envelope when a grown voxel of its column lies within `reach`
+    // slices, counted in a window that slides up the columns.
     let reach = (ENVELOPE_MM / sz).floor().min(nz as f64) as usize;
-    // Distance in slices to the nearest grown voxel below and above, per column.
-    let mut below = vec![usize::MAX; n * nz];
-    let mut last = vec![usize::MAX; n];
-    for z in 0..nz {
-        for i in 0..n {
-            if grown[z * n + i] {
-                last[i] = z;
-            }
-            if last[i] != usize::MAX {
-                below[z * n + i] = z - last[i];
+    let slide = |z: usize, add: bool, count: &mut [u32]| {
+        for (c, &g) in count.iter_mut().zip(&grown[z * n..(z + 1) * n]) {
+            if g {
+                *c = if add { *c + 1 } else { *c - 1 };
             }
         }
+    };
+    let mut count = vec![0u32; n];
+    for z in 0..=reach.min(nz - 1) {
+        slide(z, true, &mut count);
     }
-    last.fill(usize::MAX);
     let mut envelope = vec![false; n * nz];
-    for z in (0..nz).rev() {
-        for i in 0..n {
-            if grown[z * n + i] {
-                last[i] = z;
-            }
-            let above = if last[i] == usize::MAX {
-                usize::MAX
-            } else {
-                last[i] - z
-            };
-            envelope[z * n + i] = below[z * n + i].min(above) <= reach;
+    for z in 0..nz {
+        for (e, &c) in envelope[z * n..(z + 1) * n].iter_mut().zip(&count) {
+            *e = c > 0;
+        }
+        if z + reach + 1 < nz {
+            slide(z + reach + 1, true, &mut count);
+        }
+        if z >= reach {
+            slide(z - reach, false, &mut count);
         }
     }
+    drop(grown);
     envelope.par_chunks_mut(n).enumerate().for_each(|(z, out)| {
         match body_mask(ct.slice(z), nx, ny, BODY_HU) {
             Some(body) => out.iter_mut().zip(&body.mask).for_each(|(e, &b)| *e &= b),
