@@ -6,6 +6,7 @@
 use crate::config::ModelConfig;
 use crate::ct_input::{CtInput, LoadedCt};
 use crate::data::dataset::stem;
+use crate::data::lung_mask::{lung_mask, LungMask};
 use crate::data::preprocess::{
     keep_largest_components, paste_patches, volume_patches, CanonicalCt, PreprocessConfig,
     VolumePatches,
@@ -15,6 +16,7 @@ use crate::engine::InferenceEngine;
 use crate::io::atomic::StagedFiles;
 use crate::io::dicom::SeriesInfo;
 use crate::io::nifti::{label_map_header, write_nifti_to, AffineSource, Volume, VoxelData};
+use crate::quality::{self, Measurements, Quality};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
@@ -53,7 +55,8 @@ pub struct AssessOptions {
     /// Largest classification bag; more lung slices are evenly subsampled.
     pub max_bag: usize,
     pub preview: bool,
-    /// Continue (with a warning in the report) when the values do not look like HU.
+    /// Continue (with a warning in the report) when the values do not look like HU; the
+    /// command line also accepts a failed quality gate with it.
     pub force: bool,
     pub label_scheme: LabelScheme,
     /// How the report names the engine's weights (a path, or the embedded default).
@@ -88,6 +91,8 @@ pub struct Severity {
     /// "severe" or "non-severe".
     pub class: String,
     pub logits: [f32; 2],
+    /// False when the quality gate failed: the class and probability are no answer then.
+    pub reliable: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -127,6 +132,7 @@ pub struct VolumeInfo {
 pub struct Timings {
     pub read: f64,
     pub preprocess: f64,
+    pub lung_mask: f64,
     pub segment: f64,
     pub postprocess: f64,
     pub classify: f64,
@@ -141,7 +147,13 @@ pub struct Report {
     pub outputs: OutputFiles,
     pub severity: Severity,
     pub lobes: Vec<LobeReport>,
+    /// Volume of the five lobes.
     pub lung_volume_ml: f64,
+    /// Volume of the lung mask measured from the HU (air-density lung, filled), the envelope
+    /// the lobes are kept in.
+    pub lung_mask_volume_ml: f64,
+    /// The lung mask's right and left lung.
+    pub lung_mask_sides_ml: [f64; 2],
     /// HU-based involvement over all lobes.
     pub total_involvement: Option<f64>,
     pub patches: PatchCounts,
@@ -154,6 +166,8 @@ pub struct Report {
     pub label_scheme: LabelScheme,
     pub version: String,
     pub warnings: Vec<String>,
+    /// The quality gate: every check with its measured value, accepted range and result.
+    pub quality: Quality,
     /// The DICOM series' identifying tags (no patient tags); absent for NIfTI inputs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dicom: Option<SeriesInfo>,
@@ -232,11 +246,12 @@ pub fn assess_input_with_progress(
     let (ct, body) = stage(bar, "preprocessing", &mut t.preprocess, || {
         body_patches(&volume, patch, path)
     })?;
+    let lung = stage(bar, "lung mask", &mut t.lung_mask, || Ok(lung_mask(&ct)))?;
     let seg = stage(bar, "segmenting", &mut t.segment, || {
         segment(engine, &body, patch, opts.batch_size, bar, path)
     })?;
     let lobes = stage(bar, "post-processing", &mut t.postprocess, || {
-        Ok(LobeMap::new(&seg, &body, &ct, patch))
+        Ok(LobeMap::new(&seg, &body, &ct, patch, &lung))
     })?;
     let mut warnings = warnings;
     let bag = stage(bar, "classifying", &mut t.classify, || {
@@ -246,6 +261,7 @@ pub fn assess_input_with_progress(
         volume,
         ct,
         body,
+        lung,
         lobes,
         bag,
     };
@@ -351,22 +367,41 @@ struct LobeMap {
     labels: Vec<u8>,
     /// Per canonical z slice, per lobe.
     per_slice: Vec<[LobeSums; NUM_LOBES]>,
+    /// Per canonical z slice: voxels in the lung mask or a lobe.
+    lung_area: Vec<usize>,
 }
 
 impl LobeMap {
-    /// The patches' labels pasted back on the canonical grid, the largest component of each
-    /// lobe kept, and the sums of every slice.
-    fn new(seg: &[u8], body: &VolumePatches, ct: &CanonicalCt, patch: usize) -> LobeMap {
+    /// The patches' labels pasted back on the canonical grid and kept only inside the lung
+    /// mask's envelope, the largest component of each lobe kept, and the sums of every slice.
+    fn new(
+        seg: &[u8],
+        body: &VolumePatches,
+        ct: &CanonicalCt,
+        patch: usize,
+        lung: &LungMask,
+    ) -> LobeMap {
         let dims = ct.dims;
         let mut labels = paste_patches(seg, &body.slices, dims, patch);
+        labels
+            .par_iter_mut()
+            .zip(lung.envelope.par_iter())
+            .for_each(|(l, &inside)| {
+                if !inside {
+                    *l = 0;
+                }
+            });
         keep_largest_components(&mut labels, dims);
         let n = dims[0] * dims[1];
-        let per_slice = labels
+        let (per_slice, lung_area) = labels
             .par_chunks(n)
             .zip(ct.hu.par_chunks(n))
-            .map(|(ls, hs)| {
+            .zip(lung.labels.par_chunks(n))
+            .map(|((ls, hs), ms)| {
                 let mut acc = [LobeSums::default(); NUM_LOBES];
-                for (&l, &h) in ls.iter().zip(hs) {
+                let mut area = 0;
+                for ((&l, &h), &m) in ls.iter().zip(hs).zip(ms) {
+                    area += (l > 0 || m > 0) as usize;
                     if l > 0 {
                         let a = &mut acc[l as usize - 1];
                         a.voxels += 1;
@@ -374,15 +409,35 @@ impl LobeMap {
                         a.involved += (h >= INVOLVED_HU.0 && h <= INVOLVED_HU.1) as usize;
                     }
                 }
-                acc
+                (acc, area)
             })
-            .collect();
-        LobeMap { labels, per_slice }
+            .unzip();
+        LobeMap {
+            labels,
+            per_slice,
+            lung_area,
+        }
     }
 
-    /// Whether canonical slice `z` holds any lobe voxel.
-    fn is_lung(&self, z: usize) -> bool {
-        self.per_slice[z].iter().any(|s| s.voxels > 0)
+    /// Slices that hold real lung: lung mask or lobes over at least 5 % of the area of the
+    /// fullest slice (the slivers at the apex and the dome do not count on their own; a
+    /// consolidated base, labelled by the network inside the envelope, does).
+    fn lung_slices(&self) -> Vec<bool> {
+        let most = self.lung_area.iter().copied().max().unwrap_or(0);
+        self.lung_area
+            .iter()
+            .map(|&a| most > 0 && a * 20 >= most)
+            .collect()
+    }
+
+    /// Mean HU over all lobe voxels; `None` without any.
+    fn mean_hu(&self) -> Option<f64> {
+        let (n, sum) = self
+            .per_slice
+            .iter()
+            .flatten()
+            .fold((0, 0.0), |a, s| (a.0 + s.voxels, a.1 + s.hu));
+        (n > 0).then(|| sum / n as f64)
     }
 
     /// The report line of every lobe and the lung's (voxels, involved voxels).
@@ -415,15 +470,15 @@ impl LobeMap {
 
 /// The severity bag and its result.
 struct SeverityBag {
-    /// The body slices (indices into the patches) the bag was drawn from: the lung slices, or
-    /// all body slices when fewer than 2 hold lung.
+    /// The body slices (indices into the patches) the bag was drawn from: those that hold real
+    /// lung ([`LobeMap::lung_slices`]), or all body slices when fewer than 2 do.
     pool: Vec<usize>,
     /// Slices in the bag.
     len: usize,
     severity: Severity,
 }
 
-/// Classifies an evenly spaced bag of at most `max_bag` lung slices.
+/// Classifies an evenly spaced bag of at most `max_bag` slices that hold real lung.
 fn classify(
     engine: &mut dyn InferenceEngine,
     body: &VolumePatches,
@@ -433,14 +488,13 @@ fn classify(
 ) -> Result<SeverityBag> {
     let m = body.slices.len();
     let pp = body.patches.len() / m;
-    let lung: Vec<usize> = (0..m)
-        .filter(|&k| lobes.is_lung(body.slices[k].z))
-        .collect();
+    let is_lung = lobes.lung_slices();
+    let lung: Vec<usize> = (0..m).filter(|&k| is_lung[body.slices[k].z]).collect();
     let pool: Vec<usize> = if lung.len() >= 2 {
         lung
     } else {
         warnings.push(format!(
-            "the lobe map marks {} slice(s) as lung; the severity bag uses evenly spaced body slices",
+            "the lung mask and lobes hold lung in {} slice(s); the severity bag uses evenly spaced body slices",
             lung.len()
         ));
         (0..m).collect()
@@ -477,6 +531,7 @@ impl Severity {
             probability,
             class: class.to_string(),
             logits,
+            reliable: true,
         }
     }
 }
@@ -486,23 +541,44 @@ struct Assessed {
     volume: Volume,
     ct: CanonicalCt,
     body: VolumePatches,
+    lung: LungMask,
     lobes: LobeMap,
     bag: SeverityBag,
 }
 
 impl Assessed {
-    /// The report (timings still zero).
+    /// The report (timings still zero), with the quality gate's verdict.
     fn report(
         &self,
         engine: &dyn InferenceEngine,
         path: &Path,
         opts: &AssessOptions,
-        warnings: Vec<String>,
+        mut warnings: Vec<String>,
     ) -> Report {
         let volume = &self.volume;
         let voxel_ml = volume.voxel_ml();
         let (lobes, (lung, involved)) = self.lobes.lobe_reports(voxel_ml, opts.label_scheme);
         let [lobes_path, report_path, preview_path] = output_paths(path, opts);
+        let mask_ml = self.lung.voxels() as f64 * voxel_ml;
+        let quality = self.quality(&lobes, lung);
+        let lobe_ml = lung as f64 * voxel_ml;
+        if mask_ml > 0.0 && (lobe_ml - mask_ml).abs() > 0.25 * mask_ml {
+            warnings.push(format!(
+                "the lobes hold {lobe_ml:.0} mL but the lung mask measured from the HU holds                  {mask_ml:.0} mL (more than 25 % apart)"
+            ));
+        }
+        if !quality.passed {
+            let failed: Vec<String> = quality
+                .with(quality::Outcome::Fail)
+                .map(|c| c.describe())
+                .collect();
+            warnings.push(format!(
+                "quality gate failed, the severity is unreliable: {}",
+                failed.join("; ")
+            ));
+        }
+        let mut severity = self.bag.severity.clone();
+        severity.reliable = quality.passed;
         Report {
             input: path.display().to_string(),
             outputs: OutputFiles {
@@ -510,9 +586,11 @@ impl Assessed {
                 report: report_path.display().to_string(),
                 preview: opts.preview.then(|| preview_path.display().to_string()),
             },
-            severity: self.bag.severity.clone(),
+            severity,
             lobes,
-            lung_volume_ml: lung as f64 * voxel_ml,
+            lung_volume_ml: lobe_ml,
+            lung_mask_volume_ml: mask_ml,
+            lung_mask_sides_ml: self.lung.sides.map(|v| v as f64 * voxel_ml),
             total_involvement: (lung > 0).then(|| involved as f64 / lung as f64),
             patches: PatchCounts {
                 segmented: self.body.slices.len(),
@@ -532,8 +610,30 @@ impl Assessed {
             label_scheme: opts.label_scheme,
             version: env!("CARGO_PKG_VERSION").to_string(),
             warnings,
+            quality,
             dicom: None,
         }
+    }
+
+    /// Measures the volume, the lung mask and the lobes (`lung`: lobe voxels) and judges them
+    /// by the quality gate's rules.
+    fn quality(&self, lobes: &[LobeReport], lung: usize) -> Quality {
+        let ct = &self.ct;
+        let (hu_min, hu_max) = quality::hu_extremes(ct);
+        let mask = self.lung.voxels();
+        quality::evaluate(&Measurements {
+            spacing_mm: ct.spacing,
+            hu_min,
+            hu_max,
+            identical_slices: quality::identical_slice_share(ct),
+            body_slices: self.body.slices.len() as f64 / ct.dims[2] as f64,
+            lung_sides: self.lung.sides.iter().filter(|&&v| v > 0).count(),
+            lung_volume_ml: mask as f64 * self.volume.voxel_ml(),
+            lung_body_fraction: self.lung.lung_body_fraction(),
+            lobe_mean_hu: self.lobes.mean_hu(),
+            lobes_present: lobes.iter().filter(|l| l.voxels > 0).count(),
+            lobes_to_lung_mask: (mask > 0).then(|| lung as f64 / mask as f64),
+        })
     }
 
     /// Writes the lobe map on the input's grid, the preview (if asked) and last the report

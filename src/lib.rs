@@ -15,6 +15,7 @@ pub mod io;
 pub mod metrics;
 pub mod model;
 pub mod plot;
+pub mod quality;
 pub mod reference;
 pub mod train;
 pub mod weights_source;

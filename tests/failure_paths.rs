@@ -198,24 +198,29 @@ fn assess_writes_a_volume_s_outputs_all_or_nothing() {
     );
     assert_eq!(names(&out.join("case_0000_report.json")), ["keep"]);
 
-    // A full disk while the report is written: a file-size limit between the sizes of the lobe
-    // map and the report (measured above) lets the lobe map through and stops the report.
+    // A full disk partway through: a file-size limit between the sizes of the lobe map and the
+    // report (measured above) lets the smaller one through and stops the larger one (the report,
+    // written last, when it is the larger: then the lobe map is already staged and must go).
     let size = |n: &str| std::fs::metadata(out.join(n)).unwrap().len();
     let (lobes, report) = (
         size("case_0001_lobes.nii.gz"),
         size("case_0001_report.json"),
     );
     let limit = (lobes + report) / 2;
-    println!("lobe map {lobes} B, report {report} B: file-size limit {limit} B");
-    assert!(lobes < limit && limit < report);
+    let stopped = match lobes < report {
+        true => "case_0001_report.json",
+        false => "case_0001_lobes.nii.gz",
+    };
+    println!("lobe map {lobes} B, report {report} B: file-size limit {limit} B stops {stopped}");
+    assert!(lobes.min(report) < limit && limit < lobes.max(report));
     let o = assess(
         "full",
         &["ph/case_0001.nii.gz"],
         Some(Limit::FileSize(limit)),
     );
-    println!("disk full at the report:\n{}", stderr(&o));
+    println!("disk full at {stopped}:\n{}", stderr(&o));
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("case_0001_report.json") && stderr(&o).contains("too large"));
+    assert!(stderr(&o).contains(stopped) && stderr(&o).contains("too large"));
     assert_eq!(names(&d.join("full")), Vec::<String>::new(), "nothing left");
 }
 

@@ -4,6 +4,7 @@ use crate::assess::{assess_batch, claim_outputs, AssessOptions, LabelScheme, Rep
 use crate::backend::{make_engine, Backend};
 use crate::ct_input::collect_ct_inputs;
 use crate::engine::InferenceEngine;
+use crate::quality::Outcome;
 use crate::weights_source::WeightsSource;
 use anyhow::{bail, Context, Result};
 use std::io::IsTerminal;
@@ -26,7 +27,19 @@ use std::path::PathBuf;
 /// `b/ct.nii.gz` with one --out, or `ct.nii` beside `ct.nii.gz`) are refused with an error
 /// naming each other before anything is written, and so is an input whose output would
 /// overwrite another input; the other inputs are assessed. A file named twice is assessed once.
+///
+/// Lobes are kept only inside a lung mask measured from the HU (air-density lung inside the
+/// body, without outside air, airways and bowel or stomach gas, with vessels and lesions filled
+/// back), and the severity bag takes only slices that hold that lung.
+///
+/// Every volume then passes a quality gate, whose checks (measured value, accepted range,
+/// pass / warning / fail) are in the report's `quality` section. A FAIL means the volume is not
+/// a chest CT or its header or values are broken: the outputs are still written, but the report
+/// says `"reliable": false` under `severity`, the console says the gate failed, and the volume
+/// counts as failed (non-zero exit) unless --force. A warning (partial coverage, say) is printed
+/// and reported and the result stands.
 #[derive(clap::Args, Debug, Clone)]
+#[command(after_long_help = gate_help())]
 pub struct AssessArgs {
     /// CT volumes (.nii/.nii.gz), folders of them, or folders of DICOM CT series.
     #[arg(required = true)]
@@ -58,7 +71,8 @@ pub struct AssessArgs {
     /// No progress bars and no per-file lines (failures are still reported).
     #[arg(long)]
     pub quiet: bool,
-    /// Assess volumes whose values do not look like Hounsfield units (with a warning).
+    /// Assess volumes whose values do not look like Hounsfield units (with a warning), and
+    /// exit 0 when the quality gate fails (the report still marks the severity unreliable).
     #[arg(long)]
     pub force: bool,
     /// Label values of the written lobe map.
@@ -119,33 +133,85 @@ pub fn run_with_engine(
     failures.extend(refused);
     let show = !args.quiet && std::io::stderr().is_terminal();
     let results = assess_batch(engine, &files, &opts, show);
-    Ok(report_results(results, failures, args.quiet))
+    Ok(report_results(results, failures, args.quiet, args.force))
 }
 
-/// One line per assessed volume (unless `quiet`), then the failures or the count; whether
-/// there were no failures.
+/// The quality gate's checks for `--help`.
+fn gate_help() -> String {
+    format!(
+        "Lobes are kept only inside a lung mask measured from the HU (grown by 40 mm), and the \
+         severity bag takes only slices that hold lung.\n\nQuality gate, in the report's \
+         `quality` section and on the console. A FAIL (not a chest CT, or broken header or \
+         values) still writes the outputs, but the report marks the severity \
+         \"reliable\": false and the volume counts as failed (exit code 1) unless --force; a \
+         warning (partial coverage, say) is reported and the result stands:\n{}",
+        crate::quality::rules_text()
+    )
+}
+
+/// One line per assessed volume (unless `quiet`) with the checks that did not pass, then the
+/// failures or the count; whether there were no failures. A failed quality gate is a failure
+/// unless `force`.
 fn report_results(
     results: Vec<(PathBuf, Result<Report>)>,
     mut failures: Vec<(PathBuf, anyhow::Error)>,
     quiet: bool,
+    force: bool,
 ) -> bool {
     let mut ok = 0;
     for (file, result) in results {
-        match result {
-            Ok(report) => {
-                ok += 1;
-                if !quiet {
-                    eprintln!(
-                        "{}: {} (p = {:.3}), lung {:.0} mL → {}",
-                        file.display(),
-                        report.severity.class,
-                        report.severity.probability,
-                        report.lung_volume_ml,
-                        report.outputs.lobes
-                    );
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                failures.push((file, e));
+                continue;
+            }
+        };
+        let q = &report.quality;
+        if !quiet || !q.passed {
+            let verdict = if q.passed {
+                format!(
+                    "{} (p = {:.3})",
+                    report.severity.class, report.severity.probability
+                )
+            } else {
+                format!(
+                    "QUALITY GATE FAILED, no reliable severity (the network said {}, p = {:.3})",
+                    report.severity.class, report.severity.probability
+                )
+            };
+            eprintln!(
+                "{}: {verdict}, lobes {:.0} mL, lung mask {:.0} mL → {}",
+                file.display(),
+                report.lung_volume_ml,
+                report.lung_mask_volume_ml,
+                report.outputs.report
+            );
+            let passed = q.with(Outcome::Pass).count();
+            eprintln!(
+                "  quality: {passed} of {} checks pass, {} warning(s), {} failed",
+                q.checks.len(),
+                q.warned.len(),
+                q.failed.len()
+            );
+            for (label, outcome) in [("FAIL", Outcome::Fail), ("warning", Outcome::Warning)] {
+                for c in q.with(outcome) {
+                    eprintln!("  {label}: {}", c.describe());
                 }
             }
-            Err(e) => failures.push((file, e)),
+        }
+        if q.passed || force {
+            ok += 1;
+        } else {
+            let failed = q.failed.join(", ");
+            failures.push((
+                file.clone(),
+                anyhow::anyhow!(
+                    "{}: the quality gate failed ({failed}); the outputs are written with the \
+                     severity marked unreliable; pass --force to accept them",
+                    file.display()
+                ),
+            ));
         }
     }
     let total = ok + failures.len();
