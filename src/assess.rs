@@ -247,16 +247,27 @@ pub fn assess_input_with_progress(
         body_patches(&volume, patch, path)
     })?;
     let lung = stage(bar, "lung mask", &mut t.lung_mask, || Ok(lung_mask(&ct)))?;
+    // Engine errors name the volume, the engine and the weights.
+    let engine_failed = |what: &str, engine: &dyn InferenceEngine| {
+        format!(
+            "{}: {what} failed on {} with the weights {}",
+            path.display(),
+            engine.describe(),
+            opts.weights.as_deref().unwrap_or("given to the engine")
+        )
+    };
     let seg = stage(bar, "segmenting", &mut t.segment, || {
-        segment(engine, &body, patch, opts.batch_size, bar, path)
-    })?;
+        segment(engine, &body, patch, opts.batch_size, bar)
+    })
+    .with_context(|| engine_failed("segmentation", engine))?;
     let lobes = stage(bar, "post-processing", &mut t.postprocess, || {
         Ok(LobeMap::new(&seg, &body, &ct, patch, &lung))
     })?;
     let mut warnings = warnings;
     let bag = stage(bar, "classifying", &mut t.classify, || {
         classify(engine, &body, &lobes, opts.max_bag, &mut warnings)
-    })?;
+    })
+    .with_context(|| engine_failed("severity classification", engine))?;
     let assessed = Assessed {
         volume,
         ct,
@@ -327,26 +338,22 @@ fn segment(
     p: usize,
     batch_size: usize,
     bar: &ProgressBar,
-    path: &Path,
 ) -> Result<Vec<u8>> {
-    let name = path.display();
     let pp = p * p;
     bar.set_length(body.slices.len() as u64);
     bar.set_position(0);
     let mut seg = Vec::with_capacity(body.patches.len());
     for chunk in body.patches.chunks(batch_size * pp) {
-        let labels = engine
-            .segment(chunk, p)
-            .with_context(|| format!("{name}: segmentation failed"))?;
+        let labels = engine.segment(chunk, p)?;
         if labels.len() != chunk.len() {
             bail!(
-                "{name}: the engine returned {} labels for {} patch pixels",
+                "the engine returned {} labels for {} patch pixels",
                 labels.len(),
                 chunk.len()
             );
         }
         if let Some(&bad) = labels.iter().find(|&&l| l as usize > NUM_LOBES) {
-            bail!("{name}: the engine returned label {bad}, outside 0–{NUM_LOBES}");
+            bail!("the engine returned label {bad}, outside 0–{NUM_LOBES}");
         }
         seg.extend_from_slice(&labels);
         bar.inc((chunk.len() / pp) as u64);
