@@ -1,13 +1,10 @@
-//! Helpers shared by the CUDA tests: device choice, guarded buffers, fp16 packing, NHWC
-//! layout conversions, the normalised error mse(a,b)/mse(a,0), and f32 adapters of
-//! `m2unet::reference`.
+//! Helpers shared by the CUDA tests: device choice, guarded buffers, fp16 packing, the NHWC
+//! layout, the normalised error mse(a,b)/mse(a,0), and f32/f64 conversions.
 #![allow(dead_code)]
 
 use half::f16;
 use m2unet::config::GcpMode;
-use m2unet::cpu::ops::Dims;
 use m2unet::cuda::{DevPtr, Device, DeviceKind};
-use m2unet::reference;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -119,26 +116,20 @@ pub fn nerr(reference: &[f32], got: &[f32]) -> f64 {
     num / den.max(1e-30)
 }
 
-/// NCHW [n,c,h,w] → NHWC [n,h,w,cp] with channels padded by zeros to cp.
-pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize, cp: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * h * w * cp];
+/// NCHW [n, c, hw] → NHWC [n, hw, cp], channels c..cp zero (the device layout). With hw = 1
+/// it pads the rows of a [n, c] matrix to cp.
+pub fn nchw_to_nhwc<T: Copy + Default>(
+    x: &[T],
+    n: usize,
+    c: usize,
+    hw: usize,
+    cp: usize,
+) -> Vec<T> {
+    let mut out = vec![T::default(); n * hw * cp];
     for i in 0..n {
         for ch in 0..c {
-            for p in 0..h * w {
-                out[(i * h * w + p) * cp + ch] = x[(i * c + ch) * h * w + p];
-            }
-        }
-    }
-    out
-}
-
-/// NHWC [n,h,w,cp] → NCHW [n,c,h,w] (dropping padding channels).
-pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize, cp: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * c * h * w];
-    for i in 0..n {
-        for ch in 0..c {
-            for p in 0..h * w {
-                out[(i * c + ch) * h * w + p] = x[(i * h * w + p) * cp + ch];
+            for p in 0..hw {
+                out[(i * hw + p) * cp + ch] = x[(i * c + ch) * hw + p];
             }
         }
     }
@@ -160,48 +151,4 @@ pub fn gcp_mode(gcp: i32) -> GcpMode {
         1 => GcpMode::Max,
         _ => GcpMode::Mean,
     }
-}
-
-/// reference::conv3x3_forward in f32: x [n, cin, h, wd], w [cout, cin, 3, 3].
-#[allow(clippy::too_many_arguments)]
-pub fn ref_conv3x3(
-    x: &[f32],
-    w: &[f32],
-    b: &[f32],
-    n: usize,
-    cin: usize,
-    cout: usize,
-    h: usize,
-    wd: usize,
-) -> Vec<f32> {
-    let xd = Dims::new(n, cin, h, wd);
-    to_f32(&reference::conv3x3_forward(
-        &to_f64(x),
-        xd,
-        &to_f64(w),
-        &to_f64(b),
-        cout,
-    ))
-}
-
-/// reference::relu_forward in place.
-pub fn relu(v: &mut [f32]) {
-    let r = reference::relu_forward(&to_f64(v));
-    v.copy_from_slice(&to_f32(&r));
-}
-
-/// reference::maxpool2x2_forward of nc planes of h × w.
-pub fn ref_maxpool(x: &[f32], nc: usize, h: usize, w: usize) -> Vec<f32> {
-    to_f32(&reference::maxpool2x2_forward(
-        &to_f64(x),
-        Dims::new(1, nc, h, w),
-    ))
-}
-
-/// reference::upsample2x_forward of nc planes of h × w.
-pub fn ref_upsample2x(x: &[f32], nc: usize, h: usize, w: usize) -> Vec<f32> {
-    to_f32(&reference::upsample2x_forward(
-        &to_f64(x),
-        Dims::new(1, nc, h, w),
-    ))
 }
