@@ -712,6 +712,7 @@ pub fn cls_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::ops::tensor::test_support::rel_err;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -738,22 +739,6 @@ mod tests {
                 (up - down) / (2.0 * h)
             })
             .collect()
-    }
-
-    /// max |a − b| / max |b| (the absolute error when b is all zero).
-    fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-        assert_eq!(a.len(), b.len());
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
-        if scale > 0.0 {
-            diff / scale
-        } else {
-            diff
-        }
     }
 
     /// Checks `analytic` against the finite-difference gradient of f at x, printing the error.
