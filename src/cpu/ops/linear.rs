@@ -1,6 +1,7 @@
 //! Linear (fully connected) layers of the CPU engine, forward and backward: GEMMs through the
 //! gemm crate over blocks of rows, each entry summed in a fixed order.
 
+use super::matmul::{matmul, Operand, Parallelism};
 use rayon::prelude::*;
 
 /// Rows of x per linear-layer task.
@@ -36,26 +37,13 @@ pub fn linear_forward(
             }
             // SAFETY: yb is [rows, fout], xb [rows, fin], w [fout, fin] read as wᵀ.
             unsafe {
-                gemm::gemm(
-                    yb.len() / fout,
-                    fout,
-                    fin,
-                    yb.as_mut_ptr(),
-                    1,
-                    fout as isize,
+                matmul(
+                    (yb.len() / fout, fout, fin),
+                    (yb.as_mut_ptr(), fout),
                     true,
-                    xb.as_ptr(),
-                    1,
-                    fin as isize,
-                    w.as_ptr(),
-                    fin as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Operand::rows(xb.as_ptr(), fin),
+                    Operand::transposed(w.as_ptr(), fin),
+                    Parallelism::None,
                 );
             }
         });
@@ -99,26 +87,13 @@ pub fn linear_backward(
             .for_each(|(dxb, dyb)| {
                 // SAFETY: dxb is [rows, fin] = dyb [rows, fout] · w [fout, fin].
                 unsafe {
-                    gemm::gemm(
-                        dxb.len() / fin,
-                        fin,
-                        fout,
-                        dxb.as_mut_ptr(),
-                        1,
-                        fin as isize,
+                    matmul(
+                        (dxb.len() / fin, fin, fout),
+                        (dxb.as_mut_ptr(), fin),
                         false,
-                        dyb.as_ptr(),
-                        1,
-                        fout as isize,
-                        w.as_ptr(),
-                        1,
-                        fin as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        Operand::rows(dyb.as_ptr(), fout),
+                        Operand::rows(w.as_ptr(), fin),
+                        Parallelism::None,
                     );
                 }
             });
@@ -128,26 +103,13 @@ pub fn linear_backward(
         .for_each(|(blk, dwb)| {
             // SAFETY: dwb is rows j0.. of dw = dyᵀ [fout, m] · x [m, fin].
             unsafe {
-                gemm::gemm(
-                    dwb.len() / fin,
-                    fin,
-                    m,
-                    dwb.as_mut_ptr(),
-                    1,
-                    fin as isize,
+                matmul(
+                    (dwb.len() / fin, fin, m),
+                    (dwb.as_mut_ptr(), fin),
                     false,
-                    dy[blk * LINEAR_ROWS..].as_ptr(),
-                    fout as isize,
-                    1,
-                    x.as_ptr(),
-                    1,
-                    fin as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Operand::transposed(dy[blk * LINEAR_ROWS..].as_ptr(), fout),
+                    Operand::rows(x.as_ptr(), fin),
+                    Parallelism::None,
                 );
             }
         });
