@@ -118,7 +118,7 @@ fn check_forward(taps: usize) {
             for bl in [BLOCKING, SMALL] {
                 for relu in [false, true] {
                     let mut y = vec![f32::NAN; n * cout * h * w];
-                    forward_impl(be, &bl, &parts, d, taps, &wt, &b, cout, relu, &mut y);
+                    Plan { be, bl }.forward(&parts, d, taps, &wt, &b, cout, relu, &mut y);
                     let err = max_abs_diff(&y, if relu { &want_relu } else { &want });
                     println!(
                         "taps {taps} {be:?} fwd_k {} n{n} c{cs:?}→{cout} {h}×{w} relu {relu}: max abs err {err:.2e}",
@@ -166,9 +166,8 @@ fn check_backward(taps: usize) {
                     dx_data.iter_mut().map(|v| Some(v.as_mut_slice())).collect();
                 let mut dw = vec![f32::NAN; wt.len()];
                 let mut db = vec![f32::NAN; cout];
-                backward_impl(
-                    be, &bl, &parts, d, taps, &wt, &r, cout, &mut dx, &mut dw, &mut db,
-                );
+                let plan = Plan { be, bl };
+                plan.backward(&parts, d, taps, &wt, &r, cout, &mut dx, &mut dw, &mut db);
                 let ex: Vec<f64> = dx_data
                     .iter()
                     .zip(&want_dx)
