@@ -20,13 +20,16 @@ const SMALL: Blocking = Blocking {
     min_tasks: 8,
 };
 
-/// The backends this CPU can run (the portable one always).
-fn backends() -> Vec<Backend> {
-    let mut v = vec![Backend::Portable];
+/// The backends this CPU can run (the portable one always), each with the production and
+/// the SMALL blocking.
+fn plans() -> Vec<Plan> {
+    let mut backends = vec![Backend::Portable];
     if Backend::detect() != Backend::Portable {
-        v.push(Backend::detect());
+        backends.push(Backend::detect());
     }
-    v
+    (backends.into_iter())
+        .flat_map(|be| [BLOCKING, SMALL].map(|bl| Plan { be, bl }))
+        .collect()
 }
 
 /// The reference convolution: 3×3 zero-padded (taps 9) or 1×1 (taps 1), with bias.
@@ -114,18 +117,16 @@ fn check_forward(taps: usize) {
         let want = ref_forward(&x, d, taps, &wt, &b, cout);
         let want_relu = reference::relu_forward(&want);
         let parts = as_parts(&parts_data, cs);
-        for be in backends() {
-            for bl in [BLOCKING, SMALL] {
-                for relu in [false, true] {
-                    let mut y = vec![f32::NAN; n * cout * h * w];
-                    Plan { be, bl }.forward(&parts, d, taps, &wt, &b, cout, relu, &mut y);
-                    let err = max_abs_diff(&y, if relu { &want_relu } else { &want });
-                    println!(
-                        "taps {taps} {be:?} fwd_k {} n{n} c{cs:?}→{cout} {h}×{w} relu {relu}: max abs err {err:.2e}",
-                        bl.fwd_k
-                    );
-                    assert!(err < 1e-4, "forward error {err}");
-                }
+        for plan in plans() {
+            for relu in [false, true] {
+                let mut y = vec![f32::NAN; n * cout * h * w];
+                plan.forward(&parts, d, taps, &wt, &b, cout, relu, &mut y);
+                let err = max_abs_diff(&y, if relu { &want_relu } else { &want });
+                println!(
+                    "taps {taps} {:?} fwd_k {} n{n} c{cs:?}→{cout} {h}×{w} relu {relu}: max abs err {err:.2e}",
+                    plan.be, plan.bl.fwd_k
+                );
+                assert!(err < 1e-4, "forward error {err}");
             }
         }
     }
@@ -158,29 +159,27 @@ fn check_backward(taps: usize) {
         let want = ref_backward(&x, d, taps, &wt, &r, cout);
         let want_dx = reference::split_channels(&want.dx, n, h * w, cs);
         let parts = as_parts(&parts_data, cs);
-        for be in backends() {
-            for bl in [BLOCKING, SMALL] {
-                let mut dx_data: Vec<Vec<f32>> =
-                    cs.iter().map(|&c| vec![f32::NAN; n * c * h * w]).collect();
-                let mut dx: Vec<Option<&mut [f32]>> =
-                    dx_data.iter_mut().map(|v| Some(v.as_mut_slice())).collect();
-                let mut dw = vec![f32::NAN; wt.len()];
-                let mut db = vec![f32::NAN; cout];
-                let plan = Plan { be, bl };
-                plan.backward(&parts, d, taps, &wt, &r, cout, &mut dx, &mut dw, &mut db);
-                let ex: Vec<f64> = dx_data
-                    .iter()
-                    .zip(&want_dx)
-                    .map(|(g, r)| rel_err(g, r))
-                    .collect();
-                let (ew, eb) = (rel_err(&dw, &want.dw), rel_err(&db, &want.db));
-                println!(
-                    "taps {taps} {be:?} dw_k {} n{n} c{cs:?}→{cout} {h}×{w}: rel err dx [{}] dw {ew:.2e} db {eb:.2e}",
-                    bl.dw_k,
-                    fmt_errs(&ex)
-                );
-                assert!(ex.iter().all(|&e| e < 1e-5) && ew < 1e-5 && eb < 1e-5);
-            }
+        for plan in plans() {
+            let mut dx_data: Vec<Vec<f32>> =
+                cs.iter().map(|&c| vec![f32::NAN; n * c * h * w]).collect();
+            let mut dx: Vec<Option<&mut [f32]>> =
+                dx_data.iter_mut().map(|v| Some(v.as_mut_slice())).collect();
+            let mut dw = vec![f32::NAN; wt.len()];
+            let mut db = vec![f32::NAN; cout];
+            plan.backward(&parts, d, taps, &wt, &r, cout, &mut dx, &mut dw, &mut db);
+            let ex: Vec<f64> = dx_data
+                .iter()
+                .zip(&want_dx)
+                .map(|(g, r)| rel_err(g, r))
+                .collect();
+            let (ew, eb) = (rel_err(&dw, &want.dw), rel_err(&db, &want.db));
+            println!(
+                "taps {taps} {:?} dw_k {} n{n} c{cs:?}→{cout} {h}×{w}: rel err dx [{}] dw {ew:.2e} db {eb:.2e}",
+                plan.be,
+                plan.bl.dw_k,
+                fmt_errs(&ex)
+            );
+            assert!(ex.iter().all(|&e| e < 1e-5) && ew < 1e-5 && eb < 1e-5);
         }
     }
 }
