@@ -139,19 +139,33 @@ fn conv_rows(
         if up { "up2x+" } else { "" },
         if relu { "+relu" } else { "" }
     );
-    let want = nchw_to_nhwc(&y, n, cout, h * w, cp);
-    run.output(&op, &gy.read_f16(dev), &want, U16, bound);
-    if pool {
-        let want = nchw_to_nhwc(&y_pool, n, cout, h * w / 4, cp);
-        run.output(
-            &format!("{op}+maxpool"),
-            &gp.read_f16(dev),
-            &want,
-            U16,
-            bound,
-        );
-    }
+    let got = (gy.read_f16(dev), pool.then(|| gp.read_f16(dev)));
+    output_rows(
+        &mut run,
+        &op,
+        got,
+        (&y, &y_pool),
+        (n, cout, h * w, cp),
+        bound,
+    );
     splits
+}
+
+/// The rows of a conv's fp16 NHWC output y (`op`) and, when read, its fused 2×2 max-pool
+/// (`op`+maxpool) against the references y [n, cout, hw] and y_pool [n, cout, hw/4] (NCHW).
+fn output_rows(
+    run: &mut Launch,
+    op: &str,
+    (y, y_pool): (Vec<f32>, Option<Vec<f32>>),
+    (want, want_pool): (&[f64], &[f64]),
+    (n, cout, hw, cp): (usize, usize, usize, usize),
+    bound: f64,
+) {
+    run.output(op, &y, &nchw_to_nhwc(want, n, cout, hw, cp), U16, bound);
+    if let Some(y_pool) = y_pool {
+        let want = nchw_to_nhwc(want_pool, n, cout, hw / 4, cp);
+        run.output(&format!("{op}+maxpool"), &y_pool, &want, U16, bound);
+    }
 }
 
 /// conv3x3_igemm with eval-mode BatchNorm folded into its weights and bias by the host
@@ -222,11 +236,16 @@ fn folded_bn_rows(dev: &mut Device, t: &mut Table) {
     conv3x3(dev, &p, false).unwrap();
     let shape = format!("n{n} {h}×{w} [{cin}]→{cout}");
     let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gy, &gp]).nhwc(cout, cp);
-    let want = nchw_to_nhwc(&y, n, cout, h * w, cp);
-    run.output("conv3x3+bn eval+relu", &gy.read_f16(dev), &want, U16, bound);
-    let want = nchw_to_nhwc(&y_pool, n, cout, h * w / 4, cp);
-    let op = "conv3x3+bn eval+relu+maxpool";
-    run.output(op, &gp.read_f16(dev), &want, U16, bound);
+    let got = (gy.read_f16(dev), Some(gp.read_f16(dev)));
+    let op = "conv3x3+bn eval+relu";
+    output_rows(
+        &mut run,
+        op,
+        got,
+        (&y, &y_pool),
+        (n, cout, h * w, cp),
+        bound,
+    );
 }
 
 /// conv3x3_first: the first layer's direct convolution of fp32 NCHW input, fp16 NHWC output.
@@ -279,17 +298,14 @@ fn first_rows(dev: &mut Device, t: &mut Table) {
         let shape = format!("n{n} {h}×{w} [{cin}]→{cout}");
         let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gy, &gp]).nhwc(cout, cp);
         let op = format!("conv3x3 first{}", if relu { "+relu" } else { "" });
-        let want = nchw_to_nhwc(&y, n, cout, h * w, cp);
-        run.output(&op, &gy.read_f16(dev), &want, U16, bound);
-        if pool {
-            let want = nchw_to_nhwc(&y_pool, n, cout, h * w / 4, cp);
-            run.output(
-                &format!("{op}+maxpool"),
-                &gp.read_f16(dev),
-                &want,
-                U16,
-                bound,
-            );
-        }
+        let got = (gy.read_f16(dev), pool.then(|| gp.read_f16(dev)));
+        output_rows(
+            &mut run,
+            &op,
+            got,
+            (&y, &y_pool),
+            (n, cout, h * w, cp),
+            bound,
+        );
     }
 }
