@@ -4,6 +4,7 @@
 
 use half::f16;
 use m2unet::config::GcpMode;
+use m2unet::cuda::kernels::ConvParams;
 use m2unet::cuda::{DevPtr, Device, DeviceKind};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -151,4 +152,49 @@ pub fn gcp_mode(gcp: i32) -> GcpMode {
         1 => GcpMode::Max,
         _ => GcpMode::Mean,
     }
+}
+
+/// conv3x3 parameters over fresh device buffers (contents unset), for timing: n images of
+/// h × h pixels, cin1 input channels (+ cin2 concatenated), cout outputs, ReLU, quad order,
+/// no split-K. `up`: the input is h/2 × h/2, upsampled ×2 by the loader; `pool`: with the
+/// fused 2×2 max-pool.
+pub fn timing_conv_params(
+    dev: &mut Device,
+    (n, h, cin1, cin2, cout): (usize, usize, usize, usize, usize),
+    up: bool,
+    pool: bool,
+) -> ConvParams {
+    let m = n * h * h;
+    let src_px = if up { m / 4 } else { m };
+    let mut alloc = |bytes: usize| dev.alloc(bytes).expect("device allocation").0;
+    ConvParams {
+        x: alloc(src_px * cin1 * 2),
+        x2: alloc(m * cin2.max(8) * 2),
+        wt: alloc(cout * 9 * (cin1 + cin2) * 2),
+        bias: alloc(cout * 4),
+        y: alloc(m * cout * 2),
+        y_pool: if pool { alloc(m / 4 * cout * 2) } else { 0 },
+        n: n as i32,
+        h: h as i32,
+        w: h as i32,
+        cin1: cin1 as i32,
+        cin2: cin2 as i32,
+        cout: cout as i32,
+        in_h: (h / 2) as i32,
+        in_w: (h / 2) as i32,
+        relu: 1,
+        quad: 1,
+        partial: 0,
+        splits: 1,
+        pad_: 0,
+    }
+}
+
+/// Milliseconds (CUDA events) that `iters` calls of `launch` take.
+pub fn time_launches(
+    dev: &Device,
+    iters: u64,
+    mut launch: impl FnMut() -> anyhow::Result<()>,
+) -> f32 {
+    (dev.time_ms(|| (0..iters).try_for_each(|_| launch()))).expect("timed launches")
 }
