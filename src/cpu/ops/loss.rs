@@ -336,11 +336,7 @@ mod tests {
             .filter(|&i| labels[(i / (c * hw)) * hw + i % hw] < 0)
             .map(|i| d1[i].abs())
             .fold(0.0f32, f32::max);
-        let grad_diff = d1
-            .iter()
-            .zip(&d2)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let grad_diff = max_abs_diff(&d1, &d2);
         println!("{ignored} ignored pixels: losses {a:?} vs {b:?}, gradient diff {grad_diff:.3e}, max |grad| at ignored {grad_at_ignored:.3e}");
         assert!(ignored > 0);
         assert_eq!(a, b);

@@ -373,11 +373,7 @@ mod tests {
         ));
         let (wf, bf) = crate::model::fold_bn(&w, &b, &gamma, &beta, &rm, &rv);
         let folded = reference::relu_forward(&conv(&to_f64(&wf), &to_f64(&bf)));
-        let fold_err = folded
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
+        let fold_err = max_abs_diff(&folded, &want);
         println!("folded conv error {fold_err:.3e}");
         assert!(fold_err < 1e-6, "fold error {fold_err}");
     }

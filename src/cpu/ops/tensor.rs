@@ -89,14 +89,17 @@ pub(crate) mod test_support {
         v.iter().map(|&x| x as f64).collect()
     }
 
+    /// max |a − b| (in f64).
+    pub fn max_abs_diff<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]) -> f64 {
+        assert_eq!(a.len(), b.len(), "max_abs_diff: length mismatch");
+        (a.iter().zip(b))
+            .map(|(&x, &y)| (x.into() - y.into()).abs())
+            .fold(0.0, f64::max)
+    }
+
     /// max |a − b| / max |b| (b the reference; an all-zero reference gives the absolute error).
     pub fn rel_err<T: Copy + Into<f64>>(a: &[T], b: &[f64]) -> f64 {
-        assert_eq!(a.len(), b.len(), "rel_err: length mismatch");
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(&x, &y)| (x.into() - y).abs())
-            .fold(0.0, f64::max);
+        let diff = max_abs_diff(a, b);
         let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
         if scale > 0.0 {
             diff / scale

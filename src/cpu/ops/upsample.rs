@@ -90,6 +90,7 @@ pub fn upsample2x_backward(dy: &[f32], xd: Dims, dx: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::ops::tensor::test_support::max_abs_diff;
 
     #[test]
     fn upsample_known_2x2_matches_pytorch_formula() {
@@ -105,11 +106,7 @@ mod tests {
             2.5, 2.75, 3.25, 3.5, //
             3.0, 3.25, 3.75, 4.0,
         ];
-        let err = y
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let err = max_abs_diff(&y, &want);
         println!("upsample 2x2 → 4x4: max error {err:.3e}, y = {y:?}");
         assert_eq!(err, 0.0);
     }

@@ -4,7 +4,7 @@
 //! (tests/ops_table/cpu.rs).
 
 use super::*;
-use crate::cpu::ops::tensor::test_support::{rand_vec, rng, to_f64};
+use crate::cpu::ops::tensor::test_support::{max_abs_diff, rand_vec, rng, to_f64};
 use crate::reference::{self, Grads};
 use rand_chacha::ChaCha8Rng;
 
@@ -76,14 +76,6 @@ fn as_parts<'a>(data: &'a [Vec<f32>], cs: &[usize]) -> Vec<(&'a [f32], usize)> {
 fn fmt_errs(errs: &[f64]) -> String {
     let v: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();
     v.join(", ")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(&u, &v)| (u as f64 - v).abs())
-        .fold(0.0, f64::max)
 }
 
 /// ‖g − r‖ / ‖r‖.
