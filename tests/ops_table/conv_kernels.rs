@@ -140,31 +140,23 @@ fn conv_rows(
         if relu { "+relu" } else { "" }
     );
     let got = (gy.read_f16(dev), pool.then(|| gp.read_f16(dev)));
-    output_rows(
-        &mut run,
-        &op,
-        got,
-        (&y, &y_pool),
-        (n, cout, h * w, cp),
-        bound,
-    );
+    output_rows(&mut run, &op, got, (&y, &y_pool), n, bound);
     splits
 }
 
 /// The rows of a conv's fp16 NHWC output y (`op`) and, when read, its fused 2×2 max-pool
-/// (`op`+maxpool) against the references y [n, cout, hw] and y_pool [n, cout, hw/4] (NCHW).
+/// (`op`+maxpool) against the NCHW references y [n, cout, h, w] and y_pool.
 fn output_rows(
     run: &mut Launch,
     op: &str,
     (y, y_pool): (Vec<f32>, Option<Vec<f32>>),
     (want, want_pool): (&[f64], &[f64]),
-    (n, cout, hw, cp): (usize, usize, usize, usize),
+    n: usize,
     bound: f64,
 ) {
-    run.output(op, &y, &nchw_to_nhwc(want, n, cout, hw, cp), U16, bound);
+    run.output_nchw(op, &y, (want, n), bound);
     if let Some(y_pool) = y_pool {
-        let want = nchw_to_nhwc(want_pool, n, cout, hw / 4, cp);
-        run.output(&format!("{op}+maxpool"), &y_pool, &want, U16, bound);
+        run.output_nchw(&format!("{op}+maxpool"), &y_pool, (want_pool, n), bound);
     }
 }
 
@@ -238,14 +230,7 @@ fn folded_bn_rows(dev: &mut Device, t: &mut Table) {
     let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gy, &gp]).nhwc(cout, cp);
     let got = (gy.read_f16(dev), Some(gp.read_f16(dev)));
     let op = "conv3x3+bn eval+relu";
-    output_rows(
-        &mut run,
-        op,
-        got,
-        (&y, &y_pool),
-        (n, cout, h * w, cp),
-        bound,
-    );
+    output_rows(&mut run, op, got, (&y, &y_pool), n, bound);
 }
 
 /// conv3x3_first: the first layer's direct convolution of fp32 NCHW input, fp16 NHWC output.
@@ -299,13 +284,6 @@ fn first_rows(dev: &mut Device, t: &mut Table) {
         let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gy, &gp]).nhwc(cout, cp);
         let op = format!("conv3x3 first{}", if relu { "+relu" } else { "" });
         let got = (gy.read_f16(dev), pool.then(|| gp.read_f16(dev)));
-        output_rows(
-            &mut run,
-            &op,
-            got,
-            (&y, &y_pool),
-            (n, cout, h * w, cp),
-            bound,
-        );
+        output_rows(&mut run, &op, got, (&y, &y_pool), n, bound);
     }
 }

@@ -20,7 +20,7 @@
 //! `norm_kernels` (norm.cu), `head_kernels` (heads.cu); each launch's rows go through a
 //! [`Launch`].
 
-use crate::cuda_common::{uniform, Guarded};
+use crate::cuda_common::{nchw_to_nhwc, uniform, Guarded};
 use crate::{conv_kernels, head_kernels, max_abs, max_err, norm_kernels, Table};
 use m2unet::cuda::{Device, DeviceKind};
 use rand_chacha::ChaCha8Rng;
@@ -89,6 +89,14 @@ impl<'a> Launch<'a> {
             _ => max_err(got, want),
         };
         self.add(op, err, rounding + relative(bound, want));
+    }
+
+    /// [`Launch::output`] of an NHWC launch's output against its reference in NCHW
+    /// [n, c, hw].
+    pub fn output_nchw(&mut self, op: &str, got: &[f32], (want, n): (&[f64], usize), bound: f64) {
+        let (c, cp) = self.channels.expect("an NHWC launch");
+        let want = nchw_to_nhwc(want, n, c, want.len() / (n * c), cp);
+        self.output(op, got, &want, U16, bound);
     }
 }
 
