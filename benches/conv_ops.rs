@@ -2,6 +2,7 @@
 
 use criterion::{black_box, Criterion};
 use m2unet::cpu::ops::conv::{conv3x3_backward, conv3x3_forward};
+use m2unet::cpu::ops::matmul::{matmul, Operand, Parallelism};
 use m2unet::cpu::ops::Dims;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -60,26 +61,13 @@ fn im2col_gemm_forward(
         }
         // SAFETY: yi [cout, hw] += w [cout, k] · col [k, hw], all row-major and in bounds.
         unsafe {
-            gemm::gemm(
-                cout,
-                hw,
-                k,
-                yi.as_mut_ptr(),
-                1,
-                hw as isize,
+            matmul(
+                (cout, hw, k),
+                (yi.as_mut_ptr(), hw),
                 true,
-                w.as_ptr(),
-                1,
-                k as isize,
-                col.as_ptr(),
-                1,
-                hw as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
+                Operand::rows(w.as_ptr(), k),
+                Operand::rows(col.as_ptr(), hw),
+                Parallelism::Rayon(0),
             );
         }
     }

@@ -3,7 +3,11 @@
 //! emulator timings are not performance. PyTorch/cuDNN numbers for the same shapes come from
 //! tools/gpu_check.sh and are recorded beside these in docs/perf.md.
 
+#[path = "../tests/cuda_common/mod.rs"]
+mod cuda_common;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use cuda_common::{time_launches, timing_conv_params};
 use m2unet::config::ModelConfig;
 use m2unet::cuda::kernels::*;
 use m2unet::cuda::{CudaEngine, DevPtr, Device, DeviceKind};
@@ -11,16 +15,8 @@ use m2unet::model::{Arch, Model};
 use std::time::Duration;
 
 /// Times `iters` launches of `launch` with CUDA events.
-fn gpu_time(dev: &Device, iters: u64, mut launch: impl FnMut() -> anyhow::Result<()>) -> Duration {
-    let ms = dev
-        .time_ms(|| {
-            for _ in 0..iters {
-                launch()?;
-            }
-            Ok(())
-        })
-        .expect("timed launches");
-    Duration::from_secs_f64(ms as f64 / 1e3)
+fn gpu_time(dev: &Device, iters: u64, launch: impl FnMut() -> anyhow::Result<()>) -> Duration {
+    Duration::from_secs_f64(time_launches(dev, iters, launch) as f64 / 1e3)
 }
 
 fn alloc(dev: &mut Device, bytes: usize) -> DevPtr {
@@ -80,32 +76,8 @@ fn kernels(c: &mut Criterion) {
         ),
     ] {
         let m = n * h * h;
-        let src_px = if up { m / 4 } else { m };
-        let p = ConvParams {
-            x: alloc(&mut dev, src_px * cin1 * 2).0,
-            x2: alloc(&mut dev, m * cin2.max(8) * 2).0,
-            wt: alloc(&mut dev, cout * 9 * (cin1 + cin2) * 2).0,
-            bias: alloc(&mut dev, cout * 4).0,
-            y: alloc(&mut dev, m * cout * 2).0,
-            y_pool: if name.contains("pool") {
-                alloc(&mut dev, m / 4 * cout * 2).0
-            } else {
-                0
-            },
-            n: n as i32,
-            h: h as i32,
-            w: h as i32,
-            cin1: cin1 as i32,
-            cin2: cin2 as i32,
-            cout: cout as i32,
-            in_h: (h / 2) as i32,
-            in_w: (h / 2) as i32,
-            relu: 1,
-            quad: 1,
-            partial: 0,
-            splits: 1,
-            pad_: 0,
-        };
+        let pool = name.contains("pool");
+        let p = timing_conv_params(&mut dev, (n, h, cin1, cin2, cout), up, pool);
         g.throughput(Throughput::Elements(
             (2 * m * cout * 9 * (cin1 + cin2)) as u64,
         ));

@@ -94,8 +94,10 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
         c = k - tap * cin;
         return k;
     };
-    // A rows through cp.async (plain and concatenated inputs).
-    auto load_a = [&](int stage, int kt) {
+    // Calls f(i, ok, c, yy, xx) for each A row row0 + 32·i of k-tile kt: the row reads channels
+    // c..c+7 of input pixel (yy, xx) when ok, else zeros (outside the image, or past the end
+    // of K).
+    auto for_a_rows = [&](int kt, auto&& f) {
         int tap, c;
         chunk_k(kt, tap, c);
         int dy = tap / 3 - 1, dx = tap % 3 - 1;
@@ -103,32 +105,33 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
         for (int i = 0; i < 4; ++i) {
             int yy = ay[i] + dy, xx = ax[i] + dx;
             bool ok = tap < 9 && aok[i] && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w;
+            f(i, ok, c, yy, xx);
+        }
+    };
+    // A rows through cp.async (plain and concatenated inputs).
+    auto load_a = [&](int stage, int kt) {
+        for_a_rows(kt, [&](int i, bool ok, int c, int yy, int xx) {
             const __half* src = p.x;
             if (ok) {
                 size_t pix = (size_t(an[i]) * p.h + yy) * p.w + xx;
                 src = c < p.cin1 ? p.x + pix * p.cin1 + c : p.x2 + pix * p.cin2 + (c - p.cin1);
             }
             cp_async16(&sa[stage][swz(row0 + 32 * i, ch)], src, ok);
-        }
+        });
     };
     // A rows of the upsampled input: per row, the four neighbours of the vector are loaded,
     // blended and stored to shared memory. (Holding all rows' loads in registers across the
     // MMAs was measured slower on an H200: it cost occupancy.)
     auto load_up = [&](int stage, int kt) {
-        int tap, c;
-        chunk_k(kt, tap, c);
-        int dy = tap / 3 - 1, dx = tap % 3 - 1;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int yy = ay[i] + dy, xx = ax[i] + dx;
+        for_a_rows(kt, [&](int i, bool ok, int c, int yy, int xx) {
             uint4 v = {0u, 0u, 0u, 0u};
-            if (tap < 9 && aok[i] && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w) {
+            if (ok) {
                 UpFetch f;
                 upsample_fetch(p, an[i], yy, xx, c, f);
                 v = upsample_blend(f);
             }
             *reinterpret_cast<uint4*>(&sa[stage][swz(row0 + 32 * i, ch)]) = v;
-        }
+        });
     };
     auto load_b = [&](int stage, int kt) {
         int tap, c;

@@ -713,6 +713,7 @@ pub fn cls_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::ops::tensor::test_support::rel_err;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -741,22 +742,6 @@ mod tests {
             .collect()
     }
 
-    /// max |a − b| / max |b| (the absolute error when b is all zero).
-    fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-        assert_eq!(a.len(), b.len());
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
-        if scale > 0.0 {
-            diff / scale
-        } else {
-            diff
-        }
-    }
-
     /// Checks `analytic` against the finite-difference gradient of f at x, printing the error.
     fn check(what: &str, analytic: &[f64], f: impl Fn(&[f64]) -> f64, x: &[f64], h: f64, tol: f64) {
         let err = rel_err(analytic, &fd_grad(f, x, h));
@@ -770,6 +755,24 @@ mod tests {
     /// round off by O(1e-16/h) ≈ 1e-11.
     const H: f64 = 1e-5;
     const TOL: f64 = 1e-7;
+
+    /// Checks the named gradients of f with respect to its three arguments against f's
+    /// central differences at `args`, with the smooth ops' step and tolerance.
+    fn check_args(
+        what: &str,
+        [(nx, dx), (nw, dw), (nb, db)]: [(&str, &[f64]); 3],
+        f: impl Fn(&[f64], &[f64], &[f64]) -> f64,
+        [x, w, b]: [&[f64]; 3],
+    ) {
+        check(&format!("{what} {nx}"), dx, |t| f(t, w, b), x, H, TOL);
+        check(&format!("{what} {nw}"), dw, |t| f(x, t, b), w, H, TOL);
+        check(&format!("{what} {nb}"), db, |t| f(x, w, t), b, H, TOL);
+    }
+
+    /// A layer's gradients with their names, for [`check_args`].
+    fn named(g: &Grads) -> [(&'static str, &[f64]); 3] {
+        [("dx", &g.dx), ("dw", &g.dw), ("db", &g.db)]
+    }
 
     #[test]
     fn conv_backward_matches_finite_differences() {
@@ -790,30 +793,8 @@ mod tests {
                 conv1x1_backward(&x, d, &w, &r, cout)
             };
             let what = format!("conv{ks}x{ks} {d:?} → {cout}");
-            check(
-                &format!("{what} dx"),
-                &grads.dx,
-                |t| dot(&r, &fwd(t, &w, &b)),
-                &x,
-                H,
-                TOL,
-            );
-            check(
-                &format!("{what} dw"),
-                &grads.dw,
-                |t| dot(&r, &fwd(&x, t, &b)),
-                &w,
-                H,
-                TOL,
-            );
-            check(
-                &format!("{what} db"),
-                &grads.db,
-                |t| dot(&r, &fwd(&x, &w, t)),
-                &b,
-                H,
-                TOL,
-            );
+            let f = |x: &[f64], w: &[f64], b: &[f64]| dot(&r, &fwd(x, w, b));
+            check_args(&what, named(&grads), f, [&x, &w, &b]);
         }
     }
 
@@ -853,30 +834,7 @@ mod tests {
             let f =
                 |x: &[f64], w: &[f64], b: &[f64]| dot(&r, &linear_forward(x, m, fin, w, b, fout));
             let what = format!("linear {m}×{fin}→{fout}");
-            check(
-                &format!("{what} dx"),
-                &grads.dx,
-                |t| f(t, &w, &b),
-                &x,
-                H,
-                TOL,
-            );
-            check(
-                &format!("{what} dw"),
-                &grads.dw,
-                |t| f(&x, t, &b),
-                &w,
-                H,
-                TOL,
-            );
-            check(
-                &format!("{what} db"),
-                &grads.db,
-                |t| f(&x, &w, t),
-                &b,
-                H,
-                TOL,
-            );
+            check_args(&what, named(&grads), f, [&x, &w, &b]);
         }
         let y = linear_forward(&[1.0, 2.0], 1, 2, &[3.0, -1.0, 0.5, 0.25], &[10.0, 0.0], 2);
         println!("linear [1, 2]·[[3, −1], [0.5, 0.25]]ᵀ + [10, 0] = {y:?}");
@@ -896,30 +854,13 @@ mod tests {
             let f =
                 |x: &[f64], ga: &[f64], be: &[f64]| dot(&r, &bn_train_forward(x, c, hw, ga, be).y);
             let what = format!("bn train n{n} c{c} hw{hw}");
-            check(
-                &format!("{what} dx"),
-                &grads.dx,
-                |t| f(t, &gamma, &beta),
-                &x,
-                H,
-                TOL,
-            );
-            check(
-                &format!("{what} dgamma"),
-                &grads.dgamma,
-                |t| f(&x, t, &beta),
-                &gamma,
-                H,
-                TOL,
-            );
-            check(
-                &format!("{what} dbeta"),
-                &grads.dbeta,
-                |t| f(&x, &gamma, t),
-                &beta,
-                H,
-                TOL,
-            );
+            let g = &grads;
+            let named = [
+                ("dx", &g.dx[..]),
+                ("dgamma", &g.dgamma),
+                ("dbeta", &g.dbeta),
+            ];
+            check_args(&what, named, f, [&x, &gamma, &beta]);
         }
     }
 

@@ -6,7 +6,7 @@
 mod cuda_common;
 
 use m2unet::config::ModelConfig;
-use m2unet::cuda::kernels::{conv3x3, ConvParams};
+use m2unet::cuda::kernels::conv3x3;
 use m2unet::cuda::{CudaEngine, Device, DeviceKind};
 use m2unet::engine::InferenceEngine;
 use m2unet::model::{Arch, Model};
@@ -81,38 +81,11 @@ fn gpu_conv3x3_igemm_timing() {
         ("enc5.conv2", 128, 16, 512, 0, 512),
     ] {
         let m = n * h * h;
-        let x = dev.alloc(m * cin1 * 2).unwrap();
-        let x2 = dev.alloc(m * cin2.max(8) * 2).unwrap();
-        let wt = dev.alloc(cout * 9 * (cin1 + cin2) * 2).unwrap();
-        let bias = dev.alloc(cout * 4).unwrap();
-        let y = dev.alloc(m * cout * 2).unwrap();
-        let p = ConvParams {
-            x: x.0,
-            x2: x2.0,
-            wt: wt.0,
-            bias: bias.0,
-            y: y.0,
-            n: n as i32,
-            h: h as i32,
-            w: h as i32,
-            cin1: cin1 as i32,
-            cin2: cin2 as i32,
-            cout: cout as i32,
-            relu: 1,
-            quad: 1,
-            ..Default::default()
-        };
+        let p = cuda_common::timing_conv_params(&mut dev, (n, h, cin1, cin2, cout), false, false);
         conv3x3(&dev, &p, false).unwrap();
         let iters = 20;
-        let ms = dev
-            .time_ms(|| {
-                for _ in 0..iters {
-                    conv3x3(&dev, &p, false)?;
-                }
-                Ok(())
-            })
-            .unwrap()
-            / iters as f32;
+        let ms =
+            cuda_common::time_launches(&dev, iters, || conv3x3(&dev, &p, false)) / iters as f32;
         let gflop = 2.0 * (m * cout * 9 * (cin1 + cin2)) as f64 / 1e9;
         println!(
             "PERF conv {name} m={m} k={} n={cout} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",

@@ -206,6 +206,18 @@ fn blocks(units: usize, per_block: usize) -> u32 {
     units.div_ceil(per_block) as u32
 }
 
+/// Launches `name` with one thread per unit of work: a 1-D grid of blocks of `threads`.
+fn launch_1d<P: Pod>(
+    dev: &Device,
+    name: &'static str,
+    units: usize,
+    threads: u32,
+    p: &P,
+) -> Result<()> {
+    let grid = [blocks(units, threads as usize), 1, 1];
+    dev.launch(name, grid, [threads, 1, 1], p)
+}
+
 /// The kernels index threads and GEMM rows with 32-bit integers.
 fn check_i32(what: &str, units: usize) -> Result<()> {
     ensure!(
@@ -252,12 +264,7 @@ pub fn conv3x3(dev: &Device, p: &ConvParams, upsample: bool) -> Result<()> {
     dev.launch(name, grid, [128, 1, 1], &p)?;
     if p.splits > 1 {
         let units = m / if p.y_pool != 0 { 4 } else { 1 } * (p.cout as usize / 8);
-        dev.launch(
-            "conv_splitk_reduce",
-            [blocks(units, 256), 1, 1],
-            [256, 1, 1],
-            &p,
-        )?;
+        launch_1d(dev, "conv_splitk_reduce", units, 256, &p)?;
     }
     Ok(())
 }
@@ -285,7 +292,7 @@ pub fn conv3x3_first(dev: &Device, p: &ConvFirstParams) -> Result<()> {
     let pool = p.y_pool != 0;
     let units = (p.n * p.h * p.w) as usize / if pool { 4 } else { 1 } * (p.cout as usize / 8);
     check_i32("conv3x3_first", units)?;
-    dev.launch("conv3x3_first", [blocks(units, 128), 1, 1], [128, 1, 1], p)
+    launch_1d(dev, "conv3x3_first", units, 128, p)
 }
 
 /// Chunks of BN statistics for `pixels` pixels.
@@ -310,7 +317,7 @@ pub fn bn_apply(dev: &Device, p: &BnApplyParams) -> Result<()> {
     let pool = p.y_pool != 0;
     let units = (p.n * p.h * p.w) as usize / if pool { 4 } else { 1 } * (p.c as usize / 8);
     check_i32("bn_apply", units)?;
-    dev.launch("bn_apply", [blocks(units, 256), 1, 1], [256, 1, 1], p)
+    launch_1d(dev, "bn_apply", units, 256, p)
 }
 
 pub fn seg_head(dev: &Device, p: &SegHeadParams) -> Result<()> {
@@ -318,12 +325,7 @@ pub fn seg_head(dev: &Device, p: &SegHeadParams) -> Result<()> {
         p.classes <= 16 && p.classes * p.c_real <= 4096,
         "seg_head: at most 16 classes and 4096 weights"
     );
-    dev.launch(
-        "seg_head",
-        [blocks((p.n * p.hw) as usize, 128), 1, 1],
-        [128, 1, 1],
-        p,
-    )
+    launch_1d(dev, "seg_head", (p.n * p.hw) as usize, 128, p)
 }
 
 pub fn mil_concepts_gcp(dev: &Device, p: &ConceptsGcpParams) -> Result<()> {
@@ -340,30 +342,15 @@ pub fn mil_concepts_gcp(dev: &Device, p: &ConceptsGcpParams) -> Result<()> {
 }
 
 pub fn linear_f32(dev: &Device, p: &LinearParams) -> Result<()> {
-    dev.launch(
-        "linear_f32",
-        [blocks((p.rows * p.fout) as usize, 128), 1, 1],
-        [128, 1, 1],
-        p,
-    )
+    launch_1d(dev, "linear_f32", (p.rows * p.fout) as usize, 128, p)
 }
 
 pub fn bn1d_train_relu(dev: &Device, p: &Bn1dTrainParams) -> Result<()> {
-    dev.launch(
-        "bn1d_train_relu",
-        [blocks(p.c as usize, 64), 1, 1],
-        [64, 1, 1],
-        p,
-    )
+    launch_1d(dev, "bn1d_train_relu", p.c as usize, 64, p)
 }
 
 pub fn gcp_bags(dev: &Device, p: &GcpBagsParams) -> Result<()> {
-    dev.launch(
-        "gcp_bags",
-        [blocks((p.bags * p.k) as usize, 128), 1, 1],
-        [128, 1, 1],
-        p,
-    )
+    launch_1d(dev, "gcp_bags", (p.bags * p.k) as usize, 128, p)
 }
 
 impl From<DevPtr> for u64 {

@@ -1,13 +1,11 @@
-//! Helpers shared by the CUDA tests: device choice, guarded buffers, fp16 packing, NHWC
-//! layout conversions, the normalised error mse(a,b)/mse(a,0), and f32 adapters of
-//! `m2unet::reference`.
+//! Helpers shared by the CUDA tests: device choice, guarded buffers, fp16 packing, the NHWC
+//! layout, the normalised error mse(a,b)/mse(a,0), and f32/f64 conversions.
 #![allow(dead_code)]
 
 use half::f16;
 use m2unet::config::GcpMode;
-use m2unet::cpu::ops::Dims;
+use m2unet::cuda::kernels::ConvParams;
 use m2unet::cuda::{DevPtr, Device, DeviceKind};
-use m2unet::reference;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -119,26 +117,20 @@ pub fn nerr(reference: &[f32], got: &[f32]) -> f64 {
     num / den.max(1e-30)
 }
 
-/// NCHW [n,c,h,w] → NHWC [n,h,w,cp] with channels padded by zeros to cp.
-pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize, cp: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * h * w * cp];
+/// NCHW [n, c, hw] → NHWC [n, hw, cp], channels c..cp zero (the device layout). With hw = 1
+/// it pads the rows of a [n, c] matrix to cp.
+pub fn nchw_to_nhwc<T: Copy + Default>(
+    x: &[T],
+    n: usize,
+    c: usize,
+    hw: usize,
+    cp: usize,
+) -> Vec<T> {
+    let mut out = vec![T::default(); n * hw * cp];
     for i in 0..n {
         for ch in 0..c {
-            for p in 0..h * w {
-                out[(i * h * w + p) * cp + ch] = x[(i * c + ch) * h * w + p];
-            }
-        }
-    }
-    out
-}
-
-/// NHWC [n,h,w,cp] → NCHW [n,c,h,w] (dropping padding channels).
-pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize, cp: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * c * h * w];
-    for i in 0..n {
-        for ch in 0..c {
-            for p in 0..h * w {
-                out[(i * c + ch) * h * w + p] = x[(i * h * w + p) * cp + ch];
+            for p in 0..hw {
+                out[(i * hw + p) * cp + ch] = x[(i * c + ch) * hw + p];
             }
         }
     }
@@ -162,46 +154,47 @@ pub fn gcp_mode(gcp: i32) -> GcpMode {
     }
 }
 
-/// reference::conv3x3_forward in f32: x [n, cin, h, wd], w [cout, cin, 3, 3].
-#[allow(clippy::too_many_arguments)]
-pub fn ref_conv3x3(
-    x: &[f32],
-    w: &[f32],
-    b: &[f32],
-    n: usize,
-    cin: usize,
-    cout: usize,
-    h: usize,
-    wd: usize,
-) -> Vec<f32> {
-    let xd = Dims::new(n, cin, h, wd);
-    to_f32(&reference::conv3x3_forward(
-        &to_f64(x),
-        xd,
-        &to_f64(w),
-        &to_f64(b),
-        cout,
-    ))
+/// conv3x3 parameters over fresh device buffers (contents unset), for timing: n images of
+/// h × h pixels, cin1 input channels (+ cin2 concatenated), cout outputs, ReLU, quad order,
+/// no split-K. `up`: the input is h/2 × h/2, upsampled ×2 by the loader; `pool`: with the
+/// fused 2×2 max-pool.
+pub fn timing_conv_params(
+    dev: &mut Device,
+    (n, h, cin1, cin2, cout): (usize, usize, usize, usize, usize),
+    up: bool,
+    pool: bool,
+) -> ConvParams {
+    let m = n * h * h;
+    let src_px = if up { m / 4 } else { m };
+    let mut alloc = |bytes: usize| dev.alloc(bytes).expect("device allocation").0;
+    ConvParams {
+        x: alloc(src_px * cin1 * 2),
+        x2: alloc(m * cin2.max(8) * 2),
+        wt: alloc(cout * 9 * (cin1 + cin2) * 2),
+        bias: alloc(cout * 4),
+        y: alloc(m * cout * 2),
+        y_pool: if pool { alloc(m / 4 * cout * 2) } else { 0 },
+        n: n as i32,
+        h: h as i32,
+        w: h as i32,
+        cin1: cin1 as i32,
+        cin2: cin2 as i32,
+        cout: cout as i32,
+        in_h: (h / 2) as i32,
+        in_w: (h / 2) as i32,
+        relu: 1,
+        quad: 1,
+        partial: 0,
+        splits: 1,
+        pad_: 0,
+    }
 }
 
-/// reference::relu_forward in place.
-pub fn relu(v: &mut [f32]) {
-    let r = reference::relu_forward(&to_f64(v));
-    v.copy_from_slice(&to_f32(&r));
-}
-
-/// reference::maxpool2x2_forward of nc planes of h × w.
-pub fn ref_maxpool(x: &[f32], nc: usize, h: usize, w: usize) -> Vec<f32> {
-    to_f32(&reference::maxpool2x2_forward(
-        &to_f64(x),
-        Dims::new(1, nc, h, w),
-    ))
-}
-
-/// reference::upsample2x_forward of nc planes of h × w.
-pub fn ref_upsample2x(x: &[f32], nc: usize, h: usize, w: usize) -> Vec<f32> {
-    to_f32(&reference::upsample2x_forward(
-        &to_f64(x),
-        Dims::new(1, nc, h, w),
-    ))
+/// Milliseconds (CUDA events) that `iters` calls of `launch` take.
+pub fn time_launches(
+    dev: &Device,
+    iters: u64,
+    mut launch: impl FnMut() -> anyhow::Result<()>,
+) -> f32 {
+    (dev.time_ms(|| (0..iters).try_for_each(|_| launch()))).expect("timed launches")
 }

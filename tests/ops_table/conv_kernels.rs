@@ -2,8 +2,8 @@
 //! loader, fused ReLU and max-pool, BatchNorm folded by the host) and conv3x3_first.
 
 use crate::cuda_common::*;
-use crate::device::{abs, damage, relative, to_nhwc, ACC, U16};
-use crate::{max_abs, max_err, Table};
+use crate::device::{abs, Launch, ACC, U16};
+use crate::{max_abs, Table};
 use m2unet::config::BN_EPS;
 use m2unet::cpu::ops::Dims;
 use m2unet::cuda::kernels::*;
@@ -13,9 +13,12 @@ use m2unet::model::fold_bn;
 use m2unet::reference;
 
 pub fn rows(dev: &mut Device, t: &mut Table) {
-    for case in &CONVS {
-        conv_rows(dev, t, case);
-    }
+    let splits: Vec<usize> = CONVS.iter().map(|case| conv_rows(dev, t, case)).collect();
+    // Split-K must stay covered: (1, 6, 6, [64], 24) splits its K = 9·64 four ways.
+    assert!(
+        splits.iter().any(|&s| s > 1),
+        "no conv case splits K: {splits:?}"
+    );
     folded_bn_rows(dev, t);
     first_rows(dev, t);
 }
@@ -23,7 +26,7 @@ pub fn rows(dev: &mut Device, t: &mut Table) {
 /// A case of conv3x3_igemm (conv3x3_igemm_up when `up`): (n, h, w, input channel parts, cout,
 /// relu, up). The input is the channel concatenation of the parts (each upsampled ×2 from
 /// h/2 × w/2 when `up`); then bias, optional ReLU and, for even h and w, the fused 2×2
-/// max-pool. Split-K is chosen as the engine does (conv_splits).
+/// max-pool. Split-K is chosen as the engine does (conv_splits); returns the splits.
 type ConvCase = (usize, usize, usize, &'static [usize], usize, bool, bool);
 
 const CONVS: [ConvCase; 9] = [
@@ -38,7 +41,11 @@ const CONVS: [ConvCase; 9] = [
     (1, 2, 2, &[5], 3, false, true),
 ];
 
-fn conv_rows(dev: &mut Device, t: &mut Table, &(n, h, w, parts, cout, relu, up): &ConvCase) {
+fn conv_rows(
+    dev: &mut Device,
+    t: &mut Table,
+    &(n, h, w, parts, cout, relu, up): &ConvCase,
+) -> usize {
     let mut r = rng((n * 1000 + h * 100 + w * 10 + cout) as u64);
     let (ih, iw) = if up { (h / 2, w / 2) } else { (h, w) };
     let cin: usize = parts.iter().sum();
@@ -90,7 +97,7 @@ fn conv_rows(dev: &mut Device, t: &mut Table, &(n, h, w, parts, cout, relu, up):
     // The device: NHWC fp16 inputs with channels padded to 8, weights [cout][9][Σ pad8].
     let cp = pad8(cout);
     let gx: Vec<Guarded> = (parts.iter().zip(&xs))
-        .map(|(&c, x)| Guarded::with(dev, &to_f16(&nchw_to_nhwc(x, n, c, ih, iw, pad8(c)))))
+        .map(|(&c, x)| Guarded::with(dev, &to_f16(&nchw_to_nhwc(x, n, c, ih * iw, pad8(c)))))
         .collect();
     let gw = Guarded::with(dev, &pack_conv3x3(&wgt, cout, parts).unwrap());
     let gb = Guarded::with(dev, &padded(&bias, cp));
@@ -123,7 +130,8 @@ fn conv_rows(dev: &mut Device, t: &mut Table, &(n, h, w, parts, cout, relu, up):
     conv3x3(dev, &p, up).unwrap();
     let mut bufs: Vec<&Guarded> = gx.iter().collect();
     bufs.extend([&gw, &gb, &gy, &gp, &gpart]);
-    let hurt = damage(dev, &bufs);
+    let shape = format!("n{n} {ih}×{iw} {:?}→{cout} split-K {splits}", parts);
+    let mut run = Launch::new(t, shape, dev, &bufs).nhwc(cout, cp);
 
     let op = format!(
         "{}{}conv3x3{}",
@@ -131,15 +139,24 @@ fn conv_rows(dev: &mut Device, t: &mut Table, &(n, h, w, parts, cout, relu, up):
         if up { "up2x+" } else { "" },
         if relu { "+relu" } else { "" }
     );
-    let shape = format!("n{n} {ih}×{iw} {:?}→{cout} split-K {splits}", parts);
-    let want = to_nhwc(&y, n, cout, h * w, cp);
-    let err = max_err(&gy.read_f16(dev), &want);
-    t.add_guarded(&op, &shape, err, U16 + relative(bound, &want), hurt);
-    if pool {
-        let want = to_nhwc(&y_pool, n, cout, h * w / 4, cp);
-        let err = max_err(&gp.read_f16(dev), &want);
-        let op = format!("{op}+maxpool");
-        t.add_guarded(&op, &shape, err, U16 + relative(bound, &want), hurt);
+    let got = (gy.read_f16(dev), pool.then(|| gp.read_f16(dev)));
+    output_rows(&mut run, &op, got, (&y, &y_pool), n, bound);
+    splits
+}
+
+/// The rows of a conv's fp16 NHWC output y (`op`) and, when read, its fused 2×2 max-pool
+/// (`op`+maxpool) against the NCHW references y [n, cout, h, w] and y_pool.
+fn output_rows(
+    run: &mut Launch,
+    op: &str,
+    (y, y_pool): (Vec<f32>, Option<Vec<f32>>),
+    (want, want_pool): (&[f64], &[f64]),
+    n: usize,
+    bound: f64,
+) {
+    run.output_nchw(op, &y, (want, n), bound);
+    if let Some(y_pool) = y_pool {
+        run.output_nchw(&format!("{op}+maxpool"), &y_pool, (want_pool, n), bound);
     }
 }
 
@@ -187,7 +204,7 @@ fn folded_bn_rows(dev: &mut Device, t: &mut Table) {
     let bound = (U16 + k * ACC) * max_abs(&a);
 
     let cp = pad8(cout);
-    let gx = Guarded::with(dev, &to_f16(&nchw_to_nhwc(&x, n, cin, h, w, pad8(cin))));
+    let gx = Guarded::with(dev, &to_f16(&nchw_to_nhwc(&x, n, cin, h * w, pad8(cin))));
     let gw = Guarded::with(dev, &pack_conv3x3(&wf, cout, &[cin]).unwrap());
     let gb = Guarded::with(dev, &padded(&bf, cp));
     let gy = Guarded::new(dev, n * h * w * cp * 2);
@@ -209,28 +226,11 @@ fn folded_bn_rows(dev: &mut Device, t: &mut Table) {
         ..Default::default()
     };
     conv3x3(dev, &p, false).unwrap();
-    let hurt = damage(dev, &[&gx, &gw, &gb, &gy, &gp]);
     let shape = format!("n{n} {h}×{w} [{cin}]→{cout}");
-    for (op, got, want) in [
-        (
-            "conv3x3+bn eval+relu",
-            gy.read_f16(dev),
-            to_nhwc(&y, n, cout, h * w, cp),
-        ),
-        (
-            "conv3x3+bn eval+relu+maxpool",
-            gp.read_f16(dev),
-            to_nhwc(&y_pool, n, cout, h * w / 4, cp),
-        ),
-    ] {
-        t.add_guarded(
-            op,
-            &shape,
-            max_err(&got, &want),
-            U16 + relative(bound, &want),
-            hurt,
-        );
-    }
+    let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gy, &gp]).nhwc(cout, cp);
+    let got = (gy.read_f16(dev), Some(gp.read_f16(dev)));
+    let op = "conv3x3+bn eval+relu";
+    output_rows(&mut run, op, got, (&y, &y_pool), n, bound);
 }
 
 /// conv3x3_first: the first layer's direct convolution of fp32 NCHW input, fp16 NHWC output.
@@ -280,17 +280,10 @@ fn first_rows(dev: &mut Device, t: &mut Table) {
             pad_: 0,
         };
         conv3x3_first(dev, &p).unwrap();
-        let hurt = damage(dev, &[&gx, &gw, &gb, &gy, &gp]);
-        let op = format!("conv3x3 first{}", if relu { "+relu" } else { "" });
         let shape = format!("n{n} {h}×{w} [{cin}]→{cout}");
-        let want = to_nhwc(&y, n, cout, h * w, cp);
-        let err = max_err(&gy.read_f16(dev), &want);
-        t.add_guarded(&op, &shape, err, U16 + relative(bound, &want), hurt);
-        if pool {
-            let want = to_nhwc(&y_pool, n, cout, h * w / 4, cp);
-            let err = max_err(&gp.read_f16(dev), &want);
-            let op = format!("{op}+maxpool");
-            t.add_guarded(&op, &shape, err, U16 + relative(bound, &want), hurt);
-        }
+        let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gy, &gp]).nhwc(cout, cp);
+        let op = format!("conv3x3 first{}", if relu { "+relu" } else { "" });
+        let got = (gy.read_f16(dev), pool.then(|| gp.read_f16(dev)));
+        output_rows(&mut run, &op, got, (&y, &y_pool), n, bound);
     }
 }

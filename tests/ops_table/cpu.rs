@@ -1,24 +1,32 @@
 //! CPU rows: every operator of src/cpu/ops, forward and backward, against `m2unet::reference`.
 
-use crate::cuda_common::{rng, to_f64, uniform};
+use crate::cuda_common::{rng, to_f32, to_f64, uniform};
 use crate::{max_err, Table};
 use m2unet::config::GcpMode;
 use m2unet::cpu::ops::{conv, linear, loss, mil, norm, pool, tensor, upsample, Dims};
-use m2unet::reference;
+use m2unet::reference::{self, Grads};
 use rand::Rng;
 
-/// Tolerance of every CPU row. The operators compute in f32 (unit roundoff 2^-24 ≈ 6e-8) and
-/// take their long reductions (BatchNorm statistics, losses, weight gradients) in f64; the
-/// f32 sums left are at most a few hundred terms whose partial sums stay near the result, so
-/// the errors measured stay below 1e-6. 1e-5 keeps a margin of about ten while any wrong index,
-/// tap or formula shows as an error of order one.
+// Tolerances of the CPU rows. The operators compute in f32 (unit roundoff 2^-24 ≈ 6e-8) and
+// take their long reductions (BatchNorm statistics, losses, weight gradients) in f64.
+
+/// ReLU and max-pool, forward and backward, only select and copy values: they must be exact.
+const EXACT: f64 = 0.0;
+/// Outputs a few roundings from exact: an f64 result rounded to f32 (losses, GCP, BatchNorm
+/// running statistics) or a handful of f32 operations with no sum over a layer's inputs
+/// (upsampling, the BatchNorm forward). The errors measured stay below 3e-7.
+const FEW: f64 = 1e-6;
+/// The rest (convolutions, linear layers, BatchNorm gradients) still sums up to a few hundred
+/// f32 terms whose partial sums stay near the result, so the errors measured stay below 1e-6.
+/// 1e-5 keeps a margin of about ten while any wrong index, tap or formula shows as an error of
+/// order one.
 const TOL: f64 = 1e-5;
 
 /// (n, input channel parts, cout, h, w): one part uses the plain entry points, several the
 /// concatenating ones.
 type ConvShape = (usize, &'static [usize], usize, usize, usize);
 
-const CONV3X3: [ConvShape; 8] = [
+const CONV3X3: [ConvShape; 9] = [
     (1, &[1], 1, 1, 1),
     (2, &[3], 4, 7, 1),
     (1, &[3], 5, 5, 7),
@@ -27,20 +35,36 @@ const CONV3X3: [ConvShape; 8] = [
     (1, &[1], 64, 9, 13),
     (2, &[7, 6], 10, 6, 11),
     (5, &[2, 3], 6, 3, 4),
+    (2, &[2, 0, 4], 5, 7, 9),
 ];
 
 fn dims_str(d: Dims) -> String {
     format!("{}×{}×{}×{}", d.n, d.c, d.h, d.w)
 }
 
-/// Scalar error |got − want| / |want| (absolute for want = 0).
+/// Scalar error |got − want| / min(|want|, 1): the larger of the absolute and the relative
+/// error (absolute for want = 0).
 fn scalar_err(got: f32, want: f64) -> f64 {
     let diff = (got as f64 - want).abs();
-    if want != 0.0 {
-        diff / want.abs()
+    let scale = want.abs().min(1.0);
+    if scale > 0.0 {
+        diff / scale
     } else {
         diff
     }
+}
+
+/// The rows of a layer's gradients (dx, dw, db) against the reference's.
+fn grad_rows(t: &mut Table, op: &str, shape: &str, got: [&[f32]; 3], want: &Grads) {
+    let want = [&want.dx, &want.dw, &want.db];
+    for ((name, got), want) in ["dx", "dw", "db"].into_iter().zip(got).zip(want) {
+        t.add(&format!("{op} {name}"), shape, max_err(got, want), TOL);
+    }
+}
+
+/// Gradient buffers of the given lengths, NaN until an operator writes them.
+fn nan_bufs<const K: usize>(lens: [usize; K]) -> [Vec<f32>; K] {
+    lens.map(|len| vec![f32::NAN; len])
 }
 
 pub fn table() -> Table {
@@ -68,46 +92,70 @@ fn conv3x3_rows(t: &mut Table) {
         let want = reference::conv3x3_forward(&xf, d, &wf, &to_f64(&b), cout);
         let want_relu = reference::relu_forward(&want);
         let grads = reference::conv3x3_backward(&xf, d, &wf, &to_f64(&dy), cout);
+        let want_dx = reference::split_channels(&grads.dx, n, h * w, cs);
         let shape = format!("{} {cs:?}→{cout}", dims_str(d));
-        let (mut y, mut yr) = (vec![f32::NAN; want.len()], vec![f32::NAN; want.len()]);
-        let (mut dw, mut db) = (vec![f32::NAN; wt.len()], vec![f32::NAN; cout]);
-        if cs.len() == 1 {
-            conv::conv3x3_forward(&x, d, &wt, &b, cout, &mut y);
-            conv::conv3x3_relu_forward(&x, d, &wt, &b, cout, &mut yr);
-            let mut dx = vec![f32::NAN; x.len()];
-            conv::conv3x3_backward(&x, d, &wt, &dy, cout, Some(&mut dx), &mut dw, &mut db);
-            t.add("conv3x3", &shape, max_err(&y, &want), TOL);
-            t.add("conv3x3+relu", &shape, max_err(&yr, &want_relu), TOL);
-            t.add("conv3x3 dx", &shape, max_err(&dx, &grads.dx), TOL);
-        } else {
-            let parts_data: Vec<Vec<f32>> = reference::split_channels(&xf, n, h * w, cs)
-                .iter()
-                .map(|p| p.iter().map(|&v| v as f32).collect())
-                .collect();
-            let parts: Vec<(&[f32], usize)> = (parts_data.iter().map(|p| p.as_slice()))
-                .zip(cs.iter().copied())
-                .collect();
+        let concat = cs.len() > 1;
+        let op = if concat { "concat+conv3x3" } else { "conv3x3" };
+        let parts_data: Vec<Vec<f32>> = (reference::split_channels(&xf, n, h * w, cs).iter())
+            .map(|p| to_f32(p))
+            .collect();
+        let parts: Vec<(&[f32], usize)> = (parts_data.iter().map(|p| p.as_slice()))
+            .zip(cs.iter().copied())
+            .collect();
+        let [mut y, mut yr] = nan_bufs([want.len(); 2]);
+        if concat {
             conv::conv3x3_forward_concat(&parts, d, &wt, &b, cout, false, &mut y);
             conv::conv3x3_forward_concat(&parts, d, &wt, &b, cout, true, &mut yr);
-            let mut dx_data: Vec<Vec<f32>> =
-                cs.iter().map(|&c| vec![f32::NAN; n * c * h * w]).collect();
-            let mut dx: Vec<Option<&mut [f32]>> =
-                dx_data.iter_mut().map(|v| Some(v.as_mut_slice())).collect();
-            conv::conv3x3_backward_concat(&parts, d, &wt, &dy, cout, &mut dx, &mut dw, &mut db);
-            t.add("concat+conv3x3", &shape, max_err(&y, &want), TOL);
-            t.add("concat+conv3x3+relu", &shape, max_err(&yr, &want_relu), TOL);
-            let want_dx = reference::split_channels(&grads.dx, n, h * w, cs);
-            for (i, (got, want)) in dx_data.iter().zip(&want_dx).enumerate() {
-                t.add(
-                    &format!("concat+conv3x3 dx[{i}]"),
-                    &shape,
-                    max_err(got, want),
-                    TOL,
-                );
-            }
+        } else {
+            conv::conv3x3_forward(&x, d, &wt, &b, cout, &mut y);
+            conv::conv3x3_relu_forward(&x, d, &wt, &b, cout, &mut yr);
         }
-        t.add("conv3x3 dw", &shape, max_err(&dw, &grads.dw), TOL);
-        t.add("conv3x3 db", &shape, max_err(&db, &grads.db), TOL);
+        t.add(op, &shape, max_err(&y, &want), TOL);
+        t.add(&format!("{op}+relu"), &shape, max_err(&yr, &want_relu), TOL);
+        // The gradients with every dx wanted, then without the first part's (with one part:
+        // dw and db alone, as for the first layer).
+        for skip_first in [false, true] {
+            let mut dx: Vec<Vec<f32>> = cs.iter().map(|&c| vec![f32::NAN; n * c * h * w]).collect();
+            let [mut dw, mut db] = nan_bufs([wt.len(), cout]);
+            let mut slots: Vec<Option<&mut [f32]>> = (dx.iter_mut().enumerate())
+                .map(|(i, v)| (i > 0 || !skip_first).then_some(v.as_mut_slice()))
+                .collect();
+            if concat {
+                conv::conv3x3_backward_concat(
+                    &parts, d, &wt, &dy, cout, &mut slots, &mut dw, &mut db,
+                );
+            } else {
+                let dx = slots.pop().unwrap();
+                conv::conv3x3_backward(&x, d, &wt, &dy, cout, dx, &mut dw, &mut db);
+            }
+            let tag = match (skip_first, concat) {
+                (false, _) => "",
+                (true, true) => ", no dx[0]",
+                (true, false) => ", no dx",
+            };
+            for (i, (got, want)) in dx.iter().zip(&want_dx).enumerate() {
+                if i > 0 || !skip_first {
+                    let name = if concat {
+                        format!("{op} dx[{i}]{tag}")
+                    } else {
+                        format!("{op} dx")
+                    };
+                    t.add(&name, &shape, max_err(got, want), TOL);
+                }
+            }
+            t.add(
+                &format!("conv3x3 dw{tag}"),
+                &shape,
+                max_err(&dw, &grads.dw),
+                TOL,
+            );
+            t.add(
+                &format!("conv3x3 db{tag}"),
+                &shape,
+                max_err(&db, &grads.db),
+                TOL,
+            );
+        }
     }
 }
 
@@ -126,19 +174,12 @@ fn conv1x1_rows(t: &mut Table) {
         let (xf, wf) = (to_f64(&x), to_f64(&wt));
         let want = reference::conv1x1_forward(&xf, d, &wf, &to_f64(&b), cout);
         let grads = reference::conv1x1_backward(&xf, d, &wf, &to_f64(&dy), cout);
-        let mut y = vec![f32::NAN; want.len()];
+        let [mut y, mut dx, mut dw, mut db] = nan_bufs([want.len(), x.len(), wt.len(), cout]);
         conv::conv1x1_forward(&x, d, &wt, &b, cout, &mut y);
-        let (mut dx, mut dw, mut db) = (
-            vec![f32::NAN; x.len()],
-            vec![f32::NAN; wt.len()],
-            vec![f32::NAN; cout],
-        );
         conv::conv1x1_backward(&x, d, &wt, &dy, cout, Some(&mut dx), &mut dw, &mut db);
         let shape = format!("{}→{cout}", dims_str(d));
         t.add("conv1x1", &shape, max_err(&y, &want), TOL);
-        t.add("conv1x1 dx", &shape, max_err(&dx, &grads.dx), TOL);
-        t.add("conv1x1 dw", &shape, max_err(&dw, &grads.dw), TOL);
-        t.add("conv1x1 db", &shape, max_err(&db, &grads.db), TOL);
+        grad_rows(t, "conv1x1", &shape, [&dx, &dw, &db], &grads);
     }
 }
 
@@ -152,19 +193,12 @@ fn linear_rows(t: &mut Table) {
         let (xf, wf) = (to_f64(&x), to_f64(&w));
         let want = reference::linear_forward(&xf, m, fin, &wf, &to_f64(&b), fout);
         let grads = reference::linear_backward(&xf, m, fin, &wf, &to_f64(&dy), fout);
-        let mut y = vec![f32::NAN; m * fout];
+        let [mut y, mut dx, mut dw, mut db] = nan_bufs([m * fout, m * fin, fout * fin, fout]);
         linear::linear_forward(&x, m, fin, &w, &b, fout, &mut y);
-        let (mut dx, mut dw, mut db) = (
-            vec![f32::NAN; m * fin],
-            vec![f32::NAN; fout * fin],
-            vec![f32::NAN; fout],
-        );
         linear::linear_backward(&x, m, fin, &w, &dy, fout, Some(&mut dx), &mut dw, &mut db);
         let shape = format!("{m}×{fin}→{fout}");
         t.add("linear", &shape, max_err(&y, &want), TOL);
-        t.add("linear dx", &shape, max_err(&dx, &grads.dx), TOL);
-        t.add("linear dw", &shape, max_err(&dw, &grads.dw), TOL);
-        t.add("linear db", &shape, max_err(&db, &grads.db), TOL);
+        grad_rows(t, "linear", &shape, [&dx, &dw, &db], &grads);
     }
 }
 
@@ -181,6 +215,7 @@ fn bn_rows(t: &mut Table) {
         (4, 5, 1),
         (2, 3, 49),
         (1, 4, 7),
+        (2, 3, 7),
     ] {
         let len = n * c * hw;
         let x = uniform(&mut g, len, -2.0, 2.0);
@@ -222,10 +257,10 @@ fn bn_rows(t: &mut Table) {
             "bn+relu train",
             &shape,
             max_err(&y, &reference::relu_forward(&batch.y)),
-            TOL,
+            FEW,
         );
-        t.add("bn running mean", &shape, max_err(&rm, &want_rm), TOL);
-        t.add("bn running var", &shape, max_err(&rv, &want_rv), TOL);
+        t.add("bn running mean", &shape, max_err(&rm, &want_rm), FEW);
+        t.add("bn running var", &shape, max_err(&rv, &want_rv), FEW);
         t.add("bn+relu dx", &shape, max_err(&dx, &grads.dx), TOL);
         t.add("bn+relu dgamma", &shape, max_err(&dg, &grads.dgamma), TOL);
         t.add("bn+relu dbeta", &shape, max_err(&db, &grads.dbeta), TOL);
@@ -233,7 +268,7 @@ fn bn_rows(t: &mut Table) {
             "bn+relu eval",
             &shape,
             max_err(&ye, &reference::relu_forward(&eval)),
-            TOL,
+            FEW,
         );
     }
 }
@@ -253,10 +288,10 @@ fn elementwise_rows(t: &mut Table) {
             "relu",
             &shape,
             max_err(&y, &reference::relu_forward(&xf)),
-            TOL,
+            EXACT,
         );
         let want_dx = reference::relu_backward(&xf, &to_f64(&dy));
-        t.add("relu dx", &shape, max_err(&dx, &want_dx), TOL);
+        t.add("relu dx", &shape, max_err(&dx, &want_dx), EXACT);
     }
     for d in [
         Dims::new(1, 1, 2, 2),
@@ -276,9 +311,9 @@ fn elementwise_rows(t: &mut Table) {
             "maxpool2x2",
             &dims_str(d),
             max_err(&y, &reference::maxpool2x2_forward(&xf, d)),
-            TOL,
+            EXACT,
         );
-        t.add("maxpool2x2 dx", &dims_str(d), max_err(&dx, &want_dx), TOL);
+        t.add("maxpool2x2 dx", &dims_str(d), max_err(&dx, &want_dx), EXACT);
     }
     for d in [
         Dims::new(1, 1, 1, 1),
@@ -293,8 +328,8 @@ fn elementwise_rows(t: &mut Table) {
         upsample::upsample2x_backward(&dy, d, &mut dx);
         let want = reference::upsample2x_forward(&to_f64(&x), d);
         let want_dx = reference::upsample2x_backward(&to_f64(&dy), d);
-        t.add("upsample2x", &dims_str(d), max_err(&y, &want), TOL);
-        t.add("upsample2x dx", &dims_str(d), max_err(&dx, &want_dx), TOL);
+        t.add("upsample2x", &dims_str(d), max_err(&y, &want), FEW);
+        t.add("upsample2x dx", &dims_str(d), max_err(&dx, &want_dx), FEW);
     }
 }
 
@@ -321,12 +356,12 @@ fn gcp_rows(t: &mut Table) {
             let want = reference::gcp_forward(&xf, k, bags, mode);
             let want_dx = reference::gcp_backward(&xf, k, bags, mode, &to_f64(&dout));
             let shape = format!("k{k} bags {bags:?}");
-            t.add(&format!("gcp {mode}"), &shape, max_err(&out, &want), TOL);
+            t.add(&format!("gcp {mode}"), &shape, max_err(&out, &want), FEW);
             t.add(
                 &format!("gcp {mode} dx"),
                 &shape,
                 max_err(&dx, &want_dx),
-                TOL,
+                FEW,
             );
         }
     }
@@ -361,9 +396,9 @@ fn loss_rows(t: &mut Table) {
             "m{m} c{c} hw{hw}{}",
             if ignore_all { " all ignored" } else { "" }
         );
-        t.add("seg_loss ce", &shape, scalar_err(ce, want.ce), TOL);
-        t.add("seg_loss dice", &shape, scalar_err(dice, want.dice), TOL);
-        t.add("seg_loss dlogits", &shape, max_err(&d, &want_d), TOL);
+        t.add("seg_loss ce", &shape, scalar_err(ce, want.ce), FEW);
+        t.add("seg_loss dice", &shape, scalar_err(dice, want.dice), FEW);
+        t.add("seg_loss dlogits", &shape, max_err(&d, &want_d), FEW);
     }
     for (b, c, weighted) in [(5, 3, true), (1, 2, false), (7, 2, true)] {
         let z = uniform(&mut g, b * c, -3.0, 3.0);
@@ -382,7 +417,7 @@ fn loss_rows(t: &mut Table) {
         );
         let want_d: Vec<f64> = want_d.iter().map(|v| 1.5 * v).collect();
         let shape = format!("b{b} c{c}{}", if weighted { " weighted" } else { "" });
-        t.add("cls_loss", &shape, scalar_err(loss, want), TOL);
-        t.add("cls_loss dlogits", &shape, max_err(&d, &want_d), TOL);
+        t.add("cls_loss", &shape, scalar_err(loss, want), FEW);
+        t.add("cls_loss dlogits", &shape, max_err(&d, &want_d), FEW);
     }
 }

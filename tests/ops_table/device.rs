@@ -17,11 +17,13 @@
 //! its bound.
 //!
 //! The rows of each kernel file are in the module named after it: `conv_kernels` (conv.cu),
-//! `norm_kernels` (norm.cu), `head_kernels` (heads.cu).
+//! `norm_kernels` (norm.cu), `head_kernels` (heads.cu); each launch's rows go through a
+//! [`Launch`].
 
-use crate::cuda_common::Guarded;
-use crate::{conv_kernels, head_kernels, max_abs, norm_kernels, Table};
+use crate::cuda_common::{nchw_to_nhwc, uniform, Guarded};
+use crate::{conv_kernels, head_kernels, max_abs, max_err, norm_kernels, Table};
 use m2unet::cuda::{Device, DeviceKind};
+use rand_chacha::ChaCha8Rng;
 
 /// The unit roundoff of fp16.
 pub const U16: f64 = 1.0 / 2048.0;
@@ -42,9 +44,60 @@ pub fn table(kind: DeviceKind) -> Table {
     t
 }
 
-/// Guard bytes overwritten in any of `bufs`.
-pub fn damage(dev: &Device, bufs: &[&Guarded]) -> usize {
-    bufs.iter().map(|g| g.damage(dev)).sum()
+/// The rows of one kernel launch: its shape, the guard bytes it overwrote and, for an NHWC
+/// output, its real and padded channel counts.
+pub struct Launch<'a> {
+    t: &'a mut Table,
+    shape: String,
+    hurt: usize,
+    channels: Option<(usize, usize)>,
+}
+
+impl<'a> Launch<'a> {
+    /// After the launch: counts the guard bytes overwritten in `bufs`.
+    pub fn new(t: &'a mut Table, shape: String, dev: &Device, bufs: &[&Guarded]) -> Self {
+        let hurt = bufs.iter().map(|g| g.damage(dev)).sum();
+        Launch {
+            t,
+            shape,
+            hurt,
+            channels: None,
+        }
+    }
+
+    /// Outputs in NHWC with channels c..cp padding: they must be exactly zero, else the row's
+    /// error is infinite.
+    pub fn nhwc(mut self, c: usize, cp: usize) -> Self {
+        self.channels = Some((c, cp));
+        self
+    }
+
+    /// A row with its own error and tolerance.
+    pub fn add(&mut self, op: &str, err: f64, tol: f64) {
+        self.t.add_guarded(op, &self.shape, err, tol, self.hurt);
+    }
+
+    /// The row of output `got` against `want`, compared in full. Its tolerance is `rounding`
+    /// (relative: U16 for an fp16 output, 0 for fp32) plus the absolute `bound` made relative
+    /// like the error.
+    pub fn output(&mut self, op: &str, got: &[f32], want: &[f64], rounding: f64, bound: f64) {
+        let padding_set = |(c, cp): (usize, usize)| {
+            (got.iter().enumerate()).any(|(i, &v)| i % cp >= c && v != 0.0)
+        };
+        let err = match self.channels {
+            Some(channels) if padding_set(channels) => f64::INFINITY,
+            _ => max_err(got, want),
+        };
+        self.add(op, err, rounding + relative(bound, want));
+    }
+
+    /// [`Launch::output`] of an NHWC launch's output against its reference in NCHW
+    /// [n, c, hw].
+    pub fn output_nchw(&mut self, op: &str, got: &[f32], (want, n): (&[f64], usize), bound: f64) {
+        let (c, cp) = self.channels.expect("an NHWC launch");
+        let want = nchw_to_nhwc(want, n, c, want.len() / (n * c), cp);
+        self.output(op, got, &want, U16, bound);
+    }
 }
 
 /// An absolute bound as a tolerance of `max_err`: relative to max |want| (absolute when want is
@@ -62,16 +115,12 @@ pub fn abs(v: &[f64]) -> Vec<f64> {
     v.iter().map(|x| x.abs()).collect()
 }
 
-/// NCHW [n, c, hw] → NHWC [n, hw, cp], channels c..cp zero (the device layout). With hw = 1
-/// it pads the rows of a [n, c] matrix to cp.
-pub fn to_nhwc(x: &[f64], n: usize, c: usize, hw: usize, cp: usize) -> Vec<f64> {
-    let mut out = vec![0.0; n * hw * cp];
-    for i in 0..n {
-        for ch in 0..c {
-            for p in 0..hw {
-                out[(i * hw + p) * cp + ch] = x[(i * c + ch) * hw + p];
-            }
-        }
-    }
-    out
+/// Random BatchNorm parameters of c channels: γ, β and the running mean and variance.
+pub fn bn_params(r: &mut ChaCha8Rng, c: usize) -> [Vec<f32>; 4] {
+    [
+        uniform(r, c, 0.5, 1.5),
+        uniform(r, c, -0.5, 0.5),
+        uniform(r, c, -0.1, 0.1),
+        uniform(r, c, 0.9, 1.1),
+    ]
 }

@@ -2,8 +2,8 @@
 //! and gcp_bags.
 
 use crate::cuda_common::*;
-use crate::device::{abs, damage, relative, ACC};
-use crate::{max_abs, max_err, Table};
+use crate::device::{abs, Launch, ACC};
+use crate::{max_abs, Table};
 use m2unet::cpu::ops::Dims;
 use m2unet::cuda::kernels::*;
 use m2unet::cuda::weights::{pad8, transpose};
@@ -40,7 +40,7 @@ fn seg_head_rows(dev: &mut Device, t: &mut Table) {
         let a = reference::conv1x1_forward(&abs(&xf), d, &abs(&wf), &abs(&bf), classes);
         let k = (c_real + 1) as f64;
 
-        let gx = Guarded::with(dev, &to_f16(&nchw_to_nhwc(&x, n, c_real, h, w, c)));
+        let gx = Guarded::with(dev, &to_f16(&nchw_to_nhwc(&x, n, c_real, hw, c)));
         let gw = Guarded::with(dev, &wgt);
         let gb = Guarded::with(dev, &bias);
         let gl = Guarded::new(dev, logits.len() * 4);
@@ -59,16 +59,10 @@ fn seg_head_rows(dev: &mut Device, t: &mut Table) {
             pad_: 0,
         };
         seg_head(dev, &p).unwrap();
-        let hurt = damage(dev, &[&gx, &gw, &gb, &gl, &glab]);
         let shape = format!("n{n} {h}×{w} c{c_real}→{classes}");
-        let err = max_err(&gl.read_f32(dev), &logits);
-        t.add_guarded(
-            "seg_head logits",
-            &shape,
-            err,
-            relative(k * ACC * max_abs(&a), &logits),
-            hurt,
-        );
+        let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gl, &glab]);
+        let bound = k * ACC * max_abs(&a);
+        run.output("seg_head logits", &gl.read_f32(dev), &logits, 0.0, bound);
         // Labels: the share of pixels whose label differs from the reference's argmax, among
         // those whose top two logits are further apart than twice the logits' error bound
         // (closer ones are numerically tied); it must be zero.
@@ -92,13 +86,7 @@ fn seg_head_rows(dev: &mut Device, t: &mut Table) {
             }
         }
         let share = wrong as f64 / clear.max(1) as f64;
-        t.add_guarded(
-            "seg_head labels",
-            &format!("{shape} ({clear} clear)"),
-            share,
-            0.0,
-            hurt,
-        );
+        run.add(&format!("seg_head labels ({clear} clear)"), share, 0.0);
     }
 }
 
@@ -145,12 +133,11 @@ fn concepts_rows(dev: &mut Device, t: &mut Table) {
                 gcp,
             };
             mil_concepts_gcp(dev, &p).unwrap();
-            let hurt = damage(dev, &[&gx, &gw, &gb, &gz]);
-            let err = max_err(&gz.read_f32(dev), &want);
-            // One instance: max − mean is exactly zero, an absolute comparison.
-            let tol = relative(bound, &want);
             let shape = format!("m{m} inst{inst} c{c_real}→{k}");
-            t.add_guarded(&format!("concepts+gcp {mode}"), &shape, err, tol, hurt);
+            let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gz]);
+            // One instance: max − mean is exactly zero, an absolute comparison.
+            let op = format!("concepts+gcp {mode}");
+            run.output(&op, &gz.read_f32(dev), &want, 0.0, bound);
         }
     }
 }
@@ -174,7 +161,7 @@ fn linear_rows(dev: &mut Device, t: &mut Table) {
         }
         // Bound: the fp32 sum of fin products and the bias.
         let a = reference::linear_forward(&abs(&xf), rows, fin, &abs(&wf), &abs(&bf), fout);
-        let tol = relative((fin + 1) as f64 * ACC * max_abs(&a), &want);
+        let bound = (fin + 1) as f64 * ACC * max_abs(&a);
 
         let (gx, gw, gb) = (
             Guarded::with(dev, &x),
@@ -193,10 +180,10 @@ fn linear_rows(dev: &mut Device, t: &mut Table) {
             act: relu as i32,
         };
         linear_f32(dev, &p).unwrap();
-        let hurt = damage(dev, &[&gx, &gw, &gb, &gy]);
+        let shape = format!("{rows}×{fin}→{fout}");
+        let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gy]);
         let op = if relu { "linear+relu" } else { "linear" };
-        let err = max_err(&gy.read_f32(dev), &want);
-        t.add_guarded(op, &format!("{rows}×{fin}→{fout}"), err, tol, hurt);
+        run.output(op, &gy.read_f32(dev), &want, 0.0, bound);
     }
 }
 
@@ -232,15 +219,14 @@ fn gcp_bags_rows(dev: &mut Device, t: &mut Table) {
                 pad_: 0,
             };
             gcp_bags(dev, &p).unwrap();
-            let hurt = damage(dev, &[&gx, &gs, &gg]);
-            let err = max_err(&gg.read_f32(dev), &want);
-            let tol = relative(bound, &want);
-            t.add_guarded(
+            let shape = format!("k{k} bags {sizes:?}");
+            let mut run = Launch::new(t, shape, dev, &[&gx, &gs, &gg]);
+            run.output(
                 &format!("gcp bags {mode}"),
-                &format!("k{k} bags {sizes:?}"),
-                err,
-                tol,
-                hurt,
+                &gg.read_f32(dev),
+                &want,
+                0.0,
+                bound,
             );
         }
     }

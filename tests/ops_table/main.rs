@@ -9,7 +9,8 @@
 //! The error of a row is max |got − ref| / max |ref| over its output (the absolute error when the
 //! reference is all zero). A row fails when that exceeds its tolerance, when an output is not
 //! finite or when a guard was overwritten. The tolerances are explained where they are set:
-//! `cpu::TOL` for the CPU rows, the rounding bounds in `device` for the device rows.
+//! the constants at the top of `cpu` for the CPU rows, the rounding bounds in `device` for the
+//! device rows.
 
 mod conv_kernels;
 mod cpu;

@@ -2,7 +2,7 @@
 //! with ReLU and max-pool) and BatchNorm1d (bn1d_train_relu), outputs and running statistics.
 
 use crate::cuda_common::*;
-use crate::device::{damage, relative, to_nhwc, ACC, U16};
+use crate::device::{bn_params, Launch, ACC, U16};
 use crate::{max_err, Table};
 use m2unet::config::{BN_EPS, BN_MOMENTUM};
 use m2unet::cpu::ops::Dims;
@@ -65,10 +65,7 @@ fn bn_rows(dev: &mut Device, t: &mut Table) {
         for (i, v) in real.iter().enumerate() {
             x[i / c_real * c + i % c_real] = *v;
         }
-        let gamma = uniform(&mut r, c_real, 0.5, 1.5);
-        let beta = uniform(&mut r, c_real, -0.5, 0.5);
-        let rm0 = uniform(&mut r, c_real, -0.1, 0.1);
-        let rv0 = uniform(&mut r, c_real, 0.9, 1.1);
+        let [gamma, beta, rm0, rv0] = bn_params(&mut r, c_real);
 
         // The reference sees NHWC [pixels, c] as NCHW [pixels, c, 1]: the same statistics.
         let xf = to_f64(&real);
@@ -76,7 +73,7 @@ fn bn_rows(dev: &mut Device, t: &mut Table) {
         let (want_rm, want_rv) =
             reference::bn_running_update(&to_f64(&rm0), &to_f64(&rv0), &batch, pixels);
         let y = reference::relu_forward(&batch.y);
-        let want_y = to_nhwc(&y, pixels, c_real, 1, c);
+        let want_y = nchw_to_nhwc(&y, pixels, c_real, 1, c);
         // The pooled reference in NCHW [n, c_real, h, w], back to NHWC.
         let nchw: Vec<f64> = (0..n * c_real * h * w)
             .map(|j| {
@@ -86,7 +83,7 @@ fn bn_rows(dev: &mut Device, t: &mut Table) {
             .collect();
         let pool = h % 2 == 0 && w % 2 == 0;
         let pooled = reference::maxpool2x2_forward(&nchw, Dims::new(n, c_real, h, w));
-        let want_pool = to_nhwc(&pooled, n, c_real, (h / 2) * (w / 2), c);
+        let want_pool = nchw_to_nhwc(&pooled, n, c_real, (h / 2) * (w / 2), c);
         // Statistics: chunk sums of at most BN_CHUNK values, then three roundings per step of
         // Chan's combination (one step per chunk a thread takes, eight tree levels).
         let chunks = bn_chunks(pixels);
@@ -142,30 +139,25 @@ fn bn_rows(dev: &mut Device, t: &mut Table) {
             c: c as i32,
         };
         bn_apply(dev, &apply).unwrap();
-        let hurt = damage(
-            dev,
-            &[
-                &gx, &gpart, &gg, &gbeta, &grm, &grv, &gscale, &gshift, &gy, &gp,
-            ],
-        );
+        let bufs = [
+            &gx, &gpart, &gg, &gbeta, &grm, &grv, &gscale, &gshift, &gy, &gp,
+        ];
         let shape = format!("n{n} {h}×{w} c{c_real}");
-        let err = max_err(&gy.read_f16(dev), &want_y);
-        t.add_guarded(
-            "bn train+relu",
-            &shape,
-            err,
-            U16 + relative(by, &want_y),
-            hurt,
-        );
+        let mut run = Launch::new(t, shape, dev, &bufs).nhwc(c_real, c);
+        run.output("bn train+relu", &gy.read_f16(dev), &want_y, U16, by);
         if pool {
-            let err = max_err(&gp.read_f16(dev), &want_pool);
-            let tol = U16 + relative(by, &want_pool);
-            t.add_guarded("bn train+relu+maxpool", &shape, err, tol, hurt);
+            let op = "bn train+relu+maxpool";
+            run.output(op, &gp.read_f16(dev), &want_pool, U16, by);
         }
-        let err = max_err(&grm.read_f32(dev), &want_rm);
-        t.add_guarded("bn running mean", &shape, err, relative(bm, &want_rm), hurt);
-        let err = max_err(&grv.read_f32(dev), &want_rv);
-        t.add_guarded("bn running var", &shape, err, relative(bv, &want_rv), hurt);
+        run.output("bn running mean", &grm.read_f32(dev), &want_rm, 0.0, bm);
+        run.output("bn running var", &grv.read_f32(dev), &want_rv, 0.0, bv);
+        if c > c_real {
+            // Padding channels get scale = shift = 0 (so that they stay zero).
+            let (scale, shift) = (gscale.read_f32(dev), gshift.read_f32(dev));
+            let padding = [&scale[c_real..], &shift[c_real..]].concat();
+            let err = max_err(&padding, &vec![0.0; padding.len()]);
+            run.add("bn scale, shift padding", err, 0.0);
+        }
     }
 }
 
@@ -174,10 +166,7 @@ fn bn1d_rows(dev: &mut Device, t: &mut Table) {
     for (rows, c) in [(6, 10), (2, 3), (64, 130), (3, 1)] {
         let mut r = rng((rows * 1000 + c) as u64);
         let x = uniform(&mut r, rows * c, -2.0, 2.0);
-        let gamma = uniform(&mut r, c, 0.5, 1.5);
-        let beta = uniform(&mut r, c, -0.5, 0.5);
-        let rm0 = uniform(&mut r, c, -0.1, 0.1);
-        let rv0 = uniform(&mut r, c, 0.9, 1.1);
+        let [gamma, beta, rm0, rv0] = bn_params(&mut r, c);
         let xf = to_f64(&x);
         let batch = reference::bn_train_forward(&xf, c, 1, &to_f64(&gamma), &to_f64(&beta));
         let want = reference::relu_forward(&batch.y);
@@ -207,25 +196,10 @@ fn bn1d_rows(dev: &mut Device, t: &mut Table) {
             eps: BN_EPS,
         };
         bn1d_train_relu(dev, &p).unwrap();
-        let hurt = damage(dev, &[&gx, &gg, &gb, &grm, &grv, &gy]);
         let shape = format!("{rows}×{c}");
-        let err = max_err(&gy.read_f32(dev), &want);
-        t.add_guarded("bn1d train+relu", &shape, err, relative(by, &want), hurt);
-        let err = max_err(&grm.read_f32(dev), &want_rm);
-        t.add_guarded(
-            "bn1d running mean",
-            &shape,
-            err,
-            relative(bm, &want_rm),
-            hurt,
-        );
-        let err = max_err(&grv.read_f32(dev), &want_rv);
-        t.add_guarded(
-            "bn1d running var",
-            &shape,
-            err,
-            relative(bv, &want_rv),
-            hurt,
-        );
+        let mut run = Launch::new(t, shape, dev, &[&gx, &gg, &gb, &grm, &grv, &gy]);
+        run.output("bn1d train+relu", &gy.read_f32(dev), &want, 0.0, by);
+        run.output("bn1d running mean", &grm.read_f32(dev), &want_rm, 0.0, bm);
+        run.output("bn1d running var", &grv.read_f32(dev), &want_rv, 0.0, bv);
     }
 }

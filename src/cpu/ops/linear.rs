@@ -1,6 +1,7 @@
 //! Linear (fully connected) layers of the CPU engine, forward and backward: GEMMs through the
 //! gemm crate over blocks of rows, each entry summed in a fixed order.
 
+use super::matmul::{matmul, Operand, Parallelism};
 use rayon::prelude::*;
 
 /// Rows of x per linear-layer task.
@@ -36,26 +37,13 @@ pub fn linear_forward(
             }
             // SAFETY: yb is [rows, fout], xb [rows, fin], w [fout, fin] read as wᵀ.
             unsafe {
-                gemm::gemm(
-                    yb.len() / fout,
-                    fout,
-                    fin,
-                    yb.as_mut_ptr(),
-                    1,
-                    fout as isize,
+                matmul(
+                    (yb.len() / fout, fout, fin),
+                    (yb.as_mut_ptr(), fout),
                     true,
-                    xb.as_ptr(),
-                    1,
-                    fin as isize,
-                    w.as_ptr(),
-                    fin as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Operand::rows(xb.as_ptr(), fin),
+                    Operand::transposed(w.as_ptr(), fin),
+                    Parallelism::None,
                 );
             }
         });
@@ -99,26 +87,13 @@ pub fn linear_backward(
             .for_each(|(dxb, dyb)| {
                 // SAFETY: dxb is [rows, fin] = dyb [rows, fout] · w [fout, fin].
                 unsafe {
-                    gemm::gemm(
-                        dxb.len() / fin,
-                        fin,
-                        fout,
-                        dxb.as_mut_ptr(),
-                        1,
-                        fin as isize,
+                    matmul(
+                        (dxb.len() / fin, fin, fout),
+                        (dxb.as_mut_ptr(), fin),
                         false,
-                        dyb.as_ptr(),
-                        1,
-                        fout as isize,
-                        w.as_ptr(),
-                        1,
-                        fin as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        Operand::rows(dyb.as_ptr(), fout),
+                        Operand::rows(w.as_ptr(), fin),
+                        Parallelism::None,
                     );
                 }
             });
@@ -128,66 +103,14 @@ pub fn linear_backward(
         .for_each(|(blk, dwb)| {
             // SAFETY: dwb is rows j0.. of dw = dyᵀ [fout, m] · x [m, fin].
             unsafe {
-                gemm::gemm(
-                    dwb.len() / fin,
-                    fin,
-                    m,
-                    dwb.as_mut_ptr(),
-                    1,
-                    fin as isize,
+                matmul(
+                    (dwb.len() / fin, fin, m),
+                    (dwb.as_mut_ptr(), fin),
                     false,
-                    dy[blk * LINEAR_ROWS..].as_ptr(),
-                    fout as isize,
-                    1,
-                    x.as_ptr(),
-                    1,
-                    fin as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Operand::transposed(dy[blk * LINEAR_ROWS..].as_ptr(), fout),
+                    Operand::rows(x.as_ptr(), fin),
+                    Parallelism::None,
                 );
             }
         });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cpu::ops::tensor::test_support::*;
-    use crate::reference;
-
-    #[test]
-    fn linear_matches_reference() {
-        let mut g = rng(9);
-        for (m, fin, fout) in [(1, 1, 1), (3, 5, 2), (70, 9, 131), (130, 17, 3), (4, 0, 3)] {
-            let x = rand_vec(&mut g, m * fin, -1.0, 1.0);
-            let w = rand_vec(&mut g, fout * fin, -1.0, 1.0);
-            let b = rand_vec(&mut g, fout, -1.0, 1.0);
-            let r = rand_vec(&mut g, m * fout, -1.0, 1.0);
-            let (xf, wf) = (to_f64(&x), to_f64(&w));
-            let mut y = vec![f32::NAN; m * fout];
-            linear_forward(&x, m, fin, &w, &b, fout, &mut y);
-            let fwd = rel_err(
-                &y,
-                &reference::linear_forward(&xf, m, fin, &wf, &to_f64(&b), fout),
-            );
-            let (mut dx, mut dw, mut db) = (
-                vec![f32::NAN; m * fin],
-                vec![f32::NAN; fout * fin],
-                vec![f32::NAN; fout],
-            );
-            linear_backward(&x, m, fin, &w, &r, fout, Some(&mut dx), &mut dw, &mut db);
-            let want = reference::linear_backward(&xf, m, fin, &wf, &to_f64(&r), fout);
-            let (ex, ew, eb) = (
-                rel_err(&dx, &want.dx),
-                rel_err(&dw, &want.dw),
-                rel_err(&db, &want.db),
-            );
-            println!("linear {m}×{fin}→{fout}: rel err y {fwd:.2e}, dx {ex:.2e}, dw {ew:.2e}, db {eb:.2e}");
-            assert!(fwd < 1e-5 && ex < 1e-5 && ew < 1e-5 && eb < 1e-5);
-        }
-    }
 }

@@ -133,10 +133,6 @@ pub fn gcp_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::ops::tensor::test_support::*;
-    use crate::reference;
-
-    const MODES: [GcpMode; 3] = [GcpMode::MaxMinusMean, GcpMode::Max, GcpMode::Mean];
 
     #[test]
     fn gcp_hand_written_bag_all_modes() {
@@ -176,31 +172,6 @@ mod tests {
             println!("gcp {mode}: out {out:?}, argmax {am:?}, max error {err:.3e}");
             assert_eq!(am, [2, 2]);
             assert!(err < 1e-6, "gcp {mode} error {err}");
-        }
-    }
-
-    #[test]
-    fn gcp_forward_and_backward_match_reference() {
-        let mut g = rng(30);
-        let k = 3;
-        // Bags of 2 and 5 instances, unsorted, with a gap row that belongs to no bag.
-        let bags = [(8, 2), (0, 5), (5, 1), (10, 2)];
-        let rows = 13;
-        for mode in MODES {
-            let x = rand_vec(&mut g, rows * k, -1.0, 1.0);
-            let r = rand_vec(&mut g, bags.len() * k, -1.0, 1.0);
-            let mut out = vec![0.0; bags.len() * k];
-            let mut am = vec![0usize; bags.len() * k];
-            gcp_forward(&x, k, &bags, mode, &mut out, &mut am);
-            let xf = to_f64(&x);
-            let fwd_err = rel_err(&out, &reference::gcp_forward(&xf, k, &bags, mode));
-            let mut dx = vec![f32::NAN; rows * k];
-            gcp_backward(&r, k, &bags, mode, &am, &mut dx);
-            let want = reference::gcp_backward(&xf, k, &bags, mode, &to_f64(&r));
-            let err = rel_err(&dx, &want);
-            println!("gcp {mode}: forward error {fwd_err:.3e}, backward error {err:.3e}");
-            assert!(fwd_err < 1e-6, "gcp forward error {fwd_err}");
-            assert!(err < 1e-6, "gcp backward error {err}");
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod conv;
 pub mod linear;
 pub mod loss;
+pub mod matmul;
 pub mod mil;
 pub mod norm;
 pub mod optim;

@@ -277,66 +277,18 @@ mod tests {
     use crate::cpu::ops::Dims;
     use crate::reference;
 
-    struct Case {
-        n: usize,
-        c: usize,
-        hw: usize,
-    }
-
-    #[test]
-    fn bn_relu_train_forward_and_backward_match_reference() {
-        let mut g = rng(40);
-        let cases = [
-            Case { n: 3, c: 2, hw: 5 },
-            Case { n: 2, c: 3, hw: 7 },
-            Case { n: 6, c: 1, hw: 1 },
-            Case { n: 4, c: 5, hw: 1 },
-        ];
-        for Case { n, c, hw } in cases {
-            let len = n * c * hw;
-            let x = rand_vec(&mut g, len, -2.0, 2.0);
-            let gamma = rand_vec(&mut g, c, 0.5, 1.5);
-            let beta = rand_vec(&mut g, c, -0.3, 0.3);
-            let r = rand_vec(&mut g, len, -1.0, 1.0);
-            let (mut y, mut mean, mut invstd) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
-            let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
-            bn_relu_train_forward(
-                &x,
-                n,
-                c,
-                hw,
-                &gamma,
-                &beta,
-                &mut y,
-                &mut mean,
-                &mut invstd,
-                &mut rm,
-                &mut rv,
-            );
-            let (xf, gf) = (to_f64(&x), to_f64(&gamma));
-            let batch = reference::bn_train_forward(&xf, c, hw, &gf, &to_f64(&beta));
-            let fwd_err = rel_err(&y, &reference::relu_forward(&batch.y));
-            let mut dx = vec![f32::NAN; len];
-            let (mut dg, mut db) = (vec![f32::NAN; c], vec![f32::NAN; c]);
-            bn_relu_backward(
-                &x, &y, n, c, hw, &gamma, &mean, &invstd, &r, &mut dx, &mut dg, &mut db,
-            );
-            let dz = reference::relu_backward(&batch.y, &to_f64(&r));
-            let want = reference::bn_train_backward(&xf, c, hw, &gf, &batch, &dz);
-            let (ex, eg, eb) = (
-                rel_err(&dx, &want.dx),
-                rel_err(&dg, &want.dgamma),
-                rel_err(&db, &want.dbeta),
-            );
-            println!(
-                "bn n={n} c={c} hw={hw}: forward {fwd_err:.3e}, dx {ex:.3e}, dgamma {eg:.3e}, dbeta {eb:.3e}"
-            );
-            assert!(fwd_err < 1e-6, "bn forward error {fwd_err}");
-            assert!(
-                ex < 1e-5 && eg < 1e-5 && eb < 1e-5,
-                "bn backward errors {ex} {eg} {eb}"
-            );
-        }
+    /// bn_relu_train_forward of x [n, c, hw] into new buffers: [y, mean, invstd]; rm and rv
+    /// are updated.
+    fn train(
+        x: &[f32],
+        (n, c, hw): (usize, usize, usize),
+        (gamma, beta): (&[f32], &[f32]),
+        rm: &mut [f32],
+        rv: &mut [f32],
+    ) -> [Vec<f32>; 3] {
+        let (mut y, mut mean, mut is) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
+        bn_relu_train_forward(x, n, c, hw, gamma, beta, &mut y, &mut mean, &mut is, rm, rv);
+        [y, mean, is]
     }
 
     #[test]
@@ -355,21 +307,8 @@ mod tests {
             .collect();
         let gamma = [0.5f32, 2.0, 1.5];
         let beta = [10.0f32, 20.0, 30.0];
-        let (mut y, mut mean, mut invstd) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
         let (mut rm, mut rv) = (vec![0.5f32; c], vec![2.0f32; c]);
-        bn_relu_train_forward(
-            &x,
-            n,
-            c,
-            hw,
-            &gamma,
-            &beta,
-            &mut y,
-            &mut mean,
-            &mut invstd,
-            &mut rm,
-            &mut rv,
-        );
+        let [y, mean, invstd] = train(&x, (n, c, hw), (&gamma, &beta), &mut rm, &mut rv);
         let mut worst: f64 = 0.0;
         for ch in 0..c {
             let vals = |v: &[f32]| -> Vec<f64> {
@@ -408,7 +347,7 @@ mod tests {
     }
 
     #[test]
-    fn bn_eval_forward_and_fold_match_reference() {
+    fn fold_bn_matches_conv_then_bn_eval() {
         let mut g = rng(42);
         let (n, cin, cout, hw) = (2, 4, 3, 6);
         let x = rand_vec(&mut g, n * cin * hw, -1.0, 1.0);
@@ -432,19 +371,10 @@ mod tests {
             &to_f64(&rm),
             &to_f64(&rv),
         ));
-        let zf: Vec<f32> = z.iter().map(|&v| v as f32).collect();
-        let mut y = vec![0.0; zf.len()];
-        bn_relu_eval_forward(&zf, n, cout, hw, &gamma, &beta, &rm, &rv, &mut y);
-        let eval_err = rel_err(&y, &want);
         let (wf, bf) = crate::model::fold_bn(&w, &b, &gamma, &beta, &rm, &rv);
         let folded = reference::relu_forward(&conv(&to_f64(&wf), &to_f64(&bf)));
-        let fold_err = folded
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
-        println!("bn eval forward error {eval_err:.3e}, folded conv error {fold_err:.3e}");
-        assert!(eval_err < 1e-6, "eval forward error {eval_err}");
+        let fold_err = max_abs_diff(&folded, &want);
+        println!("folded conv error {fold_err:.3e}");
         assert!(fold_err < 1e-6, "fold error {fold_err}");
     }
 
@@ -463,21 +393,8 @@ mod tests {
                 .build()
                 .expect("thread pool");
             pool.install(|| {
-                let (mut y, mut mean, mut invstd) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
                 let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
-                bn_relu_train_forward(
-                    &x,
-                    n,
-                    c,
-                    hw,
-                    &gamma,
-                    &beta,
-                    &mut y,
-                    &mut mean,
-                    &mut invstd,
-                    &mut rm,
-                    &mut rv,
-                );
+                let [y, mean, invstd] = train(&x, (n, c, hw), (&gamma, &beta), &mut rm, &mut rv);
                 let mut dx = vec![0.0; len];
                 let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
                 bn_relu_backward(

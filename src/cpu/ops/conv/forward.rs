@@ -6,6 +6,7 @@ use super::avx512;
 use super::pack::{pack_cols, pack_padded_rows, Packed, Planes};
 use super::tiling::{block_size, row_stride, with_scratch, SharedMut, Tiling};
 use super::{Backend, Blocking, MR, NR};
+use crate::cpu::ops::matmul::{matmul, Operand, Parallelism};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -223,26 +224,14 @@ impl TileProduct<'_> {
                 Start::Accumulate => {}
             }
         }
-        gemm::gemm(
-            m,
-            self.plen,
-            self.kc,
-            self.out,
-            1,
-            self.ldo as isize,
+        let wp = &self.wp.data[self.co.start * self.wp.k + self.k0..];
+        matmul(
+            (m, self.plen, self.kc),
+            (self.out, self.ldo),
             true,
-            self.wp.data[self.co.start * self.wp.k + self.k0..].as_ptr(),
-            1,
-            self.wp.k as isize,
-            col.as_ptr(),
-            1,
-            ld as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+            Operand::rows(wp.as_ptr(), self.wp.k),
+            Operand::rows(col.as_ptr(), ld),
+            Parallelism::None,
         );
         if self.relu {
             for i in 0..m {

@@ -129,67 +129,87 @@ fn check_conv(parts: &[(&[f32], usize)], xd: Dims, taps: usize, w: &[f32], cout:
     assert_eq!(w.len(), cout * cin * taps, "weight length");
 }
 
-#[allow(clippy::too_many_arguments)]
-fn forward_impl(
+/// The kernels a convolution runs with: the backend and the cache blocking.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
     be: Backend,
-    bl: &Blocking,
-    parts: &[(&[f32], usize)],
-    xd: Dims,
-    taps: usize,
-    w: &[f32],
-    b: &[f32],
-    cout: usize,
-    relu: bool,
-    y: &mut [f32],
-) {
-    check_conv(parts, xd, taps, w, cout);
-    assert_eq!(b.len(), cout, "bias length");
-    assert_eq!(y.len(), xd.n * cout * xd.hw(), "output length");
-    let k = xd.c * taps;
-    let wp = Packed::new(cout, k, be.panel_rows(), |co, kk| w[co * k + kk]);
-    let x = Planes { parts, hw: xd.hw() };
-    conv_forward(be, bl, x, xd.n, xd.w, taps, &wp, Some(b), relu, y);
+    bl: Blocking,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn backward_impl(
-    be: Backend,
-    bl: &Blocking,
-    parts: &[(&[f32], usize)],
-    xd: Dims,
-    taps: usize,
-    w: &[f32],
-    dy: &[f32],
-    cout: usize,
-    dx: &mut [Option<&mut [f32]>],
-    dw: &mut [f32],
-    db: &mut [f32],
-) {
-    check_conv(parts, xd, taps, w, cout);
-    let (cin, hw) = (xd.c, xd.hw());
-    assert_eq!(dy.len(), xd.n * cout * hw, "dy length");
-    assert_eq!(dw.len(), w.len(), "dw length");
-    assert_eq!(db.len(), cout, "db length");
-    assert_eq!(dx.len(), parts.len(), "one dx slot per input part");
-    let x = Planes { parts, hw };
-    conv_weight_grad(be, bl, x, xd.n, xd.w, taps, dy, cout, dw, db);
-    let dy_planes = [(dy, cout)];
-    let dyp = Planes {
-        parts: &dy_planes,
-        hw,
-    };
-    let mut c_lo = 0;
-    for (&(_, c), dxp) in parts.iter().zip(dx.iter_mut()) {
-        if let Some(dxp) = dxp {
-            assert_eq!(dxp.len(), xd.n * c * hw, "dx length");
-            // dx = conv(dy; W') with W'[ci, co·taps + t] = w[co, ci, taps − 1 − t].
-            let wt = Packed::new(c, cout * taps, be.panel_rows(), |r, kk| {
-                let (co, t) = (kk / taps, taps - 1 - kk % taps);
-                w[(co * cin + c_lo + r) * taps + t]
-            });
-            conv_forward(be, bl, dyp, xd.n, xd.w, taps, &wt, None, false, dxp);
+impl Plan {
+    /// What the public entry points run: this machine's backend, the production blocking.
+    fn auto() -> Plan {
+        Plan {
+            be: Backend::detect(),
+            bl: BLOCKING,
         }
-        c_lo += c;
+    }
+
+    /// y = conv(concat(parts); w) + b (ReLU'd if `relu`) with `taps` 9 (3×3) or 1 (1×1).
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        self,
+        parts: &[(&[f32], usize)],
+        xd: Dims,
+        taps: usize,
+        w: &[f32],
+        b: &[f32],
+        cout: usize,
+        relu: bool,
+        y: &mut [f32],
+    ) {
+        let Plan { be, bl } = self;
+        check_conv(parts, xd, taps, w, cout);
+        assert_eq!(b.len(), cout, "bias length");
+        assert_eq!(y.len(), xd.n * cout * xd.hw(), "output length");
+        let k = xd.c * taps;
+        let wp = Packed::new(cout, k, be.panel_rows(), |co, kk| w[co * k + kk]);
+        let x = Planes { parts, hw: xd.hw() };
+        conv_forward(be, &bl, x, xd.n, xd.w, taps, &wp, Some(b), relu, y);
+    }
+
+    /// The gradients of [`Plan::forward`] (bias and ReLU aside): dw, db and, for each part
+    /// whose slot is Some, its dx.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        self,
+        parts: &[(&[f32], usize)],
+        xd: Dims,
+        taps: usize,
+        w: &[f32],
+        dy: &[f32],
+        cout: usize,
+        dx: &mut [Option<&mut [f32]>],
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let Plan { be, bl } = self;
+        check_conv(parts, xd, taps, w, cout);
+        let (cin, hw) = (xd.c, xd.hw());
+        assert_eq!(dy.len(), xd.n * cout * hw, "dy length");
+        assert_eq!(dw.len(), w.len(), "dw length");
+        assert_eq!(db.len(), cout, "db length");
+        assert_eq!(dx.len(), parts.len(), "one dx slot per input part");
+        let x = Planes { parts, hw };
+        conv_weight_grad(be, &bl, x, xd.n, xd.w, taps, dy, cout, dw, db);
+        let dy_planes = [(dy, cout)];
+        let dyp = Planes {
+            parts: &dy_planes,
+            hw,
+        };
+        let mut c_lo = 0;
+        for (&(_, c), dxp) in parts.iter().zip(dx.iter_mut()) {
+            if let Some(dxp) = dxp {
+                assert_eq!(dxp.len(), xd.n * c * hw, "dx length");
+                // dx = conv(dy; W') with W'[ci, co·taps + t] = w[co, ci, taps − 1 − t].
+                let wt = Packed::new(c, cout * taps, be.panel_rows(), |r, kk| {
+                    let (co, t) = (kk / taps, taps - 1 - kk % taps);
+                    w[(co * cin + c_lo + r) * taps + t]
+                });
+                conv_forward(be, &bl, dyp, xd.n, xd.w, taps, &wt, None, false, dxp);
+            }
+            c_lo += c;
+        }
     }
 }
 
@@ -215,18 +235,7 @@ pub fn conv3x3_forward_concat(
     relu: bool,
     y: &mut [f32],
 ) {
-    forward_impl(
-        Backend::detect(),
-        &BLOCKING,
-        parts,
-        xd,
-        9,
-        w,
-        b,
-        cout,
-        relu,
-        y,
-    );
+    Plan::auto().forward(parts, xd, 9, w, b, cout, relu, y);
 }
 
 /// Gradients of conv3x3_forward. dy: [n, cout, h, w]. dx (if Some): [n, cin, h, w];
@@ -257,36 +266,13 @@ pub fn conv3x3_backward_concat(
     dw: &mut [f32],
     db: &mut [f32],
 ) {
-    backward_impl(
-        Backend::detect(),
-        &BLOCKING,
-        parts,
-        xd,
-        9,
-        w,
-        dy,
-        cout,
-        dx,
-        dw,
-        db,
-    );
+    Plan::auto().backward(parts, xd, 9, w, dy, cout, dx, dw, db);
 }
 
 /// 1×1 convolution with bias: w [cout, cin] (PyTorch's [cout, cin, 1, 1] flattened),
 /// x [n, cin, h, w] → y [n, cout, h, w].
 pub fn conv1x1_forward(x: &[f32], xd: Dims, w: &[f32], b: &[f32], cout: usize, y: &mut [f32]) {
-    forward_impl(
-        Backend::detect(),
-        &BLOCKING,
-        &[(x, xd.c)],
-        xd,
-        1,
-        w,
-        b,
-        cout,
-        false,
-        y,
-    );
+    Plan::auto().forward(&[(x, xd.c)], xd, 1, w, b, cout, false, y);
 }
 
 /// Gradients of conv1x1_forward; shapes as in conv3x3_backward with w [cout, cin].
@@ -301,17 +287,5 @@ pub fn conv1x1_backward(
     dw: &mut [f32],
     db: &mut [f32],
 ) {
-    backward_impl(
-        Backend::detect(),
-        &BLOCKING,
-        &[(x, xd.c)],
-        xd,
-        1,
-        w,
-        dy,
-        cout,
-        &mut [dx],
-        dw,
-        db,
-    );
+    Plan::auto().backward(&[(x, xd.c)], xd, 1, w, dy, cout, &mut [dx], dw, db);
 }

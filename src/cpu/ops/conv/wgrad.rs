@@ -6,6 +6,7 @@ use super::avx512;
 use super::pack::{pack_cols, pack_padded_rows, Planes};
 use super::tiling::{row_stride, with_scratch, Tiling};
 use super::{Backend, Blocking, DW_MR, DW_NR};
+use crate::cpu::ops::matmul::{matmul, Operand, Parallelism};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -145,26 +146,13 @@ fn dw_tile_portable(
     assert!(col.len() >= kc * ld && stage.len() >= kc * ldc && dy.len() >= cout * hw);
     // SAFETY: the extents read and written are checked above.
     unsafe {
-        gemm::gemm(
-            kc,
-            cout,
-            plen,
-            stage.as_mut_ptr(),
-            1,
-            ldc as isize,
+        matmul(
+            (kc, cout, plen),
+            (stage.as_mut_ptr(), ldc),
             true,
-            col.as_ptr(),
-            1,
-            ld as isize,
-            dy[p0..].as_ptr(),
-            hw as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+            Operand::rows(col.as_ptr(), ld),
+            Operand::transposed(dy[p0..].as_ptr(), hw),
+            Parallelism::None,
         );
     }
 }
