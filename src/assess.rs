@@ -626,12 +626,12 @@ impl Assessed {
     /// by the quality gate's rules.
     fn quality(&self, lobes: &[LobeReport], lung: usize) -> Quality {
         let ct = &self.ct;
-        let (hu_min, hu_max) = quality::hu_extremes(ct);
+        let (hu_min, hu_max) = self.volume.value_range();
         let mask = self.lung.voxels();
         quality::evaluate(&Measurements {
             spacing_mm: ct.spacing,
-            hu_min,
-            hu_max,
+            hu_min: hu_min as f64,
+            hu_max: hu_max as f64,
             identical_slices: quality::identical_slice_share(ct),
             body_slices: self.body.slices.len() as f64 / ct.dims[2] as f64,
             lung_sides: self.lung.sides.iter().filter(|&&v| v > 0).count(),

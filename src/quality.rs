@@ -299,22 +299,6 @@ pub fn evaluate(m: &Measurements) -> Quality {
     }
 }
 
-/// The lowest and highest value of the volume.
-pub fn hu_extremes(ct: &CanonicalCt) -> (f64, f64) {
-    let (lo, hi) = ct
-        .hu
-        .par_iter()
-        .fold(
-            || (f32::INFINITY, f32::NEG_INFINITY),
-            |(lo, hi), &v| (lo.min(v), hi.max(v)),
-        )
-        .reduce(
-            || (f32::INFINITY, f32::NEG_INFINITY),
-            |a, b| (a.0.min(b.0), a.1.max(b.1)),
-        );
-    (lo as f64, hi as f64)
-}
-
 /// The share of adjacent axial slice pairs that are identical, value for value.
 pub fn identical_slice_share(ct: &CanonicalCt) -> f64 {
     let nz = ct.dims[2];

@@ -6,12 +6,8 @@ use m2unet::io::weights::{Tensor, TensorFile};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn m2unet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_m2unet"))
-        .args(args)
-        .output()
-        .expect("run m2unet")
-}
+mod cli_common;
+use cli_common::{m2unet, names, phantoms_and_tiny_weights, stderr};
 
 fn fixture(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -35,10 +31,6 @@ fn forward_tiny(input: &str, out: &Path, extra: &[&str]) -> Output {
     ];
     args.extend_from_slice(extra);
     m2unet(&args)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
 }
 
 #[test]
@@ -211,25 +203,7 @@ fn init_writes_weights_that_load_with_the_preset_config() {
 fn assess_runs_end_to_end_on_a_phantom_with_init_weights() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ph = d.join("ph");
-    let o = m2unet(&[
-        "synth",
-        "--out",
-        ph.to_str().unwrap(),
-        "--count",
-        "1",
-        "--seed",
-        "11",
-        "--shape",
-        "64,64,24",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let w = d.join("w.safetensors");
-    assert!(
-        m2unet(&["init", "--out", w.to_str().unwrap(), "--preset", "tiny"])
-            .status
-            .success()
-    );
+    let (ph, w) = phantoms_and_tiny_weights(d, 1, 11);
     let ct = std::fs::read_dir(&ph)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -392,34 +366,11 @@ fn demo_works_from_any_folder_and_names_the_weights_it_used() {
     assert!(!dir.path().join("never").exists());
 }
 
-/// The file names in a folder, sorted.
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    names
-}
-
 #[test]
 fn assess_refuses_inputs_whose_outputs_would_collide_before_writing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ph = d.join("ph");
-    let o = m2unet(&[
-        "synth",
-        "--out",
-        ph.to_str().unwrap(),
-        "--count",
-        "2",
-        "--shape",
-        "64,64,24",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let w = d.join("w.safetensors");
-    let o = m2unet(&["init", "--out", w.to_str().unwrap(), "--preset", "tiny"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (ph, w) = phantoms_and_tiny_weights(d, 2, 0);
     for (from, to) in [
         ("case_0000.nii.gz", "a/ct.nii.gz"),
         ("case_0000.nii.gz", "b/ct.nii.gz"),
@@ -461,7 +412,7 @@ fn assess_refuses_inputs_whose_outputs_would_collide_before_writing() {
         assert!(line.contains(other) && line.contains("o/ct_lobes.nii.gz"));
     }
     assert_eq!(
-        listing(&out),
+        names(&out),
         ["other_lobes.nii.gz", "other_report.json"],
         "only the input without a collision wrote its outputs"
     );
@@ -489,7 +440,7 @@ fn assess_refuses_inputs_whose_outputs_would_collide_before_writing() {
     assert!(!o.status.success());
     assert!(msg.contains("2 of 2 volume(s) failed"));
     assert!(msg.contains("d/ct.nii: not assessed") && msg.contains("d/ct.nii.gz: not assessed"));
-    assert_eq!(listing(&d.join("d")), ["ct.nii", "ct.nii.gz"]);
+    assert_eq!(names(&d.join("d")), ["ct.nii", "ct.nii.gz"]);
 
     // An output that is another input: the input that would overwrite it is refused.
     std::fs::create_dir(d.join("e")).unwrap();
@@ -513,7 +464,7 @@ fn assess_refuses_inputs_whose_outputs_would_collide_before_writing() {
         "--help says so"
     );
     assert_eq!(
-        listing(&d.join("e")),
+        names(&d.join("e")),
         [
             "x.nii.gz",
             "x_lobes.nii.gz",
@@ -545,7 +496,7 @@ fn synth_refuses_a_non_empty_folder_and_overwrite_replaces_the_whole_set() {
     let set = d.join("set");
     assert!(synth(&set, "3", "1", &[]).status.success());
     let read_all = |dir: &Path| -> Vec<(String, Vec<u8>)> {
-        listing(dir)
+        names(dir)
             .into_iter()
             .map(|n| {
                 let bytes = std::fs::read(dir.join(&n)).unwrap();
@@ -554,7 +505,7 @@ fn synth_refuses_a_non_empty_folder_and_overwrite_replaces_the_whole_set() {
             .collect()
     };
     let first = read_all(&set);
-    println!("first set: {:?}", listing(&set));
+    println!("first set: {:?}", names(&set));
     assert_eq!(first.len(), 10);
 
     // Without --overwrite: refused, nothing changed.
@@ -576,7 +527,7 @@ fn synth_refuses_a_non_empty_folder_and_overwrite_replaces_the_whole_set() {
     assert!(o.status.success(), "{}", stderr(&o));
     let fresh = d.join("fresh");
     assert!(synth(&fresh, "2", "2", &[]).status.success());
-    println!("after --overwrite: {:?}", listing(&set));
+    println!("after --overwrite: {:?}", names(&set));
     assert_eq!(read_all(&set), read_all(&fresh));
     let manifest = std::fs::read_to_string(set.join("manifest.csv")).unwrap();
     assert_eq!(manifest.lines().count(), 3, "header and two cases");

@@ -6,23 +6,15 @@ use m2unet::io::dicom::{DicomSeries, SeriesVolume};
 use m2unet::io::nifti::{read_volume, AffineSource, Volume};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+mod cli_common;
+use cli_common::{m2unet, stderr};
 use std::sync::OnceLock;
 
 struct Fixtures {
     phantom: PathBuf,
     manifest: Value,
-}
-
-fn m2unet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_m2unet"))
-        .args(args)
-        .output()
-        .expect("run m2unet")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
 }
 
 /// A phantom from `m2unet synth` and the DICOM series the script writes from it, made once

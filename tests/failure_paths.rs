@@ -9,6 +9,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod cli_common;
+use cli_common::{names, stderr};
+
 /// A resource limit for the child process.
 #[derive(Clone, Copy)]
 enum Limit {
@@ -48,20 +51,6 @@ fn m2unet_in(dir: &Path, args: &[&str], limit: Option<Limit>) -> Output {
         }
     }
     cmd.output().expect("run m2unet")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// The names in a folder (hidden ones included), sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// Every file in a folder with its bytes.

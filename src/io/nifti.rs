@@ -316,10 +316,9 @@ impl Volume {
         s[0] * s[1] * s[2] / 1000.0
     }
 
-    /// A message when the values do not look like Hounsfield units (max < 100 or min > −500).
-    pub fn hu_range_problem(&self) -> Option<String> {
-        let (lo, hi) = self
-            .data
+    /// The lowest and highest voxel value.
+    pub fn value_range(&self) -> (f32, f32) {
+        self.data
             .par_iter()
             .fold(
                 || (f32::INFINITY, f32::NEG_INFINITY),
@@ -328,7 +327,12 @@ impl Volume {
             .reduce(
                 || (f32::INFINITY, f32::NEG_INFINITY),
                 |a, b| (a.0.min(b.0), a.1.max(b.1)),
-            );
+            )
+    }
+
+    /// A message when the values do not look like Hounsfield units (max < 100 or min > −500).
+    pub fn hu_range_problem(&self) -> Option<String> {
+        let (lo, hi) = self.value_range();
         if hi < 100.0 || lo > -500.0 {
             Some(format!(
                 "{}: values span {lo}…{hi}, which does not look like CT in Hounsfield units \

@@ -1,0 +1,51 @@
+//! Helpers shared by the tests that run the `m2unet` binary: running it, its stderr, a
+//! folder's entries, and a synthetic phantom set with tiny weights beside it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Runs `m2unet` with `args` in the current folder.
+pub fn m2unet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_m2unet"))
+        .args(args)
+        .output()
+        .expect("run m2unet")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// The names in a folder (hidden ones included), sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// `count` seeded 64×64×24 phantoms in `d/ph` and freshly initialised tiny weights in
+/// `d/w.safetensors`; returns (phantom folder, weights).
+pub fn phantoms_and_tiny_weights(d: &Path, count: usize, seed: u64) -> (PathBuf, PathBuf) {
+    let ph = d.join("ph");
+    let (count, seed) = (count.to_string(), seed.to_string());
+    let o = m2unet(&[
+        "synth",
+        "--out",
+        ph.to_str().unwrap(),
+        "--count",
+        &count,
+        "--seed",
+        &seed,
+        "--shape",
+        "64,64,24",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let w = d.join("w.safetensors");
+    let o = m2unet(&["init", "--out", w.to_str().unwrap(), "--preset", "tiny"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (ph, w)
+}
