@@ -237,13 +237,8 @@ fn assess_runs_end_to_end_on_a_phantom_with_init_weights() {
         .to_str()
         .unwrap()
         .trim_end_matches(".nii.gz");
-    let mut names: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
     assert_eq!(
-        names,
+        names(&out),
         [
             format!("{stem}_lobes.nii.gz"),
             format!("{stem}_report.json")

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod cli_common;
-use cli_common::{m2unet, stderr};
+use cli_common::{m2unet, names, stderr};
 use std::sync::OnceLock;
 
 struct Fixtures {
@@ -421,13 +421,8 @@ fn assess_on_dicom_folders_writes_lobes_on_the_series_grid_and_a_report_without_
     ]);
     println!("{}", stderr(&o));
     assert!(o.status.success());
-    let mut names: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
     assert_eq!(
-        names,
+        names(&out),
         [
             "S2_Axial_2.5mm_lobes.nii.gz",
             "S2_Axial_2.5mm_report.json",
