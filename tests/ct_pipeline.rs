@@ -11,7 +11,9 @@ use m2unet::config::ModelConfig;
 use m2unet::data::dataset::{
     epoch_order, load_bag, read_manifest, split_by_case, stratified_slices, BagConfig, Prefetcher,
 };
-use m2unet::data::phantom::{generate, Phantom, PhantomSpec, StoredDtype, XformKind};
+use m2unet::data::phantom::{
+    case_spec, generate, Phantom, PhantomSpec, StoredDtype, SynthOptions, XformKind,
+};
 use m2unet::data::preprocess::{
     body_mask, keep_largest_components, label_patches, paste_patches, resize_bilinear,
     volume_patches, CanonicalCt, CropBox, PreprocessConfig,
@@ -1432,4 +1434,39 @@ fn synth_command_line_writes_a_set_and_rejects_bad_arguments() {
     println!("bad --shape: status {:?}, stderr {stderr}", bad.status);
     assert!(!bad.status.success() && stderr.contains("--shape"));
     assert!(!dir.path().join("x").exists());
+}
+
+#[test]
+fn drawn_spacings_keep_an_adult_chest_size_on_large_grids() {
+    // The anatomy fills the grid, so the drawn spacing of a clinical-size grid must keep the
+    // field of view ≤ 400 mm and the head-to-foot extent ≤ 300 mm (else a 512×512×300 phantom
+    // has 750 mm lungs and ~21 L of lung); small grids keep the drawn ranges (0.6–1 mm, 1–5 mm).
+    for shape in [
+        [512, 512, 300],
+        [512, 512, 600],
+        [384, 512, 120],
+        [80, 80, 48],
+    ] {
+        for i in 0..8 {
+            let opts = SynthOptions {
+                seed: 4242,
+                shape: Some(shape),
+                ..SynthOptions::default()
+            };
+            let s = case_spec(&opts, i, i % 2 == 0).unwrap().spacing;
+            let fov = (0..2).map(|j| s[j] * shape[j] as f64).fold(0.0, f64::max);
+            let height = s[2] * shape[2] as f64;
+            if i == 0 {
+                println!("{shape:?}: spacing {s:.3?} mm, field of view {fov:.0} mm, height {height:.0} mm");
+            }
+            assert!(fov <= 400.0 + 1e-9 && height <= 300.0 + 1e-9);
+            assert!(s[0] < 1.0 && s[2] < 5.0 && s[0] > 0.0 && s[2] > 0.0);
+            if shape == [80, 80, 48] {
+                assert!(
+                    s[0] >= 0.6 && s[2] >= 1.0,
+                    "small grids keep the drawn spacing"
+                );
+            }
+        }
+    }
 }

@@ -39,7 +39,8 @@ pub struct SynthArgs {
     #[arg(long, value_parser = parse_shape)]
     pub shape: Option<[usize; 3]>,
     /// Voxel spacing X,Y,Z in mm (canonical order); drawn per case (0.6–1.0 mm in-plane,
-    /// 1–5 mm between slices) when absent.
+    /// 1–5 mm between slices) when absent, finer on large grids so that the field of view stays
+    /// within 400 mm and the lungs within 300 mm head to foot (the anatomy fills the grid).
     #[arg(long, value_parser = parse_spacing)]
     pub spacing: Option<[f64; 3]>,
     /// Axis codes of the stored array (e.g. RAS, LPS, LAS, or any permutation such as PSR);

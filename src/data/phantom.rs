@@ -713,8 +713,12 @@ pub fn case_spec(args: &SynthOptions, index: usize, severe: bool) -> Result<Phan
     let spacing = match args.spacing {
         Some(s) => s,
         None => {
-            let inplane = rng.gen_range(0.6..1.0);
-            [inplane, inplane, rng.gen_range(1.0..5.0)]
+            // The anatomy fills the grid, so a large grid gets finer voxels: the field of view
+            // stays within an adult chest's (≤ 400 mm across, lungs ≤ 300 mm tall).
+            let inplane: f64 = rng.gen_range(0.6..1.0);
+            let inplane = inplane.min(MAX_FOV_MM / shape[0].max(shape[1]) as f64);
+            let slice: f64 = rng.gen_range(1.0..5.0);
+            [inplane, inplane, slice.min(MAX_HEIGHT_MM / shape[2] as f64)]
         }
     };
     let orientation = match &args.orientation {
@@ -755,6 +759,10 @@ pub fn case_spec(args: &SynthOptions, index: usize, severe: bool) -> Result<Phan
         severe,
     })
 }
+
+/// Largest in-plane field of view (mm) and head-to-foot extent (mm) of a drawn spacing.
+const MAX_FOV_MM: f64 = 400.0;
+const MAX_HEIGHT_MM: f64 = 300.0;
 
 /// The drawn classes of `count` cases: alternating severe/non-severe, shuffled by the seed.
 pub fn case_classes(count: usize, seed: u64) -> Vec<bool> {
