@@ -23,7 +23,7 @@
 //!
 //! Arrays are canonical RAS+ (x fastest; larger x is the patient's right, larger z superior).
 
-use crate::data::preprocess::{body_mask, CanonicalCt};
+use crate::data::preprocess::{body_mask, find, union, CanonicalCt};
 use rayon::prelude::*;
 
 /// Voxels below this are air-density candidates: aerated lung is −950…−600 HU, ground glass
@@ -142,22 +142,6 @@ struct SliceAir {
     /// Body centre and width along x (voxels); `None` without body.
     centre_x: Option<f64>,
     body_width: f64,
-}
-
-fn find(parent: &mut [u32], mut a: u32) -> u32 {
-    while parent[a as usize] != a {
-        let up = parent[parent[a as usize] as usize];
-        parent[a as usize] = up;
-        a = up;
-    }
-    a
-}
-
-fn union(parent: &mut [u32], a: u32, b: u32) {
-    let (ra, rb) = (find(parent, a), find(parent, b));
-    if ra != rb {
-        parent[ra.max(rb) as usize] = ra.min(rb);
-    }
 }
 
 /// Calls `join(i, j)` for every pair of runs, `i` in `a` and `j` in `b` (index ranges of runs
@@ -670,6 +654,20 @@ fn fill_holes(mask: &mut [bool], w: usize, h: usize, max_pixels: usize) {
     }
 }
 
+/// The half-open box [x0, x1) × [y0, y1) of the pixels of a slice (rows of `nx`) whose label
+/// satisfies `keep`; `None` when there are none.
+fn bounding_box(slice: &[u8], nx: usize, keep: impl Fn(u8) -> bool) -> Option<[usize; 4]> {
+    let (mut x0, mut x1, mut y0, mut y1) = (usize::MAX, 0, usize::MAX, 0);
+    for (i, _) in slice.iter().enumerate().filter(|(_, &l)| keep(l)) {
+        let (x, y) = (i % nx, i / nx);
+        x0 = x0.min(x);
+        x1 = x1.max(x + 1);
+        y0 = y0.min(y);
+        y1 = y1.max(y + 1);
+    }
+    (x0 < x1).then_some([x0, x1, y0, y1])
+}
+
 /// Per slice and side: a closing with a disc of [`CLOSING_MM`], then filling of holes up to
 /// [`MAX_HOLE_MM2`], on the side's
 /// bounding box grown by the radius (parallel over slices). A voxel already labelled keeps its
@@ -683,19 +681,9 @@ fn close_in_plane(labels: &mut [u8], dims: [usize; 3], spacing: [f64; 2]) {
     let (px, py) = (pad(spacing[0], nx), pad(spacing[1], ny));
     labels.par_chunks_mut(nx * ny).for_each(|slice| {
         for side in [RIGHT, LEFT] {
-            let (mut x0, mut x1, mut y0, mut y1) = (nx, 0, ny, 0);
-            for (i, &l) in slice.iter().enumerate() {
-                if l == side {
-                    let (x, y) = (i % nx, i / nx);
-                    x0 = x0.min(x);
-                    x1 = x1.max(x + 1);
-                    y0 = y0.min(y);
-                    y1 = y1.max(y + 1);
-                }
-            }
-            if x0 >= x1 {
+            let Some([x0, x1, y0, y1]) = bounding_box(slice, nx, |l| l == side) else {
                 continue;
-            }
+            };
             // The box, grown by the radius; pixels beyond the slice count as not lung.
             let (bx0, by0) = (x0 as isize - px as isize, y0 as isize - py as isize);
             let (w, h) = (x1 - x0 + 2 * px, y1 - y0 + 2 * py);
@@ -777,17 +765,9 @@ fn envelope(ct: &CanonicalCt, labels: &[u8]) -> Vec<bool> {
         .par_chunks_mut(n)
         .zip(labels.par_chunks(n))
         .for_each(|(out, slice)| {
-            let (mut x0, mut x1, mut y0, mut y1) = (nx, 0, ny, 0);
-            for (i, _) in slice.iter().enumerate().filter(|(_, &l)| l != 0) {
-                let (x, y) = (i % nx, i / nx);
-                x0 = x0.min(x);
-                x1 = x1.max(x + 1);
-                y0 = y0.min(y);
-                y1 = y1.max(y + 1);
-            }
-            if x0 >= x1 {
+            let Some([x0, x1, y0, y1]) = bounding_box(slice, nx, |l| l != 0) else {
                 return;
-            }
+            };
             let (bx0, by0) = (x0.saturating_sub(px), y0.saturating_sub(py));
             let (bx1, by1) = ((x1 + px).min(nx), (y1 + py).min(ny));
             let (w, h) = (bx1 - bx0, by1 - by0);

@@ -106,10 +106,7 @@ fn span_roots(spans: &[(u32, u32)], row_start: &[usize], diagonal: bool) -> Vec<
         while i < a_end && j < b_end {
             let ((a0, a1), (b0, b1)) = (spans[i], spans[j]);
             if a0 < b1 + reach && b0 < a1 + reach {
-                let (ra, rb) = (find(&mut parent, i as u32), find(&mut parent, j as u32));
-                if ra != rb {
-                    parent[ra.max(rb) as usize] = ra.min(rb);
-                }
+                union(&mut parent, i as u32, j as u32);
             }
             if a1 <= b1 {
                 i += 1;
@@ -417,13 +414,22 @@ struct Run {
     label: u8,
 }
 
-fn find(parent: &mut [u32], mut a: u32) -> u32 {
+/// Union-find over run indices: the root of `a` (paths halved on the way).
+pub(crate) fn find(parent: &mut [u32], mut a: u32) -> u32 {
     while parent[a as usize] != a {
         let up = parent[parent[a as usize] as usize];
         parent[a as usize] = up;
         a = up;
     }
     a
+}
+
+/// Joins the sets of `a` and `b`; the lower index becomes the root.
+pub(crate) fn union(parent: &mut [u32], a: u32, b: u32) {
+    let (ra, rb) = (find(parent, a), find(parent, b));
+    if ra != rb {
+        parent[ra.max(rb) as usize] = ra.min(rb);
+    }
 }
 
 /// Keeps, for every non-zero label, only its largest 6-connected 3D component; every other
@@ -487,10 +493,7 @@ pub fn keep_largest_components(labels: &mut [u8], dims: [usize; 3]) {
                 while i < a_range.end && j < b_range.end {
                     let (a, b) = (runs[i], runs[j]);
                     if a.x0 < b.x1 && b.x0 < a.x1 && a.label == b.label {
-                        let (ra, rb) = (find(&mut parent, i as u32), find(&mut parent, j as u32));
-                        if ra != rb {
-                            parent[ra.max(rb) as usize] = ra.min(rb);
-                        }
+                        union(&mut parent, i as u32, j as u32);
                     }
                     if a.x1 <= b.x1 {
                         i += 1;

@@ -523,15 +523,14 @@ fn open_header<'a>(source: impl Read + 'a, name: &str) -> Result<Opened<'a>> {
     })
 }
 
-/// The header's affine, where it came from and the orientation, checked: a usable affine and
-/// at least the smallest accepted size in canonical order.
-fn geometry(
-    header: &NiftiHeader,
+/// The orientation of a `dims` grid with voxel-to-world `affine`, checked: at least
+/// [`MIN_INPLANE`]² in-plane and [`MIN_SLICES`] axial slices in canonical order.
+pub(crate) fn oriented(
+    affine: &[[f64; 4]; 4],
     dims: [usize; 3],
     name: &str,
-) -> Result<([[f64; 4]; 4], AffineSource, Orientation)> {
-    let (affine, affine_source) = header_affine(header, name)?;
-    let orientation = Orientation::from_affine(&affine, dims);
+) -> Result<Orientation> {
+    let orientation = Orientation::from_affine(affine, dims);
     let c = orientation.canonical_dims();
     if c[0] < MIN_INPLANE || c[1] < MIN_INPLANE || c[2] < MIN_SLICES {
         bail!(
@@ -542,7 +541,18 @@ fn geometry(
             c[2]
         );
     }
-    Ok((affine, affine_source, orientation))
+    Ok(orientation)
+}
+
+/// The header's affine, where it came from and the orientation, checked: a usable affine and
+/// at least the smallest accepted size in canonical order.
+fn geometry(
+    header: &NiftiHeader,
+    dims: [usize; 3],
+    name: &str,
+) -> Result<([[f64; 4]; 4], AffineSource, Orientation)> {
+    let (affine, affine_source) = header_affine(header, name)?;
+    Ok((affine, affine_source, oriented(&affine, dims, name)?))
 }
 
 /// A reader of the file's bytes, inflating on the fly when it starts with the gzip magic.

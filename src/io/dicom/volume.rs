@@ -3,9 +3,7 @@
 use super::geometry::stack;
 use super::header::{transfer_syntax_name, transfer_syntax_supported, SliceHeader};
 use super::scan::{DicomSeries, SeriesTags};
-use crate::io::nifti::{
-    set_header_affine, AffineSource, Orientation, Volume, MIN_INPLANE, MIN_SLICES,
-};
+use crate::io::nifti::{oriented, set_header_affine, AffineSource, Volume};
 use ::nifti::NiftiHeader;
 use anyhow::{anyhow, bail, Result};
 use dicom_pixeldata::PixelDecoder;
@@ -182,17 +180,7 @@ pub fn read_series(series: &DicomSeries) -> Result<SeriesVolume> {
     if dims.iter().any(|&d| d > i16::MAX as usize) {
         bail!("{label}: {dims:?} voxels do not fit a NIfTI-1 header (at most 32767 per axis)");
     }
-    let orientation = Orientation::from_affine(&geometry.affine, dims);
-    let c = orientation.canonical_dims();
-    if c[0] < MIN_INPLANE || c[1] < MIN_INPLANE || c[2] < MIN_SLICES {
-        bail!(
-            "{label}: the volume is too small ({}×{}×{} voxels in RAS order); at least \
-             {MIN_INPLANE}×{MIN_INPLANE} in-plane and {MIN_SLICES} axial slices are needed",
-            c[0],
-            c[1],
-            c[2]
-        );
-    }
+    let orientation = oriented(&geometry.affine, dims, &label)?;
     // Each slice is decoded straight into its place, so memory holds one volume and the
     // slices in flight.
     let mut data = vec![0f32; dims.iter().product()];
