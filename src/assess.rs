@@ -210,17 +210,8 @@ pub fn assess_volume(
     path: &Path,
     opts: &AssessOptions,
 ) -> Result<Report> {
-    assess_volume_with_progress(engine, path, opts, &ProgressBar::hidden())
-}
-
-/// [`assess_volume`] reporting its stages on `bar`.
-pub fn assess_volume_with_progress(
-    engine: &mut dyn InferenceEngine,
-    path: &Path,
-    opts: &AssessOptions,
-    bar: &ProgressBar,
-) -> Result<Report> {
-    assess_input_with_progress(engine, &CtInput::Nifti(path.to_path_buf()), opts, bar)
+    let input = CtInput::Nifti(path.to_path_buf());
+    assess_input_with_progress(engine, &input, opts, &ProgressBar::hidden())
 }
 
 /// Assesses one NIfTI volume or DICOM series, reporting its stages on `bar`; the outputs are

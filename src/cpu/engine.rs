@@ -93,6 +93,11 @@ struct UnitActs {
 }
 
 impl UnitActs {
+    /// Hands the large buffers back to the pool for the next step.
+    fn recycle(self) {
+        recycle([self.up, self.z, self.y, self.pooled]);
+    }
+
     fn yd(&self) -> Dims {
         Dims::new(self.xd.n, self.cout, self.xd.h, self.xd.w)
     }
@@ -130,9 +135,7 @@ struct Acts {
 impl Acts {
     /// Hands the large activation buffers back to the pool for the next step.
     fn recycle(self) {
-        for u in self.units {
-            recycle([u.up, u.z, u.y, u.pooled]);
-        }
+        self.units.into_iter().for_each(UnitActs::recycle);
         recycle([self.seg_logits]);
     }
 }
@@ -785,9 +788,7 @@ impl InferenceEngine for CpuEngine {
             let chunk = &patches[start * per..(start + n) * per];
             let acts = net.units(chunk, n, p, mil.src + 1);
             h.extend_from_slice(&acts[mil.src].y);
-            for a in acts {
-                recycle([a.up, a.z, a.y, a.pooled]);
-            }
+            acts.into_iter().for_each(UnitActs::recycle);
         }
         let hd = Dims::new(m, mil.channels, side, side);
         Ok(net.mil_head(&h, hd, &batch.bag_ranges()).cls_logits)
