@@ -4,10 +4,11 @@
 
 use crate::backend::Backend;
 use crate::config::{ModelConfig, TrainConfig};
-use crate::cpu::{run_step, StepResult};
+use crate::cpu::ops::loss;
+use crate::cpu::{run_step, Losses, StepResult, Trainer};
+use crate::cuda::train::{CudaTrainer, INITIAL_LOSS_SCALE};
 use crate::cuda::{CudaEngine, DeviceKind};
-use crate::engine::InferenceEngine;
-use crate::engine::{Batch, Mode};
+use crate::engine::{Batch, InferenceEngine, Mode, Outputs};
 use crate::io::weights::{load_model, model_tensors, Tensor, TensorFile, WeightDtype};
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
@@ -28,7 +29,8 @@ pub enum ModeArg {
 /// Output keys: `seg_logits` f32 [M,6,P,P], `cls_logits` f32 [B,2]; in train mode also the
 /// updated BatchNorm buffers under their state_dict names; with both label sets also `loss`,
 /// `loss_cls`, `loss_seg_ce`, `loss_seg_dice` (scalars) and, in train mode, `grad.<name>` for
-/// every learnable parameter.
+/// every learnable parameter. The CUDA engine (cuda, emu) computes the gradients in fp16
+/// mixed precision at a loss scale of 2^16 and writes them unscaled.
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct ForwardArgs {
@@ -151,7 +153,7 @@ fn int_tensor<'a>(file: &'a TensorFile, name: &str, shape: &[usize]) -> Result<&
     Ok(data)
 }
 
-/// The forward (with losses and gradients when labelled, CPU only) on `backend`; `model`
+/// The forward (with losses when labelled, and gradients in train mode) on `backend`; `model`
 /// takes the BatchNorm buffers a train-mode pass updates.
 fn run_network(
     model: &mut Model,
@@ -166,15 +168,24 @@ fn run_network(
     }
 }
 
-/// The CUDA engine's forward (it has no backward yet, so no labels).
+/// The CUDA engine's forward; with labels, its losses, and in train mode its backward (the
+/// gradients unscaled from the loss scale they were computed at).
 fn run_cuda(
     model: &mut Model,
     input: &ForwardInput,
     mode: Mode,
     kind: DeviceKind,
 ) -> Result<StepResult> {
-    if input.seg_labels.is_some() || input.cls_labels.is_some() {
-        bail!("losses and gradients are computed by --device cpu only (the CUDA engine's backward is not written yet); drop the labels or use --device cpu");
+    let batch = input.batch();
+    let labelled = batch.seg_labels.is_some() && batch.cls_labels.is_some();
+    if mode == Mode::Train && labelled {
+        let trainer = Trainer::new(model.clone(), TrainConfig::default());
+        let mut cuda = CudaTrainer::new(&trainer, kind, INITIAL_LOSS_SCALE)?;
+        let r = cuda
+            .run_step(&batch)
+            .with_context(|| bad_input(input.path))?;
+        *model = cuda.to_trainer()?.model;
+        return Ok(r);
     }
     let mut engine = CudaEngine::new(model, kind)?;
     let outputs = match mode {
@@ -183,10 +194,52 @@ fn run_cuda(
     }
     .with_context(|| bad_input(input.path))?;
     *model = engine.model().clone();
+    let losses = match (batch.seg_labels, batch.cls_labels) {
+        (Some(seg), Some(cls)) => Some(
+            host_losses(model, &batch, &outputs, seg, cls).with_context(|| bad_input(input.path))?,
+        ),
+        _ => None,
+    };
     Ok(StepResult {
         outputs,
-        losses: None,
+        losses,
         grads: None,
+    })
+}
+
+/// The losses of a forward's outputs, computed on the host by the CPU engine's loss functions.
+fn host_losses(
+    model: &Model,
+    batch: &Batch,
+    out: &Outputs,
+    seg: &[i64],
+    cls: &[i64],
+) -> Result<Losses> {
+    let (cfg, t) = (model.config(), TrainConfig::default());
+    let (m, p) = (batch.patches_count(), batch.patch);
+    let (seg_ce, seg_dice) = loss::seg_loss(
+        &out.seg_logits,
+        m,
+        cfg.seg_classes,
+        p * p,
+        seg,
+        t.lambda_seg,
+        None,
+    )?;
+    let cls = loss::cls_loss(
+        &out.cls_logits,
+        batch.bag_sizes.len(),
+        cfg.cls_classes,
+        cls,
+        None,
+        1.0,
+        None,
+    )?;
+    Ok(Losses {
+        total: cls + t.lambda_seg * (seg_ce + seg_dice),
+        cls,
+        seg_ce,
+        seg_dice,
     })
 }
 

@@ -26,7 +26,9 @@ pub struct TrainArgs {
     /// Run folder: checkpoints, metrics.csv, curves.png, steps.csv.
     #[arg(long)]
     pub out: PathBuf,
-    /// Where training runs (only the CPU engine trains for now).
+    /// Where the training steps run: cpu (f32), cuda (the first GPU: fp16 mixed precision,
+    /// fp32 master weights, dynamic loss scaling) or emu (the CUDA kernels on the CPU
+    /// emulator: slow, for checks). A resumed run may change it. Validation runs on the CPU.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub device: Backend,
     /// Network widths: the paper's (4,015,304 parameters) or the tiny test preset.
@@ -79,18 +81,14 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
-/// `m2unet train`: trains on the CPU engine and prints where it stopped.
+/// `m2unet train`: trains on --device and prints where it stopped.
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
-    if args.device != Backend::Cpu {
-        bail!(
-            "training runs on the CPU engine for now (the CUDA engine has no backward yet); use --device cpu"
-        );
-    }
     let start = match args.resume {
         true => Start::Resume,
         false => Start::New(Box::new(new_run(args)?)),
     };
     let length = RunLength {
+        device: args.device,
         epochs: args.epochs,
         max_steps: args.max_steps,
     };

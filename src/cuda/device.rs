@@ -156,6 +156,20 @@ impl Device {
         }
     }
 
+    /// Zeroes `bytes` of device memory at `dst`, in order with the launches.
+    pub fn memset_zero(&self, dst: DevPtr, bytes: usize) -> Result<()> {
+        match &self.gpu {
+            Some(g) => {
+                g.ctx.bind_to_thread().map_err(drv)?;
+                unsafe { cu::memset_d8_async(dst.0, 0, bytes, std::ptr::null_mut()) }.map_err(drv)
+            }
+            None => {
+                unsafe { std::ptr::write_bytes(dst.0 as *mut u8, 0, bytes) };
+                Ok(())
+            }
+        }
+    }
+
     /// Copies from device address `src` into `dst` (waits for earlier launches).
     pub fn download<T: Pod>(&self, src: DevPtr, dst: &mut [T]) -> Result<()> {
         match &self.gpu {

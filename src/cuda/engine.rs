@@ -6,7 +6,7 @@
 use super::device::{DevPtr, Device, DeviceKind, Mark};
 use super::kernels::*;
 use super::weights::{pack_conv3x3, pad8, padded, transpose};
-use crate::config::{GcpMode, ModelConfig, BN_EPS, BN_MOMENTUM};
+use crate::config::{ModelConfig, BN_EPS, BN_MOMENTUM};
 use crate::engine::{segment_count, Batch, InferenceEngine, Mode, Outputs};
 use crate::model::{Arch, ConvUnit, Model, Src};
 use anyhow::{bail, ensure, Result};
@@ -22,57 +22,99 @@ struct Blob {
 }
 
 impl Blob {
-    fn push<T: Pod>(&mut self, v: &[T]) -> usize {
+    /// Appends `v`; returns its offset (made an address by `Weights::rebased`).
+    fn push<T: Pod>(&mut self, v: &[T]) -> u64 {
         let off = self.bytes.len().next_multiple_of(ALIGN);
         self.bytes.resize(off, 0);
         self.bytes.extend_from_slice(bytemuck::cast_slice(v));
-        off
+        off as u64
     }
 }
 
-/// Offsets in the weight buffer of one conv's weights and bias.
+/// Device addresses of one conv's weights and bias.
 #[derive(Clone, Copy, Default)]
-struct ConvW {
-    w: usize,
-    b: usize,
+pub(super) struct ConvW {
+    pub w: u64,
+    pub b: u64,
 }
 
-/// One conv unit of the architecture: 3×3 conv followed by BatchNorm and ReLU.
-struct ConvLayer {
+/// One conv unit of the architecture: 3×3 conv followed by BatchNorm and ReLU. Addresses of
+/// what train-mode passes read (`train`, `gamma`, `beta`) are re-pointed by a `CudaTrainer`
+/// to its master weights and fp16 packs.
+pub(super) struct ConvLayer {
     /// Module name, e.g. `dec2.conv1`.
-    name: String,
+    pub name: String,
     /// Real input channels of each concatenated input tensor.
-    parts: Vec<usize>,
-    cout: usize,
+    pub parts: Vec<usize>,
+    pub cout: usize,
     /// BN folded (eval), and as trained (train mode: batch statistics).
-    eval: ConvW,
-    train: ConvW,
-    gamma: usize,
-    beta: usize,
-    running_mean: usize,
-    running_var: usize,
+    pub eval: ConvW,
+    pub train: ConvW,
+    pub gamma: u64,
+    pub beta: u64,
+    pub running_mean: u64,
+    pub running_var: u64,
     /// Offset of running_mean in the model's buffer vector.
-    bn_buffer: usize,
+    pub bn_buffer: usize,
 }
 
-struct Linear {
-    w: usize,
-    b: usize,
+/// Device addresses of a fully connected layer's weight and bias.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Linear {
+    pub w: u64,
+    pub b: u64,
 }
 
-/// Every weight the forward pass reads, as offsets into one device buffer.
-struct Weights {
+/// Every weight the forward pass reads, as device addresses (in the engine's weight buffer,
+/// or, for train-mode reads under a `CudaTrainer`, in its master weights).
+pub(super) struct Weights {
     /// One per `Arch::units`, same order.
-    convs: Vec<ConvLayer>,
-    seg: Linear,
-    concepts_t: Linear,
-    emb_proj_eval: Linear,
-    emb_proj: Linear,
-    emb_bn: [usize; 4],
-    emb_bn_buffer: usize,
-    img_concepts: Linear,
-    img_proj: Linear,
-    classifier: Linear,
+    pub convs: Vec<ConvLayer>,
+    pub seg: Linear,
+    /// The embedding concepts' weight transposed to [in][out].
+    pub concepts_t: Linear,
+    pub emb_proj_eval: Linear,
+    pub emb_proj: Linear,
+    /// γ, β, running mean, running var.
+    pub emb_bn: [u64; 4],
+    pub emb_bn_buffer: usize,
+    pub img_concepts: Linear,
+    pub img_proj: Linear,
+    pub classifier: Linear,
+}
+
+impl Weights {
+    /// Offsets in the weight buffer made addresses of the buffer at `base`.
+    fn rebased(mut self, base: u64) -> Weights {
+        for l in &mut self.convs {
+            for a in [
+                &mut l.eval.w,
+                &mut l.eval.b,
+                &mut l.train.w,
+                &mut l.train.b,
+                &mut l.gamma,
+                &mut l.beta,
+                &mut l.running_mean,
+                &mut l.running_var,
+            ] {
+                *a += base;
+            }
+        }
+        for l in [
+            &mut self.seg,
+            &mut self.concepts_t,
+            &mut self.emb_proj_eval,
+            &mut self.emb_proj,
+            &mut self.img_concepts,
+            &mut self.img_proj,
+            &mut self.classifier,
+        ] {
+            l.w += base;
+            l.b += base;
+        }
+        self.emb_bn.iter_mut().for_each(|a| *a += base);
+        self
+    }
 }
 
 /// The conv units' weights (the first layer, which reads the fp32 patches directly, keeps
@@ -171,7 +213,7 @@ fn build_weights(model: &Model) -> Result<(Weights, Vec<u8>)> {
 }
 
 /// Whether `u` reads the input patches (the first layer's direct kernel).
-fn reads_patches(u: &ConvUnit) -> bool {
+pub(super) fn reads_patches(u: &ConvUnit) -> bool {
     matches!(u.inputs[..], [(Src::Input, _)])
 }
 
@@ -191,36 +233,41 @@ fn check_loader(u: &ConvUnit) -> Result<()> {
 
 /// The activations of one forward pass for `m` patches of side `patch`, carved from one
 /// allocation.
-struct Arena {
-    m: usize,
-    patch: usize,
+pub(super) struct Arena {
+    pub m: usize,
+    pub patch: usize,
     /// Patches the MIL head's buffers hold (≥ m: `classify` runs the encoder in chunks).
-    rows: usize,
-    base: DevPtr,
-    input: usize,
+    pub rows: usize,
+    /// Train-mode passes keep every unit's pre-BN output and BN statistics for a backward.
+    pub keep: bool,
+    pub base: DevPtr,
+    pub input: usize,
     /// Per arch unit: its output and (units marked `pooled`) its 2×2 max-pooled output.
-    units: Vec<[usize; 2]>,
-    /// Train mode: the raw conv output before BatchNorm, BN partial statistics, scale, shift.
-    z: usize,
+    pub units: Vec<[usize; 2]>,
+    /// Train mode, per unit (one shared buffer unless `keep`): the raw conv output before
+    /// BatchNorm (fp16), and its BN scale, shift, batch mean and 1/sd (fp32, padded channels).
+    pub z: Vec<usize>,
+    pub stats: Vec<[usize; 4]>,
     /// Split-K partial sums (the largest any conv of the pass needs).
-    splitk: usize,
-    partial: usize,
-    scale: usize,
-    shift: usize,
-    seg_logits: usize,
-    labels: usize,
-    mil_z: usize,
-    mil_pre: usize,
-    mil_e: usize,
-    mil_t: usize,
-    mil_g: usize,
-    mil_v: usize,
-    cls: usize,
-    bag_start: usize,
+    pub splitk: usize,
+    /// BN partial statistics.
+    pub partial: usize,
+    pub seg_logits: usize,
+    pub labels: usize,
+    pub mil_z: usize,
+    /// The first-argmax instance of each patch's concept scores (train mode).
+    pub mil_arg: usize,
+    pub mil_pre: usize,
+    pub mil_e: usize,
+    pub mil_t: usize,
+    pub mil_g: usize,
+    pub mil_v: usize,
+    pub cls: usize,
+    pub bag_start: usize,
 }
 
 impl Arena {
-    fn layout(arch: &Arch, m: usize, p: usize, rows: usize) -> (Arena, usize) {
+    fn layout(arch: &Arch, m: usize, p: usize, rows: usize, keep: bool) -> (Arena, usize) {
         let mut off = 0usize;
         let mut take = |bytes: usize| {
             let o = off;
@@ -246,7 +293,16 @@ impl Arena {
                 ]
             })
             .collect();
-        let z = take(outs.iter().map(|&(px, ch)| px * ch).max().unwrap_or(0) * 2);
+        let max_c = outs.iter().map(|&(_, ch)| ch).max().unwrap_or(0);
+        let (z, stats) = if keep {
+            outs.iter()
+                .map(|&(px, ch)| (take(px * ch * 2), [(); 4].map(|_| take(ch * 4))))
+                .unzip()
+        } else {
+            let z = take(outs.iter().map(|&(px, ch)| px * ch).max().unwrap_or(0) * 2);
+            let stats = [(); 4].map(|_| take(max_c * 4));
+            (vec![z; outs.len()], vec![stats; outs.len()])
+        };
         let splitk_bytes = conv_shapes(arch, m, p)
             .into_iter()
             .map(|(rows, cout, k)| {
@@ -267,9 +323,6 @@ impl Arena {
                 .unwrap_or(0)
                 * 4,
         );
-        let max_c = outs.iter().map(|&(_, ch)| ch).max().unwrap_or(0);
-        let scale = take(max_c * 4);
-        let shift = take(max_c * 4);
         let seg_logits = take(m * arch.seg.classes * p * p * 4);
         let labels = take(m * p * p);
         let (k1, k2) = (arch.mil.emb_proj.fout, arch.mil.img_proj.fout);
@@ -277,17 +330,18 @@ impl Arena {
             m,
             patch: p,
             rows,
+            keep,
             base: DevPtr::NULL,
             input,
             units,
             z,
+            stats,
             splitk,
             partial,
-            scale,
-            shift,
             seg_logits,
             labels,
             mil_z: take(rows * k1 * 4),
+            mil_arg: take(rows * k1 * 4),
             mil_pre: take(rows * k1 * 4),
             mil_e: take(rows * k1 * 4),
             mil_t: take(rows * k2 * 4),
@@ -298,7 +352,7 @@ impl Arena {
         };
         (a, off)
     }
-    fn at(&self, off: usize) -> u64 {
+    pub fn at(&self, off: usize) -> u64 {
         self.base.offset(off).0
     }
 }
@@ -332,7 +386,7 @@ enum ConvIn {
 
 /// What a forward pass computes beyond the decoder.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Heads {
+pub(super) enum Heads {
     /// Segmentation logits and the MIL head.
     All,
     /// Argmax labels only.
@@ -341,14 +395,16 @@ enum Heads {
 
 /// M²UNet's forward pass on CUDA kernels (a GPU, or the CPU emulator).
 pub struct CudaEngine {
-    dev: Device,
-    model: Model,
-    arch: Arch,
-    w: Weights,
+    pub(super) dev: Device,
+    pub(super) model: Model,
+    pub(super) arch: Arch,
+    pub(super) w: Weights,
     wbase: DevPtr,
     /// Running statistics changed on the device since the eval weights were folded.
     stale_eval: bool,
-    arena: Option<Arena>,
+    /// Train-mode passes keep what a backward needs (set by a `CudaTrainer`).
+    pub(super) keep: bool,
+    pub(super) arena: Option<Arena>,
     /// While profiling: a device mark after each stage of the forward pass.
     marks: RefCell<Option<Vec<(String, Mark)>>>,
 }
@@ -381,9 +437,10 @@ impl CudaEngine {
             dev,
             model: model.clone(),
             arch,
-            w,
+            w: w.rebased(wbase.0),
             wbase,
             stale_eval: false,
+            keep: false,
             arena: None,
             marks: RefCell::new(None),
         })
@@ -482,7 +539,7 @@ impl CudaEngine {
 
     /// Refreshes stale eval weights, sizes the arena for `m` patches of side `p` and uploads
     /// the inputs.
-    fn prepare(
+    pub(super) fn prepare(
         &mut self,
         patches: &[f32],
         bag_sizes: Option<&[usize]>,
@@ -506,12 +563,12 @@ impl CudaEngine {
         if self
             .arena
             .as_ref()
-            .is_none_or(|a| a.m < m || a.patch != p || a.rows < rows)
+            .is_none_or(|a| a.m < m || a.patch != p || a.rows < rows || a.keep != self.keep)
         {
             if let Some(a) = self.arena.take() {
                 self.dev.free(a.base)?;
             }
-            let (mut a, bytes) = Arena::layout(&self.arch, m, p, rows);
+            let (mut a, bytes) = Arena::layout(&self.arch, m, p, rows, self.keep);
             a.base = self.dev.alloc(bytes)?;
             self.arena = Some(a);
         }
@@ -537,41 +594,31 @@ impl CudaEngine {
     fn refresh_weights(&mut self) -> Result<()> {
         let (w, bytes) = build_weights(&self.model)?;
         self.dev.upload(self.wbase, &bytes)?;
-        self.w = w;
+        self.w = w.rebased(self.wbase.0);
         self.stale_eval = false;
         Ok(())
     }
 
-    fn wp(&self, off: usize) -> u64 {
-        self.wbase.offset(off).0
-    }
-
-    /// One 3×3 conv + BN + ReLU at resolution h×h for m patches, writing `out` (and its 2×2
-    /// max-pool into `pool`).
-    #[allow(clippy::too_many_arguments)]
-    fn conv(
-        &self,
-        l: &ConvLayer,
-        input: ConvIn,
-        out: u64,
-        pool: Option<u64>,
-        m: usize,
-        h: usize,
-        mode: Mode,
-    ) -> Result<()> {
+    /// Conv unit `i` (3×3 conv + BN + ReLU) at resolution h×h for m patches, writing its
+    /// output (and 2×2 max-pool) in the arena.
+    fn conv(&self, i: usize, input: ConvIn, m: usize, h: usize, mode: Mode) -> Result<()> {
         let a = self.arena.as_ref().expect("arena");
+        let l = &self.w.convs[i];
+        let [out, pooled] = a.units[i];
+        let (out, pool) = (a.at(out), self.arch.units[i].pooled.then(|| a.at(pooled)));
+        let [scale, shift, _mean, _invstd] = a.stats[i].map(|o| a.at(o));
         let cp = pad8(l.cout);
         let (wts, y, relu, y_pool) = match mode {
             Mode::Eval => (l.eval, out, 1, pool.unwrap_or(0)),
-            Mode::Train => (l.train, a.at(a.z), 0, 0),
+            Mode::Train => (l.train, a.at(a.z[i]), 0, 0),
         };
         match input {
             ConvIn::Patches(x) => conv3x3_first(
                 &self.dev,
                 &ConvFirstParams {
                     x,
-                    wt: self.wp(wts.w),
-                    bias: self.wp(wts.b),
+                    wt: (wts.w),
+                    bias: (wts.b),
                     y,
                     y_pool,
                     n: m as i32,
@@ -595,8 +642,8 @@ impl CudaEngine {
                 let p = ConvParams {
                     x,
                     x2,
-                    wt: self.wp(wts.w),
-                    bias: self.wp(wts.b),
+                    wt: (wts.w),
+                    bias: (wts.b),
                     y,
                     y_pool,
                     n: m as i32,
@@ -634,12 +681,12 @@ impl CudaEngine {
                 &self.dev,
                 &BnFinalizeParams {
                     partial: a.at(a.partial),
-                    gamma: self.wp(l.gamma),
-                    beta: self.wp(l.beta),
-                    running_mean: self.wp(l.running_mean),
-                    running_var: self.wp(l.running_var),
-                    scale: a.at(a.scale),
-                    shift: a.at(a.shift),
+                    gamma: (l.gamma),
+                    beta: (l.beta),
+                    running_mean: (l.running_mean),
+                    running_var: (l.running_var),
+                    scale,
+                    shift,
                     chunks: chunks as i32,
                     pixels: pixels as i32,
                     chunk: BN_CHUNK as i32,
@@ -654,8 +701,8 @@ impl CudaEngine {
                 &self.dev,
                 &BnApplyParams {
                     x: y,
-                    scale: a.at(a.scale),
-                    shift: a.at(a.shift),
+                    scale,
+                    shift,
                     y: out,
                     y_pool: pool.unwrap_or(0),
                     n: m as i32,
@@ -683,7 +730,7 @@ impl CudaEngine {
 
     /// The whole forward pass on the device for m patches in `bags` bags: every conv unit of
     /// the architecture in order, the seg head, then the MIL head.
-    fn run(&self, mode: Mode, heads: Heads, m: usize, bags: usize) -> Result<()> {
+    pub(super) fn run(&self, mode: Mode, heads: Heads, m: usize, bags: usize) -> Result<()> {
         self.run_units(mode, m, self.arch.units.len())?;
         self.run_seg_head(heads, m)?;
         if heads == Heads::All {
@@ -697,11 +744,8 @@ impl CudaEngine {
     /// The first `count` conv units for m patches.
     fn run_units(&self, mode: Mode, m: usize, count: usize) -> Result<()> {
         let a = self.arena.as_ref().expect("arena");
-        let units = self.arch.units.iter().zip(&self.w.convs).zip(&a.units);
-        for ((u, l), &[out, pooled]) in units.take(count) {
-            let pool = u.pooled.then(|| a.at(pooled));
-            let input = self.conv_input(u, a);
-            self.conv(l, input, a.at(out), pool, m, a.patch >> u.level, mode)?;
+        for (i, u) in self.arch.units.iter().enumerate().take(count) {
+            self.conv(i, self.conv_input(u, a), m, a.patch >> u.level, mode)?;
         }
         Ok(())
     }
@@ -718,8 +762,8 @@ impl CudaEngine {
             &self.dev,
             &SegHeadParams {
                 x: a.at(a.units[seg.src][0]),
-                w: self.wp(self.w.seg.w),
-                bias: self.wp(self.w.seg.b),
+                w: (self.w.seg.w),
+                bias: (self.w.seg.b),
                 logits,
                 labels,
                 n: m as i32,
@@ -731,15 +775,6 @@ impl CudaEngine {
             },
         )?;
         self.mark(&seg.name)
-    }
-
-    /// The GCP mode's code in the kernels.
-    fn gcp_code(&self) -> i32 {
-        match self.arch.config.gcp {
-            GcpMode::MaxMinusMean => 0,
-            GcpMode::Max => 1,
-            GcpMode::Mean => 2,
-        }
     }
 
     /// One fully connected layer over arena rows (offsets), with an optional ReLU.
@@ -759,8 +794,8 @@ impl CudaEngine {
             &self.dev,
             &LinearParams {
                 x: a.at(x),
-                w: self.wp(l.w),
-                bias: self.wp(l.b),
+                w: (l.w),
+                bias: (l.b),
                 y: a.at(y),
                 rows: rows as i32,
                 fin: fin as i32,
@@ -783,15 +818,15 @@ impl CudaEngine {
             &self.dev,
             &ConceptsGcpParams {
                 x: a.at(a.units[mil.src][0]),
-                wt: self.wp(self.w.concepts_t.w),
-                bias: self.wp(self.w.concepts_t.b),
+                wt: (self.w.concepts_t.w),
+                bias: (self.w.concepts_t.b),
                 z: a.at(z),
                 m: m as i32,
                 inst: (side * side) as i32,
                 c: pad8(mil.channels) as i32,
                 c_real: mil.channels as i32,
                 k: k1 as i32,
-                gcp: self.gcp_code(),
+                gcp: gcp_code(self.arch.config.gcp),
             },
         )?;
         match mode {
@@ -803,10 +838,10 @@ impl CudaEngine {
                     &self.dev,
                     &Bn1dTrainParams {
                         x: a.at(a.mil_pre),
-                        gamma: self.wp(g),
-                        beta: self.wp(b),
-                        running_mean: self.wp(rm),
-                        running_var: self.wp(rv),
+                        gamma: (g),
+                        beta: (b),
+                        running_mean: (rm),
+                        running_var: (rv),
                         y: a.at(e),
                         rows: m as i32,
                         c: k1 as i32,
@@ -833,7 +868,7 @@ impl CudaEngine {
                 g: a.at(a.mil_g),
                 bags: bags as i32,
                 k: k2 as i32,
-                gcp: self.gcp_code(),
+                gcp: gcp_code(self.arch.config.gcp),
                 pad_: 0,
             },
         )?;
@@ -842,7 +877,7 @@ impl CudaEngine {
         self.linear(&self.w.classifier, a.mil_v, a.cls, bags, k2, classes, false)
     }
 
-    fn read_outputs(&self, m: usize, bags: usize) -> Result<Outputs> {
+    pub(super) fn read_outputs(&self, m: usize, bags: usize) -> Result<Outputs> {
         let a = self.arena.as_ref().expect("arena");
         let (classes, p) = (self.arch.seg.classes, a.patch);
         let mut out = Outputs {
@@ -858,21 +893,28 @@ impl CudaEngine {
 
     /// Copies the device's running statistics back into the host model after a train pass.
     fn read_running_stats(&mut self) -> Result<()> {
-        let mut layers: Vec<(usize, usize, usize, usize)> = vec![];
+        let mut model = self.model.clone();
+        self.download_running_stats(&mut model)?;
+        self.model = model;
+        self.model.batches_tracked.iter_mut().for_each(|n| *n += 1);
+        self.stale_eval = true;
+        Ok(())
+    }
+
+    /// The device's BatchNorm running statistics written into `model`'s buffers.
+    pub(super) fn download_running_stats(&self, model: &mut Model) -> Result<()> {
+        let mut layers: Vec<(u64, u64, usize, usize)> = vec![];
         for l in &self.w.convs {
             layers.push((l.running_mean, l.running_var, l.bn_buffer, l.cout));
         }
         let [_, _, rm, rv] = self.w.emb_bn;
         layers.push((rm, rv, self.w.emb_bn_buffer, self.arch.mil.emb_proj.fout));
         for (rm, rv, off, c) in layers {
-            let (mut mean, mut var) = (vec![0f32; c], vec![0f32; c]);
-            self.dev.download(self.wbase.offset(rm), &mut mean)?;
-            self.dev.download(self.wbase.offset(rv), &mut var)?;
-            self.model.buffers[off..off + c].copy_from_slice(&mean);
-            self.model.buffers[off + c..off + 2 * c].copy_from_slice(&var);
+            self.dev
+                .download(DevPtr(rm), &mut model.buffers[off..off + c])?;
+            self.dev
+                .download(DevPtr(rv), &mut model.buffers[off + c..off + 2 * c])?;
         }
-        self.model.batches_tracked.iter_mut().for_each(|n| *n += 1);
-        self.stale_eval = true;
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 pub mod device;
 pub mod engine;
 pub mod kernels;
+pub mod train;
 pub mod weights;
 
 pub use device::{describe_devices, DevPtr, Device, DeviceKind, Mark};

@@ -35,6 +35,13 @@ pub struct TrainState {
     /// Best validation score so far and the epoch (1-based) that reached it.
     pub best_score: Option<f64>,
     pub best_epoch: Option<u64>,
+    /// AdamW steps taken, when fewer than `step` (the CUDA engine skips the update of a step
+    /// whose loss-scaled gradients overflowed); None: equal to `step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optim_steps: Option<u64>,
+    /// The CUDA engine's dynamic loss scale (None for runs on the CPU engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f32>,
 }
 
 /// Metadata keys of a checkpoint.

@@ -7,11 +7,14 @@ mod batch;
 mod progress;
 mod run_dir;
 pub mod settings;
+mod stepper;
 
 pub use settings::{scheduled_lr, RunSettings, Schedule};
 
+use crate::backend::Backend;
 use crate::config::TrainConfig;
-use crate::cpu::{Losses, Trainer};
+use crate::cpu::Trainer;
+use crate::cuda::train::StepReport;
 use crate::data::dataset::{
     load_bag, read_checked_manifest, split_by_case, Bag, BagConfig, ManifestEntry, Prefetcher,
 };
@@ -24,6 +27,7 @@ use anyhow::{bail, Result};
 use batch::{validation_losses, BatchData};
 use progress::Progress;
 use run_dir::{RunDir, Validation, Which};
+use stepper::Stepper;
 use std::path::Path;
 use std::time::Instant;
 
@@ -47,9 +51,11 @@ pub struct NewRun {
     pub seed: u64,
 }
 
-/// How far a call to [`train`] goes.
+/// How far a call to [`train`] goes, and where it runs.
 #[derive(Clone, Copy, Debug)]
 pub struct RunLength {
+    /// The engine that takes the steps (a resumed run may change it).
+    pub device: Backend,
     /// Total epochs of the run (a resumed run continues up to this number, which also sets the
     /// end of a cosine schedule).
     pub epochs: u64,
@@ -128,7 +134,9 @@ impl Cases {
 /// A run in progress.
 struct Session {
     dir: RunDir,
-    trainer: Trainer,
+    stepper: Stepper,
+    /// The model's shape and the optimiser's settings.
+    model: crate::config::ModelConfig,
     state: TrainState,
     run: RunSettings,
     /// `run` as stored in the checkpoints.
@@ -159,7 +167,9 @@ impl Session {
             }
         };
         let cfg = *trainer.model.config();
+        let n_params = trainer.model.table.n_params;
         let cases = Cases::load(&run, state.seed, cfg.patch)?;
+        let stepper = Stepper::new(trainer, length.device, state.loss_scale)?;
         dir.create()?;
         dir.reset_logs(resumed.then_some(&state))?;
         let per_epoch = cases.train.len().div_ceil(run.bags_per_step) as u64;
@@ -169,18 +179,19 @@ impl Session {
             .map_or(run.schedule_steps, |m| m.min(run.schedule_steps));
         let progress = Progress::new(total_steps, state.step, quiet);
         progress.announce(&format!(
-            "training {} cases ({} validation), {per_epoch} steps per epoch of {} bags × {} patches of {p}×{p}; {} parameters",
+            "training {} cases ({} validation), {per_epoch} steps per epoch of {} bags × {} patches of {p}×{p}; {n_params} parameters; on {}",
             cases.train.len(),
             cases.val.len(),
             run.bags_per_step,
             run.bag_size,
-            trainer.model.table.n_params,
+            stepper.describe(),
             p = cfg.patch
         ));
         Ok(Session {
             run_json: serde_json::to_string(&run)?,
             dir,
-            trainer,
+            stepper,
+            model: cfg,
             state,
             run,
             cases,
@@ -217,40 +228,35 @@ impl Session {
     /// last.safetensors every `checkpoint_every` steps.
     fn step(&mut self, bags: &[Bag]) -> Result<()> {
         let t = Instant::now();
-        let (losses, patches) = self.optimise(bags)?;
+        let (report, patches) = self.optimise(bags)?;
         let rate = patches as f64 / t.elapsed().as_secs_f64();
         self.patches_done += patches;
-        self.state.step = self.trainer.step;
+        self.state.step += 1;
         self.state.position += bags.len();
-        self.dir.log_step(&self.state, &losses, rate)?;
-        self.progress.step(&self.state, &losses, rate);
+        self.dir.log_step(&self.state, &report, rate)?;
+        self.progress.step(&self.state, &report.losses, rate);
         if self.state.step.is_multiple_of(self.run.checkpoint_every) {
             self.save(Which::Last)?;
         }
         Ok(())
     }
 
-    /// The AdamW step at the scheduled learning rate; its losses and number of patches.
-    fn optimise(&mut self, bags: &[Bag]) -> Result<(Losses, usize)> {
-        let cfg = *self.trainer.model.config();
+    /// The AdamW step at the scheduled learning rate; its report and number of patches.
+    fn optimise(&mut self, bags: &[Bag]) -> Result<(StepReport, usize)> {
+        let cfg = self.model;
         let data = BatchData::new(bags, cfg.seg_classes)?;
         let batch = data.batch(cfg.patch);
         let run = &self.run;
-        self.trainer.config.lr = scheduled_lr(
-            run.schedule,
-            run.lr,
-            self.trainer.step + 1,
-            run.schedule_steps,
-        );
-        let losses = self.trainer.step(&batch)?;
-        if !losses.total.is_finite() {
+        let step = self.state.step + 1;
+        let lr = scheduled_lr(run.schedule, run.lr, step, run.schedule_steps);
+        let report = self.stepper.step(&batch, lr)?;
+        if !report.losses.total.is_finite() && !report.skipped {
             bail!(
-                "step {}: the loss is not finite ({:?}); lower --lr",
-                self.trainer.step,
-                losses
+                "step {step}: the loss is not finite ({:?}); lower --lr",
+                report.losses
             );
         }
-        Ok((losses, batch.patches_count()))
+        Ok((report, batch.patches_count()))
     }
 
     /// End of an epoch: validation, metrics.csv and curves.png, best.safetensors when the
@@ -276,8 +282,9 @@ impl Session {
         if self.cases.val.is_empty() {
             return Ok(None);
         }
-        let model = &self.trainer.model;
-        let losses = validation_losses(model, &self.cases.val_bags, &self.trainer.config)?;
+        let trainer = self.stepper.trainer()?;
+        let model = &trainer.model;
+        let losses = validation_losses(model, &self.cases.val_bags, &trainer.config)?;
         let (metrics, _) = evaluate(model, &self.cases.val, &self.dir.validation_dir())?;
         Ok(Some(Validation { losses, metrics }))
     }
@@ -293,9 +300,16 @@ impl Session {
         Ok(())
     }
 
+    /// Writes a checkpoint; the state records the AdamW steps and the loss scale of the
+    /// engine that trained.
     fn save(&self, which: Which) -> Result<()> {
-        self.dir
-            .save(which, &self.trainer, &self.state, &self.run_json)
+        let trainer = self.stepper.trainer()?;
+        let state = TrainState {
+            optim_steps: (trainer.step != self.state.step).then_some(trainer.step),
+            loss_scale: self.stepper.loss_scale()?,
+            ..self.state
+        };
+        self.dir.save(which, &trainer, &state, &self.run_json)
     }
 
     fn finish(self, started: Instant, last_metrics: Option<EvalMetrics>) -> TrainSummary {
@@ -319,5 +333,7 @@ fn fresh_state(seed: u64) -> TrainState {
         seed,
         best_score: None,
         best_epoch: None,
+        optim_steps: None,
+        loss_scale: None,
     }
 }

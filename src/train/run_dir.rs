@@ -1,6 +1,7 @@
 //! A run folder: checkpoints (last, best), steps.csv, metrics.csv and curves.png.
 
-use crate::cpu::{Losses, Trainer};
+use crate::cpu::Trainer;
+use crate::cuda::train::StepReport;
 use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::io::atomic::write_atomic;
 use crate::io::checkpoint::{load_checkpoint, save_checkpoint, CheckpointRef, TrainState};
@@ -12,7 +13,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Header of RUN_DIR/steps.csv.
-const STEPS_HEADER: &str = "step,epoch,loss,cls,seg_ce,seg_dice,patches_per_s";
+const STEPS_HEADER: &str =
+    "step,epoch,loss,cls,seg_ce,seg_dice,patches_per_s,loss_scale,skipped";
 
 /// The files of a run folder.
 pub struct RunDir {
@@ -86,7 +88,7 @@ impl RunDir {
         let mut trainer = Trainer::new(ck.model, ck.train_config);
         trainer.m = ck.m;
         trainer.v = ck.v;
-        trainer.step = ck.state.step;
+        trainer.step = ck.state.optim_steps.unwrap_or(ck.state.step);
         Ok((trainer, ck.state, run))
     }
 
@@ -125,11 +127,20 @@ impl RunDir {
         })
     }
 
-    /// Appends one step's losses and throughput to steps.csv.
-    pub fn log_step(&self, state: &TrainState, losses: &Losses, rate: f64) -> Result<()> {
+    /// Appends one step's losses, throughput, loss scale and whether its update was skipped
+    /// to steps.csv.
+    pub fn log_step(&self, state: &TrainState, r: &StepReport, rate: f64) -> Result<()> {
+        let l = &r.losses;
         let line = format!(
-            "{},{},{},{},{},{},{rate:.3}",
-            state.step, state.epoch, losses.total, losses.cls, losses.seg_ce, losses.seg_dice
+            "{},{},{},{},{},{},{rate:.3},{},{}",
+            state.step,
+            state.epoch,
+            l.total,
+            l.cls,
+            l.seg_ce,
+            l.seg_dice,
+            r.loss_scale,
+            r.skipped as u8
         );
         append_line(&self.steps_csv, &line)
     }

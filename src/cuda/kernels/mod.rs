@@ -1,7 +1,11 @@
 //! The embedded kernel modules and the Rust twins of the kernels' parameter structs
 //! (kernels/common.cuh), with thin launch wrappers that fix each kernel's grid and block.
 
+mod transpose;
+pub use transpose::*;
+
 use super::device::{DevPtr, Device};
+use crate::config::GcpMode;
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
@@ -181,6 +185,15 @@ pub struct GcpBagsParams {
     pub pad_: i32,
 }
 
+/// The GCP mode's code in the kernels (`gcp` fields): 0 max − mean, 1 max, 2 mean.
+pub fn gcp_code(gcp: GcpMode) -> i32 {
+    match gcp {
+        GcpMode::MaxMinusMean => 0,
+        GcpMode::Max => 1,
+        GcpMode::Mean => 2,
+    }
+}
+
 /// A device address inside a parameter struct (a `T*` on the kernel side).
 pub type DevAddr = u64;
 
@@ -207,7 +220,7 @@ fn blocks(units: usize, per_block: usize) -> u32 {
 }
 
 /// Launches `name` with one thread per unit of work: a 1-D grid of blocks of `threads`.
-fn launch_1d<P: Pod>(
+pub(crate) fn launch_1d<P: Pod>(
     dev: &Device,
     name: &'static str,
     units: usize,
@@ -219,7 +232,7 @@ fn launch_1d<P: Pod>(
 }
 
 /// The kernels index threads and GEMM rows with 32-bit integers.
-fn check_i32(what: &str, units: usize) -> Result<()> {
+pub(crate) fn check_i32(what: &str, units: usize) -> Result<()> {
     ensure!(
         units < i32::MAX as usize,
         "{what}: {units} elements exceed the kernels' 32-bit indexing; use fewer patches per batch"

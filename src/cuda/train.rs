@@ -1,0 +1,930 @@
+//! The CUDA engine's training step, all on the device: the train-mode forward keeping what the
+//! backward needs, the backward of every op in reverse order of the architecture, then AdamW
+//! with dynamic loss scaling over fp32 master weights, which rewrites the fp16 packs the
+//! kernels read. Mixed precision: fp16 activations and tensor-core operands, fp32 accumulation,
+//! statistics, gradients and weights.
+
+use super::device::{DevPtr, DeviceKind};
+use super::engine::{reads_patches, CudaEngine, Heads};
+use super::kernels::*;
+use super::weights::pad8;
+use crate::config::{GcpMode, TrainConfig, BN_EPS};
+use crate::cpu::{Losses, StepResult, Trainer};
+use crate::engine::{Batch, Mode};
+use crate::model::{Model, Src};
+use anyhow::{bail, ensure, Result};
+
+/// GradScaler's defaults: the first loss scale, growth after this many clean steps, factors.
+pub const INITIAL_LOSS_SCALE: f32 = 65536.0;
+const GROWTH_INTERVAL: i32 = 2000;
+const GROWTH: f32 = 2.0;
+const BACKOFF: f32 = 0.5;
+
+const ALIGN: usize = 256;
+
+/// The fp16 weight packs of one conv unit, rewritten from the master weights after each step:
+/// the forward pack and one dgrad pack per input part (none for the first layer, which reads
+/// its fp32 weights directly and needs no input gradient).
+struct UnitPacks {
+    fwd: DevPtr,
+    dgrad: Vec<DevPtr>,
+}
+
+/// What one optimiser step reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepReport {
+    pub losses: Losses,
+    /// The loss scale the step's gradients carried.
+    pub loss_scale: f32,
+    /// The gradients held an inf or NaN: the update was skipped and the scale halved.
+    pub skipped: bool,
+}
+
+/// Buffers of the backward for one batch shape, carved from one allocation.
+struct Scratch {
+    m: usize,
+    p: usize,
+    bags: usize,
+    base: DevPtr,
+    /// Every unit's output gradient (fp32 NHWC), contiguous so that one memset clears them.
+    dy: Vec<usize>,
+    dy_bytes: usize,
+    /// The gradient of a unit's conv output (fp16), of one input part (fp16), the upsampled
+    /// input of a unit (fp16).
+    dz: usize,
+    dpart: usize,
+    up: usize,
+    /// fp32 scratch of the reductions (wgrad splits, BN sums, split-K, seg loss, concepts).
+    wgrad: usize,
+    bn: usize,
+    splitk: usize,
+    seg: usize,
+    concepts: usize,
+    seg_labels: usize,
+    cls_labels: usize,
+    class_weights: usize,
+    losses: usize,
+    dcls: usize,
+    dv: usize,
+    dg: usize,
+    dt: usize,
+    de: usize,
+    dq: usize,
+    dzm: usize,
+}
+
+impl Scratch {
+    fn at(&self, off: usize) -> u64 {
+        self.base.offset(off).0
+    }
+}
+
+/// M²UNet training on CUDA kernels (a GPU, or the CPU emulator).
+pub struct CudaTrainer {
+    eng: CudaEngine,
+    pub config: TrainConfig,
+    /// fp32 master weights, gradients and AdamW moments, laid out as `Model::params`.
+    master: DevPtr,
+    grads: DevPtr,
+    mom: [DevPtr; 2],
+    amp: DevPtr,
+    /// A zero bias for the dgrad convolutions.
+    zeros: DevPtr,
+    packs: Vec<Option<UnitPacks>>,
+    /// The embedding concepts' weight transposed for mil_concepts_gcp.
+    concepts_t: DevPtr,
+    scratch: Option<Scratch>,
+    /// Train-mode forwards run (each adds one to every BN's num_batches_tracked).
+    forwards: i64,
+}
+
+impl CudaTrainer {
+    /// Moves `trainer` (model, AdamW moments and step count) onto the device, with loss scale
+    /// `loss_scale`.
+    pub fn new(trainer: &Trainer, kind: DeviceKind, loss_scale: f32) -> Result<Self> {
+        ensure!(
+            loss_scale.is_finite() && loss_scale > 0.0,
+            "the loss scale must be a positive number, not {loss_scale}"
+        );
+        let model = &trainer.model;
+        let mut eng = CudaEngine::new(model, kind)?;
+        eng.keep = true;
+        let n = model.params.len();
+        let alloc_f32 = |eng: &mut CudaEngine, v: &[f32]| -> Result<DevPtr> {
+            let p = eng.dev.alloc(v.len() * 4)?;
+            eng.dev.upload(p, v)?;
+            Ok(p)
+        };
+        let master = alloc_f32(&mut eng, &model.params)?;
+        let grads = eng.dev.alloc(n * 4)?;
+        let mom = [
+            alloc_f32(&mut eng, &trainer.m)?,
+            alloc_f32(&mut eng, &trainer.v)?,
+        ];
+        let state = AmpState {
+            scale: loss_scale,
+            steps: i32::try_from(trainer.step)?,
+            ..AmpState::default()
+        };
+        let amp = eng.dev.alloc(std::mem::size_of::<AmpState>())?;
+        eng.dev.upload(amp, std::slice::from_ref(&state))?;
+        let widest = eng.arch.units.iter().map(|u| pad8(u.cout)).max();
+        let widest = widest.into_iter().chain(eng.arch.units.iter().flat_map(|u| {
+            u.inputs.iter().map(|&(_, c)| pad8(c))
+        }));
+        let zeros = eng.dev.alloc(widest.max().unwrap_or(8) * 4)?;
+        let mut packs = vec![];
+        for u in &eng.arch.units {
+            if reads_patches(u) {
+                packs.push(None);
+                continue;
+            }
+            let k: usize = u.inputs.iter().map(|&(_, c)| pad8(c)).sum();
+            let fwd = eng.dev.alloc(pad8(u.cout) * 9 * k * 2)?;
+            let mut dgrad = vec![];
+            for &(_, c) in &u.inputs {
+                dgrad.push(eng.dev.alloc(pad8(c) * 9 * pad8(u.cout) * 2)?);
+            }
+            packs.push(Some(UnitPacks { fwd, dgrad }));
+        }
+        let mil = &eng.arch.mil.emb_concepts;
+        let concepts_t = eng.dev.alloc(mil.fin * mil.fout * 4)?;
+        let mut t = CudaTrainer {
+            eng,
+            config: trainer.config,
+            master,
+            grads,
+            mom,
+            amp,
+            zeros,
+            packs,
+            concepts_t,
+            scratch: None,
+            forwards: 0,
+        };
+        t.bind_master()?;
+        t.publish()?;
+        Ok(t)
+    }
+
+    /// Device address of parameter `name` in the master weights (or, with `grads`, of its
+    /// gradient).
+    fn addr(&self, name: &str, grads: bool) -> u64 {
+        let base = if grads { self.grads } else { self.master };
+        base.offset(self.eng.model.table.range(name).start * 4).0
+    }
+
+    fn param(&self, name: &str) -> u64 {
+        self.addr(name, false)
+    }
+
+    fn grad(&self, name: &str) -> u64 {
+        self.addr(name, true)
+    }
+
+    /// Points the engine's train-mode reads at the master weights and the packs.
+    fn bind_master(&mut self) -> Result<()> {
+        let arch = self.eng.arch.clone();
+        for (i, u) in arch.units.iter().enumerate() {
+            let w = match &self.packs[i] {
+                Some(p) => p.fwd.0,
+                None => self.param(&format!("{}.weight", u.conv)),
+            };
+            let b = self.param(&format!("{}.bias", u.conv));
+            let (g, beta) = (
+                self.param(&format!("{}.weight", u.bn)),
+                self.param(&format!("{}.bias", u.bn)),
+            );
+            let l = &mut self.eng.w.convs[i];
+            l.train.w = w;
+            l.train.b = b;
+            l.gamma = g;
+            l.beta = beta;
+        }
+        let mil = &arch.mil;
+        let lin = |t: &Self, name: &str| super::engine::Linear {
+            w: t.param(&format!("{name}.weight")),
+            b: t.param(&format!("{name}.bias")),
+        };
+        let seg = lin(self, &arch.seg.name);
+        let concepts_b = self.param(&format!("{}.bias", mil.emb_concepts.name));
+        let emb_proj = lin(self, &mil.emb_proj.name);
+        let gamma = self.param(&format!("{}.weight", mil.emb_bn));
+        let beta = self.param(&format!("{}.bias", mil.emb_bn));
+        let img_concepts = lin(self, &mil.img_concepts.name);
+        let img_proj = lin(self, &mil.img_proj.name);
+        let classifier = lin(self, &mil.classifier.name);
+        let w = &mut self.eng.w;
+        w.seg = seg;
+        w.concepts_t = super::engine::Linear {
+            w: self.concepts_t.0,
+            b: concepts_b,
+        };
+        w.emb_proj = emb_proj;
+        w.emb_bn[0] = gamma;
+        w.emb_bn[1] = beta;
+        w.img_concepts = img_concepts;
+        w.img_proj = img_proj;
+        w.classifier = classifier;
+        Ok(())
+    }
+
+    /// Rewrites the fp16 packs and the transposed concepts weight from the master weights.
+    fn publish(&self) -> Result<()> {
+        let dev = &self.eng.dev;
+        for (u, packs) in self.eng.arch.units.iter().zip(&self.packs) {
+            let Some(packs) = packs else { continue };
+            let (c1, c2) = match u.inputs[..] {
+                [(_, c1)] => (c1, 0),
+                [(_, c1), (_, c2)] => (c1, c2),
+                _ => bail!("{}: more than two input parts", u.conv),
+            };
+            let mut p = PackConvParams {
+                w: self.param(&format!("{}.weight", u.conv)),
+                out: packs.fwd.0,
+                cout: u.cout as i32,
+                c1: c1 as i32,
+                c2: c2 as i32,
+                part: 0,
+            };
+            pack_conv_fwd(dev, &p)?;
+            for (j, d) in packs.dgrad.iter().enumerate() {
+                p.out = d.0;
+                p.part = j as i32;
+                pack_conv_dgrad(dev, &p)?;
+            }
+        }
+        let c = &self.eng.arch.mil.emb_concepts;
+        transpose_f32(
+            dev,
+            &TransposeParams {
+                x: self.param(&format!("{}.weight", c.name)),
+                y: self.concepts_t.0,
+                rows: c.fout as i32,
+                cols: c.fin as i32,
+            },
+        )
+    }
+
+    /// Sizes the backward's buffers for m patches of side p in `bags` bags.
+    fn ensure_scratch(&mut self, m: usize, p: usize, bags: usize) -> Result<()> {
+        if self
+            .scratch
+            .as_ref()
+            .is_some_and(|s| s.m == m && s.p == p && s.bags == bags)
+        {
+            return Ok(());
+        }
+        if let Some(s) = self.scratch.take() {
+            self.eng.dev.free(s.base)?;
+        }
+        let arch = &self.eng.arch;
+        let mut off = 0usize;
+        let mut take = |bytes: usize| {
+            let o = off;
+            off = (off + bytes).next_multiple_of(ALIGN);
+            o
+        };
+        let px = |level: usize| m * (p >> level) * (p >> level);
+        let dy: Vec<usize> = arch
+            .units
+            .iter()
+            .map(|u| take(px(u.level) * pad8(u.cout) * 4))
+            .collect();
+        let dy_bytes = off;
+        let (mut dz, mut dpart, mut up) = (0, 0, 0);
+        let (mut wgrad, mut bn, mut splitk) = (0, 0, 0);
+        for u in &arch.units {
+            let (pixels, cz) = (px(u.level), pad8(u.cout));
+            let side = p >> u.level;
+            dz = dz.max(pixels * cz * 2);
+            bn = bn.max(bn_bwd_partial_len(pixels, cz));
+            for &(src, c) in &u.inputs {
+                let cx = pad8(c);
+                if src == Src::Input {
+                    let w = WgradFirstParams {
+                        n: m as i32,
+                        cin: c as i32,
+                        h: side as i32,
+                        w: side as i32,
+                        cz: cz as i32,
+                        cout: u.cout as i32,
+                        splits: wgrad_splits(pixels, cz, 8) as i32,
+                        ..Default::default()
+                    };
+                    wgrad = wgrad.max(wgrad_first_partial_len(&w));
+                    continue;
+                }
+                dpart = dpart.max(pixels * cx * 2);
+                if matches!(src, Src::Upsampled(_)) {
+                    up = up.max(pixels * cx * 2);
+                }
+                let w = WgradParams {
+                    n: m as i32,
+                    h: side as i32,
+                    w: side as i32,
+                    cz: cz as i32,
+                    cx: cx as i32,
+                    splits: wgrad_splits(pixels, cz, cx) as i32,
+                    ..Default::default()
+                };
+                wgrad = wgrad.max(wgrad_partial_len(&w));
+                let s = conv_splits(pixels, cx, 9 * cz);
+                if s > 1 {
+                    splitk = splitk.max(s * pixels * cx);
+                }
+            }
+        }
+        let mil = &arch.mil;
+        let (k1, k2, classes) = (mil.emb_proj.fout, mil.img_proj.fout, mil.classifier.fout);
+        let last = &arch.units[arch.seg.src];
+        let seg_p = SegLossParams {
+            n: m as i32,
+            hw: (p * p) as i32,
+            c: pad8(last.cout) as i32,
+            c_real: last.cout as i32,
+            classes: arch.seg.classes as i32,
+            ..Default::default()
+        };
+        let side = p >> mil.level;
+        let con_p = ConceptsBwdParams {
+            m: m as i32,
+            inst: (side * side) as i32,
+            c: pad8(mil.channels) as i32,
+            c_real: mil.channels as i32,
+            k: k1 as i32,
+            ..Default::default()
+        };
+        let s = Scratch {
+            m,
+            p,
+            bags,
+            base: DevPtr::NULL,
+            dy,
+            dy_bytes,
+            dz: take(dz),
+            dpart: take(dpart),
+            up: take(up),
+            wgrad: take(wgrad * 4),
+            bn: take(bn * 4),
+            splitk: take(splitk * 4),
+            seg: take(seg_loss_partial_len(&seg_p) * 4),
+            concepts: take(concepts_bwd_partial_len(&con_p) * 4),
+            seg_labels: take(m * p * p * 4),
+            cls_labels: take(bags * 4),
+            class_weights: take(classes * 4),
+            losses: take(4 * 4),
+            dcls: take(bags * classes * 4),
+            dv: take(bags * k2 * 4),
+            dg: take(bags * k2 * 4),
+            dt: take(m * k2 * 4),
+            de: take(m * k1 * 4),
+            dq: take(m * k1 * 4),
+            dzm: take(m * k1 * 4),
+        };
+        let base = self.eng.dev.alloc(off)?;
+        self.scratch = Some(Scratch { base, ..s });
+        Ok(())
+    }
+
+    /// Uploads a labelled batch and sizes the buffers; returns (M, P).
+    fn load(&mut self, batch: &Batch) -> Result<(usize, usize)> {
+        let cfg = *self.eng.model.config();
+        batch.validate(&cfg)?;
+        let (Some(seg), Some(cls)) = (batch.seg_labels, batch.cls_labels) else {
+            bail!("a training step needs seg_labels and cls_labels");
+        };
+        if let Some(&l) = seg.iter().find(|&&l| l < -1 || l >= cfg.seg_classes as i64) {
+            bail!(
+                "seg label {l} is not −1 (ignore) or a class 0..={}",
+                cfg.seg_classes - 1
+            );
+        }
+        if let Some(&l) = cls.iter().find(|&&l| l < 0 || l >= cfg.cls_classes as i64) {
+            bail!("class label {l} is not a class 0..={}", cfg.cls_classes - 1);
+        }
+        let (m, p) = (batch.patches_count(), batch.patch);
+        self.eng
+            .prepare(batch.patches, Some(batch.bag_sizes), m, p)?;
+        self.ensure_scratch(m, p, batch.bag_sizes.len())?;
+        let s = self.scratch.as_ref().expect("scratch sized");
+        let dev = &self.eng.dev;
+        let seg: Vec<i32> = seg.iter().map(|&l| l as i32).collect();
+        let cls: Vec<i32> = cls.iter().map(|&l| l as i32).collect();
+        dev.upload(s.base.offset(s.seg_labels), &seg)?;
+        dev.upload(s.base.offset(s.cls_labels), &cls)?;
+        if let Some(w) = &self.config.class_weights {
+            dev.upload(s.base.offset(s.class_weights), w)?;
+        }
+        Ok((m, p))
+    }
+
+    /// Train-mode forward, losses and backward of a labelled batch: the (loss-scaled)
+    /// gradients are left in `grads`, the losses in the scratch. Returns (M, P).
+    fn forward_backward(&mut self, batch: &Batch) -> Result<(usize, usize)> {
+        let (m, p) = self.load(batch)?;
+        let bags = batch.bag_sizes.len();
+        let n = self.eng.model.params.len();
+        {
+            let s = self.scratch.as_ref().expect("scratch");
+            self.eng.dev.memset_zero(self.grads, n * 4)?;
+            self.eng.dev.memset_zero(s.base, s.dy_bytes)?;
+        }
+        self.eng.run(Mode::Train, Heads::All, m, bags)?;
+        self.forwards += 1;
+        self.losses_backward(m, p, bags)?;
+        self.mil_backward(m, bags)?;
+        for i in (0..self.eng.arch.units.len()).rev() {
+            self.unit_backward(i, m, p)?;
+        }
+        Ok((m, p))
+    }
+
+    /// The classification and segmentation losses and their gradients: d cls_logits, and the
+    /// seg head's backward into the last unit's dY.
+    fn losses_backward(&self, m: usize, p: usize, bags: usize) -> Result<()> {
+        let (a, s) = (self.eng.arena.as_ref().expect("arena"), self.scratch());
+        let arch = &self.eng.arch;
+        let dev = &self.eng.dev;
+        let classes = arch.mil.classifier.fout;
+        cls_loss(
+            dev,
+            &ClsLossParams {
+                logits: a.at(a.cls),
+                labels: s.at(s.cls_labels),
+                weights: if self.config.class_weights.is_some() {
+                    s.at(s.class_weights)
+                } else {
+                    0
+                },
+                amp: self.amp.0,
+                losses: s.at(s.losses),
+                dlogits: s.at(s.dcls),
+                bags: bags as i32,
+                classes: classes as i32,
+            },
+        )?;
+        let seg = &arch.seg;
+        let last = &arch.units[seg.src];
+        seg_loss_backward(
+            dev,
+            &SegLossParams {
+                logits: a.at(a.seg_logits),
+                labels: s.at(s.seg_labels),
+                x: a.at(a.units[seg.src][0]),
+                w: self.param(&format!("{}.weight", seg.name)),
+                amp: self.amp.0,
+                partial: s.at(s.seg),
+                losses: s.at(s.losses),
+                dx: s.at(s.dy[seg.src]),
+                dw: self.grad(&format!("{}.weight", seg.name)),
+                db: self.grad(&format!("{}.bias", seg.name)),
+                n: m as i32,
+                hw: (p * p) as i32,
+                c: pad8(last.cout) as i32,
+                c_real: last.cout as i32,
+                classes: seg.classes as i32,
+                lambda: self.config.lambda_seg,
+            },
+        )
+    }
+
+    fn scratch(&self) -> &Scratch {
+        self.scratch.as_ref().expect("scratch sized")
+    }
+
+    /// One linear layer's backward; `bias` false: its bias gradient is exactly 0 (the layer
+    /// feeds a train-mode BatchNorm or max − mean pooling).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        name: &str,
+        x: u64,
+        dy: u64,
+        y_relu: u64,
+        dx: u64,
+        rows: usize,
+        (fin, fout): (usize, usize),
+        bias: bool,
+    ) -> Result<()> {
+        linear_bwd(
+            &self.eng.dev,
+            &LinearBwdParams {
+                x,
+                w: self.param(&format!("{name}.weight")),
+                dy,
+                y_relu,
+                dx,
+                dw: self.grad(&format!("{name}.weight")),
+                db: if bias {
+                    self.grad(&format!("{name}.bias"))
+                } else {
+                    0
+                },
+                rows: rows as i32,
+                fin: fin as i32,
+                fout: fout as i32,
+                pad_: 0,
+            },
+        )
+    }
+
+    /// The MIL head's backward from d cls_logits to the bottleneck unit's dY.
+    fn mil_backward(&self, m: usize, bags: usize) -> Result<()> {
+        let (a, s) = (self.eng.arena.as_ref().expect("arena"), self.scratch());
+        let dev = &self.eng.dev;
+        let mil = &self.eng.arch.mil;
+        let gcp = self.eng.arch.config.gcp;
+        let contrast = gcp == GcpMode::MaxMinusMean;
+        let (k1, k2, classes) = (mil.emb_proj.fout, mil.img_proj.fout, mil.classifier.fout);
+        let (x, d) = (|o: usize| a.at(o), |o: usize| s.at(o));
+        self.linear_backward(
+            &mil.classifier.name,
+            x(a.mil_v),
+            d(s.dcls),
+            0,
+            d(s.dv),
+            bags,
+            (k2, classes),
+            true,
+        )?;
+        self.linear_backward(
+            &mil.img_proj.name,
+            x(a.mil_g),
+            d(s.dv),
+            x(a.mil_v),
+            d(s.dg),
+            bags,
+            (k2, k2),
+            true,
+        )?;
+        gcp_bwd(
+            dev,
+            &GcpBwdParams {
+                t: x(a.mil_t),
+                bag_start: x(a.bag_start),
+                dg: d(s.dg),
+                dt: d(s.dt),
+                bags: bags as i32,
+                k: k2 as i32,
+                gcp: gcp_code(gcp),
+                pad_: 0,
+            },
+        )?;
+        self.linear_backward(
+            &mil.img_concepts.name,
+            x(a.mil_e),
+            d(s.dt),
+            0,
+            d(s.de),
+            m,
+            (k1, k2),
+            !contrast,
+        )?;
+        bn1d_bwd_relu(
+            dev,
+            &Bn1dBwdParams {
+                x: x(a.mil_pre),
+                gamma: self.param(&format!("{}.weight", mil.emb_bn)),
+                beta: self.param(&format!("{}.bias", mil.emb_bn)),
+                dy: d(s.de),
+                dx: d(s.dq),
+                dgamma: self.grad(&format!("{}.weight", mil.emb_bn)),
+                dbeta: self.grad(&format!("{}.bias", mil.emb_bn)),
+                rows: m as i32,
+                c: k1 as i32,
+                eps: BN_EPS,
+                pad_: 0,
+            },
+        )?;
+        self.linear_backward(
+            &mil.emb_proj.name,
+            x(a.mil_z),
+            d(s.dq),
+            0,
+            d(s.dzm),
+            m,
+            (k1, k1),
+            false,
+        )?;
+        let side = a.patch >> mil.level;
+        let name = &mil.emb_concepts.name;
+        concepts_bwd(
+            dev,
+            &ConceptsBwdParams {
+                x: x(a.units[mil.src][0]),
+                w: self.param(&format!("{name}.weight")),
+                dz: d(s.dzm),
+                arg: x(a.mil_arg),
+                dx: d(s.dy[mil.src]),
+                dw: self.grad(&format!("{name}.weight")),
+                db: if contrast {
+                    0
+                } else {
+                    self.grad(&format!("{name}.bias"))
+                },
+                partial: d(s.concepts),
+                m: m as i32,
+                inst: (side * side) as i32,
+                c: pad8(mil.channels) as i32,
+                c_real: mil.channels as i32,
+                k: k1 as i32,
+                gcp: gcp_code(gcp),
+            },
+        )
+    }
+
+    /// Unit i's backward: BN + ReLU, then per input part the weight gradient and (unless it
+    /// reads the patches) the input gradient, routed into the dY of the unit it came from.
+    fn unit_backward(&self, i: usize, m: usize, p: usize) -> Result<()> {
+        let (a, s) = (self.eng.arena.as_ref().expect("arena"), self.scratch());
+        let dev = &self.eng.dev;
+        let u = &self.eng.arch.units[i];
+        let side = p >> u.level;
+        let (pixels, cz) = (m * side * side, pad8(u.cout));
+        let [scale, shift, mean, invstd] = a.stats[i].map(|o| a.at(o));
+        bn_backward(
+            dev,
+            &BnBwdParams {
+                dy: s.at(s.dy[i]),
+                z: a.at(a.z[i]),
+                scale,
+                shift,
+                mean,
+                invstd,
+                gamma: self.param(&format!("{}.weight", u.bn)),
+                partial: s.at(s.bn),
+                dgamma: self.grad(&format!("{}.weight", u.bn)),
+                dbeta: self.grad(&format!("{}.bias", u.bn)),
+                dz: s.at(s.dz),
+                pixels: pixels as i32,
+                c: cz as i32,
+                c_real: u.cout as i32,
+                chunk: BN_CHUNK as i32,
+            },
+        )?;
+        let dw = self.grad(&format!("{}.weight", u.conv));
+        let mut c_off = 0;
+        for (j, &(src, c)) in u.inputs.iter().enumerate() {
+            let cx = pad8(c);
+            let x = match src {
+                Src::Input => {
+                    conv_wgrad_first(
+                        dev,
+                        &WgradFirstParams {
+                            dz: s.at(s.dz),
+                            x: a.at(a.input),
+                            partial: s.at(s.wgrad),
+                            dw,
+                            n: m as i32,
+                            cin: c as i32,
+                            h: side as i32,
+                            w: side as i32,
+                            cz: cz as i32,
+                            cout: u.cout as i32,
+                            splits: wgrad_splits(pixels, cz, 8) as i32,
+                            pad_: 0,
+                        },
+                    )?;
+                    c_off += c;
+                    continue;
+                }
+                Src::Unit(k) => a.at(a.units[k][0]),
+                Src::Pooled(k) => a.at(a.units[k][1]),
+                Src::Upsampled(k) => {
+                    upsample2x(
+                        dev,
+                        &Upsample2xParams {
+                            x: a.at(a.units[k][0]),
+                            y: s.at(s.up),
+                            n: m as i32,
+                            h: (side / 2) as i32,
+                            w: (side / 2) as i32,
+                            c: cx as i32,
+                        },
+                    )?;
+                    s.at(s.up)
+                }
+            };
+            conv_wgrad(
+                dev,
+                &WgradParams {
+                    dz: s.at(s.dz),
+                    x,
+                    partial: s.at(s.wgrad),
+                    dw,
+                    n: m as i32,
+                    h: side as i32,
+                    w: side as i32,
+                    cz: cz as i32,
+                    cx: cx as i32,
+                    cout: u.cout as i32,
+                    cin: u.cin() as i32,
+                    c_off: c_off as i32,
+                    c_real: c as i32,
+                    splits: wgrad_splits(pixels, cz, cx) as i32,
+                    pad_: 0,
+                },
+            )?;
+            c_off += c;
+            // dgrad: the forward kernel over dz with the flipped, transposed pack of part j.
+            let packs = self.packs[i].as_ref().expect("packed unit");
+            conv3x3(
+                dev,
+                &ConvParams {
+                    x: s.at(s.dz),
+                    x2: 0,
+                    wt: packs.dgrad[j].0,
+                    bias: self.zeros.0,
+                    y: s.at(s.dpart),
+                    y_pool: 0,
+                    partial: s.at(s.splitk),
+                    n: m as i32,
+                    h: side as i32,
+                    w: side as i32,
+                    cin1: cz as i32,
+                    cin2: 0,
+                    cout: cx as i32,
+                    in_h: 0,
+                    in_w: 0,
+                    relu: 0,
+                    quad: 0,
+                    splits: conv_splits(pixels, cx, 9 * cz) as i32,
+                    pad_: 0,
+                },
+                false,
+            )?;
+            let (k, route): (usize, fn(&_, &_) -> Result<()>) = match src {
+                Src::Unit(k) => (k, grad_add),
+                Src::Pooled(k) => (k, maxpool_bwd),
+                Src::Upsampled(k) => (k, upsample_bwd),
+                Src::Input => unreachable!("handled above"),
+            };
+            let ks = p >> self.eng.arch.units[k].level;
+            route(
+                dev,
+                &GradRouteParams {
+                    src: s.at(s.dpart),
+                    y: if matches!(src, Src::Pooled(_)) {
+                        a.at(a.units[k][0])
+                    } else {
+                        0
+                    },
+                    dst: s.at(s.dy[k]),
+                    n: m as i32,
+                    h: ks as i32,
+                    w: ks as i32,
+                    c: cx as i32,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The step's losses (unscaled) and the loss scale state, read back from the device.
+    fn read_losses(&self) -> Result<(Losses, AmpState)> {
+        let s = self.scratch();
+        let mut l = [0f32; 4];
+        self.eng.dev.download(s.base.offset(s.losses), &mut l)?;
+        let mut amp = [AmpState::default()];
+        self.eng.dev.download(self.amp, &mut amp)?;
+        let lambda = self.config.lambda_seg;
+        let losses = Losses {
+            total: l[0] + lambda * (l[1] + l[2]),
+            cls: l[0],
+            seg_ce: l[1],
+            seg_dice: l[2],
+        };
+        Ok((losses, amp[0]))
+    }
+
+    /// One training step on `batch` at the config's learning rate: forward, backward, the
+    /// inf/NaN check, AdamW (skipped on inf/NaN) and the loss-scale update.
+    pub fn step(&mut self, batch: &Batch) -> Result<StepReport> {
+        self.forward_backward(batch)?;
+        let scale = self.read_scale()?;
+        self.optimise()?;
+        let (losses, amp) = self.read_losses()?;
+        Ok(StepReport {
+            losses,
+            loss_scale: scale,
+            skipped: amp.last_skipped != 0,
+        })
+    }
+
+    fn read_scale(&self) -> Result<f32> {
+        let mut amp = [AmpState::default()];
+        self.eng.dev.download(self.amp, &mut amp)?;
+        Ok(amp[0].scale)
+    }
+
+    /// The inf/NaN check, AdamW and the loss-scale update, then the packs rewritten.
+    fn optimise(&mut self) -> Result<()> {
+        let dev = &self.eng.dev;
+        let len = self.eng.model.params.len() as i32;
+        grad_check(
+            dev,
+            &GradCheckParams {
+                g: self.grads.0,
+                amp: self.amp.0,
+                len,
+                pad_: 0,
+            },
+        )?;
+        let c = &self.config;
+        adamw(
+            dev,
+            &AdamWParams {
+                params: self.master.0,
+                grads: self.grads.0,
+                m: self.mom[0].0,
+                v: self.mom[1].0,
+                amp: self.amp.0,
+                len,
+                pad_: 0,
+                lr: c.lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: c.weight_decay,
+                pad2_: 0.0,
+            },
+        )?;
+        amp_update(
+            dev,
+            &AmpUpdateParams {
+                amp: self.amp.0,
+                growth_interval: GROWTH_INTERVAL,
+                growth: GROWTH,
+                backoff: BACKOFF,
+                pad_: 0,
+            },
+        )?;
+        self.publish()
+    }
+
+    /// A train-mode forward and backward of a labelled batch without an update: outputs,
+    /// losses and the unscaled gradients (the CPU engine's `run_step` contract). Running
+    /// statistics advance as in any train-mode forward.
+    pub fn run_step(&mut self, batch: &Batch) -> Result<StepResult> {
+        let (m, _) = self.forward_backward(batch)?;
+        let outputs = self.eng.read_outputs(m, batch.bag_sizes.len())?;
+        let (losses, amp) = self.read_losses()?;
+        let mut grads = vec![0f32; self.eng.model.params.len()];
+        self.eng.dev.download(self.grads, &mut grads)?;
+        grads.iter_mut().for_each(|g| *g /= amp.scale);
+        Ok(StepResult {
+            outputs,
+            losses: Some(losses),
+            grads: Some(grads),
+        })
+    }
+
+    /// Writes +inf into the gradients of the next step's first parameter before its inf/NaN
+    /// check (for testing the loss scaler's skip and recovery).
+    pub fn step_with_inf_gradient(&mut self, batch: &Batch) -> Result<StepReport> {
+        self.forward_backward(batch)?;
+        let scale = self.read_scale()?;
+        self.eng.dev.upload(self.grads, &[f32::INFINITY])?;
+        self.optimise()?;
+        let (losses, amp) = self.read_losses()?;
+        Ok(StepReport {
+            losses,
+            loss_scale: scale,
+            skipped: amp.last_skipped != 0,
+        })
+    }
+
+    /// The loss scale and the AdamW steps taken (skipped steps not counted).
+    pub fn loss_scale(&self) -> Result<(f32, u64)> {
+        let mut amp = [AmpState::default()];
+        self.eng.dev.download(self.amp, &mut amp)?;
+        Ok((amp[0].scale, amp[0].steps as u64))
+    }
+
+    /// The model and AdamW state as a CPU `Trainer` (to checkpoint, validate, or continue on
+    /// the CPU engine).
+    pub fn to_trainer(&self) -> Result<Trainer> {
+        let mut model: Model = self.eng.model.clone();
+        let dev = &self.eng.dev;
+        dev.download(self.master, &mut model.params)?;
+        self.eng.download_running_stats(&mut model)?;
+        model
+            .batches_tracked
+            .iter_mut()
+            .for_each(|n| *n += self.forwards);
+        let n = model.params.len();
+        let mut t = Trainer::new(model, self.config);
+        t.m = vec![0f32; n];
+        t.v = vec![0f32; n];
+        dev.download(self.mom[0], &mut t.m)?;
+        dev.download(self.mom[1], &mut t.v)?;
+        t.step = self.loss_scale()?.1;
+        Ok(t)
+    }
+
+    /// Where it runs.
+    pub fn describe(&self) -> String {
+        self.eng.dev.describe()
+    }
+}
