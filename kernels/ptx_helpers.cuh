@@ -27,6 +27,27 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const __half* smem_ro
 #endif
 }
 
+/// As ldmatrix_x4, transposed: of matrix j, lane l receives the halves at (rows 2(l%4) and
+/// 2(l%4)+1, col l/4) in r[j]. From a [k][m] tile (k-major rows) it yields the A fragment of
+/// an [m][k] operand, and from a [k][n] tile the B fragment.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const __half* smem_row) {
+#ifdef __CUDA_EMU__
+    const unsigned char* s = emu::warp_allgather(&smem_row, sizeof smem_row);
+    int l = emu::lane();
+    for (int j = 0; j < 4; ++j) {
+        const __half* lo = emu::lane_value<const __half*>(s, 8 * j + 2 * (l % 4));
+        const __half* hi = emu::lane_value<const __half*>(s, 8 * j + 2 * (l % 4) + 1);
+        __half2 h = {lo[l / 4], hi[l / 4]};
+        std::memcpy(&r[j], &h, 4);
+    }
+#else
+    unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
 /// d += a · b on one warp: a 16×16 (4 regs), b 16×8 (2 regs), fp16 in, fp32 accumulate.
 __device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
 #ifdef __CUDA_EMU__

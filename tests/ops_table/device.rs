@@ -17,11 +17,11 @@
 //! its bound.
 //!
 //! The rows of each kernel file are in the module named after it: `conv_kernels` (conv.cu),
-//! `norm_kernels` (norm.cu), `head_kernels` (heads.cu); each launch's rows go through a
-//! [`Launch`].
+//! `conv_grad_kernels` (conv_grad.cu), `norm_kernels` (norm.cu), `head_kernels` (heads.cu);
+//! each launch's rows go through a [`Launch`].
 
 use crate::cuda_common::{nchw_to_nhwc, uniform, Guarded};
-use crate::{conv_kernels, head_kernels, max_abs, max_err, norm_kernels, Table};
+use crate::{conv_grad_kernels, conv_kernels, head_kernels, max_abs, max_err, norm_kernels, Table};
 use m2unet::cuda::{Device, DeviceKind};
 use rand_chacha::ChaCha8Rng;
 
@@ -39,6 +39,7 @@ pub fn table(kind: DeviceKind) -> Table {
     println!("{name}: {}", dev.describe());
     let mut t = Table::new(name);
     conv_kernels::rows(&mut dev, &mut t);
+    conv_grad_kernels::rows(&mut dev, &mut t);
     norm_kernels::rows(&mut dev, &mut t);
     head_kernels::rows(&mut dev, &mut t);
     t

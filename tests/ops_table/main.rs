@@ -12,6 +12,7 @@
 //! the constants at the top of `cpu` for the CPU rows, the rounding bounds in `device` for the
 //! device rows.
 
+mod conv_grad_kernels;
 mod conv_kernels;
 mod cpu;
 #[path = "../cuda_common/mod.rs"]

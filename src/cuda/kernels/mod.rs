@@ -9,6 +9,9 @@ use crate::config::GcpMode;
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
+mod conv_grad;
+pub use conv_grad::*;
+
 /// One kernels/*.cu file: its fatbin (when nvcc was found at build time), its flattened
 /// source (for NVRTC) and the kernels it defines.
 pub struct KernelModule {
