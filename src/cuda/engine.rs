@@ -786,6 +786,7 @@ impl CudaEngine {
                 wt: self.wp(self.w.concepts_t.w),
                 bias: self.wp(self.w.concepts_t.b),
                 z: a.at(z),
+                arg: 0,
                 m: m as i32,
                 inst: (side * side) as i32,
                 c: pad8(mil.channels) as i32,
