@@ -4,6 +4,7 @@
 //! collectives are cooperative switches between the fibers (emu/runtime.cpp).
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -134,6 +135,17 @@ inline float __high2float(__half2 h) { return (float)h.y; }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
+// Round-to-nearest arithmetic that the compiler never contracts into an FMA (the shim is built
+// without FMA instructions, so the plain operations already round once each).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+
+// Integer atomics: blocks run on parallel worker threads, so these are real atomics.
+inline int atomicOr(int* address, int val) {
+    return std::atomic_ref<int>(*address).fetch_or(val);
+}
 using std::fmaxf;
 using std::fminf;
 using std::max;

@@ -130,6 +130,7 @@ struct ConceptsGcpParams {
     const float* wt;  // [c_real][k] (transposed Linear weight)
     const float* bias;
     float* z;         // [m, k]
+    int* arg;         // [m, k] the first instance attaining the max (as the max used), or null
     int m, inst, c, c_real, k, gcp;
 };
 
@@ -175,7 +176,7 @@ static_assert(sizeof(BnStatsParams) == 32, "BnStatsParams layout");
 static_assert(sizeof(BnFinalizeParams) == 88, "BnFinalizeParams layout");
 static_assert(sizeof(BnApplyParams) == 56, "BnApplyParams layout");
 static_assert(sizeof(SegHeadParams) == 64, "SegHeadParams layout");
-static_assert(sizeof(ConceptsGcpParams) == 56, "ConceptsGcpParams layout");
+static_assert(sizeof(ConceptsGcpParams) == 64, "ConceptsGcpParams layout");
 static_assert(sizeof(LinearParams) == 48, "LinearParams layout");
 static_assert(sizeof(Bn1dTrainParams) == 64, "Bn1dTrainParams layout");
 static_assert(sizeof(GcpBagsParams) == 40, "GcpBagsParams layout");

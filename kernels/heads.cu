@@ -47,15 +47,18 @@ extern "C" __global__ void seg_head(const SegHeadParams p) {
 
 /// Grid (m, ⌈k/32⌉), 256 threads: 32 concepts × 8 warps, warp w scoring instances w, w+8, …
 /// (8 instance rows staged in shared memory at a time), then max/sum combined over the warps.
+/// The first instance attaining the max (`arg`) is the lowest index among equal maxima.
 /// Needs c_real ≤ 2048.
 extern "C" __global__ void __launch_bounds__(256) mil_concepts_gcp(const ConceptsGcpParams p) {
     __shared__ __half sx[8][2048];
     __shared__ float smax[8][32], ssum[8][32];
+    __shared__ int sarg[8][32];
     const int m = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int k = blockIdx.y * 32 + lane;
     const bool kok = k < p.k;
     const float b = kok ? p.bias[k] : 0.0f;
     float mx = -3.4e38f, sum = 0.0f;
+    int arg = p.inst;  // beyond every instance: loses every tie
     for (int i0 = 0; i0 < p.inst; i0 += 8) {
         __syncthreads();
         const int rows = imin(8, p.inst - i0);
@@ -67,19 +70,30 @@ extern "C" __global__ void __launch_bounds__(256) mil_concepts_gcp(const Concept
         if (kok && warp < rows) {
             float s = b;
             for (int c = 0; c < p.c_real; ++c) s += __half2float(sx[warp][c]) * p.wt[size_t(c) * p.k + k];
-            mx = fmaxf(mx, s);
+            // A warp's instances come in increasing order: strict > keeps the first maximum.
+            if (s > mx || arg == p.inst) {
+                mx = s;
+                arg = i0 + warp;
+            }
             sum += s;
         }
     }
     smax[warp][lane] = mx;
     ssum[warp][lane] = sum;
+    sarg[warp][lane] = arg;
     __syncthreads();
     if (warp == 0 && kok) {
         for (int w = 1; w < 8; ++w) {
-            mx = fmaxf(mx, smax[w][lane]);
+            float v = smax[w][lane];
+            int a = sarg[w][lane];
+            if (a < p.inst && (v > mx || (v == mx && a < arg))) {
+                mx = v;
+                arg = a;
+            }
             sum += ssum[w][lane];
         }
         p.z[size_t(m) * p.k + k] = gcp_combine(p.gcp, mx, sum, p.inst);
+        if (p.arg != nullptr) p.arg[size_t(m) * p.k + k] = arg;
     }
 }
 

@@ -821,6 +821,10 @@ impl CudaEngine {
                 wt: (self.w.concepts_t.w),
                 bias: (self.w.concepts_t.b),
                 z: a.at(z),
+                arg: match mode {
+                    Mode::Train if self.keep => a.at(a.mil_arg + row0 * k1 * 4),
+                    _ => 0,
+                },
                 m: m as i32,
                 inst: (side * side) as i32,
                 c: pad8(mil.channels) as i32,

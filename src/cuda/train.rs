@@ -309,7 +309,7 @@ impl CudaTrainer {
                         w: side as i32,
                         cz: cz as i32,
                         cout: u.cout as i32,
-                        splits: wgrad_splits(pixels, cz, 8) as i32,
+                        splits: wgrad_first_splits(pixels) as i32,
                         ..Default::default()
                     };
                     wgrad = wgrad.max(wgrad_first_partial_len(&w));
@@ -682,7 +682,7 @@ impl CudaTrainer {
                             w: side as i32,
                             cz: cz as i32,
                             cout: u.cout as i32,
-                            splits: wgrad_splits(pixels, cz, 8) as i32,
+                            splits: wgrad_first_splits(pixels) as i32,
                             pad_: 0,
                         },
                     )?;
@@ -724,6 +724,7 @@ impl CudaTrainer {
                     c_real: c as i32,
                     splits: wgrad_splits(pixels, cz, cx) as i32,
                     pad_: 0,
+                    pad2_: 0,
                 },
             )?;
             c_off += c;

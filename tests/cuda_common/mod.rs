@@ -79,6 +79,11 @@ impl Guarded {
         dev.download(self.ptr, &mut v).unwrap();
         v
     }
+    pub fn read_i32(&self, dev: &Device) -> Vec<i32> {
+        let mut v = vec![0i32; self.bytes / 4];
+        dev.download(self.ptr, &mut v).unwrap();
+        v
+    }
     pub fn read_u8(&self, dev: &Device) -> Vec<u8> {
         let mut v = vec![0u8; self.bytes];
         dev.download(self.ptr, &mut v).unwrap();

@@ -90,13 +90,34 @@ fn seg_head_rows(dev: &mut Device, t: &mut Table) {
     }
 }
 
+/// Instance rows of [m·inst, c] with exact duplicates in every patch, so that the concept
+/// scores tie exactly: the last instance copies the first (the same warp of mil_concepts_gcp
+/// when inst = 9) and, with more than 3 instances, the third copies the second (another warp).
+pub fn with_duplicates(mut x: Vec<f32>, m: usize, inst: usize, c: usize) -> Vec<f32> {
+    let copy = |x: &mut Vec<f32>, pm: usize, from: usize, to: usize| {
+        let (f, t) = ((pm * inst + from) * c, (pm * inst + to) * c);
+        x.copy_within(f..f + c, t);
+    };
+    for pm in 0..m {
+        if inst > 1 {
+            copy(&mut x, pm, 0, inst - 1);
+        }
+        if inst > 3 {
+            copy(&mut x, pm, 1, 2);
+        }
+    }
+    x
+}
+
 /// mil_concepts_gcp: concept scores of every instance (= reference::linear over the instance
-/// rows) pooled by GCP over each patch's instances (= reference::gcp_forward).
+/// rows) pooled by GCP over each patch's instances (= reference::gcp_forward), and the first
+/// instance attaining each max.
 fn concepts_rows(dev: &mut Device, t: &mut Table) {
     for (m, inst, c_real, k) in [(5, 4, 20, 70), (2, 9, 5, 3), (3, 1, 8, 33)] {
         let mut r = rng((m * 100 + inst * 10 + c_real) as u64);
         let c = pad8(c_real);
-        let x = round_f16(&uniform(&mut r, m * inst * c_real, 0.0, 2.0));
+        let x = uniform(&mut r, m * inst * c_real, 0.0, 2.0);
+        let x = with_duplicates(round_f16(&x), m, inst, c_real);
         let wc = uniform(&mut r, k * c_real, -0.3, 0.3);
         let bc = uniform(&mut r, k, -0.1, 0.1);
         let mut xh = vec![0f32; m * inst * c];
@@ -112,6 +133,7 @@ fn concepts_rows(dev: &mut Device, t: &mut Table) {
         // and one more rounding.
         let kk = (c_real + 1) as f64;
         let bound = 2.0 * kk * ACC * max_abs(&a) + (inst + 2) as f64 * ACC * max_abs(&scores);
+        let a_bound = kk * ACC * max_abs(&a);
 
         let gx = Guarded::with(dev, &to_f16(&xh));
         let gw = Guarded::with(dev, &transpose(&wc, k, c_real));
@@ -120,11 +142,13 @@ fn concepts_rows(dev: &mut Device, t: &mut Table) {
             let mode = gcp_mode(gcp);
             let want = reference::gcp_forward(&scores, k, &patches, mode);
             let gz = Guarded::new(dev, m * k * 4);
+            let garg = Guarded::new(dev, m * k * 4);
             let p = ConceptsGcpParams {
                 x: gx.addr(),
                 wt: gw.addr(),
                 bias: gb.addr(),
                 z: gz.addr(),
+                arg: garg.addr(),
                 m: m as i32,
                 inst: inst as i32,
                 c: c as i32,
@@ -134,12 +158,47 @@ fn concepts_rows(dev: &mut Device, t: &mut Table) {
             };
             mil_concepts_gcp(dev, &p).unwrap();
             let shape = format!("m{m} inst{inst} c{c_real}→{k}");
-            let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gz]);
+            let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gz, &garg]);
             // One instance: max − mean is exactly zero, an absolute comparison.
             let op = format!("concepts+gcp {mode}");
             run.output(&op, &gz.read_f32(dev), &want, 0.0, bound);
+            let (wrong, clear) =
+                argmax_mismatches(&garg.read_i32(dev), &scores, &x, inst, k, a_bound);
+            let share = wrong as f64 / clear.max(1) as f64;
+            run.add(&format!("concepts arg ({clear} clear)"), share, 0.0);
         }
     }
+}
+
+/// The (patch, concept) pairs whose argmax `got` differs from the first maximum of the
+/// reference scores [m·inst, k], among those whose top score is further than twice the scores'
+/// error bound from every instance with a different input row (closer ones are numerically
+/// tied; identical rows tie exactly, so the first of them must win): (wrong, clear).
+pub fn argmax_mismatches(
+    got: &[i32],
+    scores: &[f64],
+    x: &[f32],
+    inst: usize,
+    k: usize,
+    bound: f64,
+) -> (usize, usize) {
+    let (mut wrong, mut clear) = (0, 0);
+    let c = x.len() / (scores.len() / k);
+    for (u, &g) in got.iter().enumerate() {
+        let (pm, j) = (u / k, u % k);
+        let s = |i: usize| scores[(pm * inst + i) * k + j];
+        let row = |i: usize| &x[(pm * inst + i) * c..(pm * inst + i + 1) * c];
+        let first = (1..inst).fold(0, |b, i| if s(i) > s(b) { i } else { b });
+        let second = (0..inst)
+            .filter(|&i| row(i) != row(first))
+            .map(s)
+            .fold(f64::NEG_INFINITY, f64::max);
+        if s(first) - second > 2.0 * bound {
+            clear += 1;
+            wrong += usize::from(g != first as i32);
+        }
+    }
+    (wrong, clear)
 }
 
 /// linear_f32: y = act(x·wᵀ + b) in fp32.

@@ -18,8 +18,10 @@ mod cpu;
 #[path = "../cuda_common/mod.rs"]
 mod cuda_common;
 mod device;
+mod head_grad_kernels;
 mod head_kernels;
 mod norm_kernels;
+mod optim_kernels;
 
 use m2unet::cuda::DeviceKind;
 

@@ -11,6 +11,10 @@ use bytemuck::{Pod, Zeroable};
 
 mod conv_grad;
 pub use conv_grad::*;
+mod heads_grad;
+mod optim;
+pub use heads_grad::*;
+pub use optim::*;
 
 /// One kernels/*.cu file: its fatbin (when nvcc was found at build time), its flattened
 /// source (for NVRTC) and the kernels it defines.
@@ -140,6 +144,7 @@ pub struct ConceptsGcpParams {
     pub wt: DevAddr,
     pub bias: DevAddr,
     pub z: DevAddr,
+    pub arg: DevAddr,
     pub m: i32,
     pub inst: i32,
     pub c: i32,
@@ -207,7 +212,7 @@ const _: () = {
     assert!(std::mem::size_of::<BnFinalizeParams>() == 88);
     assert!(std::mem::size_of::<BnApplyParams>() == 56);
     assert!(std::mem::size_of::<SegHeadParams>() == 64);
-    assert!(std::mem::size_of::<ConceptsGcpParams>() == 56);
+    assert!(std::mem::size_of::<ConceptsGcpParams>() == 64);
     assert!(std::mem::size_of::<LinearParams>() == 48);
     assert!(std::mem::size_of::<Bn1dTrainParams>() == 64);
     assert!(std::mem::size_of::<GcpBagsParams>() == 40);
