@@ -640,6 +640,8 @@ impl CudaEngine {
                     running_var: self.wp(l.running_var),
                     scale: a.at(a.scale),
                     shift: a.at(a.shift),
+                    mean: 0,
+                    invstd: 0,
                     chunks: chunks as i32,
                     pixels: pixels as i32,
                     chunk: BN_CHUNK as i32,

@@ -17,11 +17,11 @@
 //! its bound.
 //!
 //! The rows of each kernel file are in the module named after it: `conv_kernels` (conv.cu),
-//! `norm_kernels` (norm.cu), `head_kernels` (heads.cu); each launch's rows go through a
-//! [`Launch`].
+//! `norm_kernels` (norm.cu), `norm_grad_kernels` (norm_grad.cu), `head_kernels` (heads.cu);
+//! each launch's rows go through a [`Launch`].
 
 use crate::cuda_common::{nchw_to_nhwc, uniform, Guarded};
-use crate::{conv_kernels, head_kernels, max_abs, max_err, norm_kernels, Table};
+use crate::{conv_kernels, head_kernels, max_abs, max_err, norm_grad_kernels, norm_kernels, Table};
 use m2unet::cuda::{Device, DeviceKind};
 use rand_chacha::ChaCha8Rng;
 
@@ -40,6 +40,7 @@ pub fn table(kind: DeviceKind) -> Table {
     let mut t = Table::new(name);
     conv_kernels::rows(&mut dev, &mut t);
     norm_kernels::rows(&mut dev, &mut t);
+    norm_grad_kernels::rows(&mut dev, &mut t);
     head_kernels::rows(&mut dev, &mut t);
     t
 }

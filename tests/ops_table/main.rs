@@ -18,6 +18,7 @@ mod cpu;
 mod cuda_common;
 mod device;
 mod head_kernels;
+mod norm_grad_kernels;
 mod norm_kernels;
 
 use m2unet::cuda::DeviceKind;

@@ -1,6 +1,9 @@
 //! The embedded kernel modules and the Rust twins of the kernels' parameter structs
 //! (kernels/common.cuh), with thin launch wrappers that fix each kernel's grid and block.
 
+mod norm_grad;
+pub use norm_grad::*;
+
 use super::device::{DevPtr, Device};
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
@@ -86,6 +89,8 @@ pub struct BnFinalizeParams {
     pub running_var: DevAddr,
     pub scale: DevAddr,
     pub shift: DevAddr,
+    pub mean: DevAddr,
+    pub invstd: DevAddr,
     pub chunks: i32,
     pub pixels: i32,
     pub chunk: i32,
@@ -188,7 +193,7 @@ const _: () = {
     assert!(std::mem::size_of::<ConvParams>() == 104);
     assert!(std::mem::size_of::<ConvFirstParams>() == 72);
     assert!(std::mem::size_of::<BnStatsParams>() == 32);
-    assert!(std::mem::size_of::<BnFinalizeParams>() == 88);
+    assert!(std::mem::size_of::<BnFinalizeParams>() == 104);
     assert!(std::mem::size_of::<BnApplyParams>() == 56);
     assert!(std::mem::size_of::<SegHeadParams>() == 64);
     assert!(std::mem::size_of::<ConceptsGcpParams>() == 56);
