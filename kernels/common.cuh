@@ -1,5 +1,5 @@
 //! Shared by every kernel file: fp16 types, small helpers, and the kernel parameter structs
-//! (passed by value; their Rust twins in src/cuda/kernels.rs must keep the same layout).
+//! (passed by value; their Rust twins in src/cuda/kernels/mod.rs must keep the same layout).
 #pragma once
 #ifndef __CUDA_EMU__
 #include <cuda_fp16.h>
@@ -90,7 +90,8 @@ struct BnStatsParams {
 };
 
 /// Combines the partials into batch mean/variance, the scale/shift that apply BatchNorm,
-/// and (optionally) the PyTorch running-statistics update.
+/// (optionally) the mean and 1/sqrt(var + eps) the backward needs, and (optionally) the
+/// PyTorch running-statistics update.
 struct BnFinalizeParams {
     const float* partial;
     const float* gamma;   // [c_real]
@@ -99,6 +100,8 @@ struct BnFinalizeParams {
     float* running_var;   // [c_real] or null
     float* scale;         // [c] (zero beyond c_real)
     float* shift;         // [c]
+    float* mean;          // [c] batch mean (zero beyond c_real), or null
+    float* invstd;        // [c] 1/sqrt(var + eps) (zero beyond c_real), or null
     int chunks, pixels, chunk, c, c_real, pad_;
     float momentum, eps;
 };
@@ -169,11 +172,11 @@ __device__ __forceinline__ float gcp_combine(int mode, float mx, float sum, int 
     return mode == 0 ? mx - mean : (mode == 1 ? mx : mean);
 }
 
-// The Rust twins (src/cuda/kernels.rs) assert the same sizes.
+// The Rust twins (src/cuda/kernels/mod.rs) assert the same sizes.
 static_assert(sizeof(ConvParams) == 104, "ConvParams layout");
 static_assert(sizeof(ConvFirstParams) == 72, "ConvFirstParams layout");
 static_assert(sizeof(BnStatsParams) == 32, "BnStatsParams layout");
-static_assert(sizeof(BnFinalizeParams) == 88, "BnFinalizeParams layout");
+static_assert(sizeof(BnFinalizeParams) == 104, "BnFinalizeParams layout");
 static_assert(sizeof(BnApplyParams) == 56, "BnApplyParams layout");
 static_assert(sizeof(SegHeadParams) == 64, "SegHeadParams layout");
 static_assert(sizeof(ConceptsGcpParams) == 64, "ConceptsGcpParams layout");

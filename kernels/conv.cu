@@ -9,6 +9,7 @@
 //! (→ maxpool2x2_forward).
 #include "common.cuh"
 #include "ptx_helpers.cuh"
+#include "upsample.cuh"
 
 // Block tile: BM pixels × BN output channels, K consumed BK at a time through STAGES
 // shared-memory stages. Four warps as 2 (M) × 2 (N), each computing 64 × 32 with 4 × 4
@@ -18,48 +19,6 @@ constexpr int BM = 128, BN = 64, BK = 32, STAGES = 4, CONV_THREADS = 128;
 /// Offset (halves) of 16-byte chunk `ch` (0..3) of row `r` in a [rows][BK] fp16 tile. The
 /// XOR swizzle spreads the eight rows one ldmatrix phase reads over all 32 banks.
 __device__ __forceinline__ int swz(int r, int ch) { return r * BK + ((ch ^ ((r >> 1) & 3)) << 3); }
-
-/// The four low-resolution neighbours (and weights) of one 8-channel vector of the bilinear ×2
-/// upsampling (align_corners=False) of x.
-struct UpFetch {
-    uint4 v[4];
-    float ly, lx;
-};
-
-/// Issues the loads of channels c..c+7 at high-resolution pixel (yy, xx) of image n.
-__device__ __forceinline__ void upsample_fetch(const ConvParams& p, int n, int yy, int xx, int c,
-                                               UpFetch& f) {
-    float sy = fmaxf((yy + 0.5f) * 0.5f - 0.5f, 0.0f);
-    float sx = fmaxf((xx + 0.5f) * 0.5f - 0.5f, 0.0f);
-    int y0 = int(sy), x0 = int(sx);
-    int y1 = imin(y0 + 1, p.in_h - 1), x1 = imin(x0 + 1, p.in_w - 1);
-    f.ly = sy - float(y0);
-    f.lx = sx - float(x0);
-    const __half* base = p.x + size_t(n) * p.in_h * p.in_w * p.cin1 + c;
-    f.v[0] = *reinterpret_cast<const uint4*>(base + (size_t(y0) * p.in_w + x0) * p.cin1);
-    f.v[1] = *reinterpret_cast<const uint4*>(base + (size_t(y0) * p.in_w + x1) * p.cin1);
-    f.v[2] = *reinterpret_cast<const uint4*>(base + (size_t(y1) * p.in_w + x0) * p.cin1);
-    f.v[3] = *reinterpret_cast<const uint4*>(base + (size_t(y1) * p.in_w + x1) * p.cin1);
-}
-
-/// Interpolates a fetched vector in fp16x2 arithmetic (the weights 0, ¼, ¾ are exact in fp16):
-/// top = a + lx·(b − a), bottom = c + lx·(d − c), result = top + ly·(bottom − top).
-__device__ __forceinline__ uint4 upsample_blend(const UpFetch& f) {
-    const __half2 lx = __float2half2_rn(f.lx), ly = __float2half2_rn(f.ly);
-    const __half2* a = reinterpret_cast<const __half2*>(&f.v[0]);
-    const __half2* b = reinterpret_cast<const __half2*>(&f.v[1]);
-    const __half2* c = reinterpret_cast<const __half2*>(&f.v[2]);
-    const __half2* d = reinterpret_cast<const __half2*>(&f.v[3]);
-    uint4 out;
-    __half2* o = reinterpret_cast<__half2*>(&out);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        __half2 top = __hfma2(lx, __hsub2(b[i], a[i]), a[i]);
-        __half2 bot = __hfma2(lx, __hsub2(d[i], c[i]), c[i]);
-        o[i] = __hfma2(ly, __hsub2(bot, top), top);
-    }
-    return out;
-}
 
 template <bool UPSAMPLE>
 __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
@@ -127,7 +86,7 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
             uint4 v = {0u, 0u, 0u, 0u};
             if (ok) {
                 UpFetch f;
-                upsample_fetch(p, an[i], yy, xx, c, f);
+                upsample_fetch(p.x, p.in_h, p.in_w, p.cin1, an[i], yy, xx, c, f);
                 v = upsample_blend(f);
             }
             *reinterpret_cast<uint4*>(&sa[stage][swz(row0 + 32 * i, ch)]) = v;

@@ -61,13 +61,17 @@ extern "C" __global__ void __launch_bounds__(256) bn_finalize(const BnFinalizePa
         __syncthreads();
     }
     if (t != 0) return;
-    if (c >= p.c_real) {
+    const bool real = c < p.c_real;
+    float cnt = sn[0], bmean = smean[0], var = sm2[0] / cnt;
+    float invstd = rsqrtf(var + p.eps);
+    if (p.mean != nullptr) p.mean[c] = real ? bmean : 0.0f;
+    if (p.invstd != nullptr) p.invstd[c] = real ? invstd : 0.0f;
+    if (!real) {
         p.scale[c] = 0.0f;
         p.shift[c] = 0.0f;
         return;
     }
-    float cnt = sn[0], bmean = smean[0], var = sm2[0] / cnt;
-    float scale = p.gamma[c] * rsqrtf(var + p.eps);
+    float scale = p.gamma[c] * invstd;
     p.scale[c] = scale;
     p.shift[c] = p.beta[c] - bmean * scale;
     if (p.running_mean != nullptr) {

@@ -606,7 +606,7 @@ impl CudaEngine {
         let l = &self.w.convs[i];
         let [out, pooled] = a.units[i];
         let (out, pool) = (a.at(out), self.arch.units[i].pooled.then(|| a.at(pooled)));
-        let [scale, shift, _mean, _invstd] = a.stats[i].map(|o| a.at(o));
+        let [scale, shift, mean, invstd] = a.stats[i].map(|o| a.at(o));
         let cp = pad8(l.cout);
         let (wts, y, relu, y_pool) = match mode {
             Mode::Eval => (l.eval, out, 1, pool.unwrap_or(0)),
@@ -681,12 +681,14 @@ impl CudaEngine {
                 &self.dev,
                 &BnFinalizeParams {
                     partial: a.at(a.partial),
-                    gamma: (l.gamma),
-                    beta: (l.beta),
-                    running_mean: (l.running_mean),
-                    running_var: (l.running_var),
+                    gamma: l.gamma,
+                    beta: l.beta,
+                    running_mean: l.running_mean,
+                    running_var: l.running_var,
                     scale,
                     shift,
+                    mean,
+                    invstd,
                     chunks: chunks as i32,
                     pixels: pixels as i32,
                     chunk: BN_CHUNK as i32,

@@ -291,7 +291,7 @@ impl CudaTrainer {
             .iter()
             .map(|u| take(px(u.level) * pad8(u.cout) * 4))
             .collect();
-        let dy_bytes = off;
+        let dy_bytes = take(0);
         let (mut dz, mut dpart, mut up) = (0, 0, 0);
         let (mut wgrad, mut bn, mut splitk) = (0, 0, 0);
         for u in &arch.units {

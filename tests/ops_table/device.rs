@@ -17,14 +17,14 @@
 //! its bound.
 //!
 //! The rows of each kernel file are in the module named after it: `conv_kernels` (conv.cu),
-//! `conv_grad_kernels` (conv_grad.cu), `norm_kernels` (norm.cu), `head_kernels` (heads.cu),
-//! `head_grad_kernels` (heads_grad.cu), `optim_kernels` (optim.cu); each launch's rows go
-//! through a [`Launch`].
+//! `conv_grad_kernels` (conv_grad.cu), `norm_kernels` (norm.cu), `norm_grad_kernels`
+//! (norm_grad.cu), `head_kernels` (heads.cu), `head_grad_kernels` (heads_grad.cu),
+//! `optim_kernels` (optim.cu); each launch's rows go through a [`Launch`].
 
 use crate::cuda_common::{nchw_to_nhwc, uniform, Guarded};
 use crate::{
     conv_grad_kernels, conv_kernels, head_grad_kernels, head_kernels, max_abs, max_err,
-    norm_kernels, optim_kernels, Table,
+    norm_grad_kernels, norm_kernels, optim_kernels, Table,
 };
 use m2unet::cuda::{Device, DeviceKind};
 use rand_chacha::ChaCha8Rng;
@@ -45,6 +45,7 @@ pub fn table(kind: DeviceKind) -> Table {
     conv_kernels::rows(&mut dev, &mut t);
     conv_grad_kernels::rows(&mut dev, &mut t);
     norm_kernels::rows(&mut dev, &mut t);
+    norm_grad_kernels::rows(&mut dev, &mut t);
     head_kernels::rows(&mut dev, &mut t);
     head_grad_kernels::rows(&mut dev, &mut t);
     optim_kernels::rows(&mut dev, &mut t);

@@ -20,6 +20,7 @@ mod cuda_common;
 mod device;
 mod head_grad_kernels;
 mod head_kernels;
+mod norm_grad_kernels;
 mod norm_kernels;
 mod optim_kernels;
 

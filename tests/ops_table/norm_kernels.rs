@@ -1,5 +1,6 @@
 //! Device rows of kernels/norm.cu: training-mode BatchNorm2d (bn_stats, bn_finalize, bn_apply
-//! with ReLU and max-pool) and BatchNorm1d (bn1d_train_relu), outputs and running statistics.
+//! with ReLU and max-pool) and BatchNorm1d (bn1d_train_relu), outputs, batch and running
+//! statistics.
 
 use crate::cuda_common::*;
 use crate::device::{bn_params, Launch, ACC, U16};
@@ -16,14 +17,23 @@ pub fn rows(dev: &mut Device, t: &mut Table) {
     bn1d_rows(dev, t);
 }
 
-/// Per-channel bounds of training-mode BatchNorm + ReLU computed in fp32: (output, running
-/// mean, running var). x is [N, c] (N values per channel), `eps` bounds the relative error of
-/// the fp32 statistics. To first order, with M = max|x| of the channel, sd = sqrt(var + eps_bn)
-/// and s = γ/sd: the mean errs by at most eps·M; the variance, a sum of positive squares, by
-/// eps relative, plus (through errors of the mean differences in Chan's combination, whose
-/// Σ |δ|·weights is at most N·sd by Cauchy–Schwarz) 4·eps·M/sd relative; rsqrt keeps s
-/// within half that plus a few ulps, so |δs| ≤ eps·(1 + 2M/sd)·|s|. The shift β − mean·s then
-/// errs by |s|·eps·M + M·|δs|, and x·s + shift by M·|δs| more: in all
+/// Bounds of training-mode BatchNorm + ReLU computed in fp32 (the maxima over the channels).
+struct BnBounds {
+    y: f64,
+    mean: f64,
+    invstd: f64,
+    running_mean: f64,
+    running_var: f64,
+}
+
+/// Per-channel bounds of training-mode BatchNorm + ReLU computed in fp32. x is [N, c] (N
+/// values per channel), `eps` bounds the relative error of the fp32 statistics. To first
+/// order, with M = max|x| of the channel, sd = sqrt(var + eps_bn) and s = γ/sd: the mean errs
+/// by at most eps·M; the variance, a sum of positive squares, by eps relative, plus (through
+/// errors of the mean differences in Chan's combination, whose Σ |δ|·weights is at most N·sd
+/// by Cauchy–Schwarz) 4·eps·M/sd relative; rsqrt keeps 1/sd and s within half that plus a
+/// few ulps, so |δs| ≤ eps·(1 + 2M/sd)·|s| (and the same relative bound for 1/sd). The shift
+/// β − mean·s then errs by |s|·eps·M + M·|δs|, and x·s + shift by M·|δs| more: in all
 /// |s|·M·eps·(3 + 4M/sd), plus the roundings of the affine map, ACC·(2|s|·M + |β|).
 /// The running statistics take momentum m of the batch's (var unbiased).
 fn bn_bounds(
@@ -33,10 +43,16 @@ fn bn_bounds(
     (gamma, beta): (&[f32], &[f32]),
     (rm0, rv0): (&[f32], &[f32]),
     eps: f64,
-) -> (f64, f64, f64) {
+) -> BnBounds {
     let n = x.len() / c;
     let m = BN_MOMENTUM as f64;
-    let (mut by, mut bm, mut bv) = (0.0f64, 0.0f64, 0.0f64);
+    let mut b = BnBounds {
+        y: 0.0,
+        mean: 0.0,
+        invstd: 0.0,
+        running_mean: 0.0,
+        running_var: 0.0,
+    };
     for ch in 0..c {
         let big = (0..n).map(|i| x[i * c + ch].abs()).fold(0.0, f64::max);
         let sd = (batch.var[ch] + BN_EPS as f64).sqrt();
@@ -48,9 +64,13 @@ fn bn_bounds(
         let mean = m * eps * big + 2.0 * ACC * (rm0[ch].abs() as f64 + big);
         let var = m * unbiased * eps * (1.0 + 4.0 * spread)
             + 2.0 * ACC * (rv0[ch].abs() as f64 + unbiased);
-        (by, bm, bv) = (by.max(y), bm.max(mean), bv.max(var));
+        b.y = b.y.max(y);
+        b.mean = b.mean.max(eps * big);
+        b.invstd = b.invstd.max(eps * (1.0 + 2.0 * spread) / sd);
+        b.running_mean = b.running_mean.max(mean);
+        b.running_var = b.running_var.max(var);
     }
-    (by, bm, bv)
+    b
 }
 
 /// Training-mode BatchNorm2d: bn_stats (per-chunk mean and M2), bn_finalize (Chan's
@@ -88,7 +108,7 @@ fn bn_rows(dev: &mut Device, t: &mut Table) {
         // Chan's combination (one step per chunk a thread takes, eight tree levels).
         let chunks = bn_chunks(pixels);
         let eps = (pixels.min(BN_CHUNK) + 3 * (chunks + 8)) as f64 * ACC;
-        let (by, bm, bv) = bn_bounds(&xf, c_real, &batch, (&gamma, &beta), (&rm0, &rv0), eps);
+        let b = bn_bounds(&xf, c_real, &batch, (&gamma, &beta), (&rm0, &rv0), eps);
 
         let gx = Guarded::with(dev, &to_f16(&x));
         let gpart = Guarded::new(dev, chunks * 2 * c * 4);
@@ -98,6 +118,8 @@ fn bn_rows(dev: &mut Device, t: &mut Table) {
         let grv = Guarded::with(dev, &rv0);
         let gscale = Guarded::new(dev, c * 4);
         let gshift = Guarded::new(dev, c * 4);
+        let gmean = Guarded::new(dev, c * 4);
+        let ginv = Guarded::new(dev, c * 4);
         let gy = Guarded::new(dev, pixels * c * 2);
         let gp = Guarded::new(dev, pixels / 4 * c * 2);
         let stats = BnStatsParams {
@@ -117,6 +139,8 @@ fn bn_rows(dev: &mut Device, t: &mut Table) {
             running_var: grv.addr(),
             scale: gscale.addr(),
             shift: gshift.addr(),
+            mean: gmean.addr(),
+            invstd: ginv.addr(),
             chunks: chunks as i32,
             pixels: pixels as i32,
             chunk: BN_CHUNK as i32,
@@ -140,17 +164,43 @@ fn bn_rows(dev: &mut Device, t: &mut Table) {
         };
         bn_apply(dev, &apply).unwrap();
         let bufs = [
-            &gx, &gpart, &gg, &gbeta, &grm, &grv, &gscale, &gshift, &gy, &gp,
+            &gx, &gpart, &gg, &gbeta, &grm, &grv, &gscale, &gshift, &gmean, &ginv, &gy, &gp,
         ];
         let shape = format!("n{n} {h}×{w} c{c_real}");
         let mut run = Launch::new(t, shape, dev, &bufs).nhwc(c_real, c);
-        run.output("bn train+relu", &gy.read_f16(dev), &want_y, U16, by);
+        run.output("bn train+relu", &gy.read_f16(dev), &want_y, U16, b.y);
         if pool {
             let op = "bn train+relu+maxpool";
-            run.output(op, &gp.read_f16(dev), &want_pool, U16, by);
+            run.output(op, &gp.read_f16(dev), &want_pool, U16, b.y);
         }
-        run.output("bn running mean", &grm.read_f32(dev), &want_rm, 0.0, bm);
-        run.output("bn running var", &grv.read_f32(dev), &want_rv, 0.0, bv);
+        run.output(
+            "bn running mean",
+            &grm.read_f32(dev),
+            &want_rm,
+            0.0,
+            b.running_mean,
+        );
+        run.output(
+            "bn running var",
+            &grv.read_f32(dev),
+            &want_rv,
+            0.0,
+            b.running_var,
+        );
+        // The batch mean and 1/sqrt(var + eps) for the backward (zero in padding channels).
+        let want_mean = nchw_to_nhwc(&batch.mean, 1, c_real, 1, c);
+        let invstd: Vec<f64> = (batch.var.iter())
+            .map(|v| 1.0 / (v + BN_EPS as f64).sqrt())
+            .collect();
+        let want_inv = nchw_to_nhwc(&invstd, 1, c_real, 1, c);
+        run.output(
+            "bn batch mean",
+            &gmean.read_f32(dev),
+            &want_mean,
+            0.0,
+            b.mean,
+        );
+        run.output("bn invstd", &ginv.read_f32(dev), &want_inv, 0.0, b.invstd);
         if c > c_real {
             // Padding channels get scale = shift = 0 (so that they stay zero).
             let (scale, shift) = (gscale.read_f32(dev), gshift.read_f32(dev));
@@ -174,7 +224,7 @@ fn bn1d_rows(dev: &mut Device, t: &mut Table) {
             reference::bn_running_update(&to_f64(&rm0), &to_f64(&rv0), &batch, rows);
         // Statistics: fp32 sums of `rows` terms and a few roundings (no chunks to combine).
         let eps = (rows + 8) as f64 * ACC;
-        let (by, bm, bv) = bn_bounds(&xf, c, &batch, (&gamma, &beta), (&rm0, &rv0), eps);
+        let b = bn_bounds(&xf, c, &batch, (&gamma, &beta), (&rm0, &rv0), eps);
 
         let (gx, gg, gb) = (
             Guarded::with(dev, &x),
@@ -198,7 +248,8 @@ fn bn1d_rows(dev: &mut Device, t: &mut Table) {
         bn1d_train_relu(dev, &p).unwrap();
         let shape = format!("{rows}×{c}");
         let mut run = Launch::new(t, shape, dev, &[&gx, &gg, &gb, &grm, &grv, &gy]);
-        run.output("bn1d train+relu", &gy.read_f32(dev), &want, 0.0, by);
+        run.output("bn1d train+relu", &gy.read_f32(dev), &want, 0.0, b.y);
+        let (bm, bv) = (b.running_mean, b.running_var);
         run.output("bn1d running mean", &grm.read_f32(dev), &want_rm, 0.0, bm);
         run.output("bn1d running var", &grv.read_f32(dev), &want_rv, 0.0, bv);
     }

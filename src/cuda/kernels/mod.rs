@@ -3,6 +3,8 @@
 
 mod transpose;
 pub use transpose::*;
+mod norm_grad;
+pub use norm_grad::*;
 
 use super::device::{DevPtr, Device};
 use crate::config::GcpMode;
@@ -97,6 +99,8 @@ pub struct BnFinalizeParams {
     pub running_var: DevAddr,
     pub scale: DevAddr,
     pub shift: DevAddr,
+    pub mean: DevAddr,
+    pub invstd: DevAddr,
     pub chunks: i32,
     pub pixels: i32,
     pub chunk: i32,
@@ -209,7 +213,7 @@ const _: () = {
     assert!(std::mem::size_of::<ConvParams>() == 104);
     assert!(std::mem::size_of::<ConvFirstParams>() == 72);
     assert!(std::mem::size_of::<BnStatsParams>() == 32);
-    assert!(std::mem::size_of::<BnFinalizeParams>() == 88);
+    assert!(std::mem::size_of::<BnFinalizeParams>() == 104);
     assert!(std::mem::size_of::<BnApplyParams>() == 56);
     assert!(std::mem::size_of::<SegHeadParams>() == 64);
     assert!(std::mem::size_of::<ConceptsGcpParams>() == 64);
