@@ -8,7 +8,7 @@
 
 mod network;
 
-pub use network::{network_pass, NetworkPass};
+pub use network::{network_pass, network_pass_stored, NetworkPass, Storage};
 
 use crate::config::{GcpMode, BN_EPS, BN_MOMENTUM};
 use crate::cpu::ops::Dims;

@@ -196,7 +196,8 @@ fn run_cuda(
     *model = engine.model().clone();
     let losses = match (batch.seg_labels, batch.cls_labels) {
         (Some(seg), Some(cls)) => Some(
-            host_losses(model, &batch, &outputs, seg, cls).with_context(|| bad_input(input.path))?,
+            host_losses(model, &batch, &outputs, seg, cls)
+                .with_context(|| bad_input(input.path))?,
         ),
         _ => None,
     };

@@ -543,7 +543,9 @@ impl<'m> Net<'m> {
         let patch_bags: Vec<(usize, usize)> = (0..m).map(|i| (i * s2, s2)).collect();
         let mut ds = vec![0f32; m * s2 * k1];
         mil::gcp_backward(&dz, k1, &patch_bags, gcp, &a.s_arg, &mut ds);
-        let dht = self.linear_backward(grads, &mil.emb_concepts, contrast, &a.ht, m * s2, &ds);
+        // Whatever the GCP mode, the concepts reach a train-mode BatchNorm through emb_proj,
+        // which centres them: their bias's exact gradient is 0.
+        let dht = self.linear_backward(grads, &mil.emb_concepts, true, &a.ht, m * s2, &ds);
         let mut dh = vec![0f32; m * bw * s2];
         tensor::transpose_cs(&dht, m, s2, bw, &mut dh);
         dh

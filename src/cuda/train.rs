@@ -129,9 +129,12 @@ impl CudaTrainer {
         let amp = eng.dev.alloc(std::mem::size_of::<AmpState>())?;
         eng.dev.upload(amp, std::slice::from_ref(&state))?;
         let widest = eng.arch.units.iter().map(|u| pad8(u.cout)).max();
-        let widest = widest.into_iter().chain(eng.arch.units.iter().flat_map(|u| {
-            u.inputs.iter().map(|&(_, c)| pad8(c))
-        }));
+        let widest = widest.into_iter().chain(
+            eng.arch
+                .units
+                .iter()
+                .flat_map(|u| u.inputs.iter().map(|&(_, c)| pad8(c))),
+        );
         let zeros = eng.dev.alloc(widest.max().unwrap_or(8) * 4)?;
         let mut packs = vec![];
         for u in &eng.arch.units {
@@ -618,11 +621,9 @@ impl CudaTrainer {
                 arg: x(a.mil_arg),
                 dx: d(s.dy[mil.src]),
                 dw: self.grad(&format!("{name}.weight")),
-                db: if contrast {
-                    0
-                } else {
-                    self.grad(&format!("{name}.bias"))
-                },
+                // The concepts feed emb_proj, whose output a train-mode BatchNorm centres: the
+                // bias's exact gradient is 0 in every GCP mode.
+                db: 0,
                 partial: d(s.concepts),
                 m: m as i32,
                 inst: (side * side) as i32,

@@ -1,6 +1,8 @@
 //! The whole network as reference ops in f64, walking the model's layer list: forward (eval or
 //! train-mode BatchNorm), losses and, in train mode, every parameter's gradient — the truth the
-//! engines' whole passes are tested against.
+//! engines' whole passes are tested against. Optionally with every tensor the CUDA engine
+//! stores in fp16 rounded to fp16: the network's own sensitivity to fp16 rounding, which
+//! calibrates the CUDA engine's tolerances.
 
 use super::{
     bn_eval_forward, bn_running_update, bn_train_backward, bn_train_forward, cls_loss,
@@ -13,6 +15,38 @@ use crate::config::TrainConfig;
 use crate::cpu::ops::Dims;
 use crate::engine::Mode;
 use crate::model::{Linear, Model, Src};
+use half::f16;
+
+/// Which tensors a pass keeps exact.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Storage {
+    /// Everything in f64.
+    Exact,
+    /// f64 arithmetic, but the tensors the CUDA engine stores in fp16 rounded to fp16: the
+    /// weights of the tensor-core convs, every conv's output before and after BN + ReLU, the
+    /// upsampled inputs, and in the backward every conv output's and input part's gradient,
+    /// rounded at the loss scale (value·S in fp16, then /S) as the CUDA engine holds them.
+    Fp16(f64),
+}
+
+impl Storage {
+    fn round(self, mut v: Vec<f64>) -> Vec<f64> {
+        if let Storage::Fp16(scale) = self {
+            for x in &mut v {
+                *x = f16::from_f64(*x * scale).to_f64() / scale;
+            }
+        }
+        v
+    }
+
+    /// A forward tensor (unscaled).
+    fn act(self, v: Vec<f64>) -> Vec<f64> {
+        match self {
+            Storage::Exact => v,
+            Storage::Fp16(_) => Storage::Fp16(1.0).round(v),
+        }
+    }
+}
 
 /// What one pass of the reference network computed.
 #[derive(Clone, Debug)]
@@ -68,6 +102,7 @@ struct Net<'a> {
     model: &'a Model,
     mode: Mode,
     buffers: Vec<f64>,
+    storage: Storage,
 }
 
 impl Net<'_> {
@@ -106,6 +141,16 @@ impl Net<'_> {
                 let (rm, rv) = (&self.buffers[e.mean_range()], &self.buffers[e.var_range()]);
                 (bn_eval_forward(x, c, hw, &gamma, &beta, rm, rv), None)
             }
+        }
+    }
+
+    /// The weight of conv unit `u` as the convolution reads it (fp16 packs for the
+    /// tensor-core convs when storing in fp16; the first layer reads fp32).
+    fn conv_weight(&self, u: &crate::model::ConvUnit) -> Vec<f64> {
+        let w = self.p(&format!("{}.weight", u.conv));
+        match u.inputs[..] {
+            [(Src::Input, _)] => w,
+            _ => self.storage.act(w),
         }
     }
 
@@ -151,12 +196,37 @@ pub fn network_pass(
     labels: Option<(&[i64], &[i64])>,
     train: &TrainConfig,
 ) -> NetworkPass {
+    network_pass_stored(
+        model,
+        patches,
+        p,
+        bag_sizes,
+        mode,
+        labels,
+        train,
+        Storage::Exact,
+    )
+}
+
+/// [`network_pass`] with the tensors kept as `storage` says.
+#[allow(clippy::too_many_arguments)]
+pub fn network_pass_stored(
+    model: &Model,
+    patches: &[f32],
+    p: usize,
+    bag_sizes: &[usize],
+    mode: Mode,
+    labels: Option<(&[i64], &[i64])>,
+    train: &TrainConfig,
+    storage: Storage,
+) -> NetworkPass {
     let arch = model.arch();
     let m: usize = bag_sizes.iter().sum();
     let mut net = Net {
         model,
         mode,
         buffers: model.buffers.iter().map(|&v| v as f64).collect(),
+        storage,
     };
     let input: Vec<f64> = patches.iter().map(|&v| v as f64).collect();
     // Conv units, in order.
@@ -171,7 +241,9 @@ pub fn network_pass(
                     Src::Input => input.clone(),
                     Src::Unit(j) => units[j].y.clone(),
                     Src::Pooled(j) => maxpool2x2_forward(&units[j].y, units[j].yd(c)),
-                    Src::Upsampled(j) => upsample2x_forward(&units[j].y, units[j].yd(c)),
+                    Src::Upsampled(j) => {
+                        storage.act(upsample2x_forward(&units[j].y, units[j].yd(c)))
+                    }
                 };
                 (x, c)
             })
@@ -179,13 +251,11 @@ pub fn network_pass(
         let refs: Vec<(&[f64], usize)> = parts.iter().map(|(x, c)| (x.as_slice(), *c)).collect();
         let x = concat_channels(&refs, m, r * r);
         let xd = Dims::new(m, u.cin(), r, r);
-        let (w, b) = (
-            net.p(&format!("{}.weight", u.conv)),
-            net.p(&format!("{}.bias", u.conv)),
-        );
-        let z = conv3x3_forward(&x, xd, &w, &b, u.cout);
+        let w = net.conv_weight(u);
+        let b = net.p(&format!("{}.bias", u.conv));
+        let z = storage.act(conv3x3_forward(&x, xd, &w, &b, u.cout));
         let (bn, batch) = net.batchnorm(&u.bn, &z, u.cout, r * r);
-        let y = relu_forward(&bn);
+        let y = storage.act(relu_forward(&bn));
         units.push(UnitSave {
             x,
             xd,
@@ -364,13 +434,8 @@ fn backward(
             s.batch.as_ref().expect("train mode"),
             &dbn,
         );
-        let gc = conv3x3_backward(
-            &s.x,
-            s.xd,
-            &net.p(&format!("{}.weight", u.conv)),
-            &gb.dx,
-            u.cout,
-        );
+        let dz = net.storage.round(gb.dx);
+        let gc = conv3x3_backward(&s.x, s.xd, &net.conv_weight(u), &dz, u.cout);
         put(&format!("{}.weight", u.bn), &gb.dgamma);
         put(&format!("{}.bias", u.bn), &gb.dbeta);
         put(&format!("{}.weight", u.conv), &gc.dw);
@@ -378,6 +443,7 @@ fn backward(
         let channels: Vec<usize> = u.inputs.iter().map(|&(_, c)| c).collect();
         let dparts = split_channels(&gc.dx, s.xd.n, r * r, &channels);
         for (&(src, c), d) in u.inputs.iter().zip(dparts) {
+            let d = net.storage.round(d);
             match src {
                 Src::Input => {}
                 Src::Unit(j) => add(&mut dys[j], &d),

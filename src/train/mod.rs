@@ -27,9 +27,9 @@ use anyhow::{bail, Result};
 use batch::{validation_losses, BatchData};
 use progress::Progress;
 use run_dir::{RunDir, Validation, Which};
-use stepper::Stepper;
 use std::path::Path;
 use std::time::Instant;
+use stepper::Stepper;
 
 /// How a call to [`train`] starts.
 pub enum Start {

@@ -13,8 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Header of RUN_DIR/steps.csv.
-const STEPS_HEADER: &str =
-    "step,epoch,loss,cls,seg_ce,seg_dice,patches_per_s,loss_scale,skipped";
+const STEPS_HEADER: &str = "step,epoch,loss,cls,seg_ce,seg_dice,patches_per_s,loss_scale,skipped";
 
 /// The files of a run folder.
 pub struct RunDir {
