@@ -368,16 +368,21 @@ fn bad_manifest_lines_give_errors_with_line_numbers() {
     println!("missing file: {e1}\nbad label: {e2}");
     assert!(e1.contains("line 3") && e1.contains("nope.nii.gz") && e1.contains("does not exist"));
     assert!(e2.contains("line 4") && e2.contains("label \"2\""));
-    let e3 = format!(
-        "{:#}",
-        run_train(&TrainArgs {
-            device: Backend::Cuda,
-            ..args(&manifest, &dir.path().join("run"))
-        })
-        .unwrap_err()
-    );
-    println!("cuda: {e3}");
-    assert!(e3.contains("training runs on the CPU engine for now"));
+    // Without a GPU, --device cuda fails with a clear error before anything is written.
+    if m2unet::cuda::Device::new(m2unet::cuda::DeviceKind::Gpu).is_err() {
+        let run = dir.path().join("run");
+        let e3 = format!(
+            "{:#}",
+            run_train(&TrainArgs {
+                device: Backend::Cuda,
+                ..args(&manifest, &run)
+            })
+            .unwrap_err()
+        );
+        println!("cuda: {e3}");
+        assert!(e3.contains("--device cpu") && e3.contains("--device emu"));
+        assert!(!run.exists());
+    }
 }
 
 /// A mask like `from` (same header) with `edit` applied to its values, written as `to`.
