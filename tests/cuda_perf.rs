@@ -1,13 +1,18 @@
 //! GPU-only timings (skipped, saying why, without a GPU): eval forward of the paper preset at
-//! 8, 32 and 128 patches and the implicit-GEMM conv alone, timed with CUDA events. Each
-//! result is checked for finite outputs and printed as a `PERF` line that tools/gpu_check.sh
-//! reads, with a per-stage profile (PROFILE lines). Set M2UNET_PERF_PATCHES (e.g. "8,32") to choose the batch sizes.
+//! 8, 32 and 128 patches and the implicit-GEMM conv alone, timed with CUDA events, and the
+//! mixed-precision training step (paper network at P = 256 with 4 bags of 8, and the default
+//! weights' recipe, P = 80 with 2 bags of 8) timed end to end. Each result is checked for finite
+//! outputs and printed as a `PERF` line that tools/gpu_check.sh reads, with a per-stage profile
+//! (PROFILE lines). Set M2UNET_PERF_PATCHES (e.g. "8,32") to choose the forward's batch sizes.
 
 mod cuda_common;
 
-use m2unet::config::ModelConfig;
+use m2unet::config::{ModelConfig, TrainConfig};
+use m2unet::cpu::Trainer;
 use m2unet::cuda::kernels::conv3x3;
+use m2unet::cuda::train::{CudaTrainer, INITIAL_LOSS_SCALE};
 use m2unet::cuda::{CudaEngine, Device, DeviceKind};
+use m2unet::engine::Batch;
 use m2unet::engine::InferenceEngine;
 use m2unet::model::{Arch, Model};
 
@@ -93,5 +98,48 @@ fn gpu_conv3x3_igemm_timing() {
             gflop / ms as f64
         );
         assert!(ms > 0.0);
+    }
+}
+
+#[test]
+fn gpu_train_step_timing() {
+    if !gpu_or_skip("gpu_train_step_timing") {
+        return;
+    }
+    let c = ModelConfig::paper();
+    let trainer = Trainer::new(Model::init(c, 1), TrainConfig::default());
+    for (p, bags) in [(256usize, vec![8usize; 4]), (80, vec![8; 2])] {
+        let m: usize = bags.iter().sum();
+        let mut r = cuda_common::rng(p as u64);
+        let x = cuda_common::uniform(&mut r, m * p * p, 0.0, 1.0);
+        let seg: Vec<i64> = (0..m * p * p).map(|i| ((i / 97) % 6) as i64).collect();
+        let cls: Vec<i64> = (0..bags.len()).map(|b| (b % 2) as i64).collect();
+        let batch = Batch {
+            patches: &x,
+            patch: p,
+            bag_sizes: &bags,
+            seg_labels: Some(&seg),
+            cls_labels: Some(&cls),
+        };
+        let mut cuda = CudaTrainer::new(&trainer, DeviceKind::Gpu, INITIAL_LOSS_SCALE).unwrap();
+        // Warm-up: buffers sized, kernels loaded.
+        for _ in 0..2 {
+            let r = cuda.step(&batch).unwrap();
+            assert!(r.losses.total.is_finite(), "loss {:?}", r.losses);
+        }
+        let iters = 10;
+        let t = std::time::Instant::now();
+        let mut skipped = 0;
+        for _ in 0..iters {
+            skipped += cuda.step(&batch).unwrap().skipped as usize;
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+        // Forward, and a backward of about twice its work (dgrad + wgrad of every conv).
+        let gflop = 3.0 * Arch::new(&c).forward_flops_per_patch(p) * m as f64 / 1e9;
+        println!(
+            "PERF train p={p} m={m} ms={ms:.3} patches_per_s={:.1} gflop={gflop:.1} tflops={:.1} skipped={skipped}",
+            m as f64 * 1e3 / ms,
+            gflop / ms
+        );
     }
 }

@@ -265,6 +265,12 @@ fn train_step_matches_cpu_engine_mid() {
 }
 
 #[test]
+fn train_step_matches_cpu_engine_paper_widths() {
+    // The paper's widths (64, bottleneck 512, 256/128 concepts) at a small patch side.
+    check_step(ModelConfig::paper(), 16, &[2, 2], 64);
+}
+
+#[test]
 fn train_step_matches_cpu_engine_depth3_max_gcp() {
     let c = ModelConfig {
         depth: 3,

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU check: runs the prebuilt CUDA test binaries on a real GPU (CUDA engine vs references),
 # then times the eval forward of the paper preset (P=256; 8, 32, 128 patches) with CUDA events
-# against PyTorch on the same GPU (fp16, channels_last, cudnn.benchmark; and torch.compile), and
-# prints ms, TFLOP/s, % of the measured fp16 peak and the ratios as a table (≤ 10 minutes:
-# every step has its own time limit).
+# against PyTorch on the same GPU (fp16, channels_last, cudnn.benchmark; and torch.compile),
+# and the mixed-precision training step (P=256 with 4 bags of 8; the default weights' recipe,
+# P=80 with 2 bags of 8) against PyTorch AMP (fp16 autocast, GradScaler, fused AdamW,
+# channels_last, cudnn.benchmark) eager and under torch.compile; prints ms, TFLOP/s, % of the
+# measured fp16 peak and the ratios as a table (≤ 10 minutes: every step has its own limit).
 #
 # The GPU machine needs CUDA's driver, Python 3 with torch; no Rust. Two steps:
 #   on a build machine (Rust, nvcc found by build.rs, e.g. tools/install_cuda_wheels.sh):
@@ -39,7 +41,7 @@ for line in sys.stdin:
   for f in "$dir"/*; do
     [ -x "$f" ] && [ "${f##*.}" != sh ] && strip --strip-debug "$f" 2>/dev/null
   done
-  cp tools/gpu_check.sh "$dir/"
+  cp tools/gpu_check.sh tools/torch_bench_model.py "$dir/"
   du -sh "$dir"
 }
 
@@ -57,7 +59,7 @@ run() {
   nvidia-smi --query-gpu=name --format=csv,noheader | head -1 >"$out/gpu_name.txt"
   nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1 >"$out/driver.txt"
   local status=0
-  for t in cuda_kernels cuda_forward ops_table; do
+  for t in cuda_kernels cuda_forward cuda_train ops_table; do
     say "== $t on the GPU (M2UNET_TEST_DEVICE=cuda)"
     # The CLI-on-the-emulator test needs the source tree and the m2unet binary: CI runs it.
     if M2UNET_TEST_DEVICE=cuda timeout 90 "$bin/$t" --nocapture --test-threads 1 \
@@ -69,12 +71,14 @@ run() {
     fi
   done
   say "== CUDA engine timings"
-  timeout 90 "$bin/cuda_perf" --nocapture --test-threads 1 >"$out/perf_rust.txt" 2>&1 || { say "cuda_perf FAILED"; status=1; }
+  timeout 120 "$bin/cuda_perf" --nocapture --test-threads 1 >"$out/perf_rust.txt" 2>&1 || { say "cuda_perf FAILED"; status=1; }
   cat "$out/perf_rust.txt" >>"$log"
   say "== PyTorch timings"
-  PYTHONUNBUFFERED=1 timeout 190 python3 - "$out" >>"$log" 2>&1 <<'PY' || say "PyTorch step stopped early (see log); the table uses what it measured"
-import json, sys, time
+  M2UNET_BIN="$bin" PYTHONUNBUFFERED=1 timeout 190 python3 - "$out" >>"$log" 2>&1 <<'PY' || say "PyTorch step stopped early (see log); the table uses what it measured"
+import json, os, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F
+sys.path.insert(0, os.environ["M2UNET_BIN"])
+from torch_bench_model import M2UNet, conv, timed
 
 out = sys.argv[1]
 res = {"torch": torch.__version__}
@@ -84,18 +88,6 @@ def save():
 dev = "cuda"
 torch.backends.cudnn.benchmark = True
 
-def timed(fn, iters, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
-
 # Measured dense fp16 peak: 8192³ matmul.
 x = torch.randn(8192, 8192, device=dev, dtype=torch.float16)
 y = torch.randn(8192, 8192, device=dev, dtype=torch.float16)
@@ -104,53 +96,6 @@ res["peak_tflops"] = 2 * 8192**3 / ms / 1e9
 print(f"fp16 matmul 8192^3: {ms:.3f} ms, {res['peak_tflops']:.1f} TFLOP/s")
 del x, y
 save()
-
-def conv(i, o):
-    return nn.Conv2d(i, o, 3, padding=1)
-
-class Enc(nn.Module):
-    def __init__(s, i, o):
-        super().__init__()
-        s.conv1, s.bn1, s.conv2, s.bn2 = conv(i, o), nn.BatchNorm2d(o), conv(o, o), nn.BatchNorm2d(o)
-    def forward(s, x):
-        return F.relu(s.bn2(s.conv2(F.relu(s.bn1(s.conv1(x))))))
-
-class Dec(nn.Module):
-    def __init__(s, i, w):
-        super().__init__()
-        s.up_conv, s.up_bn = conv(i, w), nn.BatchNorm2d(w)
-        s.conv1, s.bn1, s.conv2, s.bn2 = conv(2 * w, w), nn.BatchNorm2d(w), conv(w, w), nn.BatchNorm2d(w)
-    def forward(s, x, skip):
-        u = F.relu(s.up_bn(s.up_conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))))
-        c = torch.cat([u, skip], 1)
-        return F.relu(s.bn2(s.conv2(F.relu(s.bn1(s.conv1(c))))))
-
-class M2UNet(nn.Module):
-    # docs/model.md, paper preset; bags of 8 patches, GCP = max - mean.
-    def __init__(s, W=64, B=512, K1=256, K2=128):
-        super().__init__()
-        s.enc = nn.ModuleList([Enc(1, W), Enc(W, W), Enc(W, W), Enc(W, W), Enc(W, B)])
-        s.dec = nn.ModuleList([Dec(B, W), Dec(W, W), Dec(W, W), Dec(W, W)])
-        s.seg_head = nn.Conv2d(W, 6, 1)
-        s.emb_concepts, s.emb_proj, s.emb_bn = nn.Linear(B, K1), nn.Linear(K1, K1), nn.BatchNorm1d(K1)
-        s.img_concepts, s.img_proj, s.classifier = nn.Linear(K1, K2), nn.Linear(K2, K2), nn.Linear(K2, 2)
-    def forward(s, x):
-        skips = []
-        for i, e in enumerate(s.enc):
-            x = e(x)
-            if i < 4:
-                skips.append(x)
-                x = F.max_pool2d(x, 2)
-        h = x
-        for d in s.dec:
-            x = d(x, skips.pop())
-        seg = s.seg_head(x)
-        sc = s.emb_concepts(h.flatten(2).transpose(1, 2))
-        z = sc.amax(1) - sc.mean(1)
-        e = F.relu(s.emb_bn(s.emb_proj(z)))
-        t = s.img_concepts(e).view(-1, 8, s.img_concepts.out_features)
-        g = t.amax(1) - t.mean(1)
-        return seg, s.classifier(F.relu(s.img_proj(g)))
 
 model = M2UNet().to(dev).eval().half().to(memory_format=torch.channels_last)
 sizes = [8, 32, 128]
@@ -175,6 +120,61 @@ with torch.inference_mode():
         res["compile"][m] = timed(lambda: cmodel(xin), 5 if m == 128 else 10)
         print(f"torch.compile M={m}: {res['compile'][m]:.3f} ms ({time.time() - t0:.0f} s since compile start)")
         save()
+PY
+  say "== PyTorch AMP training step"
+  M2UNET_BIN="$bin" PYTHONUNBUFFERED=1 timeout 200 python3 - "$out" >>"$log" 2>&1 <<'PY' || say "PyTorch training step stopped early (see log); the table uses what it measured"
+import json, os, sys, time
+import torch, torch.nn as nn, torch.nn.functional as F
+
+out = sys.argv[1]
+path = f"{out}/torch.json"
+res = json.load(open(path)) if os.path.exists(path) else {}
+res["train_eager"], res["train_compile"], res["train_mem_gib"] = {}, {}, {}
+def save():
+    json.dump(res, open(path, "w"), indent=1)
+dev = "cuda"
+torch.backends.cudnn.benchmark = True
+sys.path.insert(0, os.environ["M2UNET_BIN"])
+from torch_bench_model import M2UNet, timed
+
+def losses(seg, cls, seg_y, cls_y):
+    # docs/model.md: cls CE + (seg CE + soft Dice over the foreground classes, smoothing 1).
+    ce = F.cross_entropy(seg.float(), seg_y)
+    p = seg.float().softmax(1)
+    y = F.one_hot(seg_y, 6).permute(0, 3, 1, 2).float()
+    inter, den = (p * y).sum((0, 2, 3)), p.sum((0, 2, 3)) + y.sum((0, 2, 3))
+    dice = 1 - ((2 * inter + 1) / (den + 1))[1:].mean()
+    return F.cross_entropy(cls.float(), cls_y) + ce + dice
+
+for p, m in [(256, 32), (80, 16)]:
+    key = f"p{p}_m{m}"
+    for mode in ["eager", "compile"]:
+        torch.manual_seed(0)
+        model = M2UNet().to(dev).train().to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4, fused=True)
+        scaler = torch.amp.GradScaler()
+        fwd = torch.compile(model) if mode == "compile" else model
+        x = torch.rand(m, 1, p, p, device=dev).to(memory_format=torch.channels_last)
+        seg_y = torch.randint(0, 6, (m, p, p), device=dev)
+        cls_y = torch.randint(0, 2, (m // 8,), device=dev)
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.float16):
+                seg, cls = fwd(x)
+                loss = losses(seg, cls, seg_y, cls_y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        t0 = time.time()
+        torch.cuda.reset_peak_memory_stats()
+        ms = timed(step, 10, warmup=3)
+        res[f"train_{mode}"][key] = ms
+        res["train_mem_gib"][f"{key}_{mode}"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"torch AMP {mode} train step P={p} M={m}: {ms:.3f} ms ({m * 1e3 / ms:.1f} patches/s), "
+              f"peak {res['train_mem_gib'][f'{key}_{mode}']:.1f} GiB, {time.time() - t0:.0f} s")
+        save()
+        del model, opt, fwd
+        torch.cuda.empty_cache()
 PY
   say "== table"
   python3 - "$out" <<'PY' >"$out/table.md"
@@ -213,6 +213,20 @@ if prof:
     print("|---|" + "---|" * len(ms_sizes))
     for i, (stage, _) in enumerate(prof[ms_sizes[0]]):
         print(f"| {stage} | " + " | ".join(f"{prof[m][i][1]:.3f}" for m in ms_sizes) + " |")
+train = {}
+for line in open(f"{out}/perf_rust.txt"):
+    m = re.match(r"PERF train p=(\d+) m=(\d+) ms=([\d.]+) patches_per_s=([\d.]+) gflop=([\d.]+)", line)
+    if m:
+        train[f"p{m[1]}_m{m[2]}"] = (float(m[3]), float(m[5]))
+if train:
+    print("\n| training step (fp16 mixed precision) | m2unet ms | patches/s | TFLOP/s | AMP eager ms | eager/m2unet | AMP compile ms | compile/m2unet | AMP peak GiB (eager) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key, (ms, gflop) in train.items():
+        p, m = key[1:].split("_m")
+        e = t.get("train_eager", {}).get(key)
+        c = t.get("train_compile", {}).get(key)
+        mem = t.get("train_mem_gib", {}).get(f"{key}_eager")
+        print(f"| P={p}, M={m} | {ms:.2f} | {int(m) * 1e3 / ms:.0f} | {gflop / ms:.1f} | {f(e)} | {f(e / ms if e else None)} | {f(c)} | {f(c / ms if c else None)} | {f(mem, 1)} |")
 print("\n| conv3x3 (fp16, NHWC) | m2unet ms | TFLOP/s | torch/cuDNN ms | TFLOP/s | cuDNN/m2unet |")
 print("|---|---|---|---|---|---|")
 for name, (ms, gflop) in convs.items():
