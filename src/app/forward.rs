@@ -30,7 +30,8 @@ pub enum ModeArg {
 /// updated BatchNorm buffers under their state_dict names; with both label sets also `loss`,
 /// `loss_cls`, `loss_seg_ce`, `loss_seg_dice` (scalars) and, in train mode, `grad.<name>` for
 /// every learnable parameter. The CUDA engine (cuda, emu) computes the gradients in fp16
-/// mixed precision at a loss scale of 2^16 and writes them unscaled.
+/// mixed precision at a loss scale of 2^16 (halved until they do not overflow fp16), writes
+/// them unscaled, and writes the scale used as `loss_scale`.
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct ForwardArgs {
@@ -58,8 +59,12 @@ pub fn run(a: &ForwardArgs) -> Result<()> {
         ModeArg::Eval => Mode::Eval,
         ModeArg::Train => Mode::Train,
     };
-    let result = run_network(&mut model, &input, mode, a.device)?;
-    output_tensors(&model, &input, result, mode).write(&a.output)
+    let (result, scale) = run_network(&mut model, &input, mode, a.device)?;
+    let mut out = output_tensors(&model, &input, result, mode);
+    if let Some(s) = scale {
+        out.tensors.insert("loss_scale".into(), Tensor::scalar(s));
+    }
+    out.write(&a.output)
 }
 
 /// The checked tensors of an input file.
@@ -153,29 +158,33 @@ fn int_tensor<'a>(file: &'a TensorFile, name: &str, shape: &[usize]) -> Result<&
     Ok(data)
 }
 
-/// The forward (with losses when labelled, and gradients in train mode) on `backend`; `model`
-/// takes the BatchNorm buffers a train-mode pass updates.
+/// The forward (with losses when labelled, and gradients in train mode) on `backend`, and the
+/// loss scale of the CUDA engine's gradients; `model` takes the BatchNorm buffers a train-mode
+/// pass updates.
 fn run_network(
     model: &mut Model,
     input: &ForwardInput,
     mode: Mode,
     backend: Backend,
-) -> Result<StepResult> {
+) -> Result<(StepResult, Option<f32>)> {
     match backend.cuda_device() {
-        None => run_step(model, &input.batch(), mode, &TrainConfig::default())
-            .with_context(|| bad_input(input.path)),
+        None => Ok((
+            run_step(model, &input.batch(), mode, &TrainConfig::default())
+                .with_context(|| bad_input(input.path))?,
+            None,
+        )),
         Some(kind) => run_cuda(model, input, mode, kind),
     }
 }
 
 /// The CUDA engine's forward; with labels, its losses, and in train mode its backward (the
-/// gradients unscaled from the loss scale they were computed at).
+/// gradients unscaled from the loss scale they were computed at, which is returned).
 fn run_cuda(
     model: &mut Model,
     input: &ForwardInput,
     mode: Mode,
     kind: DeviceKind,
-) -> Result<StepResult> {
+) -> Result<(StepResult, Option<f32>)> {
     let batch = input.batch();
     let labelled = batch.seg_labels.is_some() && batch.cls_labels.is_some();
     if mode == Mode::Train && labelled {
@@ -185,7 +194,13 @@ fn run_cuda(
             .run_step(&batch)
             .with_context(|| bad_input(input.path))?;
         *model = cuda.to_trainer()?.model;
-        return Ok(r);
+        let (scale, _) = cuda.loss_scale()?;
+        if scale < INITIAL_LOSS_SCALE {
+            eprintln!(
+                "gradients computed at loss scale {scale} (they overflowed fp16 at larger scales)"
+            );
+        }
+        return Ok((r, Some(scale)));
     }
     let mut engine = CudaEngine::new(model, kind)?;
     let outputs = match mode {
@@ -201,11 +216,14 @@ fn run_cuda(
         ),
         _ => None,
     };
-    Ok(StepResult {
-        outputs,
-        losses,
-        grads: None,
-    })
+    Ok((
+        StepResult {
+            outputs,
+            losses,
+            grads: None,
+        },
+        None,
+    ))
 }
 
 /// The losses of a forward's outputs, computed on the host by the CPU engine's loss functions.

@@ -907,15 +907,30 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// The device's BatchNorm running statistics written into `model`'s buffers.
-    pub(super) fn download_running_stats(&self, model: &mut Model) -> Result<()> {
+    /// `model`'s BatchNorm running statistics written to the device.
+    pub(super) fn upload_running_stats(&self, model: &Model) -> Result<()> {
+        for (rm, rv, off, c) in self.running_stat_slots() {
+            self.dev.upload(DevPtr(rm), &model.buffers[off..off + c])?;
+            self.dev
+                .upload(DevPtr(rv), &model.buffers[off + c..off + 2 * c])?;
+        }
+        Ok(())
+    }
+
+    /// (running mean, running var addresses, offset in `Model::buffers`, channels) of every BN.
+    fn running_stat_slots(&self) -> Vec<(u64, u64, usize, usize)> {
         let mut layers: Vec<(u64, u64, usize, usize)> = vec![];
         for l in &self.w.convs {
             layers.push((l.running_mean, l.running_var, l.bn_buffer, l.cout));
         }
         let [_, _, rm, rv] = self.w.emb_bn;
         layers.push((rm, rv, self.w.emb_bn_buffer, self.arch.mil.emb_proj.fout));
-        for (rm, rv, off, c) in layers {
+        layers
+    }
+
+    /// The device's BatchNorm running statistics written into `model`'s buffers.
+    pub(super) fn download_running_stats(&self, model: &mut Model) -> Result<()> {
+        for (rm, rv, off, c) in self.running_stat_slots() {
             self.dev
                 .download(DevPtr(rm), &mut model.buffers[off..off + c])?;
             self.dev

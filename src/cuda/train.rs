@@ -21,6 +21,8 @@ const GROWTH: f32 = 2.0;
 const BACKOFF: f32 = 0.5;
 
 const ALIGN: usize = 256;
+/// `run_step` halves an overflowing loss scale at most this many times (2^16 → 2^-24).
+const MAX_HALVINGS: i32 = 40;
 
 /// The fp16 weight packs of one conv unit, rewritten from the master weights after each step:
 /// the forward pack and one dgrad pack per input part (none for the first layer, which reads
@@ -867,19 +869,59 @@ impl CudaTrainer {
 
     /// A train-mode forward and backward of a labelled batch without an update: outputs,
     /// losses and the unscaled gradients (the CPU engine's `run_step` contract). Running
-    /// statistics advance as in any train-mode forward.
+    /// statistics advance as in any train-mode forward. When the scaled gradients overflow
+    /// fp16, the pass is repeated at half the loss scale (the running statistics restored
+    /// first), as GradScaler's next steps would; `loss_scale` then tells the scale used.
     pub fn run_step(&mut self, batch: &Batch) -> Result<StepResult> {
-        let (m, _) = self.forward_backward(batch)?;
-        let outputs = self.eng.read_outputs(m, batch.bag_sizes.len())?;
-        let (losses, amp) = self.read_losses()?;
-        let mut grads = vec![0f32; self.eng.model.params.len()];
-        self.eng.dev.download(self.grads, &mut grads)?;
-        grads.iter_mut().for_each(|g| *g /= amp.scale);
-        Ok(StepResult {
-            outputs,
-            losses: Some(losses),
-            grads: Some(grads),
-        })
+        let mut saved = self.eng.model.clone();
+        self.eng.download_running_stats(&mut saved)?;
+        for _ in 0..MAX_HALVINGS {
+            let (m, _) = self.forward_backward(batch)?;
+            let amp = self.check_gradients()?;
+            if amp.found_inf == 0 {
+                let outputs = self.eng.read_outputs(m, batch.bag_sizes.len())?;
+                let (losses, _) = self.read_losses()?;
+                let mut grads = vec![0f32; self.eng.model.params.len()];
+                self.eng.dev.download(self.grads, &mut grads)?;
+                grads.iter_mut().for_each(|g| *g /= amp.scale);
+                return Ok(StepResult {
+                    outputs,
+                    losses: Some(losses),
+                    grads: Some(grads),
+                });
+            }
+            let (losses, _) = self.read_losses()?;
+            if !losses.total.is_finite() {
+                bail!("the loss is not finite ({losses:?}): no gradient to compute");
+            }
+            let state = AmpState {
+                scale: amp.scale * BACKOFF,
+                found_inf: 0,
+                ..amp
+            };
+            self.eng
+                .dev
+                .upload(self.amp, std::slice::from_ref(&state))?;
+            self.eng.upload_running_stats(&saved)?;
+            self.forwards -= 1;
+        }
+        bail!("the gradients overflow fp16 at every loss scale down to 2^-{MAX_HALVINGS}")
+    }
+
+    /// The inf/NaN check of the gradients, and the loss-scale state it leaves.
+    fn check_gradients(&self) -> Result<AmpState> {
+        grad_check(
+            &self.eng.dev,
+            &GradCheckParams {
+                g: self.grads.0,
+                amp: self.amp.0,
+                len: self.eng.model.params.len() as i32,
+                pad_: 0,
+            },
+        )?;
+        let mut amp = [AmpState::default()];
+        self.eng.dev.download(self.amp, &mut amp)?;
+        Ok(amp[0])
     }
 
     /// Writes +inf into the gradients of the next step's first parameter before its inf/NaN
