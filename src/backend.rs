@@ -1,7 +1,8 @@
-//! The device a command runs on (cpu | cuda | emu) and the one factory of inference engines.
+//! The device a command runs on (auto | cpu | cuda | emu) and the one factory of inference
+//! engines.
 
 use crate::cpu::CpuEngine;
-use crate::cuda::{CudaEngine, DeviceKind};
+use crate::cuda::{CudaEngine, Device, DeviceKind};
 use crate::engine::InferenceEngine;
 use crate::model::Model;
 use anyhow::Result;
@@ -9,6 +10,8 @@ use anyhow::Result;
 /// Where the network runs (the `--device` of every command).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
+    /// The first GPU when the CUDA driver finds one, else the CPU (the command says which).
+    Auto,
     /// The f32 CPU engine.
     Cpu,
     /// The CUDA engine on the first GPU (fp16 kernels, fp32 accumulation).
@@ -18,10 +21,30 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The CUDA engine's device for `cuda` and `emu`; None for the CPU engine.
+    /// `auto` made concrete: `cuda` when a GPU is usable, else `cpu` (saying why on stderr).
+    pub fn resolve(self) -> Backend {
+        if self != Backend::Auto {
+            return self;
+        }
+        match Device::new(DeviceKind::Gpu) {
+            Ok(d) => {
+                eprintln!("device: {} (--device auto)", d.describe());
+                Backend::Cuda
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                let why = why.split(": use --device").next().unwrap_or_default();
+                eprintln!("device: cpu (--device auto found no GPU: {why})");
+                Backend::Cpu
+            }
+        }
+    }
+
+    /// The CUDA engine's device for `cuda` and `emu` (and `auto` with a GPU); None for the
+    /// CPU engine.
     pub fn cuda_device(self) -> Option<DeviceKind> {
-        match self {
-            Backend::Cpu => None,
+        match self.resolve() {
+            Backend::Auto | Backend::Cpu => None,
             Backend::Cuda => Some(DeviceKind::Gpu),
             Backend::Emu => Some(DeviceKind::Emu),
         }

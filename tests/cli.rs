@@ -317,6 +317,14 @@ fn demo_works_from_any_folder_and_names_the_weights_it_used() {
     assert!(o.status.success(), "{}", stderr(&o));
     let name = "embedded default m2unet_synthetic_p80";
     assert!(stderr(&o).contains(&format!("weights: {name}")));
+    // --device auto (the default) says where it ran: the CPU on a machine without a GPU.
+    let gpu = m2unet::cuda::Device::new(m2unet::cuda::DeviceKind::Gpu).is_ok();
+    let device = if gpu {
+        "device: cuda"
+    } else {
+        "device: cpu (--device auto found no GPU"
+    };
+    assert!(stderr(&o).contains(device), "stderr names the device");
     assert!(out.contains(&format!("weights {name}")));
     let report = report_json(&dir.path().join("m2unet_demo/demo_case_report.json"));
     assert_eq!(report["weights"], name);

@@ -56,8 +56,9 @@ pub struct AssessArgs {
     /// all or none.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Where the network runs.
-    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    /// Where the network runs: auto (the first GPU when the CUDA driver finds one, else the
+    /// CPU; the choice is printed), cpu, cuda, or emu (the CUDA kernels on the CPU emulator).
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub device: Backend,
     /// Patches segmented per engine call.
     #[arg(long, default_value_t = 8)]

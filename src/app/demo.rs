@@ -25,8 +25,9 @@ pub struct DemoArgs {
     /// weights built into the binary (weights/MODEL_CARD.md).
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Where the network runs.
-    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    /// Where the network runs: auto (the first GPU when the CUDA driver finds one, else the
+    /// CPU; the choice is printed), cpu, cuda, or emu (the CUDA kernels on the CPU emulator).
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub device: Backend,
 }
 
