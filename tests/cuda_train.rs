@@ -400,6 +400,7 @@ fn synth(dir: &Path, count: usize, seed: u64) -> PathBuf {
         noise: None,
         uncompressed: true,
         overwrite: false,
+        fov: None,
     })
     .unwrap();
     dir.join("manifest.csv")

@@ -31,6 +31,7 @@ fn synth(dir: &Path, count: usize, seed: u64) -> PathBuf {
         noise: None,
         uncompressed: true,
         overwrite: false,
+        fov: None,
     })
     .unwrap();
     dir.join("manifest.csv")
@@ -417,6 +418,7 @@ fn manifest_problems_are_reported_with_their_lines_before_anything_is_written() 
             noise: None,
             uncompressed: true,
             overwrite: false,
+            fov: None,
         })
         .unwrap();
     };

@@ -1,6 +1,6 @@
 //! `m2unet synth`: its arguments and the set of phantoms it writes.
 
-use crate::data::phantom::{check_shape, write_set, StoredDtype, SynthOptions};
+use crate::data::phantom::{check_shape, write_set, FovChoice, StoredDtype, SynthOptions};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -56,6 +56,12 @@ pub struct SynthArgs {
     /// Write uncompressed `.nii` files instead of `.nii.gz`.
     #[arg(long)]
     pub uncompressed: bool,
+    /// What each phantom covers around the lungs: chest (the thorax fills the grid; default),
+    /// body (neck to pelvis, with arms, the table, liver, stomach gas and bowel gas), abdomen
+    /// (the lung bases in the top slices, the abdomen below, the table) or mixed (drawn per
+    /// case: 60 % chest, 25 % body, 15 % abdomen). Truth masks are background outside the lungs.
+    #[arg(long, value_enum)]
+    pub fov: Option<FovChoice>,
 }
 
 impl SynthArgs {
@@ -68,6 +74,7 @@ impl SynthArgs {
             orientation: self.orientation.clone(),
             dtype: self.dtype,
             noise: self.noise,
+            fov: self.fov,
         }
     }
 }

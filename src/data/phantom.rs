@@ -1,7 +1,10 @@
 //! Seeded synthetic chest CT phantoms with exact lobe ground truth, one by one or as a set.
 //!
-//! The anatomy lives in normalised canonical coordinates u, v, w ∈ [−1, 1] (u towards the
-//! patient's right, v anterior, w superior), so it fills any grid whatever the spacing. It is
+//! The anatomy lives in normalised canonical coordinates u, v, w (u towards the patient's
+//! right, v anterior, w superior); the thorax spans [−1, 1] on each axis. A phantom's field of
+//! view maps its grid onto that space: the chest fills the grid (whatever the spacing), or the
+//! grid covers neck to pelvis (arms beside the body, the table under it), or the abdomen with
+//! the lung bases on its top slices — what real scans hold around the lungs. It is
 //! deliberately asymmetric: three right lobes (oblique + horizontal fissure), two left lobes,
 //! the heart to the left. Fissures show as thin denser sheets, as in thin-section CT. Every voxel is a pure function of the case seed and its index (noise
 //! by hashing), so generation is parallel and the bytes are reproducible.
@@ -39,6 +42,33 @@ pub enum XformKind {
     QformOnly,
 }
 
+/// How much of the body a phantom's grid covers around the lungs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldOfView {
+    /// The thorax fills the grid, lung apices to the diaphragm.
+    #[default]
+    Chest,
+    /// Neck to pelvis: the thorax in the middle third, the abdomen (liver, stomach with its gas
+    /// bubble, bowel with gas, pelvic bones) below, the neck above, the arms beside the body
+    /// and the table under it.
+    Body,
+    /// An abdominal scan: the lung bases in its top slices, the abdomen below, the table.
+    Abdomen,
+}
+
+impl FieldOfView {
+    /// In-plane scale s (anatomy = grid / s, leaving room for arms or the table) and the
+    /// anatomy's w range the grid's slices span.
+    fn frame(self) -> (f64, [f64; 2]) {
+        match self {
+            FieldOfView::Chest => (1.0, [-1.0, 1.0]),
+            FieldOfView::Body => (0.76, [-2.9, 1.7]),
+            FieldOfView::Abdomen => (0.9, [-2.6, -0.4]),
+        }
+    }
+}
+
 /// Everything that defines one phantom besides its seed.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PhantomSpec {
@@ -54,6 +84,8 @@ pub struct PhantomSpec {
     pub noise_hu: f32,
     /// The class whose involvement range the lesions are drawn from.
     pub severe: bool,
+    /// What the grid covers around the lungs.
+    pub fov: FieldOfView,
 }
 
 /// Ground truth of one lobe.
@@ -385,6 +417,203 @@ fn hashed_gauss(seed: u64, index: u64) -> f32 {
 }
 
 /// Normalised coordinate of voxel `i` of `n`.
+/// HU of the abdominal organs.
+const HU_LIVER: f32 = 60.0;
+const HU_BOWEL: f32 = 20.0;
+/// Lung-like density of gas mixed with stool.
+const HU_STOOL_GAS: f32 = -780.0;
+const HU_TABLE: f32 = 250.0;
+
+/// An ellipsoid: centre and radii.
+type Ellipsoid = [f64; 6];
+
+fn inside(e: &Ellipsoid, u: f64, v: f64, w: f64) -> bool {
+    ((u - e[0]) / e[3]).powi(2) + ((v - e[1]) / e[4]).powi(2) + ((w - e[2]) / e[5]).powi(2) < 1.0
+}
+
+/// The seeded organs below the diaphragm (drawn from their own stream, so a chest phantom's
+/// bytes do not depend on them).
+#[derive(Clone, Debug)]
+struct Belly {
+    liver: Ellipsoid,
+    stomach: Ellipsoid,
+    /// The stomach's gas bubble, under the left dome.
+    bubble: Ellipsoid,
+    /// Bowel loops, their gas pockets (HU −1000) and stool with gas (lung-like density).
+    bowel: Vec<Ellipsoid>,
+    gas: Vec<(Ellipsoid, f32)>,
+}
+
+impl Belly {
+    fn draw(anatomy: &Anatomy, rng: &mut ChaCha8Rng) -> Belly {
+        let mut j = |centre: f64, spread: f64| centre + rng.gen_range(-spread..=spread);
+        let left = anatomy.lungs[LEFT];
+        // The left dome's floor above the stomach, and a diaphragm ≥ 0.08 (about 12 mm) thick.
+        let floor = left.base + left.dome;
+        let bubble = [
+            j(left.cu * 0.9, 0.03),
+            j(0.1, 0.03),
+            floor - 0.16,
+            0.09,
+            0.08,
+            0.06,
+        ];
+        let stomach = [bubble[0], bubble[1] - 0.05, floor - 0.35, 0.16, 0.15, 0.3];
+        let right = anatomy.lungs[RIGHT];
+        let liver = [
+            j(0.3, 0.03),
+            j(0.0, 0.03),
+            right.base - 0.32,
+            0.42,
+            0.42,
+            0.3,
+        ];
+        let mut bowel = vec![];
+        let mut gas = vec![];
+        for _ in 0..10 {
+            let c = [
+                rng.gen_range(-0.5..0.5),
+                rng.gen_range(-0.3..0.35),
+                rng.gen_range(-2.4..-1.25),
+            ];
+            let r = rng.gen_range(0.08..0.16);
+            bowel.push([c[0], c[1], c[2], r, r * 0.8, r * 1.5]);
+            let g = r * rng.gen_range(0.3..0.6);
+            let hu = if rng.gen_bool(0.7) {
+                HU_AIR
+            } else {
+                HU_STOOL_GAS
+            };
+            gas.push(([c[0], c[1] + r * 0.3, c[2], g, g, g * 1.2], hu));
+        }
+        Belly {
+            liver,
+            stomach,
+            bubble,
+            bowel,
+            gas,
+        }
+    }
+
+    /// HU of a body point below the diaphragm that is not lung (None: none of the organs).
+    fn tissue(&self, u: f64, v: f64, w: f64) -> Option<f32> {
+        if inside(&self.bubble, u, v, w) {
+            return Some(HU_AIR);
+        }
+        if let Some((_, hu)) = self.gas.iter().find(|(e, _)| inside(e, u, v, w)) {
+            return Some(*hu);
+        }
+        if inside(&self.stomach, u, v, w) || self.bowel.iter().any(|e| inside(e, u, v, w)) {
+            return Some(HU_BOWEL);
+        }
+        if inside(&self.liver, u, v, w) {
+            return Some(HU_LIVER);
+        }
+        // Pelvic bones.
+        if w < -2.2
+            && [0.45, -0.45]
+                .iter()
+                .any(|&c| ((u - c) / 0.22).powi(2) + ((v + 0.15) / 0.12).powi(2) < 1.0)
+        {
+            return Some(HU_BONE);
+        }
+        None
+    }
+}
+
+/// One phantom's scene: the anatomy, what lies around it, and the field of view that maps the
+/// grid onto it.
+struct Scene {
+    anatomy: Anatomy,
+    belly: Option<Belly>,
+    fov: FieldOfView,
+}
+
+impl Scene {
+    fn new(anatomy: Anatomy, fov: FieldOfView, seed: u64) -> Scene {
+        let belly = (fov != FieldOfView::Chest).then(|| {
+            Belly::draw(
+                &anatomy,
+                &mut ChaCha8Rng::seed_from_u64(splitmix64(seed ^ 0xBE11)),
+            )
+        });
+        Scene {
+            anatomy,
+            belly,
+            fov,
+        }
+    }
+
+    /// Anatomy coordinates of grid coordinates (each in [−1, 1]).
+    fn to_anatomy(&self, u: f64, v: f64, w: f64) -> [f64; 3] {
+        let (s, [lo, hi]) = self.fov.frame();
+        [u / s, v / s, lo + (w + 1.0) / 2.0 * (hi - lo)]
+    }
+
+    /// A grid voxel's size in anatomy units.
+    fn voxel_size(&self, grid: [f64; 3]) -> [f64; 3] {
+        let (s, [lo, hi]) = self.fov.frame();
+        [grid[0] / s, grid[1] / s, grid[2] * (hi - lo) / 2.0]
+    }
+
+    /// Noise-free HU and lobe label at grid point (u, v, w).
+    fn voxel(&self, u: f64, v: f64, w: f64, vox: [f64; 3]) -> (f32, u8) {
+        let [ua, va, wa] = self.to_anatomy(u, v, w);
+        let a = &self.anatomy;
+        // The body narrows from the shoulders (w 0.95) to the neck (w 1.25).
+        let neck = ((wa - 0.95) / 0.3).clamp(0.0, 1.0) * 0.5;
+        let qb = ((ua / (a.bu * (1.0 - neck))).powi(2)
+            + (va / (a.bv * (1.0 - neck * 0.6))).powi(2))
+        .sqrt();
+        if qb > 1.0 || (wa > 0.95 && qb > 0.94) {
+            return (self.outside_body(u, v, wa), 0);
+        }
+        if let Some(belly) = &self.belly {
+            let below_lungs = a.lungs.iter().all(|g| wa < g.base + g.dome - 0.05);
+            if below_lungs
+                && a.lung_at(RIGHT, ua, va, wa).is_none()
+                && a.lung_at(LEFT, ua, va, wa).is_none()
+            {
+                let spine = ua * ua + (va + 0.5) * (va + 0.5);
+                if qb <= 0.94 && spine >= 0.10 * 0.10 {
+                    if let Some(hu) = belly.tissue(ua, va, wa) {
+                        return (hu, 0);
+                    }
+                }
+            }
+        }
+        let (hu, lobe) = a.voxel(ua, va, wa, vox);
+        // Ribs belong to the thorax.
+        if hu == HU_BONE && qb > 0.86 && !(-1.1..0.95).contains(&wa) {
+            return (HU_SOFT, lobe);
+        }
+        (hu, lobe)
+    }
+
+    /// What lies outside the body: the arms (neck-to-pelvis scans), the table, air.
+    fn outside_body(&self, u: f64, v: f64, wa: f64) -> f32 {
+        if self.fov == FieldOfView::Body && (-2.3..0.95).contains(&wa) {
+            for c in [0.84, -0.84] {
+                let q = ((u - c) / 0.1).powi(2) + ((v + 0.02) / 0.13).powi(2);
+                if q < 1.0 {
+                    let bone = ((u - c) / 0.035).powi(2) + ((v + 0.02) / 0.035).powi(2);
+                    return if bone < 1.0 {
+                        HU_BONE
+                    } else if q > 0.75 {
+                        HU_FAT
+                    } else {
+                        HU_SOFT
+                    };
+                }
+            }
+        }
+        if self.fov != FieldOfView::Chest && (-0.96..-0.9).contains(&v) && u.abs() < 0.95 {
+            return HU_TABLE;
+        }
+        HU_AIR
+    }
+}
+
 fn coord(i: usize, n: usize) -> f64 {
     (i as f64 + 0.5) / n as f64 * 2.0 - 1.0
 }
@@ -392,10 +621,10 @@ fn coord(i: usize, n: usize) -> f64 {
 /// Generates the phantom of `spec` for `seed`.
 pub fn generate(spec: &PhantomSpec, seed: u64) -> Phantom {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let anatomy = Anatomy::draw(&mut rng);
+    let scene = Scene::new(Anatomy::draw(&mut rng), spec.fov, seed);
     let [nx, ny, nz] = spec.shape;
     let n = nx * ny;
-    let vox = [2.0 / nx as f64, 2.0 / ny as f64, 2.0 / nz as f64];
+    let vox = scene.voxel_size([2.0 / nx as f64, 2.0 / ny as f64, 2.0 / nz as f64]);
     let mut hu = vec![0f32; n * nz];
     let mut lobes = vec![0u8; n * nz];
     hu.par_chunks_mut(n)
@@ -406,13 +635,13 @@ pub fn generate(spec: &PhantomSpec, seed: u64) -> Phantom {
             for y in 0..ny {
                 let v = coord(y, ny);
                 for x in 0..nx {
-                    let (h, l) = anatomy.voxel(coord(x, nx), v, w, vox);
+                    let (h, l) = scene.voxel(coord(x, nx), v, w, vox);
                     hs[y * nx + x] = h;
                     ls[y * nx + x] = l;
                 }
             }
         });
-    let counts = place_lesions(&anatomy, spec, &mut rng, &mut hu, &lobes);
+    let counts = place_lesions(&scene, spec, &mut rng, &mut hu, &lobes);
     let noise_seed = splitmix64(seed ^ 0x5EED);
     let sigma = spec.noise_hu;
     hu.par_chunks_mut(1 << 16)
@@ -434,7 +663,7 @@ pub fn generate(spec: &PhantomSpec, seed: u64) -> Phantom {
 /// Draws per-lobe involvement targets and paints ground-glass and consolidation blobs into
 /// each lobe (centres preferring the periphery) until the lobe reaches its target.
 fn place_lesions(
-    anatomy: &Anatomy,
+    scene: &Scene,
     spec: &PhantomSpec,
     rng: &mut ChaCha8Rng,
     hu: &mut [f32],
@@ -483,9 +712,8 @@ fn place_lesions(
             let mut centre = list[rng.gen_range(0..list.len())] as usize;
             for _ in 0..40 {
                 let (x, y, z) = (centre % nx, (centre / nx) % ny, centre / (nx * ny));
-                let periphery = anatomy
-                    .lung_at(side, coord(x, nx), coord(y, ny), coord(z, nz))
-                    .unwrap_or(1.0);
+                let [u, v, w] = scene.to_anatomy(coord(x, nx), coord(y, ny), coord(z, nz));
+                let periphery = scene.anatomy.lung_at(side, u, v, w).unwrap_or(1.0);
                 if rng.gen_bool(periphery.clamp(0.05, 1.0).powi(2)) {
                     break;
                 }
@@ -693,12 +921,43 @@ pub struct SynthOptions {
     pub dtype: Option<StoredDtype>,
     /// Voxel noise standard deviation in HU.
     pub noise: Option<f32>,
+    /// What each case's grid covers around the lungs (None: the chest).
+    pub fov: Option<FovChoice>,
+}
+
+/// The field of view of a set's cases: one for all, or drawn per case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FovChoice {
+    Chest,
+    Body,
+    Abdomen,
+    /// Per case: the chest (60 %), neck to pelvis (25 %) or the abdomen with the lung bases
+    /// (15 %), drawn from a stream of its own (the other draws stay as for the chest).
+    Mixed,
 }
 
 /// The spec of case `index` of a synthetic set (drawn from its own stream of the seed).
 pub fn case_spec(args: &SynthOptions, index: usize, severe: bool) -> Result<PhantomSpec> {
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     rng.set_stream(index as u64 + 1);
+    let fov = match args.fov {
+        None | Some(FovChoice::Chest) => FieldOfView::Chest,
+        Some(FovChoice::Body) => FieldOfView::Body,
+        Some(FovChoice::Abdomen) => FieldOfView::Abdomen,
+        Some(FovChoice::Mixed) => {
+            let mut own = ChaCha8Rng::seed_from_u64(args.seed ^ 0xF0F);
+            own.set_stream(index as u64 + 1);
+            match own.gen_range(0..20) {
+                0..12 => FieldOfView::Chest,
+                12..17 => FieldOfView::Body,
+                _ => FieldOfView::Abdomen,
+            }
+        }
+    };
+    // The grid spans more than the thorax when the field of view is wider: the drawn spacing
+    // keeps the thorax at an adult's size.
+    let (scale, [lo, hi]) = fov.frame();
+    let (max_fov, max_height) = (MAX_FOV_MM / scale, MAX_HEIGHT_MM * (hi - lo) / 2.0);
     let shape = match args.shape {
         Some(s) => {
             check_shape(s)?;
@@ -716,9 +975,9 @@ pub fn case_spec(args: &SynthOptions, index: usize, severe: bool) -> Result<Phan
             // The anatomy fills the grid, so a large grid gets finer voxels: the field of view
             // stays within an adult chest's (≤ 400 mm across, lungs ≤ 300 mm tall).
             let inplane: f64 = rng.gen_range(0.6..1.0);
-            let inplane = inplane.min(MAX_FOV_MM / shape[0].max(shape[1]) as f64);
+            let inplane = inplane.min(max_fov / shape[0].max(shape[1]) as f64);
             let slice: f64 = rng.gen_range(1.0..5.0);
-            [inplane, inplane, slice.min(MAX_HEIGHT_MM / shape[2] as f64)]
+            [inplane, inplane, slice.min(max_height / shape[2] as f64)]
         }
     };
     let orientation = match &args.orientation {
@@ -757,6 +1016,7 @@ pub fn case_spec(args: &SynthOptions, index: usize, severe: bool) -> Result<Phan
         xform,
         noise_hu,
         severe,
+        fov,
     })
 }
 
