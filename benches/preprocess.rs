@@ -1,7 +1,7 @@
 //! Cost of the CT pipeline around the network on a 512×512×300 volume: read, preprocess, write back.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use m2unet::data::phantom::{generate, PhantomSpec, StoredDtype, XformKind};
+use m2unet::data::phantom::{generate, FieldOfView, PhantomSpec, StoredDtype, XformKind};
 use m2unet::data::preprocess::{
     keep_largest_components, label_patches, paste_patches, volume_patches, CanonicalCt,
     PreprocessConfig,
@@ -19,6 +19,7 @@ fn pipeline(c: &mut Criterion) {
         xform: XformKind::Both,
         noise_hu: 15.0,
         severe: true,
+        fov: FieldOfView::Chest,
     };
     let phantom = generate(&spec, 1);
     phantom
