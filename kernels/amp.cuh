@@ -10,7 +10,9 @@ struct AmpState {
     int steps;         // AdamW steps taken (t); skipped steps do not count
     int skipped;       // total skipped steps
     int last_skipped;  // 1 when the last step was skipped
-    int pad_[2];
+    float lr;          // AdamW's learning rate, written by the host before each step (a schedule
+                       // changes it; a captured step graph cannot carry it by value)
+    float last_scale;  // the loss scale the last step's gradients carried (set by amp_update)
 };
 
 static_assert(sizeof(AmpState) == 32, "AmpState layout");

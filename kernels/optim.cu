@@ -16,9 +16,10 @@ struct AdamWParams {
     const float* grads;   // scaled gradients
     float* m;
     float* v;
-    const AmpState* amp;  // skip everything when found_inf; t = amp->steps + 1; g = grad / scale
+    const AmpState* amp;  // skip everything when found_inf; t = amp->steps + 1; g = grad / scale;
+                          // the learning rate is amp->lr
     int len, pad_;
-    float lr, beta1, beta2, eps, weight_decay, pad2_;
+    float beta1, beta2, eps, weight_decay;
 };
 
 struct AmpUpdateParams {
@@ -30,7 +31,7 @@ struct AmpUpdateParams {
 
 // The Rust twins (src/cuda/kernels/optim.rs) assert the same sizes.
 static_assert(sizeof(GradCheckParams) == 24, "GradCheckParams layout");
-static_assert(sizeof(AdamWParams) == 72, "AdamWParams layout");
+static_assert(sizeof(AdamWParams) == 64, "AdamWParams layout");
 static_assert(sizeof(AmpUpdateParams) == 24, "AmpUpdateParams layout");
 
 /// Grid-stride over the gradients; a thread that saw an inf or NaN sets found_inf (an integer
@@ -50,7 +51,7 @@ extern "C" __global__ void adamw(const AdamWParams p) {
     __shared__ float coef[6];  // decay, 1 − β1, 1 − β2, step size, sqrt(1 − β2^t), 1/S
     if (p.amp->found_inf) return;
     if (threadIdx.x == 0) {
-        const double lr = p.lr, b1 = p.beta1, b2 = p.beta2, t = double(p.amp->steps + 1);
+        const double lr = p.amp->lr, b1 = p.beta1, b2 = p.beta2, t = double(p.amp->steps + 1);
         coef[0] = float(1.0 - __dmul_rn(lr, double(p.weight_decay)));
         coef[1] = float(1.0 - b1);
         coef[2] = float(1.0 - b2);
@@ -74,10 +75,12 @@ extern "C" __global__ void adamw(const AdamWParams p) {
     }
 }
 
-/// One thread, after adamw: backoff and skip on overflow, else count the step and grow the
-/// scale after growth_interval clean steps; clears found_inf.
+/// One thread, after adamw: records the step's scale, then backs off and skips on overflow,
+/// else counts the step and grows the scale after growth_interval clean steps; clears
+/// found_inf.
 extern "C" __global__ void amp_update(const AmpUpdateParams p) {
     AmpState* a = p.amp;
+    a->last_scale = a->scale;
     if (a->found_inf) {
         a->scale *= p.backoff;
         a->good_steps = 0;

@@ -1,7 +1,8 @@
 //! The CUDA engine's training step (emulator, or a GPU with M2UNET_TEST_DEVICE=cuda) against
 //! the CPU engine: losses, outputs and every parameter's gradient at a tolerance calibrated to
 //! the network's own sensitivity to fp16 rounding; loss scaling (skip on inf, recovery);
-//! determinism; a short `train --device emu` run against the CPU's, and resumes across engines.
+//! determinism; step graphs replayed bit for bit like eager steps, and the NVTX ranges of a
+//! step; a short `train --device emu` run against the CPU's, and resumes across engines.
 
 mod cuda_common;
 
@@ -11,15 +12,18 @@ use m2unet::app::train::{run as run_train, TrainArgs};
 use m2unet::backend::Backend;
 use m2unet::config::{GcpMode, ModelConfig, TrainConfig};
 use m2unet::cpu::{run_step, StepResult, Trainer};
-use m2unet::cuda::train::{CudaTrainer, INITIAL_LOSS_SCALE};
+use m2unet::cuda::nvtx::{self, Event};
+use m2unet::cuda::train::{CudaTrainer, GraphCounts, StepReport, INITIAL_LOSS_SCALE};
+use m2unet::cuda::Device;
 use m2unet::engine::{Batch, Mode};
 use m2unet::io::checkpoint::load_checkpoint;
 use m2unet::io::weights::{load_model, model_tensors, Tensor, TensorFile, WeightDtype};
 use m2unet::model::Model;
 use m2unet::reference::{network_pass_stored, Storage};
-use m2unet::train::Schedule;
+use m2unet::train::{scheduled_lr, Schedule};
 use rand::Rng;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// A labelled batch: patches in [0, 1), lobe labels with ~10 % ignored pixels, class labels.
 struct Data {
@@ -386,6 +390,231 @@ fn adamw_steps_on_the_device_follow_the_cpu_trainer() {
     );
     assert!(cos >= 0.9 && (0.9..=1.1).contains(&ratio));
     assert_eq!(got.step, 3);
+}
+
+/// What a run of steps leaves: each step's report and the trainer's state at the end.
+struct RunState {
+    reports: Vec<StepReport>,
+    params: Vec<f32>,
+    buffers: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    steps: u64,
+}
+
+/// A run of 11 steps on the tiny network, each on fresh data at a cosine learning rate: 5 of
+/// shape A (P 16, bags [2, 2]; the fourth with an injected inf, an eager step), 2 of shape B
+/// (bags [3, 2]: a larger arena), 2 of A again (its backward buffers sized anew), 2 of shape C
+/// (P 32). Returns the run's state, its graph counts and the seconds of its eager steps and of
+/// its replayed steps.
+fn graph_run(graphs: bool) -> (RunState, GraphCounts, Vec<f64>, Vec<f64>) {
+    let c = ModelConfig::tiny();
+    let shapes: [(usize, &[usize]); 11] = [
+        (16, &[2, 2]),
+        (16, &[2, 2]),
+        (16, &[2, 2]),
+        (16, &[2, 2]),
+        (16, &[2, 2]),
+        (16, &[3, 2]),
+        (16, &[3, 2]),
+        (16, &[2, 2]),
+        (16, &[2, 2]),
+        (32, &[2, 2]),
+        (32, &[2, 2]),
+    ];
+    let trainer = Trainer::new(model(c, 100), TrainConfig::default());
+    let mut cuda = CudaTrainer::new(&trainer, device_kind(), INITIAL_LOSS_SCALE).unwrap();
+    cuda.set_graphs(graphs);
+    let (mut reports, mut eager, mut replayed) = (vec![], vec![], vec![]);
+    for (i, &(p, bags)) in shapes.iter().enumerate() {
+        let data = Data::new(&c, p, bags, 200 + i as u64);
+        cuda.config.lr = scheduled_lr(Schedule::Cosine, 3e-3, i as u64 + 1, shapes.len() as u64);
+        let replays = cuda.graph_counts().replays;
+        let t = Instant::now();
+        let r = if i == 3 {
+            cuda.step_with_inf_gradient(&data.batch())
+        } else {
+            cuda.step(&data.batch())
+        };
+        let secs = t.elapsed().as_secs_f64();
+        reports.push(r.unwrap());
+        if cuda.graph_counts().replays > replays {
+            replayed.push(secs);
+        } else {
+            eager.push(secs);
+        }
+    }
+    let t = cuda.to_trainer().unwrap();
+    let state = RunState {
+        reports,
+        params: t.model.params,
+        buffers: t.model.buffers,
+        m: t.m,
+        v: t.v,
+        steps: t.step,
+    };
+    (state, cuda.graph_counts(), eager, replayed)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+#[test]
+fn step_graphs_replay_the_eager_steps_bit_for_bit() {
+    let (with, counts, eager, replayed) = graph_run(true);
+    let (without, none, all_eager, _) = graph_run(false);
+    println!(
+        "with graphs: {} captures, {} replayed steps ({:.3} s mean) and {} eager ({:.3} s mean); without: {} eager steps ({:.3} s mean)",
+        counts.captures,
+        counts.replays,
+        mean(&replayed),
+        eager.len(),
+        mean(&eager),
+        all_eager.len(),
+        mean(&all_eager)
+    );
+    // Captured at the second step of each shape run (A, B, A, C), replayed from there on;
+    // the injected inf runs eagerly.
+    assert_eq!(
+        counts,
+        GraphCounts {
+            captures: 4,
+            replays: 6
+        }
+    );
+    assert_eq!(none, GraphCounts::default());
+    for (i, (a, b)) in with.reports.iter().zip(&without.reports).enumerate() {
+        println!(
+            "step {i}: loss {:.6} scale {} skipped {} | without graphs: loss {:.6} scale {} skipped {}",
+            a.losses.total, a.loss_scale, a.skipped, b.losses.total, b.loss_scale, b.skipped
+        );
+    }
+    let skipped: Vec<bool> = with.reports.iter().map(|r| r.skipped).collect();
+    assert_eq!(skipped.iter().filter(|&&s| s).count(), 1);
+    assert!(skipped[3] && with.reports[4].loss_scale == INITIAL_LOSS_SCALE / 2.0);
+    assert_eq!(with.steps, 10);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let differ = |a: &[f32], b: &[f32]| {
+        bits(a)
+            .iter()
+            .zip(bits(b))
+            .filter(|(x, y)| **x != *y)
+            .count()
+    };
+    let report = |r: &StepReport| {
+        let l = r.losses;
+        [l.total, l.cls, l.seg_ce, l.seg_dice, r.loss_scale].map(f32::to_bits)
+    };
+    let reports_differ = (with.reports.iter().zip(&without.reports))
+        .filter(|(a, b)| report(a) != report(b) || a.skipped != b.skipped)
+        .count();
+    let differing = [
+        differ(&with.params, &without.params),
+        differ(&with.buffers, &without.buffers),
+        differ(&with.m, &without.m),
+        differ(&with.v, &without.v),
+    ];
+    println!(
+        "bits differing with and without graphs: step reports {reports_differ}, params, running stats, m, v {differing:?} (of {} params)",
+        with.params.len()
+    );
+    assert_eq!((reports_differ, differing), (0, [0; 4]));
+    assert_eq!(with.steps, without.steps);
+}
+
+#[test]
+fn a_capture_refuses_host_round_trips() {
+    let mut dev = Device::new(device_kind()).unwrap();
+    let p = dev.alloc(64).unwrap();
+    dev.upload(p, &[7u8; 64]).unwrap();
+    dev.begin_capture().unwrap();
+    let mut back = [0u8; 64];
+    let errors = [
+        dev.upload(p, &[1u8; 64]).unwrap_err(),
+        dev.download(p, &mut back).unwrap_err(),
+        dev.synchronize().unwrap_err(),
+        dev.begin_capture().unwrap_err(),
+    ];
+    dev.memset_zero(p.offset(32), 32).unwrap();
+    let graph = dev.end_capture().unwrap();
+    for e in &errors {
+        println!("during a capture: {e}");
+    }
+    dev.download(p, &mut back).unwrap();
+    assert_eq!(
+        back, [7u8; 64],
+        "captured work runs only when the graph is launched"
+    );
+    dev.launch_graph(&graph).unwrap();
+    dev.download(p, &mut back).unwrap();
+    assert_eq!(&back[..32], &[7u8; 32]);
+    assert_eq!(&back[32..], &[0u8; 32]);
+    assert!(dev.end_capture().is_err());
+}
+
+/// Range `name` around `inner`.
+fn ranged(name: &str, inner: Vec<Event>) -> Vec<Event> {
+    let mut v = vec![Event::Push(name.to_string())];
+    v.extend(inner);
+    v.push(Event::Pop);
+    v
+}
+
+#[test]
+fn nvtx_ranges_of_a_train_step_name_the_arch() {
+    let c = ModelConfig::tiny();
+    let data = Data::new(&c, 32, &[2, 2], 111);
+    let trainer = Trainer::new(model(c, 110), TrainConfig::default());
+    let arch = trainer.model.arch().clone();
+    let mut cuda = CudaTrainer::new(&trainer, device_kind(), INITIAL_LOSS_SCALE).unwrap();
+    let events: Vec<Vec<Event>> = (0..3)
+        .map(|_| nvtx::record(|| cuda.step(&data.batch()).unwrap()).1)
+        .collect();
+    let leaf = |n: &str| ranged(n, vec![]);
+    let mut forward = vec![];
+    for u in &arch.units {
+        forward.extend(leaf(&u.conv));
+    }
+    forward.extend(leaf(&arch.seg.name));
+    forward.extend(leaf("mil_head"));
+    let mut backward = leaf(&arch.seg.name);
+    backward.extend(leaf("mil_head"));
+    for u in arch.units.iter().rev() {
+        backward.extend(leaf(&u.conv));
+    }
+    let mut work = ranged("forward", forward);
+    work.extend(ranged("backward", backward));
+    work.extend(leaf("optimizer"));
+    let mut captured = ranged("capture", work.clone());
+    captured.extend(leaf("replay"));
+    let want = [
+        ranged("train_step", work),
+        ranged("train_step", captured),
+        ranged("train_step", leaf("replay")),
+    ];
+    let names = |e: &[Event]| {
+        e.iter()
+            .filter_map(|e| match e {
+                Event::Push(n) => Some(n.as_str()),
+                Event::Pop => None,
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for (i, e) in events.iter().enumerate() {
+        let pushes = e.iter().filter(|e| **e != Event::Pop).count();
+        println!(
+            "step {i}: {pushes} ranges, {} closed: {}",
+            e.len() - pushes,
+            names(e)
+        );
+    }
+    println!(
+        "NVTX library: {}",
+        nvtx::library().unwrap_or("none (ranges recorded only)")
+    );
+    assert_eq!(events, want);
 }
 
 fn synth(dir: &Path, count: usize, seed: u64) -> PathBuf {

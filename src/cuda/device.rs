@@ -1,12 +1,14 @@
-//! The device layer: allocation, copies, kernel launches and synchronisation, either on a real
-//! GPU (cudarc's driver API, loaded at run time; kernels from the embedded fatbin or compiled
-//! by NVRTC) or on the CPU emulator (the same kernels compiled by g++, called through FFI).
+//! The device layer: allocation, copies, kernel launches, synchronisation and step graphs,
+//! either on a real GPU (cudarc's driver API, loaded at run time; one created stream; kernels
+//! from the embedded fatbin or compiled by NVRTC) or on the CPU emulator (the same kernels
+//! compiled by g++, called through FFI; a graph is the recorded launches, replayed in order).
 
 use super::kernels::{kernels_prebuilt, KernelModule, KERNEL_MODULES};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use bytemuck::Pod;
 use cudarc::driver::{result as cu, sys, CudaContext};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::Arc;
@@ -45,10 +47,62 @@ impl DevPtr {
 
 struct Gpu {
     ctx: Arc<CudaContext>,
+    /// The stream of every launch, memset, copy and event (the legacy null stream cannot be
+    /// captured into a graph).
+    stream: sys::CUstream,
     functions: HashMap<&'static str, sys::CUfunction>,
     name: String,
     cc: (i32, i32),
     from_fatbin: bool,
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // A stream that cannot be destroyed at teardown leaves nothing to recover.
+        let _ = self.ctx.bind_to_thread();
+        let _ = unsafe { cu::stream::destroy(self.stream) };
+    }
+}
+
+/// One launch or memset recorded by an emulator capture.
+enum Op {
+    Launch {
+        name: &'static str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        /// A copy of the parameter struct (8-byte words keep its alignment).
+        params: Vec<u64>,
+    },
+    Memset {
+        dst: DevPtr,
+        bytes: usize,
+    },
+}
+
+/// The launches and memsets of a captured stream of work, replayed by `Device::launch_graph`:
+/// an instantiated CUDA graph, or the emulator's recording.
+pub struct Graph {
+    inner: GraphInner,
+}
+
+enum GraphInner {
+    Gpu {
+        ctx: Arc<CudaContext>,
+        graph: sys::CUgraph,
+        exec: sys::CUgraphExec,
+    },
+    Emu(Vec<Op>),
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        if let GraphInner::Gpu { ctx, graph, exec } = &self.inner {
+            // A graph that cannot be destroyed at teardown leaves nothing to recover.
+            let _ = ctx.bind_to_thread();
+            let _ = unsafe { cu::graph::exec_destroy(*exec) };
+            let _ = unsafe { cu::graph::destroy(*graph) };
+        }
+    }
 }
 
 /// A device: a GPU or the emulator. Allocations live until `free` or the device's drop.
@@ -56,6 +110,9 @@ pub struct Device {
     /// None on the emulator.
     gpu: Option<Gpu>,
     allocations: HashMap<u64, usize>,
+    /// Some while a capture is open: the emulator's recorded work (empty on a GPU, whose
+    /// driver records the stream).
+    capture: RefCell<Option<Vec<Op>>>,
 }
 
 const EMU_ALIGN: usize = 256;
@@ -69,7 +126,17 @@ impl Device {
         Ok(Device {
             gpu,
             allocations: HashMap::new(),
+            capture: RefCell::new(None),
         })
+    }
+
+    /// An error when a capture is open: `what` would be a host round trip (or an allocation)
+    /// inside a graph.
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capture.borrow().is_some() {
+            bail!("{what} while a step graph is being captured");
+        }
+        Ok(())
     }
 
     /// One line: the GPU's name and compute capability and where its kernels came from, or
@@ -96,13 +163,14 @@ impl Device {
 
     /// `bytes` of zeroed device memory (256-byte aligned).
     pub fn alloc(&mut self, bytes: usize) -> Result<DevPtr> {
+        self.not_capturing("an allocation")?;
         let bytes = bytes.max(1);
         let ptr = match &self.gpu {
             Some(g) => {
                 g.ctx.bind_to_thread().map_err(drv)?;
                 let p = unsafe { cu::malloc_sync(bytes) }
                     .map_err(|e| anyhow!("GPU allocation of {bytes} bytes failed: {e:?}"))?;
-                unsafe { cu::memset_d8_sync(p, 0, bytes) }.map_err(drv)?;
+                unsafe { cu::memset_d8_async(p, 0, bytes, g.stream) }.map_err(drv)?;
                 p
             }
             None => {
@@ -119,6 +187,7 @@ impl Device {
     }
 
     pub fn free(&mut self, p: DevPtr) -> Result<()> {
+        self.not_capturing("freeing memory")?;
         let bytes = self
             .allocations
             .remove(&p.0)
@@ -130,6 +199,7 @@ impl Device {
         match &self.gpu {
             Some(g) => {
                 g.ctx.bind_to_thread().map_err(drv)?;
+                unsafe { cu::stream::synchronize(g.stream) }.map_err(drv)?;
                 unsafe { cu::free_sync(p) }.map_err(drv)
             }
             None => {
@@ -139,12 +209,14 @@ impl Device {
         }
     }
 
-    /// Copies `src` to device address `dst`.
+    /// Copies `src` to device address `dst`, in order with the launches (`src` may be reused
+    /// on return: pageable memory is staged before the call returns).
     pub fn upload<T: Pod>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
+        self.not_capturing("an upload")?;
         match &self.gpu {
             Some(g) => {
                 g.ctx.bind_to_thread().map_err(drv)?;
-                unsafe { cu::memcpy_htod_sync(dst.0, src) }.map_err(drv)
+                unsafe { cu::memcpy_htod_async(dst.0, src, g.stream) }.map_err(drv)
             }
             None => {
                 let bytes: &[u8] = bytemuck::cast_slice(src);
@@ -161,9 +233,13 @@ impl Device {
         match &self.gpu {
             Some(g) => {
                 g.ctx.bind_to_thread().map_err(drv)?;
-                unsafe { cu::memset_d8_async(dst.0, 0, bytes, std::ptr::null_mut()) }.map_err(drv)
+                unsafe { cu::memset_d8_async(dst.0, 0, bytes, g.stream) }.map_err(drv)
             }
             None => {
+                if let Some(ops) = self.capture.borrow_mut().as_mut() {
+                    ops.push(Op::Memset { dst, bytes });
+                    return Ok(());
+                }
                 unsafe { std::ptr::write_bytes(dst.0 as *mut u8, 0, bytes) };
                 Ok(())
             }
@@ -172,11 +248,12 @@ impl Device {
 
     /// Copies from device address `src` into `dst` (waits for earlier launches).
     pub fn download<T: Pod>(&self, src: DevPtr, dst: &mut [T]) -> Result<()> {
+        self.not_capturing("a download")?;
         match &self.gpu {
             Some(g) => {
                 g.ctx.bind_to_thread().map_err(drv)?;
-                cu::ctx::synchronize().map_err(drv)?;
-                unsafe { cu::memcpy_dtoh_sync(dst, src.0) }.map_err(drv)
+                unsafe { cu::memcpy_dtoh_async(dst, src.0, g.stream) }.map_err(drv)?;
+                unsafe { cu::stream::synchronize(g.stream) }.map_err(drv)
             }
             None => {
                 let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
@@ -192,7 +269,8 @@ impl Device {
         }
     }
 
-    /// Launches kernel `name` with its parameter struct passed by value.
+    /// Launches kernel `name` with its parameter struct passed by value (during an emulator
+    /// capture: records it, with a copy of the parameters).
     pub fn launch<P: Pod>(
         &self,
         name: &'static str,
@@ -203,7 +281,37 @@ impl Device {
         if grid.contains(&0) {
             return Ok(());
         }
-        let mut args = [params as *const P as *mut c_void];
+        if self.gpu.is_none() {
+            if let Some(ops) = self.capture.borrow_mut().as_mut() {
+                ensure!(
+                    std::mem::align_of::<P>() <= 8,
+                    "{name}: parameters aligned to more than 8 bytes"
+                );
+                let bytes = bytemuck::bytes_of(params);
+                let mut words = vec![0u64; bytes.len().div_ceil(8)];
+                bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()]
+                    .copy_from_slice(bytes);
+                ops.push(Op::Launch {
+                    name,
+                    grid,
+                    block,
+                    params: words,
+                });
+                return Ok(());
+            }
+        }
+        self.launch_raw(name, grid, block, params as *const P as *mut c_void)
+    }
+
+    /// Launches kernel `name` with the parameter struct at `params`.
+    fn launch_raw(
+        &self,
+        name: &'static str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        params: *mut c_void,
+    ) -> Result<()> {
+        let mut args = [params];
         match &self.gpu {
             Some(g) => {
                 let f = *g
@@ -217,7 +325,7 @@ impl Device {
                         (grid[0], grid[1], grid[2]),
                         (block[0], block[1], block[2]),
                         0,
-                        std::ptr::null_mut(),
+                        g.stream,
                         &mut args,
                     )
                 }
@@ -244,12 +352,87 @@ impl Device {
 
     /// Waits for every launched kernel to finish.
     pub fn synchronize(&self) -> Result<()> {
+        self.not_capturing("a synchronisation")?;
         match &self.gpu {
             Some(g) => {
                 g.ctx.bind_to_thread().map_err(drv)?;
-                cu::ctx::synchronize().map_err(drv)
+                unsafe { cu::stream::synchronize(g.stream) }.map_err(drv)
             }
             None => Ok(()),
+        }
+    }
+
+    /// Starts capturing the launches and memsets that follow into a graph (uploads, downloads,
+    /// allocations and synchronisations are errors until `end_capture`).
+    pub fn begin_capture(&self) -> Result<()> {
+        self.not_capturing("a capture")?;
+        if let Some(g) = &self.gpu {
+            g.ctx.bind_to_thread().map_err(drv)?;
+            // Thread-local mode: other threads sharing the primary context may still allocate.
+            let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+            unsafe { cu::stream::begin_capture(g.stream, mode) }.map_err(drv)?;
+        }
+        *self.capture.borrow_mut() = Some(vec![]);
+        Ok(())
+    }
+
+    /// Ends the capture: the work launched since `begin_capture`, ready to replay.
+    pub fn end_capture(&self) -> Result<Graph> {
+        let ops = self
+            .capture
+            .borrow_mut()
+            .take()
+            .context("ending a capture that was not begun")?;
+        let inner = match &self.gpu {
+            Some(g) => {
+                g.ctx.bind_to_thread().map_err(drv)?;
+                let graph = unsafe { cu::stream::end_capture(g.stream) }.map_err(drv)?;
+                let flags = sys::CUgraphInstantiate_flags(0);
+                match unsafe { cu::graph::instantiate(graph, flags) } {
+                    Ok(exec) => GraphInner::Gpu {
+                        ctx: g.ctx.clone(),
+                        graph,
+                        exec,
+                    },
+                    Err(e) => {
+                        let _ = unsafe { cu::graph::destroy(graph) };
+                        bail!("instantiating the captured graph: {e:?}");
+                    }
+                }
+            }
+            None => GraphInner::Emu(ops),
+        };
+        Ok(Graph { inner })
+    }
+
+    /// Replays a captured graph, in order with the launches.
+    pub fn launch_graph(&self, graph: &Graph) -> Result<()> {
+        self.not_capturing("a graph launch")?;
+        match (&self.gpu, &graph.inner) {
+            (Some(g), GraphInner::Gpu { exec, .. }) => {
+                g.ctx.bind_to_thread().map_err(drv)?;
+                unsafe { cu::graph::launch(*exec, g.stream) }.map_err(drv)
+            }
+            (None, GraphInner::Emu(ops)) => {
+                for op in ops {
+                    match op {
+                        Op::Launch {
+                            name,
+                            grid,
+                            block,
+                            params,
+                        } => {
+                            // The kernel reads its parameters through the pointer; the
+                            // recording is not written.
+                            let at = params.as_ptr() as *mut c_void;
+                            self.launch_raw(name, *grid, *block, at)?
+                        }
+                        Op::Memset { dst, bytes } => self.memset_zero(*dst, *bytes)?,
+                    }
+                }
+                Ok(())
+            }
+            _ => bail!("a graph captured on another kind of device"),
         }
     }
 
@@ -262,9 +445,9 @@ impl Device {
                 let start = cu::event::create(flags).map_err(drv)?;
                 let end = cu::event::create(flags).map_err(drv)?;
                 let ms = (|| -> Result<f32> {
-                    unsafe { cu::event::record(start, std::ptr::null_mut()) }.map_err(drv)?;
+                    unsafe { cu::event::record(start, g.stream) }.map_err(drv)?;
                     work()?;
-                    unsafe { cu::event::record(end, std::ptr::null_mut()) }.map_err(drv)?;
+                    unsafe { cu::event::record(end, g.stream) }.map_err(drv)?;
                     unsafe { cu::event::synchronize(end) }.map_err(drv)?;
                     unsafe { cu::event::elapsed(start, end) }.map_err(drv)
                 })();
@@ -305,7 +488,7 @@ impl Device {
             Some(g) => {
                 g.ctx.bind_to_thread().map_err(drv)?;
                 let e = cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(drv)?;
-                unsafe { cu::event::record(e, std::ptr::null_mut()) }.map_err(drv)?;
+                unsafe { cu::event::record(e, g.stream) }.map_err(drv)?;
                 Some(e)
             }
             None => None,
@@ -381,8 +564,12 @@ fn open_gpu(ordinal: usize) -> Result<Gpu> {
             functions.insert(k, f);
         }
     }
+    // Non-blocking: no implicit synchronisation with the legacy null stream, which another
+    // thread of the process may use while this stream is being captured.
+    let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(drv)?;
     Ok(Gpu {
         ctx,
+        stream,
         functions,
         name,
         cc,
@@ -468,5 +655,12 @@ pub fn describe_devices() -> String {
         "emu: CPU emulator of the same kernels, {} worker threads\n",
         emu_workers()
     ));
+    out.push_str(&match super::nvtx::library() {
+        Some(lib) => format!("nvtx: ranges named by stage through {lib}\n"),
+        None => format!(
+            "nvtx: no libnvToolsExt.so.1 (set {} to its path for named ranges in nsys)\n",
+            super::nvtx::LIB_VAR
+        ),
+    });
     out
 }

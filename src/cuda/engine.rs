@@ -5,6 +5,7 @@
 
 use super::device::{DevPtr, Device, DeviceKind, Mark};
 use super::kernels::*;
+use super::nvtx;
 use super::weights::{pack_conv3x3, pad8, padded, transpose};
 use crate::config::{ModelConfig, BN_EPS, BN_MOMENTUM};
 use crate::engine::{segment_count, Batch, InferenceEngine, Mode, Outputs};
@@ -604,6 +605,7 @@ impl CudaEngine {
     fn conv(&self, i: usize, input: ConvIn, m: usize, h: usize, mode: Mode) -> Result<()> {
         let a = self.arena.as_ref().expect("arena");
         let l = &self.w.convs[i];
+        let _range = nvtx::range(&l.name);
         let [out, pooled] = a.units[i];
         let (out, pool) = (a.at(out), self.arch.units[i].pooled.then(|| a.at(pooled)));
         let [scale, shift, mean, invstd] = a.stats[i].map(|o| a.at(o));
@@ -731,11 +733,14 @@ impl CudaEngine {
     }
 
     /// The whole forward pass on the device for m patches in `bags` bags: every conv unit of
-    /// the architecture in order, the seg head, then the MIL head.
+    /// the architecture in order, the seg head, then the MIL head (an NVTX range each, inside
+    /// one `forward`).
     pub(super) fn run(&self, mode: Mode, heads: Heads, m: usize, bags: usize) -> Result<()> {
+        let _range = nvtx::range("forward");
         self.run_units(mode, m, self.arch.units.len())?;
         self.run_seg_head(heads, m)?;
         if heads == Heads::All {
+            let _range = nvtx::range("mil_head");
             self.run_mil_patches(mode, m, 0)?;
             self.run_mil_bags(m, bags)?;
             self.mark("mil_head")?;
@@ -756,6 +761,7 @@ impl CudaEngine {
     fn run_seg_head(&self, heads: Heads, m: usize) -> Result<()> {
         let a = self.arena.as_ref().expect("arena");
         let (seg, p) = (&self.arch.seg, a.patch);
+        let _range = nvtx::range(&seg.name);
         let (logits, labels) = match heads {
             Heads::All => (a.at(a.seg_logits), 0),
             Heads::Labels => (0, a.at(a.labels)),

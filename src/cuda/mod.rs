@@ -4,8 +4,9 @@
 pub mod device;
 pub mod engine;
 pub mod kernels;
+pub mod nvtx;
 pub mod train;
 pub mod weights;
 
-pub use device::{describe_devices, DevPtr, Device, DeviceKind, Mark};
+pub use device::{describe_devices, DevPtr, Device, DeviceKind, Graph, Mark};
 pub use engine::CudaEngine;

@@ -2,11 +2,14 @@
 //! backward needs, the backward of every op in reverse order of the architecture, then AdamW
 //! with dynamic loss scaling over fp32 master weights, which rewrites the fp16 packs the
 //! kernels read. Mixed precision: fp16 activations and tensor-core operands, fp32 accumulation,
-//! statistics, gradients and weights.
+//! statistics, gradients and weights. Once a batch shape has run, its step is captured as a
+//! graph and replayed: no host round trip inside a step, inputs and the learning rate uploaded
+//! before it, the losses read after it.
 
-use super::device::{DevPtr, DeviceKind};
+use super::device::{DevPtr, DeviceKind, Graph};
 use super::engine::{reads_patches, CudaEngine, Heads};
 use super::kernels::*;
+use super::nvtx;
 use super::weights::pad8;
 use crate::config::{GcpMode, TrainConfig, BN_EPS};
 use crate::cpu::{Losses, StepResult, Trainer};
@@ -81,6 +84,26 @@ impl Scratch {
     }
 }
 
+/// Everything a captured step's by-value parameters depend on: the batch shape, where the
+/// activations and the backward's buffers lie (their layout follows from their own sizes), and
+/// the settings other than the learning rate (read from the device).
+#[derive(Clone, Copy, PartialEq)]
+struct StepKey {
+    m: usize,
+    p: usize,
+    bags: usize,
+    arena: (DevPtr, usize, usize),
+    scratch: DevPtr,
+    config: TrainConfig,
+}
+
+/// How many step graphs were captured and how many steps replayed one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphCounts {
+    pub captures: u64,
+    pub replays: u64,
+}
+
 /// M²UNet training on CUDA kernels (a GPU, or the CPU emulator).
 pub struct CudaTrainer {
     eng: CudaEngine,
@@ -98,6 +121,12 @@ pub struct CudaTrainer {
     scratch: Option<Scratch>,
     /// Train-mode forwards run (each adds one to every BN's num_batches_tracked).
     forwards: i64,
+    /// Whether `step` captures and replays graphs.
+    graphs: bool,
+    /// The last step's key, and the graph of the captured step.
+    last: Option<StepKey>,
+    graph: Option<(StepKey, Graph)>,
+    counts: GraphCounts,
 }
 
 impl CudaTrainer {
@@ -166,6 +195,10 @@ impl CudaTrainer {
             concepts_t,
             scratch: None,
             forwards: 0,
+            graphs: true,
+            last: None,
+            graph: None,
+            counts: GraphCounts::default(),
         };
         t.bind_master()?;
         t.publish()?;
@@ -428,32 +461,37 @@ impl CudaTrainer {
     /// gradients are left in `grads`, the losses in the scratch. Returns (M, P).
     fn forward_backward(&mut self, batch: &Batch) -> Result<(usize, usize)> {
         let (m, p) = self.load(batch)?;
-        let bags = batch.bag_sizes.len();
-        let n = self.eng.model.params.len();
-        {
-            let s = self.scratch.as_ref().expect("scratch");
-            self.eng.dev.memset_zero(self.grads, n * 4)?;
-            self.eng.dev.memset_zero(s.base, s.dy_bytes)?;
-        }
-        self.eng.run(Mode::Train, Heads::All, m, bags)?;
+        self.launch_forward_backward(m, p, batch.bag_sizes.len())?;
         self.forwards += 1;
-        self.losses_backward(m, p, bags)?;
-        self.mil_backward(m, bags)?;
-        for i in (0..self.eng.arch.units.len()).rev() {
-            self.unit_backward(i, m, p)?;
-        }
         Ok((m, p))
     }
 
-    /// The classification and segmentation losses and their gradients: d cls_logits, and the
-    /// seg head's backward into the last unit's dY.
-    fn losses_backward(&self, m: usize, p: usize, bags: usize) -> Result<()> {
+    /// The launches of `forward_backward` for a loaded batch (no host round trip).
+    fn launch_forward_backward(&self, m: usize, p: usize, bags: usize) -> Result<()> {
+        let n = self.eng.model.params.len();
+        let s = self.scratch();
+        self.eng.dev.memset_zero(self.grads, n * 4)?;
+        self.eng.dev.memset_zero(s.base, s.dy_bytes)?;
+        self.eng.run(Mode::Train, Heads::All, m, bags)?;
+        let _range = nvtx::range("backward");
+        self.seg_backward(m, p)?;
+        {
+            let _range = nvtx::range("mil_head");
+            self.cls_loss(bags)?;
+            self.mil_backward(m, bags)?;
+        }
+        for i in (0..self.eng.arch.units.len()).rev() {
+            self.unit_backward(i, m, p)?;
+        }
+        Ok(())
+    }
+
+    /// The classification loss and its gradient d cls_logits.
+    fn cls_loss(&self, bags: usize) -> Result<()> {
         let (a, s) = (self.eng.arena.as_ref().expect("arena"), self.scratch());
-        let arch = &self.eng.arch;
-        let dev = &self.eng.dev;
-        let classes = arch.mil.classifier.fout;
+        let classes = self.eng.arch.mil.classifier.fout;
         cls_loss(
-            dev,
+            &self.eng.dev,
             &ClsLossParams {
                 logits: a.at(a.cls),
                 labels: s.at(s.cls_labels),
@@ -468,11 +506,17 @@ impl CudaTrainer {
                 bags: bags as i32,
                 classes: classes as i32,
             },
-        )?;
-        let seg = &arch.seg;
-        let last = &arch.units[seg.src];
+        )
+    }
+
+    /// The segmentation loss and the seg head's backward into the last unit's dY.
+    fn seg_backward(&self, m: usize, p: usize) -> Result<()> {
+        let (a, s) = (self.eng.arena.as_ref().expect("arena"), self.scratch());
+        let seg = &self.eng.arch.seg;
+        let _range = nvtx::range(&seg.name);
+        let last = &self.eng.arch.units[seg.src];
         seg_loss_backward(
-            dev,
+            &self.eng.dev,
             &SegLossParams {
                 logits: a.at(a.seg_logits),
                 labels: s.at(s.seg_labels),
@@ -643,6 +687,7 @@ impl CudaTrainer {
         let (a, s) = (self.eng.arena.as_ref().expect("arena"), self.scratch());
         let dev = &self.eng.dev;
         let u = &self.eng.arch.units[i];
+        let _range = nvtx::range(&u.conv);
         let side = p >> u.level;
         let (pixels, cz) = (m * side * side, pad8(u.cout));
         let [scale, shift, mean, invstd] = a.stats[i].map(|o| a.at(o));
@@ -803,27 +848,89 @@ impl CudaTrainer {
     }
 
     /// One training step on `batch` at the config's learning rate: forward, backward, the
-    /// inf/NaN check, AdamW (skipped on inf/NaN) and the loss-scale update.
+    /// inf/NaN check, AdamW (skipped on inf/NaN) and the loss-scale update. The first step of
+    /// a shape runs eagerly (sizing the buffers); the next one captures the step as a graph,
+    /// which later steps of the shape replay (unless graphs are off).
     pub fn step(&mut self, batch: &Batch) -> Result<StepReport> {
-        self.forward_backward(batch)?;
-        let scale = self.read_scale()?;
-        self.optimise()?;
+        let _range = nvtx::range("train_step");
+        let (m, p) = self.load(batch)?;
+        let bags = batch.bag_sizes.len();
+        self.upload_lr()?;
+        let a = self.eng.arena.as_ref().expect("arena sized");
+        let key = StepKey {
+            m,
+            p,
+            bags,
+            arena: (a.base, a.m, a.rows),
+            scratch: self.scratch().base,
+            config: TrainConfig {
+                lr: 0.0,
+                ..self.config
+            },
+        };
+        if self.graphs && self.last == Some(key) {
+            if self.graph.as_ref().is_none_or(|(k, _)| *k != key) {
+                self.graph = None;
+                let _range = nvtx::range("capture");
+                let dev = &self.eng.dev;
+                dev.begin_capture()?;
+                let launched = self.launch_step(m, p, bags);
+                let graph = dev.end_capture();
+                launched?;
+                self.graph = Some((key, graph?));
+                self.counts.captures += 1;
+            }
+            let _range = nvtx::range("replay");
+            let (_, graph) = self.graph.as_ref().expect("captured");
+            self.eng.dev.launch_graph(graph)?;
+            self.counts.replays += 1;
+        } else {
+            self.launch_step(m, p, bags)?;
+        }
+        self.last = Some(key);
+        self.forwards += 1;
+        self.report()
+    }
+
+    /// Whether `step` captures and replays graphs (on by default; off, every step runs
+    /// eagerly).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
+        if !on {
+            self.graph = None;
+        }
+    }
+
+    /// The step graphs captured and replayed so far.
+    pub fn graph_counts(&self) -> GraphCounts {
+        self.counts
+    }
+
+    /// Writes the config's learning rate into the device state AdamW reads it from.
+    fn upload_lr(&self) -> Result<()> {
+        let at = self.amp.offset(std::mem::offset_of!(AmpState, lr));
+        self.eng.dev.upload(at, &[self.config.lr])
+    }
+
+    /// The launches of one step of a loaded batch (no host round trip).
+    fn launch_step(&self, m: usize, p: usize, bags: usize) -> Result<()> {
+        self.launch_forward_backward(m, p, bags)?;
+        self.optimise()
+    }
+
+    /// The finished step's losses, scale and whether it was skipped, read from the device.
+    fn report(&self) -> Result<StepReport> {
         let (losses, amp) = self.read_losses()?;
         Ok(StepReport {
             losses,
-            loss_scale: scale,
+            loss_scale: amp.last_scale,
             skipped: amp.last_skipped != 0,
         })
     }
 
-    fn read_scale(&self) -> Result<f32> {
-        let mut amp = [AmpState::default()];
-        self.eng.dev.download(self.amp, &mut amp)?;
-        Ok(amp[0].scale)
-    }
-
     /// The inf/NaN check, AdamW and the loss-scale update, then the packs rewritten.
-    fn optimise(&mut self) -> Result<()> {
+    fn optimise(&self) -> Result<()> {
+        let _range = nvtx::range("optimizer");
         let dev = &self.eng.dev;
         let len = self.eng.model.params.len() as i32;
         grad_check(
@@ -846,12 +953,10 @@ impl CudaTrainer {
                 amp: self.amp.0,
                 len,
                 pad_: 0,
-                lr: c.lr,
                 beta1: c.beta1,
                 beta2: c.beta2,
                 eps: c.eps,
                 weight_decay: c.weight_decay,
-                pad2_: 0.0,
             },
         )?;
         amp_update(
@@ -928,15 +1033,10 @@ impl CudaTrainer {
     /// check (for testing the loss scaler's skip and recovery).
     pub fn step_with_inf_gradient(&mut self, batch: &Batch) -> Result<StepReport> {
         self.forward_backward(batch)?;
-        let scale = self.read_scale()?;
+        self.upload_lr()?;
         self.eng.dev.upload(self.grads, &[f32::INFINITY])?;
         self.optimise()?;
-        let (losses, amp) = self.read_losses()?;
-        Ok(StepReport {
-            losses,
-            loss_scale: scale,
-            skipped: amp.last_skipped != 0,
-        })
+        self.report()
     }
 
     /// The loss scale and the AdamW steps taken (skipped steps not counted).

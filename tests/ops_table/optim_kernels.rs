@@ -67,7 +67,8 @@ fn grad_check_rows(dev: &mut Device, t: &mut Table) {
 
 /// grad_check → adamw → amp_update for five steps (growth every 2 clean steps) with
 /// loss-scaled gradients g·S, step 3 poisoned by an inf: against the CPU's adamw_step on g
-/// (S is a power of two, so grad/S = g exactly) with t counting the clean steps.
+/// (S is a power of two, so grad/S = g exactly) with t counting the clean steps, the learning
+/// rate read from the state.
 ///
 /// m and v: the same f32 operations in the same order (the kernel's round-to-nearest
 /// intrinsics forbid FMA contraction), so they must be bit-identical. The parameters too, on
@@ -81,20 +82,23 @@ fn adamw_rows(dev: &mut Device, t: &mut Table) {
         weight_decay: 0.1,
         ..TrainConfig::default()
     };
-    let amp_step = |scale: f32, good: i32, steps: i32, skipped: i32, last: i32| AmpState {
+    // (scale, the step's scale, good_steps, steps, skipped, last_skipped); lr stays.
+    let amp_step = |scale, last_scale, good, steps, skipped, last| AmpState {
         scale,
         good_steps: good,
         steps,
         skipped,
         last_skipped: last,
+        lr: cfg.lr,
+        last_scale,
         ..AmpState::default()
     };
     let want_states = [
-        amp_step(1024.0, 1, 1, 0, 0),
-        amp_step(2048.0, 0, 2, 0, 0),
-        amp_step(1024.0, 0, 2, 1, 1),
-        amp_step(1024.0, 1, 3, 1, 0),
-        amp_step(2048.0, 0, 4, 1, 0),
+        amp_step(1024.0, 1024.0, 1, 1, 0, 0),
+        amp_step(2048.0, 1024.0, 0, 2, 0, 0),
+        amp_step(1024.0, 2048.0, 0, 2, 1, 1),
+        amp_step(1024.0, 1024.0, 1, 3, 1, 0),
+        amp_step(2048.0, 1024.0, 0, 4, 1, 0),
     ];
     for len in [1000, 4099] {
         let mut r = rng(len as u64 * 7);
@@ -106,6 +110,7 @@ fn adamw_rows(dev: &mut Device, t: &mut Table) {
             dev,
             &[AmpState {
                 scale: 1024.0,
+                lr: cfg.lr,
                 ..AmpState::default()
             }],
         );
@@ -139,12 +144,10 @@ fn adamw_rows(dev: &mut Device, t: &mut Table) {
                 amp: gamp.addr(),
                 len: len as i32,
                 pad_: 0,
-                lr: cfg.lr,
                 beta1: cfg.beta1,
                 beta2: cfg.beta2,
                 eps: cfg.eps,
                 weight_decay: cfg.weight_decay,
-                pad2_: 0.0,
             };
             adamw(dev, &ap).unwrap();
             let up = AmpUpdateParams {
@@ -202,8 +205,8 @@ fn adamw_rows(dev: &mut Device, t: &mut Table) {
 }
 
 /// amp_update alone over a sequence of clean and overflowed steps (growth interval 3): the
-/// scale halves and the step is skipped on overflow, doubles after 3 clean steps in a row;
-/// found_inf is cleared. Each state is checked; the error counts the wrong ones.
+/// step's scale is recorded, the scale halves and the step is skipped on overflow, doubles
+/// after 3 clean steps in a row; found_inf is cleared. Each state is checked; the error counts the wrong ones.
 fn amp_update_rows(dev: &mut Device, t: &mut Table) {
     // (found_inf, then: scale, good_steps, steps, skipped, last_skipped)
     let seq: [(i32, f32, i32, i32, i32, i32); 8] = [
@@ -237,7 +240,8 @@ fn amp_update_rows(dev: &mut Device, t: &mut Table) {
             steps,
             skipped,
             last_skipped: last,
-            pad_: [0; 2],
+            lr: 0.0,
+            last_scale: s.scale,
         };
         wrong += state_err(&read_amp(dev, &gamp), &want);
     }

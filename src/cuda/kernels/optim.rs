@@ -20,7 +20,11 @@ pub struct AmpState {
     pub skipped: i32,
     /// 1 when the last step was skipped.
     pub last_skipped: i32,
-    pub pad_: [i32; 2],
+    /// AdamW's learning rate, written by the host before each step (a schedule changes it; a
+    /// captured step graph cannot carry it by value).
+    pub lr: f32,
+    /// The loss scale the last step's gradients carried (set by amp_update).
+    pub last_scale: f32,
 }
 
 impl Default for AmpState {
@@ -52,12 +56,10 @@ pub struct AdamWParams {
     pub amp: DevAddr,
     pub len: i32,
     pub pad_: i32,
-    pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
-    pub pad2_: f32,
 }
 
 #[repr(C)]
@@ -73,7 +75,7 @@ pub struct AmpUpdateParams {
 const _: () = {
     assert!(std::mem::size_of::<AmpState>() == 32);
     assert!(std::mem::size_of::<GradCheckParams>() == 24);
-    assert!(std::mem::size_of::<AdamWParams>() == 72);
+    assert!(std::mem::size_of::<AdamWParams>() == 64);
     assert!(std::mem::size_of::<AmpUpdateParams>() == 24);
 };
 
@@ -88,13 +90,14 @@ pub fn grad_check(dev: &Device, p: &GradCheckParams) -> Result<()> {
     dev.launch("grad_check", stride_grid(p.len as usize), [256, 1, 1], p)
 }
 
-/// One AdamW step of grad / S with t = steps + 1, or nothing when `amp.found_inf` is set.
+/// One AdamW step of grad / S at `amp.lr` with t = steps + 1, or nothing when `amp.found_inf`
+/// is set.
 pub fn adamw(dev: &Device, p: &AdamWParams) -> Result<()> {
     check_i32("adamw", p.len as usize)?;
     dev.launch("adamw", stride_grid(p.len as usize), [256, 1, 1], p)
 }
 
-/// The loss-scale update after adamw (one thread).
+/// The loss-scale update after adamw (one thread); records the step's scale in `last_scale`.
 pub fn amp_update(dev: &Device, p: &AmpUpdateParams) -> Result<()> {
     launch_1d(dev, "amp_update", 1, 1, p)
 }
