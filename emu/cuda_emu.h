@@ -120,6 +120,7 @@ struct alignas(8) uint2 {
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline __half __float2half(float f) { return (__half)f; }
 inline __half __float2half_rn(float f) { return (__half)f; }
+inline __half __double2half(double d) { return (__half)d; }
 inline float __half2float(__half h) { return (float)h; }
 inline __half2 __floats2half2_rn(float a, float b) { return {(__half)a, (__half)b}; }
 inline float2 __half22float2(__half2 h) { return {(float)h.x, (float)h.y}; }

@@ -8,17 +8,10 @@
 //! conv_splitk_reduce finishes either; conv3x3_first = conv3x3_forward → relu_forward
 //! (→ maxpool2x2_forward).
 #include "common.cuh"
-#include "ptx_helpers.cuh"
+#include "igemm.cuh"
 #include "upsample.cuh"
 
-// Block tile: BM pixels × BN output channels, K consumed BK at a time through STAGES
-// shared-memory stages. Four warps as 2 (M) × 2 (N), each computing 64 × 32 with 4 × 4
-// mma tiles of 16 × 8.
-constexpr int BM = 128, BN = 64, BK = 32, STAGES = 4, CONV_THREADS = 128;
-
-/// Offset (halves) of 16-byte chunk `ch` (0..3) of row `r` in a [rows][BK] fp16 tile. The
-/// XOR swizzle spreads the eight rows one ldmatrix phase reads over all 32 banks.
-__device__ __forceinline__ int swz(int r, int ch) { return r * BK + ((ch ^ ((r >> 1) & 3)) << 3); }
+// The block tile (BM pixels × BN output channels) and its pipeline: igemm.cuh.
 
 template <bool UPSAMPLE>
 __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
@@ -104,13 +97,8 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
         }
     };
 
-    float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    IgemmAcc acc;
+    igemm_zero(acc);
 
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < KT) {
@@ -134,31 +122,7 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
             load_b(next % STAGES, next);
         }
         cp_async_commit();
-        const __half* A = sa[kt % STAGES];
-        const __half* B = sb[kt % STAGES];
-#pragma unroll
-        for (int ks = 0; ks < BK / 16; ++ks) {
-            unsigned af[4][4], bf[4][2];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                int r = wm * 64 + i * 16 + (lane & 15);
-                ldmatrix_x4(af[i], A + swz(r, ks * 2 + (lane >> 4)));
-            }
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                int r = wn * 32 + j * 16 + ((lane >> 4) << 3) + (lane & 7);
-                unsigned q[4];
-                ldmatrix_x4(q, B + swz(r, ks * 2 + ((lane >> 3) & 1)));
-                bf[2 * j][0] = q[0];
-                bf[2 * j][1] = q[1];
-                bf[2 * j + 1][0] = q[2];
-                bf[2 * j + 1][1] = q[3];
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) mma_16816(acc[i][j], af[i], bf[j]);
-        }
+        igemm_ktile(acc, sa[kt % STAGES], sb[kt % STAGES], lane, wm, wn);
     }
     cp_async_wait<0>();
 
@@ -176,7 +140,7 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
                     int col = n0 + wn * 32 + j * 8 + 2 * t;
                     if (m < M && col < p.cout)
                         *reinterpret_cast<float2*>(part + size_t(m) * p.cout + col) =
-                            make_float2(acc[i][j][2 * hf], acc[i][j][2 * hf + 1]);
+                            make_float2(acc.v[i][j][2 * hf], acc.v[i][j][2 * hf + 1]);
                 }
             }
         return;
@@ -199,8 +163,8 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
             for (int j = 0; j < 4; ++j) {
                 int col = n0 + wn * 32 + j * 8 + 2 * t;
                 bool cok = col < p.cout;
-                float v0 = acc[i][j][2 * hf] + (cok ? p.bias[col] : 0.0f);
-                float v1 = acc[i][j][2 * hf + 1] + (cok ? p.bias[col + 1] : 0.0f);
+                float v0 = acc.v[i][j][2 * hf] + (cok ? p.bias[col] : 0.0f);
+                float v1 = acc.v[i][j][2 * hf + 1] + (cok ? p.bias[col + 1] : 0.0f);
                 if (p.relu) {
                     v0 = fmaxf(v0, 0.0f);
                     v1 = fmaxf(v1, 0.0f);

@@ -7,6 +7,7 @@ mod cuda_common;
 use cuda_common::*;
 use m2unet::config::TrainConfig;
 use m2unet::config::{GcpMode, ModelConfig};
+use m2unet::cuda::kernels::UpConvKernel;
 use m2unet::cuda::{CudaEngine, DeviceKind};
 use m2unet::engine::InferenceEngine;
 use m2unet::engine::Mode;
@@ -52,13 +53,22 @@ fn rel_l2(reference: &[f32], got: &[f32]) -> f64 {
     nerr(reference, got).sqrt()
 }
 
-fn check_forward(c: ModelConfig, p: usize, bags: &[usize], train: bool, seed: u64) {
+/// One forward on the engine with the decoders' up_conv on kernel `up`.
+fn check_forward_with(
+    c: ModelConfig,
+    p: usize,
+    bags: &[usize],
+    train: bool,
+    seed: u64,
+    up: UpConvKernel,
+) {
     let model = random_model(c, seed);
     let m: usize = bags.iter().sum();
     let mut r = rng(seed + 1);
     let x = uniform(&mut r, m * c.in_channels * p * p, 0.0, 1.0);
     let kind = device_kind();
     let mut engine = CudaEngine::new(&model, kind).unwrap();
+    engine.set_upconv(up);
     let t = std::time::Instant::now();
     let out = if train {
         engine.forward_train(&x, bags).unwrap()
@@ -71,7 +81,7 @@ fn check_forward(c: ModelConfig, p: usize, bags: &[usize], train: bool, seed: u6
     let es = rel_l2(&seg, &out.seg_logits);
     let ec = rel_l2(&cls, &out.cls_logits);
     println!(
-        "depth {} P={p} W={} B={} bags {bags:?} {mode:?}: rel L2 seg logits {es:.3e}, cls logits {ec:.3e} (threshold 1e-2); {secs:.2} s on {}",
+        "depth {} P={p} W={} B={} bags {bags:?} {mode:?} up_conv {up:?}: rel L2 seg logits {es:.3e}, cls logits {ec:.3e} (threshold 1e-2); {secs:.2} s on {}",
         c.depth,
         c.enc_width,
         c.bottleneck_width,
@@ -84,6 +94,11 @@ fn check_forward(c: ModelConfig, p: usize, bags: &[usize], train: bool, seed: u6
         assert!(er <= 1e-3);
         assert!(engine.model().batches_tracked.iter().all(|&b| b == 1));
     }
+}
+
+/// The forward with the sub-pixel up_conv (the default).
+fn check_forward(c: ModelConfig, p: usize, bags: &[usize], train: bool, seed: u64) {
+    check_forward_with(c, p, bags, train, seed, UpConvKernel::Subpixel);
 }
 
 fn mid() -> ModelConfig {
@@ -117,6 +132,23 @@ fn forward_eval_mid() {
 #[test]
 fn forward_train_mid() {
     check_forward(mid(), 48, &[3, 2], true, 24);
+}
+
+#[test]
+fn forward_eval_mid_fused_upconv() {
+    check_forward_with(mid(), 48, &[2, 3], false, 23, UpConvKernel::Fused);
+}
+
+#[test]
+fn forward_train_tiny_fused_upconv() {
+    check_forward_with(
+        ModelConfig::tiny(),
+        32,
+        &[2, 2],
+        true,
+        22,
+        UpConvKernel::Fused,
+    );
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! GPU-only timings (skipped, saying why, without a GPU): eval forward of the paper preset at
-//! 8, 32 and 128 patches and the implicit-GEMM conv alone, timed with CUDA events, and the
-//! mixed-precision training step (paper network at P = 256 with 4 bags of 8, and the default
+//! 8, 32 and 128 patches and the implicit-GEMM conv alone (dec2's up_conv on both its kernels
+//! too), timed with CUDA events, and the mixed-precision training step (paper network at P = 256 with 4 bags of 8, and the default
 //! weights' recipe, P = 80 with 2 bags of 8) timed end to end. Each result is checked for finite
 //! outputs and printed as a `PERF` line that tools/gpu_check.sh reads, with a per-stage profile
 //! (PROFILE lines). Set M2UNET_PERF_PATCHES (e.g. "8,32") to choose the forward's batch sizes.
@@ -9,7 +9,7 @@ mod cuda_common;
 
 use m2unet::config::{ModelConfig, TrainConfig};
 use m2unet::cpu::Trainer;
-use m2unet::cuda::kernels::conv3x3;
+use m2unet::cuda::kernels::{conv3x3, conv3x3_up, ConvUpParams};
 use m2unet::cuda::train::{CudaTrainer, INITIAL_LOSS_SCALE};
 use m2unet::cuda::{CudaEngine, Device, DeviceKind};
 use m2unet::engine::Batch;
@@ -95,6 +95,43 @@ fn gpu_conv3x3_igemm_timing() {
         println!(
             "PERF conv {name} m={m} k={} n={cout} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
             9 * (cin1 + cin2),
+            gflop / ms as f64
+        );
+        assert!(ms > 0.0);
+    }
+    // dec2.up_conv for 8 patches: 128×128 upsampled to 256×256, 64 → 64, on both kernels;
+    // FLOPs of the high-res conv (2·M·cout·9·cin) for both, so their TFLOP/s compare.
+    let (n, h, cin, cout) = (8, 256, 64, 64);
+    let m = n * h * h;
+    let gflop = 2.0 * (m * cout * 9 * cin) as f64 / 1e9;
+    let p = cuda_common::timing_conv_params(&mut dev, (n, h, cin, 0, cout), true, false);
+    let wt = dev.alloc(16 * cout * 9 * cin * 2).unwrap().0;
+    let sub = ConvUpParams {
+        x: p.x,
+        wt,
+        bias: p.bias,
+        y: p.y,
+        n: n as i32,
+        h: (h / 2) as i32,
+        w: (h / 2) as i32,
+        cin: cin as i32,
+        cout: cout as i32,
+        relu: 1,
+        splits: 1,
+        ..Default::default()
+    };
+    let fused = || conv3x3(&dev, &p, true);
+    let subpixel = || conv3x3_up(&dev, &sub);
+    for (name, launch) in [
+        ("up_fused", &fused as &dyn Fn() -> anyhow::Result<()>),
+        ("up_subpixel", &subpixel),
+    ] {
+        launch().unwrap();
+        let iters = 20;
+        let ms = cuda_common::time_launches(&dev, iters, launch) / iters as f32;
+        println!(
+            "PERF conv {name} m={m} k={} n={cout} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
+            9 * cin,
             gflop / ms as f64
         );
         assert!(ms > 0.0);

@@ -6,7 +6,7 @@
 use super::device::{DevPtr, Device, DeviceKind, Mark};
 use super::kernels::*;
 use super::nvtx;
-use super::weights::{pack_conv3x3, pad8, padded, transpose};
+use super::weights::{pack_conv3x3, pack_conv_up, pad8, padded, transpose};
 use crate::config::{ModelConfig, BN_EPS, BN_MOMENTUM};
 use crate::engine::{segment_count, Batch, InferenceEngine, Mode, Outputs};
 use crate::model::{Arch, ConvUnit, Model, Src};
@@ -32,11 +32,13 @@ impl Blob {
     }
 }
 
-/// Device addresses of one conv's weights and bias.
+/// Device addresses of one conv's weights and bias, and for an up_conv its sub-pixel
+/// composite weights (`pack_conv_up`).
 #[derive(Clone, Copy, Default)]
 pub(super) struct ConvW {
     pub w: u64,
     pub b: u64,
+    pub up: Option<u64>,
 }
 
 /// One conv unit of the architecture: 3×3 conv followed by BatchNorm and ReLU. Addresses of
@@ -100,6 +102,9 @@ impl Weights {
             ] {
                 *a += base;
             }
+            for a in [&mut l.eval.up, &mut l.train.up].into_iter().flatten() {
+                *a += base;
+            }
         }
         for l in [
             &mut self.seg,
@@ -134,22 +139,34 @@ fn build_weights(model: &Model) -> Result<(Weights, Vec<u8>)> {
                 ConvW {
                     w: blob.push(&wf),
                     b: blob.push(&bf),
+                    up: None,
                 },
                 ConvW {
                     w: blob.push(w),
                     b: blob.push(b),
+                    up: None,
                 },
             )
         } else {
             let cp = pad8(u.cout);
+            let upsampled = matches!(u.inputs[..], [(Src::Upsampled(_), _)]);
+            let mut up = |w: &[f32]| -> Result<Option<u64>> {
+                Ok(match upsampled {
+                    true => Some(blob.push(&pack_conv_up(w, u.cout, parts[0])?)),
+                    false => None,
+                })
+            };
+            let (up_eval, up_train) = (up(&wf)?, up(w)?);
             (
                 ConvW {
                     w: blob.push(&pack_conv3x3(&wf, u.cout, &parts)?),
                     b: blob.push(&padded(&bf, cp)),
+                    up: up_eval,
                 },
                 ConvW {
                     w: blob.push(&pack_conv3x3(w, u.cout, &parts)?),
                     b: blob.push(&padded(b, cp)),
+                    up: up_train,
                 },
             )
         };
@@ -408,6 +425,8 @@ pub struct CudaEngine {
     pub(super) arena: Option<Arena>,
     /// While profiling: a device mark after each stage of the forward pass.
     marks: RefCell<Option<Vec<(String, Mark)>>>,
+    /// The kernel of the decoders' up_conv (M2UNET_UPCONV, or `set_upconv`).
+    upconv: UpConvKernel,
 }
 
 impl CudaEngine {
@@ -444,7 +463,13 @@ impl CudaEngine {
             keep: false,
             arena: None,
             marks: RefCell::new(None),
+            upconv: UpConvKernel::from_env()?,
         })
+    }
+
+    /// Selects the kernel of the decoders' up_conv.
+    pub fn set_upconv(&mut self, k: UpConvKernel) {
+        self.upconv = k;
     }
 
     /// The model with the running statistics the train-mode passes have updated.
@@ -633,6 +658,29 @@ impl CudaEngine {
                     pad_: 0,
                 },
             )?,
+            ConvIn::Upsample(x) if self.upconv == UpConvKernel::Subpixel && y_pool == 0 => {
+                let (cin, lh) = (pad8(l.parts[0]), h / 2);
+                let wt = wts.up.expect("an up_conv has its composite weights");
+                let splits = conv_up_splits(m, lh, lh, cin, cp);
+                conv3x3_up(
+                    &self.dev,
+                    &ConvUpParams {
+                        x,
+                        wt,
+                        bias: wts.b,
+                        y,
+                        partial: a.at(a.splitk),
+                        n: m as i32,
+                        h: lh as i32,
+                        w: lh as i32,
+                        cin: cin as i32,
+                        cout: cp as i32,
+                        relu,
+                        splits: splits as i32,
+                        pad_: 0,
+                    },
+                )?;
+            }
             ConvIn::Plain(x) | ConvIn::Concat(x, _) | ConvIn::Upsample(x) => {
                 let (x2, cin2) = match input {
                     ConvIn::Concat(_, x2) => (x2, pad8(l.parts[1]) as i32),

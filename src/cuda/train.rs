@@ -33,6 +33,8 @@ const MAX_HALVINGS: i32 = 40;
 struct UnitPacks {
     fwd: DevPtr,
     dgrad: Vec<DevPtr>,
+    /// An up_conv's sub-pixel composite weights (pack_conv_up).
+    up: Option<DevPtr>,
 }
 
 /// What one optimiser step reports.
@@ -179,7 +181,11 @@ impl CudaTrainer {
             for &(_, c) in &u.inputs {
                 dgrad.push(eng.dev.alloc(pad8(c) * 9 * pad8(u.cout) * 2)?);
             }
-            packs.push(Some(UnitPacks { fwd, dgrad }));
+            let up = match u.inputs[..] {
+                [(Src::Upsampled(_), c)] => Some(eng.dev.alloc(conv_up_pack_len(u.cout, c) * 2)?),
+                _ => None,
+            };
+            packs.push(Some(UnitPacks { fwd, dgrad, up }));
         }
         let mil = &eng.arch.mil.emb_concepts;
         let concepts_t = eng.dev.alloc(mil.fin * mil.fout * 4)?;
@@ -224,9 +230,9 @@ impl CudaTrainer {
     fn bind_master(&mut self) -> Result<()> {
         let arch = self.eng.arch.clone();
         for (i, u) in arch.units.iter().enumerate() {
-            let w = match &self.packs[i] {
-                Some(p) => p.fwd.0,
-                None => self.param(&format!("{}.weight", u.conv)),
+            let (w, up) = match &self.packs[i] {
+                Some(p) => (p.fwd.0, p.up.map(|a| a.0)),
+                None => (self.param(&format!("{}.weight", u.conv)), None),
             };
             let b = self.param(&format!("{}.bias", u.conv));
             let (g, beta) = (
@@ -236,6 +242,7 @@ impl CudaTrainer {
             let l = &mut self.eng.w.convs[i];
             l.train.w = w;
             l.train.b = b;
+            l.train.up = up;
             l.gamma = g;
             l.beta = beta;
         }
@@ -286,6 +293,15 @@ impl CudaTrainer {
                 part: 0,
             };
             pack_conv_fwd(dev, &p)?;
+            if let Some(up) = packs.up {
+                let q = PackConvUpParams {
+                    w: p.w,
+                    out: up.0,
+                    cout: p.cout,
+                    cin: p.c1,
+                };
+                pack_conv_up_dev(dev, &q)?;
+            }
             for (j, d) in packs.dgrad.iter().enumerate() {
                 p.out = d.0;
                 p.part = j as i32;

@@ -13,6 +13,8 @@ use bytemuck::{Pod, Zeroable};
 
 mod conv_grad;
 pub use conv_grad::*;
+mod conv_up;
+pub use conv_up::*;
 mod heads_grad;
 mod optim;
 pub use heads_grad::*;
