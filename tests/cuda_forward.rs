@@ -505,3 +505,47 @@ fn cli_forward_emu_matches_pytorch_fixtures() {
         }
     }
 }
+
+#[test]
+fn eval_forward_graphs_replay_the_eager_forward_bit_for_bit() {
+    // Forwards of changing inputs and shapes with graphs (the second forward of a shape is
+    // captured, later ones replay it) against the same forwards run eagerly.
+    let c = ModelConfig::tiny();
+    let model = random_model(c, 51);
+    let shapes: [(usize, &[usize]); 5] = [
+        (32, &[2, 2]),
+        (32, &[2, 2]),
+        (32, &[2, 2]),
+        (16, &[3, 2]),
+        (32, &[2, 2]),
+    ];
+    let mut graphed = CudaEngine::new(&model, DeviceKind::Emu).unwrap();
+    let mut eager = CudaEngine::new(&model, DeviceKind::Emu).unwrap();
+    eager.set_graphs(false);
+    let (mut differing, mut replays) = (0, 0);
+    for (i, (p, bags)) in shapes.iter().enumerate() {
+        let m: usize = bags.iter().sum();
+        let x = uniform(&mut rng(60 + i as u64), m * p * p, 0.0, 1.0);
+        let (a, events) = m2unet::cuda::nvtx::record(|| graphed.forward_eval(&x, bags).unwrap());
+        let b = eager.forward_eval(&x, bags).unwrap();
+        replays += events
+            .iter()
+            .filter(|e| matches!(e, m2unet::cuda::nvtx::Event::Push(n) if n == "replay"))
+            .count();
+        let bits = |o: &m2unet::engine::Outputs| -> Vec<u32> {
+            o.seg_logits
+                .iter()
+                .chain(&o.cls_logits)
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        differing += bits(&a)
+            .iter()
+            .zip(bits(&b))
+            .filter(|(x, y)| **x != *y)
+            .count();
+    }
+    println!("{replays} graph replays; {differing} output values differ from the eager forwards");
+    // Shape A: eager, capture + replay, replay; B: eager; A again: eager (a new arena).
+    assert_eq!((replays, differing), (2, 0));
+}

@@ -3,7 +3,7 @@
 //! forward pass (eval or train-mode BatchNorm) as a short sequence of kernel launches that
 //! runs unchanged on a GPU or on the emulator.
 
-use super::device::{DevPtr, Device, DeviceKind, Mark};
+use super::device::{DevPtr, Device, DeviceKind, Graph, Mark};
 use super::kernels::*;
 use super::nvtx;
 use super::weights::{pack_conv3x3, pack_conv_up, pad8, padded, transpose};
@@ -427,6 +427,22 @@ pub struct CudaEngine {
     marks: RefCell<Option<Vec<(String, Mark)>>>,
     /// The kernel of the decoders' up_conv (M2UNET_UPCONV, or `set_upconv`).
     upconv: UpConvKernel,
+    /// Whether eval forwards are captured as graphs and replayed (see `run_eval`).
+    graphs: bool,
+    /// The last eval forward's shape, and the graph captured for it.
+    eval_last: Option<EvalKey>,
+    eval_graph: Option<(EvalKey, Graph)>,
+}
+
+/// What a captured eval forward's by-value parameters depend on: the batch shape, where the
+/// activations and weights lie, and the up_conv kernel.
+#[derive(Clone, Copy, PartialEq)]
+struct EvalKey {
+    m: usize,
+    bags: usize,
+    arena: (DevPtr, usize, usize, usize),
+    weights: DevPtr,
+    upconv: UpConvKernel,
 }
 
 impl CudaEngine {
@@ -464,6 +480,9 @@ impl CudaEngine {
             arena: None,
             marks: RefCell::new(None),
             upconv: UpConvKernel::from_env()?,
+            graphs: true,
+            eval_last: None,
+            eval_graph: None,
         })
     }
 
@@ -491,8 +510,43 @@ impl CudaEngine {
     /// stale). Returns M.
     fn launch_eval(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<usize> {
         let m = self.load_batch(patches, bag_sizes)?;
-        self.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
+        self.run_eval(m, bag_sizes.len())?;
         Ok(m)
+    }
+
+    /// The eval forward of the loaded batch: the first of a shape runs eagerly, the next one is
+    /// captured as a graph, which later forwards of the shape replay (unless graphs are off).
+    fn run_eval(&mut self, m: usize, bags: usize) -> Result<()> {
+        let a = self.arena.as_ref().expect("arena sized");
+        let key = EvalKey {
+            m,
+            bags,
+            arena: (a.base, a.m, a.patch, a.rows),
+            weights: self.wbase,
+            upconv: self.upconv,
+        };
+        let last = self.eval_last.replace(key);
+        if !self.graphs || last != Some(key) {
+            return self.run(Mode::Eval, Heads::All, m, bags);
+        }
+        if self.eval_graph.as_ref().is_none_or(|(k, _)| *k != key) {
+            self.eval_graph = None;
+            let _range = nvtx::range("capture");
+            self.dev.begin_capture()?;
+            let launched = self.run(Mode::Eval, Heads::All, m, bags);
+            let graph = self.dev.end_capture();
+            launched?;
+            self.eval_graph = Some((key, graph?));
+        }
+        let _range = nvtx::range("replay");
+        let (_, graph) = self.eval_graph.as_ref().expect("captured");
+        self.dev.launch_graph(graph)
+    }
+
+    /// Whether eval forwards are captured as graphs and replayed (on by default).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
+        self.eval_graph = None;
     }
 
     /// One eval forward run to completion, so that timed runs that follow start warm. Returns M.
@@ -511,15 +565,17 @@ impl CudaEngine {
         iters: usize,
     ) -> Result<f32> {
         let m = self.warm_up_eval(patches, bag_sizes)?;
+        // A second run captures the graph the timed runs replay.
+        self.run_eval(m, bag_sizes.len())?;
         let iters = iters.max(1);
         let ms = {
-            let this = &*self;
-            this.dev.time_ms(|| {
-                for _ in 0..iters {
-                    this.run(Mode::Eval, Heads::All, m, bag_sizes.len())?;
-                }
-                Ok(())
-            })?
+            let this = &mut *self;
+            let start = this.dev.mark()?;
+            for _ in 0..iters {
+                this.run_eval(m, bag_sizes.len())?;
+            }
+            let end = this.dev.mark()?;
+            this.dev.elapsed_ms(&start, &end)?
         };
         Ok(ms / iters as f32)
     }
