@@ -174,9 +174,10 @@ fn gpu_train_step_timing() {
         // Forward, and a backward of about twice its work (dgrad + wgrad of every conv).
         let gflop = 3.0 * Arch::new(&c).forward_flops_per_patch(p) * m as f64 / 1e9;
         println!(
-            "PERF train p={p} m={m} ms={ms:.3} patches_per_s={:.1} gflop={gflop:.1} tflops={:.1} skipped={skipped}",
+            "PERF train p={p} m={m} ms={ms:.3} patches_per_s={:.1} gflop={gflop:.1} tflops={:.1} skipped={skipped} mem_gib={:.2}",
             m as f64 * 1e3 / ms,
-            gflop / ms
+            gflop / ms,
+            cuda.device_bytes() as f64 / (1u64 << 30) as f64
         );
     }
 }

@@ -215,18 +215,18 @@ if prof:
         print(f"| {stage} | " + " | ".join(f"{prof[m][i][1]:.3f}" for m in ms_sizes) + " |")
 train = {}
 for line in open(f"{out}/perf_rust.txt"):
-    m = re.match(r"PERF train p=(\d+) m=(\d+) ms=([\d.]+) patches_per_s=([\d.]+) gflop=([\d.]+)", line)
+    m = re.match(r"PERF train p=(\d+) m=(\d+) ms=([\d.]+) patches_per_s=([\d.]+) gflop=([\d.]+).* mem_gib=([\d.]+)", line)
     if m:
-        train[f"p{m[1]}_m{m[2]}"] = (float(m[3]), float(m[5]))
+        train[f"p{m[1]}_m{m[2]}"] = (float(m[3]), float(m[5]), float(m[6]))
 if train:
-    print("\n| training step (fp16 mixed precision) | m2unet ms | patches/s | TFLOP/s | AMP eager ms | eager/m2unet | AMP compile ms | compile/m2unet | AMP peak GiB (eager) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for key, (ms, gflop) in train.items():
+    print("\n| training step (fp16 mixed precision) | m2unet ms | patches/s | TFLOP/s | AMP eager ms | eager/m2unet | AMP compile ms | compile/m2unet | m2unet GiB | AMP peak GiB (eager) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key, (ms, gflop, gib) in train.items():
         p, m = key[1:].split("_m")
         e = t.get("train_eager", {}).get(key)
         c = t.get("train_compile", {}).get(key)
         mem = t.get("train_mem_gib", {}).get(f"{key}_eager")
-        print(f"| P={p}, M={m} | {ms:.2f} | {int(m) * 1e3 / ms:.0f} | {gflop / ms:.1f} | {f(e)} | {f(e / ms if e else None)} | {f(c)} | {f(c / ms if c else None)} | {f(mem, 1)} |")
+        print(f"| P={p}, M={m} | {ms:.2f} | {int(m) * 1e3 / ms:.0f} | {gflop / ms:.1f} | {f(e)} | {f(e / ms if e else None)} | {f(c)} | {f(c / ms if c else None)} | {gib:.1f} | {f(mem, 1)} |")
 print("\n| conv3x3 (fp16, NHWC) | m2unet ms | TFLOP/s | torch/cuDNN ms | TFLOP/s | cuDNN/m2unet |")
 print("|---|---|---|---|---|---|")
 for name, (ms, gflop) in convs.items():

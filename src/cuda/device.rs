@@ -228,6 +228,11 @@ impl Device {
         }
     }
 
+    /// Bytes of device memory this device holds allocated now.
+    pub fn allocated_bytes(&self) -> usize {
+        self.allocations.values().sum()
+    }
+
     /// Zeroes `bytes` of device memory at `dst`, in order with the launches.
     pub fn memset_zero(&self, dst: DevPtr, bytes: usize) -> Result<()> {
         match &self.gpu {

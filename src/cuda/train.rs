@@ -1087,4 +1087,10 @@ impl CudaTrainer {
     pub fn describe(&self) -> String {
         self.eng.dev.describe()
     }
+
+    /// Device memory the trainer holds: weights, master weights, gradients, moments,
+    /// activations and the backward's buffers (all allocated once per batch shape).
+    pub fn device_bytes(&self) -> usize {
+        self.eng.dev.allocated_bytes()
+    }
 }
