@@ -61,8 +61,8 @@ run() {
   local status=0
   for t in cuda_kernels cuda_forward cuda_train ops_table; do
     say "== $t on the GPU (M2UNET_TEST_DEVICE=cuda)"
-    # The CLI-on-the-emulator test needs the source tree and the m2unet binary: CI runs it.
-    if M2UNET_TEST_DEVICE=cuda timeout 90 "$bin/$t" --nocapture --test-threads 1 \
+    # The CLI tests need this checkout and the m2unet binary: CI runs them.
+    if M2UNET_TEST_DEVICE=cuda timeout 150 "$bin/$t" --nocapture --test-threads 1 \
       --skip cli_ >>"$log" 2>&1; then
       say "$t: passed"
     else
