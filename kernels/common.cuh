@@ -57,6 +57,9 @@ struct ConvParams {
     __half* y;         // output NHWC [n, h, w, cout]
     __half* y_pool;    // 2×2 max-pooled output [n, h/2, w/2, cout], or null
     float* partial;    // split-K: fp32 partial sums [splits][M][cout] (GEMM row order)
+    float* stats;      // or null (needs splits = 1): per block of BM GEMM rows, the mean and
+                       // centred sum of squares of each channel's fp16 outputs, as bn_stats
+                       // writes a chunk: stats[block][0][c], stats[block][1][c]
     int n, h, w;       // output (= conv input) spatial size
     int cin1, cin2;    // channels of x and x2, multiples of 8
     int cout;          // output channels, a multiple of 8
@@ -173,7 +176,7 @@ __device__ __forceinline__ float gcp_combine(int mode, float mx, float sum, int 
 }
 
 // The Rust twins (src/cuda/kernels/mod.rs) assert the same sizes.
-static_assert(sizeof(ConvParams) == 104, "ConvParams layout");
+static_assert(sizeof(ConvParams) == 112, "ConvParams layout");
 static_assert(sizeof(ConvFirstParams) == 72, "ConvFirstParams layout");
 static_assert(sizeof(BnStatsParams) == 32, "BnStatsParams layout");
 static_assert(sizeof(BnFinalizeParams) == 104, "BnFinalizeParams layout");

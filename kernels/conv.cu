@@ -13,6 +13,68 @@
 
 // The block tile (BM pixels × BN output channels) and its pipeline: igemm.cuh.
 
+/// Train mode: the mean and centred sum of squares of each of the block's channels over its
+/// BM GEMM rows (the fp16-rounded outputs, before BN), written where bn_stats writes a chunk of
+/// BM pixels, so that bn_finalize combines them unchanged. Two passes over the accumulators
+/// (sum, then squares about the mean), each reduced over the lanes of a column by shuffles
+/// and over the two row warps through `red` (2·BN floats of shared memory): fixed order.
+__device__ __forceinline__ void block_stats(const ConvParams& p, const IgemmAcc& acc, int m0,
+                                            int n0, int wm, int wn, int lane, float* red) {
+    const int g = lane >> 2, t = lane & 3;
+    const int M = p.n * p.h * p.w;
+    const int rows = imin(BM, M - m0);
+    float mean[4][2];
+    // The output of (tile i, half hf, column tile j, element e), or nothing past M or cout.
+    auto value = [&](int i, int hf, int j, int e, float& v) {
+        int m = m0 + wm * 64 + i * 16 + g + hf * 8;
+        int col = n0 + wn * 32 + j * 8 + 2 * t + e;
+        if (m >= M || col >= p.cout) return false;
+        v = __half2float(__float2half_rn(acc.v[i][j][2 * hf + e] + p.bias[col]));
+        return true;
+    };
+    for (int pass = 0; pass < 2; ++pass) {
+        float s[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                s[j][e] = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) {
+                        float v;
+                        if (value(i, hf, j, e, v)) {
+                            float d = pass == 0 ? v : v - mean[j][e];
+                            s[j][e] += pass == 0 ? d : d * d;
+                        }
+                    }
+#pragma unroll
+                for (int off = 4; off < 32; off <<= 1) s[j][e] += __shfl_xor_sync(0xffffffffu, s[j][e], off);
+            }
+        if (g == 0)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) red[wm * BN + wn * 32 + j * 8 + 2 * t + e] = s[j][e];
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                int c = wn * 32 + j * 8 + 2 * t + e, col = n0 + c;
+                float total = red[c] + red[BN + c];
+                if (pass == 0) {
+                    mean[j][e] = total / float(rows);
+                } else if (wm == 0 && g == 0 && col < p.cout) {
+                    p.stats[(size_t(blockIdx.x) * 2) * p.cout + col] = mean[j][e];
+                    p.stats[(size_t(blockIdx.x) * 2 + 1) * p.cout + col] = total;
+                }
+            }
+        __syncthreads();
+    }
+}
+
 template <bool UPSAMPLE>
 __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
     __shared__ __align__(128) __half sa[STAGES][BM * BK];
@@ -144,6 +206,12 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
                 }
             }
         return;
+    }
+
+    if (p.stats != nullptr) {
+        // Every warp is done reading the stages: their memory holds the reduction.
+        __syncthreads();
+        block_stats(p, acc, m0, n0, wm, wn, lane, reinterpret_cast<float*>(&sa[0][0]));
     }
 
     // Epilogue: bias, ReLU, fp16 NHWC store; the 2×2 max over rows 4q..4q+3 (lanes whose

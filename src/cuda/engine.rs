@@ -695,6 +695,9 @@ impl CudaEngine {
             Mode::Eval => (l.eval, out, 1, pool.unwrap_or(0)),
             Mode::Train => (l.train, a.at(a.z[i]), 0, 0),
         };
+        // Train mode: the tensor-core conv without split-K writes the BN chunk statistics in
+        // its epilogue; the other kernels leave them to bn_stats.
+        let mut stats_done = false;
         match input {
             ConvIn::Patches(x) => conv3x3_first(
                 &self.dev,
@@ -745,6 +748,7 @@ impl CudaEngine {
                 let up = matches!(input, ConvIn::Upsample(_));
                 let cin1 = pad8(l.parts[0]);
                 let splits = conv_splits(m * h * h, cp, 9 * (cin1 + cin2 as usize));
+                stats_done = mode == Mode::Train && splits == 1;
                 let p = ConvParams {
                     x,
                     x2,
@@ -763,6 +767,7 @@ impl CudaEngine {
                     relu,
                     quad: h.is_multiple_of(2) as i32,
                     partial: a.at(a.splitk),
+                    stats: if stats_done { a.at(a.partial) } else { 0 },
                     splits: splits as i32,
                     pad_: 0,
                 };
@@ -772,17 +777,19 @@ impl CudaEngine {
         if mode == Mode::Train {
             let pixels = m * h * h;
             let chunks = bn_chunks(pixels);
-            bn_stats(
-                &self.dev,
-                &BnStatsParams {
-                    x: y,
-                    partial: a.at(a.partial),
-                    pixels: pixels as i32,
-                    c: cp as i32,
-                    chunk: BN_CHUNK as i32,
-                    pad_: 0,
-                },
-            )?;
+            if !stats_done {
+                bn_stats(
+                    &self.dev,
+                    &BnStatsParams {
+                        x: y,
+                        partial: a.at(a.partial),
+                        pixels: pixels as i32,
+                        c: cp as i32,
+                        chunk: BN_CHUNK as i32,
+                        pad_: 0,
+                    },
+                )?;
+            }
             bn_finalize(
                 &self.dev,
                 &BnFinalizeParams {

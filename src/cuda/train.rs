@@ -804,6 +804,7 @@ impl CudaTrainer {
                     y: s.at(s.dpart),
                     y_pool: 0,
                     partial: s.at(s.splitk),
+                    stats: 0,
                     n: m as i32,
                     h: side as i32,
                     w: side as i32,

@@ -190,6 +190,7 @@ pub fn timing_conv_params(
         relu: 1,
         quad: 1,
         partial: 0,
+        stats: 0,
         splits: 1,
         pad_: 0,
     }

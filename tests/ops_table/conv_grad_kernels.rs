@@ -195,6 +195,7 @@ fn dgrad_rows(dev: &mut Device, t: &mut Table, case: &GradCase) -> usize {
             bias: gb.addr(),
             y: gy.addr(),
             partial: gpart.addr(),
+            stats: 0,
             n: n as i32,
             h: h as i32,
             w: w as i32,

@@ -1,5 +1,6 @@
 //! Device rows of kernels/conv.cu: conv3x3_igemm (plain, concatenated, split-K, upsampling
-//! loader, fused ReLU and max-pool, BatchNorm folded by the host) and conv3x3_first.
+//! loader, fused ReLU and max-pool, BatchNorm folded by the host, BN statistics in the
+//! epilogue) and conv3x3_first.
 
 use crate::cuda_common::*;
 use crate::device::{abs, Launch, ACC, U16};
@@ -20,6 +21,7 @@ pub fn rows(dev: &mut Device, t: &mut Table) {
         "no conv case splits K: {splits:?}"
     );
     folded_bn_rows(dev, t);
+    epilogue_stats_rows(dev, t);
     first_rows(dev, t);
 }
 
@@ -114,6 +116,7 @@ fn conv_rows(
         y: gy.addr(),
         y_pool: if pool { gp.addr() } else { 0 },
         partial: gpart.addr(),
+        stats: 0,
         n: n as i32,
         h: h as i32,
         w: w as i32,
@@ -285,5 +288,91 @@ fn first_rows(dev: &mut Device, t: &mut Table) {
         let op = format!("conv3x3 first{}", if relu { "+relu" } else { "" });
         let got = (gy.read_f16(dev), pool.then(|| gp.read_f16(dev)));
         output_rows(&mut run, &op, got, (&y, &y_pool), n, bound);
+    }
+}
+
+/// conv3x3_igemm writing BN chunk statistics in its epilogue (train mode, no ReLU), combined
+/// by bn_finalize, against the batch mean and 1/sd of its own fp16 output computed in f64.
+/// Bounds as the bn_stats rows (tests/ops_table/norm_kernels.rs): chunk sums of ≤ 128 values
+/// and three roundings per step of Chan's combination give a relative statistics error
+/// eps = (128 + 3·(chunks + 8))·ACC; the mean errs by eps·max|y|, 1/sd by
+/// eps·(1 + 4·max|y|/sd) relative (so the row's tolerance is 1 on the ratio error / bound).
+fn epilogue_stats_rows(dev: &mut Device, t: &mut Table) {
+    // (n, h, w, cin, cout): one partial block; several row and column blocks in 2×2-window
+    // (quad) order; odd sizes in plain order.
+    for (n, h, w, cin, cout) in [(2, 9, 7, 13, 11), (3, 12, 10, 8, 70), (1, 17, 15, 24, 9)] {
+        let mut r = rng((n * 100 + h * 10 + cout) as u64);
+        let x = round_f16(&uniform(&mut r, n * cin * h * w, -1.0, 1.0));
+        let wgt = uniform(&mut r, cout * cin * 9, -0.3, 0.3);
+        let bias = uniform(&mut r, cout, -0.2, 0.2);
+        let (cp, pixels) = (pad8(cout), n * h * w);
+        let chunks = bn_chunks(pixels);
+        let gx = Guarded::with(dev, &to_f16(&nchw_to_nhwc(&x, n, cin, h * w, pad8(cin))));
+        let gw = Guarded::with(dev, &pack_conv3x3(&wgt, cout, &[cin]).unwrap());
+        let gb = Guarded::with(dev, &padded(&bias, cp));
+        let gy = Guarded::new(dev, pixels * cp * 2);
+        let gs = Guarded::new(dev, chunks * 2 * cp * 4);
+        let quad = h % 2 == 0 && w % 2 == 0;
+        let p = ConvParams {
+            x: gx.addr(),
+            wt: gw.addr(),
+            bias: gb.addr(),
+            y: gy.addr(),
+            stats: gs.addr(),
+            n: n as i32,
+            h: h as i32,
+            w: w as i32,
+            cin1: pad8(cin) as i32,
+            cout: cp as i32,
+            quad: quad as i32,
+            splits: 1,
+            ..Default::default()
+        };
+        conv3x3(dev, &p, false).unwrap();
+        let ones = vec![1f32; cout];
+        let zeros = vec![0f32; cout];
+        let (gg, gbeta) = (Guarded::with(dev, &ones), Guarded::with(dev, &zeros));
+        let [gscale, gshift, gmean, ginv] = [(); 4].map(|_| Guarded::new(dev, cp * 4));
+        let fin = BnFinalizeParams {
+            partial: gs.addr(),
+            gamma: gg.addr(),
+            beta: gbeta.addr(),
+            scale: gscale.addr(),
+            shift: gshift.addr(),
+            mean: gmean.addr(),
+            invstd: ginv.addr(),
+            chunks: chunks as i32,
+            pixels: pixels as i32,
+            chunk: BN_CHUNK as i32,
+            c: cp as i32,
+            c_real: cout as i32,
+            eps: BN_EPS,
+            ..Default::default()
+        };
+        bn_finalize(dev, &fin).unwrap();
+        let y = gy.read_f16(dev);
+        let (mean, inv) = (gmean.read_f32(dev), ginv.read_f32(dev));
+        let eps = (BN_CHUNK + 3 * (chunks + 8)) as f64 * ACC;
+        let (mut worst_mean, mut worst_inv) = (0f64, 0f64);
+        for c in 0..cout {
+            let v: Vec<f64> = (0..pixels).map(|i| y[i * cp + c] as f64).collect();
+            let mu = v.iter().sum::<f64>() / pixels as f64;
+            let var = v.iter().map(|a| (a - mu) * (a - mu)).sum::<f64>() / pixels as f64;
+            let sd = (var + BN_EPS as f64).sqrt();
+            let big = v.iter().fold(0f64, |m, a| m.max(a.abs()));
+            worst_mean = worst_mean.max((mean[c] as f64 - mu).abs() / (eps * big));
+            let rel = (inv[c] as f64 * sd - 1.0).abs();
+            worst_inv = worst_inv.max(rel / (eps * (1.0 + 4.0 * big / sd)));
+        }
+        let bufs = [
+            &gx, &gw, &gb, &gy, &gs, &gg, &gbeta, &gscale, &gshift, &gmean, &ginv,
+        ];
+        let shape = format!(
+            "n{n} {h}×{w} {cin}→{cout}{}",
+            if quad { " quad" } else { "" }
+        );
+        let mut run = Launch::new(t, shape, dev, &bufs);
+        run.add("conv3x3 epilogue BN mean (error/bound)", worst_mean, 1.0);
+        run.add("conv3x3 epilogue BN 1/sd (error/bound)", worst_inv, 1.0);
     }
 }

@@ -112,6 +112,7 @@ fn up_rows(
         bias: gb.addr(),
         y: gyf.addr(),
         partial: gpart.addr(),
+        stats: 0,
         n: n as i32,
         h: h as i32,
         w: w as i32,

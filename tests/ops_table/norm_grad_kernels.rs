@@ -330,6 +330,7 @@ fn upsample2x_rows(dev: &mut Device, t: &mut Table) {
                 bias: gb.addr(),
                 y: o.addr(),
                 partial: gpart.addr(),
+                stats: 0,
                 n: n as i32,
                 h: 2 * h as i32,
                 w: 2 * w as i32,

@@ -102,6 +102,7 @@ pub fn conv3x3_up(dev: &Device, p: &ConvUpParams) -> Result<()> {
             bias: p.bias,
             y: p.y,
             partial: p.partial,
+            stats: 0,
             n: p.n,
             h: 2 * p.h,
             w: 2 * p.w,

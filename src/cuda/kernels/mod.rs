@@ -48,6 +48,8 @@ pub struct ConvParams {
     pub y: DevAddr,
     pub y_pool: DevAddr,
     pub partial: DevAddr,
+    /// Train mode (splits = 1): each block's BN chunk statistics of its outputs, or 0.
+    pub stats: DevAddr,
     pub n: i32,
     pub h: i32,
     pub w: i32,
@@ -212,7 +214,7 @@ pub fn gcp_code(gcp: GcpMode) -> i32 {
 pub type DevAddr = u64;
 
 const _: () = {
-    assert!(std::mem::size_of::<ConvParams>() == 104);
+    assert!(std::mem::size_of::<ConvParams>() == 112);
     assert!(std::mem::size_of::<ConvFirstParams>() == 72);
     assert!(std::mem::size_of::<BnStatsParams>() == 32);
     assert!(std::mem::size_of::<BnFinalizeParams>() == 104);
@@ -228,6 +230,8 @@ const _: () = {
 pub const CONV_BM: usize = 128;
 pub const CONV_BN: usize = 64;
 pub const BN_CHUNK: usize = 128;
+// A conv block's statistics (`ConvParams::stats`) are one BN chunk.
+const _: () = assert!(CONV_BM == BN_CHUNK);
 
 fn blocks(units: usize, per_block: usize) -> u32 {
     units.div_ceil(per_block) as u32
@@ -275,6 +279,10 @@ pub fn conv3x3(dev: &Device, p: &ConvParams, upsample: bool) -> Result<()> {
     ensure!(
         p.splits == 1 || p.partial != 0,
         "conv3x3: split-K needs a partial-sum buffer"
+    );
+    ensure!(
+        p.stats == 0 || p.splits == 1,
+        "conv3x3: statistics in the epilogue need splits = 1"
     );
     let m = p.n as usize * p.h as usize * p.w as usize;
     check_i32("conv3x3", m * p.cout as usize)?;
