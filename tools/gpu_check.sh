@@ -4,8 +4,9 @@
 # against PyTorch on the same GPU (fp16, channels_last, cudnn.benchmark; and torch.compile),
 # and the mixed-precision training step (P=256 with 4 bags of 8; the default weights' recipe,
 # P=80 with 2 bags of 8) against PyTorch AMP (fp16 autocast, GradScaler, fused AdamW,
-# channels_last, cudnn.benchmark) eager and under torch.compile; prints ms, TFLOP/s, % of the
-# measured fp16 peak and the ratios as a table (≤ 10 minutes: every step has its own limit).
+# channels_last, cudnn.benchmark) eager and under torch.compile, and `m2unet assess` of a
+# 512×512×300 phantom with paper-preset weights; prints ms, TFLOP/s, % of the measured fp16
+# peak and the ratios as a table (≤ 10 minutes: every step has its own limit).
 #
 # The GPU machine needs CUDA's driver, Python 3 with torch; no Rust. Two steps:
 #   on a build machine (Rust, nvcc found by build.rs, e.g. tools/install_cuda_wheels.sh):
@@ -41,6 +42,7 @@ for line in sys.stdin:
   for f in "$dir"/*; do
     [ -x "$f" ] && [ "${f##*.}" != sh ] && strip --strip-debug "$f" 2>/dev/null
   done
+  cargo build --release --bin m2unet 2>/dev/null && cp target/release/m2unet "$dir/" && echo "collected m2unet"
   cp tools/gpu_check.sh tools/torch_bench_model.py "$dir/"
   du -sh "$dir"
 }
@@ -77,6 +79,18 @@ run() {
   M2UNET_UPCONV=fused M2UNET_PERF_PATCHES=32,128 timeout 60 "$bin/cuda_perf" gpu_forward_eval_paper_timing \
     --nocapture --test-threads 1 >"$out/perf_fused.txt" 2>&1 || say "fused up_conv timing stopped early"
   grep "^PERF forward" "$out/perf_fused.txt" | tee -a "$log"
+  say "== assess of a 512×512×300 phantom on the GPU (paper-preset weights, P = 256)"
+  if "$bin/m2unet" synth --out "$out/ct512" --count 1 --seed 7 --shape 512,512,300 >>"$log" 2>&1 &&
+    "$bin/m2unet" init --out "$out/paper.safetensors" --preset paper --seed 1 >>"$log" 2>&1 &&
+    timeout 100 "$bin/m2unet" assess "$out/ct512/case_0000.nii.gz" --weights "$out/paper.safetensors" \
+      --device cuda --force --out "$out/assess" >>"$log" 2>&1; then
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("assess timings (ms):", json.dumps(r["timings_ms"]))' \
+      "$out/assess/case_0000_report.json" | tee -a "$log" | tee "$out/assess_timings.txt"
+  else
+    say "assess on the GPU FAILED (see log)"
+    status=1
+  fi
+  rm -rf "$out/ct512" "$out/paper.safetensors" "$out/assess"/*.nii.gz
   say "== PyTorch timings"
   M2UNET_BIN="$bin" PYTHONUNBUFFERED=1 timeout 190 python3 - "$out" >>"$log" 2>&1 <<'PY' || say "PyTorch step stopped early (see log); the table uses what it measured"
 import json, os, sys, time
@@ -237,6 +251,8 @@ if train:
         c = t.get("train_compile", {}).get(key)
         mem = t.get("train_mem_gib", {}).get(f"{key}_eager")
         print(f"| P={p}, M={m} | {ms:.2f} | {int(m) * 1e3 / ms:.0f} | {gflop / ms:.1f} | {f(e)} | {f(e / ms if e else None)} | {f(c)} | {f(c / ms if c else None)} | {gib:.1f} | {f(mem, 1)} |")
+if __import__("os").path.exists(f"{out}/assess_timings.txt"):
+    print("\n" + open(f"{out}/assess_timings.txt").read().strip() + " (512×512×300, paper-preset weights, P = 256, --device cuda)")
 print("\n| conv3x3 (fp16, NHWC) | m2unet ms | TFLOP/s | torch/cuDNN ms | TFLOP/s | cuDNN/m2unet |")
 print("|---|---|---|---|---|---|")
 for name, (ms, gflop) in convs.items():
