@@ -39,10 +39,11 @@ for line in sys.stdin:
         print("collected", name + suffix)
 ' "$dir" || exit 1
   done
-  for f in "$dir"/*; do
-    [ -x "$f" ] && [ "${f##*.}" != sh ] && strip --strip-debug "$f" 2>/dev/null
-  done
   cargo build --release --bin m2unet 2>/dev/null && cp target/release/m2unet "$dir/" && echo "collected m2unet"
+  # Fully stripped: the folder travels to the GPU machine within a 64 MiB limit.
+  for f in "$dir"/*; do
+    [ -x "$f" ] && [ "${f##*.}" != sh ] && strip --strip-all "$f" 2>/dev/null
+  done
   cp tools/gpu_check.sh tools/torch_bench_model.py "$dir/"
   du -sh "$dir"
 }
