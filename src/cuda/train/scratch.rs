@@ -1,0 +1,176 @@
+//! The CUDA trainer's backward buffers for one batch shape, carved from one allocation:
+//! every unit's output gradient, the gradients of a conv output and an input part, and the
+//! reductions' fp32 scratch.
+
+use super::{CudaTrainer, ALIGN};
+use crate::cuda::device::DevPtr;
+use crate::cuda::kernels::*;
+use crate::cuda::weights::pad8;
+use crate::model::Src;
+use anyhow::Result;
+
+/// Buffers of the backward for one batch shape, carved from one allocation.
+pub(super) struct Scratch {
+    pub(super) m: usize,
+    pub(super) p: usize,
+    pub(super) bags: usize,
+    pub(super) base: DevPtr,
+    /// Every unit's output gradient (fp32 NHWC), contiguous so that one memset clears them.
+    pub(super) dy: Vec<usize>,
+    pub(super) dy_bytes: usize,
+    /// The gradient of a unit's conv output (fp16), of one input part (fp16), the upsampled
+    /// input of a unit (fp16).
+    pub(super) dz: usize,
+    pub(super) dpart: usize,
+    pub(super) up: usize,
+    /// fp32 scratch of the reductions (wgrad splits, BN sums, split-K, seg loss, concepts).
+    pub(super) wgrad: usize,
+    pub(super) bn: usize,
+    pub(super) splitk: usize,
+    pub(super) seg: usize,
+    pub(super) concepts: usize,
+    pub(super) seg_labels: usize,
+    pub(super) cls_labels: usize,
+    pub(super) class_weights: usize,
+    pub(super) losses: usize,
+    pub(super) dcls: usize,
+    pub(super) dv: usize,
+    pub(super) dg: usize,
+    pub(super) dt: usize,
+    pub(super) de: usize,
+    pub(super) dq: usize,
+    pub(super) dzm: usize,
+}
+
+impl Scratch {
+    pub(super) fn at(&self, off: usize) -> u64 {
+        self.base.offset(off).0
+    }
+}
+
+impl CudaTrainer {
+    /// Sizes the backward's buffers for m patches of side p in `bags` bags.
+    pub(super) fn ensure_scratch(&mut self, m: usize, p: usize, bags: usize) -> Result<()> {
+        if self
+            .scratch
+            .as_ref()
+            .is_some_and(|s| s.m == m && s.p == p && s.bags == bags)
+        {
+            return Ok(());
+        }
+        if let Some(s) = self.scratch.take() {
+            self.eng.dev.free(s.base)?;
+        }
+        let arch = &self.eng.arch;
+        let mut off = 0usize;
+        let mut take = |bytes: usize| {
+            let o = off;
+            off = (off + bytes).next_multiple_of(ALIGN);
+            o
+        };
+        let px = |level: usize| m * (p >> level) * (p >> level);
+        let dy: Vec<usize> = arch
+            .units
+            .iter()
+            .map(|u| take(px(u.level) * pad8(u.cout) * 4))
+            .collect();
+        let dy_bytes = take(0);
+        let (mut dz, mut dpart, mut up) = (0, 0, 0);
+        let (mut wgrad, mut bn, mut splitk) = (0, 0, 0);
+        for u in &arch.units {
+            let (pixels, cz) = (px(u.level), pad8(u.cout));
+            let side = p >> u.level;
+            dz = dz.max(pixels * cz * 2);
+            bn = bn.max(bn_bwd_partial_len(pixels, cz));
+            for &(src, c) in &u.inputs {
+                let cx = pad8(c);
+                if src == Src::Input {
+                    let w = WgradFirstParams {
+                        n: m as i32,
+                        cin: c as i32,
+                        h: side as i32,
+                        w: side as i32,
+                        cz: cz as i32,
+                        cout: u.cout as i32,
+                        splits: wgrad_first_splits(pixels) as i32,
+                        ..Default::default()
+                    };
+                    wgrad = wgrad.max(wgrad_first_partial_len(&w));
+                    continue;
+                }
+                dpart = dpart.max(pixels * cx * 2);
+                if matches!(src, Src::Upsampled(_)) {
+                    up = up.max(pixels * cx * 2);
+                }
+                let w = WgradParams {
+                    n: m as i32,
+                    h: side as i32,
+                    w: side as i32,
+                    cz: cz as i32,
+                    cx: cx as i32,
+                    splits: wgrad_splits(pixels, cz, cx) as i32,
+                    ..Default::default()
+                };
+                wgrad = wgrad.max(wgrad_partial_len(&w));
+                let s = conv_splits(pixels, cx, 9 * cz);
+                if s > 1 {
+                    splitk = splitk.max(s * pixels * cx);
+                }
+            }
+        }
+        let mil = &arch.mil;
+        let (k1, k2, classes) = (mil.emb_proj.fout, mil.img_proj.fout, mil.classifier.fout);
+        let last = &arch.units[arch.seg.src];
+        let seg_p = SegLossParams {
+            n: m as i32,
+            hw: (p * p) as i32,
+            c: pad8(last.cout) as i32,
+            c_real: last.cout as i32,
+            classes: arch.seg.classes as i32,
+            ..Default::default()
+        };
+        let side = p >> mil.level;
+        let con_p = ConceptsBwdParams {
+            m: m as i32,
+            inst: (side * side) as i32,
+            c: pad8(mil.channels) as i32,
+            c_real: mil.channels as i32,
+            k: k1 as i32,
+            ..Default::default()
+        };
+        let s = Scratch {
+            m,
+            p,
+            bags,
+            base: DevPtr::NULL,
+            dy,
+            dy_bytes,
+            dz: take(dz),
+            dpart: take(dpart),
+            up: take(up),
+            wgrad: take(wgrad * 4),
+            bn: take(bn * 4),
+            splitk: take(splitk * 4),
+            seg: take(seg_loss_partial_len(&seg_p) * 4),
+            concepts: take(concepts_bwd_partial_len(&con_p) * 4),
+            seg_labels: take(m * p * p * 4),
+            cls_labels: take(bags * 4),
+            class_weights: take(classes * 4),
+            losses: take(4 * 4),
+            dcls: take(bags * classes * 4),
+            dv: take(bags * k2 * 4),
+            dg: take(bags * k2 * 4),
+            dt: take(m * k2 * 4),
+            de: take(m * k1 * 4),
+            dq: take(m * k1 * 4),
+            dzm: take(m * k1 * 4),
+        };
+        let base = self.eng.dev.alloc(off)?;
+        self.scratch = Some(Scratch { base, ..s });
+        Ok(())
+    }
+
+    pub(super) fn scratch(&self) -> &Scratch {
+        self.scratch.as_ref().expect("scratch sized")
+    }
+}
