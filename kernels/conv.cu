@@ -6,7 +6,9 @@
 //! concat_channels(x, x2), with bn_eval_forward folded into w and b by the host, → relu_forward
 //! → maxpool2x2_forward (y_pool); conv3x3_igemm_up = the same of upsample2x_forward(x);
 //! conv_splitk_reduce finishes either; conv3x3_first = conv3x3_forward → relu_forward
-//! (→ maxpool2x2_forward).
+//! (→ maxpool2x2_forward); conv3x3_igemm_seg = conv3x3_igemm → conv1x1_forward (the seg head)
+//! → argmax_channels; in train mode the epilogue's statistics = bn_train_forward's batch
+//! statistics of the output (per chunk).
 #include "common.cuh"
 #include "igemm.cuh"
 #include "upsample.cuh"
@@ -75,8 +77,71 @@ __device__ __forceinline__ void block_stats(const ConvParams& p, const IgemmAcc&
     }
 }
 
-template <bool UPSAMPLE>
-__device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
+/// `segment`'s seg head fused into the last decoder conv's epilogue: the conv's output (eval,
+/// BN folded, ReLU, rounded to fp16 as it would be stored) is staged in shared memory and
+/// each thread turns one pixel's channels into the class logits (in seg_head's order of
+/// operations) and writes their first argmax; the conv's output itself is never written.
+struct SegTail {
+    const float* w;          // [classes][c_real]
+    const float* bias;       // [classes]
+    unsigned char* labels;   // [n·h·w]
+    int classes, c_real;     // classes ≤ 16; c_real ≤ the conv's cout ≤ BN
+};
+
+struct ConvSegParams {
+    ConvParams conv;
+    SegTail seg;
+};
+static_assert(sizeof(ConvSegParams) == 144, "ConvSegParams layout");
+
+/// The tail: `tile` is BM × BN fp32 of shared memory, free once every warp is past its MMAs.
+__device__ __forceinline__ void seg_tail(const ConvParams& p, const SegTail& seg, const IgemmAcc& acc,
+                                         int m0, int wm, int wn, int lane, float* tile) {
+    const int g = lane >> 2, t = lane & 3;
+    const int M = p.n * p.h * p.w;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    int row = wm * 64 + i * 16 + g + hf * 8, col = wn * 32 + j * 8 + 2 * t + e;
+                    float v = col < p.cout ? acc.v[i][j][2 * hf + e] + p.bias[col] : 0.0f;
+                    if (p.relu) v = fmaxf(v, 0.0f);
+                    tile[row * BN + col] = __half2float(__float2half_rn(v));
+                }
+    __syncthreads();
+    const int r = threadIdx.x, m = m0 + r;
+    if (m >= M) return;
+    float o[16];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) o[k] = k < seg.classes ? seg.bias[k] : 0.0f;
+    for (int c = 0; c < seg.c_real; ++c) {
+        float v = tile[r * BN + c];
+#pragma unroll
+        for (int k = 0; k < 16; ++k)
+            if (k < seg.classes) o[k] += v * seg.w[k * seg.c_real + c];
+    }
+    int best = 0;
+    float bestv = o[0];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+        if (k >= seg.classes) break;
+        if (o[k] > bestv) {
+            bestv = o[k];
+            best = k;
+        }
+    }
+    int pn, py, px;
+    pixel_of_row(m, p.h, p.w, p.quad, pn, py, px);
+    seg.labels[(size_t(pn) * p.h + py) * p.w + px] = (unsigned char)best;
+}
+
+template <bool UPSAMPLE, bool SEG = false>
+__device__ __forceinline__ void conv3x3_body(const ConvParams& p, const SegTail* seg = nullptr) {
     __shared__ __align__(128) __half sa[STAGES][BM * BK];
     __shared__ __align__(128) __half sb[STAGES][BN * BK];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -208,6 +273,10 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
         return;
     }
 
+    if constexpr (SEG) {
+        seg_tail(p, *seg, acc, m0, wm, wn, lane, reinterpret_cast<float*>(&sa[0][0]));
+        return;
+    }
     if (p.stats != nullptr) {
         // Every warp is done reading the stages: their memory holds the reduction.
         __syncthreads();
@@ -255,6 +324,12 @@ __device__ __forceinline__ void conv3x3_body(const ConvParams& p) {
 /// Grid (⌈M/128⌉, ⌈cout/64⌉, splits), 128 threads. Input x (and x2 concatenated) at full resolution.
 extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3x3_igemm(const ConvParams p) {
     conv3x3_body<false>(p);
+}
+
+/// As conv3x3_igemm (one column block: cout ≤ 64, no split-K, no pool), with the seg head and
+/// its argmax in the epilogue instead of the output (see SegTail).
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3x3_igemm_seg(const ConvSegParams p) {
+    conv3x3_body<false, true>(p.conv, &p.seg);
 }
 
 /// As conv3x3_igemm, with x the low-resolution tensor upsampled ×2 (bilinear) while loading.

@@ -740,38 +740,13 @@ impl CudaEngine {
                     },
                 )?;
             }
-            ConvIn::Plain(x) | ConvIn::Concat(x, _) | ConvIn::Upsample(x) => {
-                let (x2, cin2) = match input {
-                    ConvIn::Concat(_, x2) => (x2, pad8(l.parts[1]) as i32),
-                    _ => (0, 0),
-                };
-                let up = matches!(input, ConvIn::Upsample(_));
-                let cin1 = pad8(l.parts[0]);
-                let splits = conv_splits(m * h * h, cp, 9 * (cin1 + cin2 as usize));
-                stats_done = mode == Mode::Train && splits == 1;
-                let p = ConvParams {
-                    x,
-                    x2,
-                    wt: (wts.w),
-                    bias: (wts.b),
-                    y,
-                    y_pool,
-                    n: m as i32,
-                    h: h as i32,
-                    w: h as i32,
-                    cin1: cin1 as i32,
-                    cin2,
-                    cout: cp as i32,
-                    in_h: (h / 2) as i32,
-                    in_w: (h / 2) as i32,
-                    relu,
-                    quad: h.is_multiple_of(2) as i32,
-                    partial: a.at(a.splitk),
-                    stats: if stats_done { a.at(a.partial) } else { 0 },
-                    splits: splits as i32,
-                    pad_: 0,
-                };
-                conv3x3(&self.dev, &p, up)?;
+            ConvIn::Plain(_) | ConvIn::Concat(..) | ConvIn::Upsample(_) => {
+                let mut p = self.igemm_params(i, input, m, h, mode);
+                stats_done = mode == Mode::Train && p.splits == 1;
+                if stats_done {
+                    p.stats = a.at(a.partial);
+                }
+                conv3x3(&self.dev, &p, matches!(input, ConvIn::Upsample(_)))?;
             }
         }
         if mode == Mode::Train {
@@ -830,6 +805,87 @@ impl CudaEngine {
         self.mark(&l.name)
     }
 
+    /// The implicit-GEMM parameters of unit `i` on a plain, concatenated or (fused loader)
+    /// upsampled input at resolution h×h, writing its output (eval) or its pre-BN z (train).
+    fn igemm_params(&self, i: usize, input: ConvIn, m: usize, h: usize, mode: Mode) -> ConvParams {
+        let a = self.arena.as_ref().expect("arena");
+        let l = &self.w.convs[i];
+        let cp = pad8(l.cout);
+        let (wts, y, relu, y_pool) = match mode {
+            Mode::Eval => (
+                l.eval,
+                a.at(a.units[i][0]),
+                1,
+                if self.arch.units[i].pooled {
+                    a.at(a.units[i][1])
+                } else {
+                    0
+                },
+            ),
+            Mode::Train => (l.train, a.at(a.z[i]), 0, 0),
+        };
+        let (x, x2, cin2) = match input {
+            ConvIn::Concat(x, x2) => (x, x2, pad8(l.parts[1])),
+            ConvIn::Plain(x) | ConvIn::Upsample(x) => (x, 0, 0),
+            ConvIn::Patches(_) => unreachable!("the first layer has its own kernel"),
+        };
+        let cin1 = pad8(l.parts[0]);
+        let splits = conv_splits(m * h * h, cp, 9 * (cin1 + cin2));
+        ConvParams {
+            x,
+            x2,
+            wt: wts.w,
+            bias: wts.b,
+            y,
+            y_pool,
+            n: m as i32,
+            h: h as i32,
+            w: h as i32,
+            cin1: cin1 as i32,
+            cin2: cin2 as i32,
+            cout: cp as i32,
+            in_h: (h / 2) as i32,
+            in_w: (h / 2) as i32,
+            relu,
+            quad: h.is_multiple_of(2) as i32,
+            partial: a.at(a.splitk),
+            stats: 0,
+            splits: splits as i32,
+            pad_: 0,
+        }
+    }
+
+    /// `segment`'s last conv with the seg head and argmax in its epilogue, when the kernel can
+    /// take it (the seg head reads the last unit, a plain or concatenated input, one column
+    /// block, no split-K, no pooling). Returns whether it ran.
+    fn conv_with_seg_head(&self, m: usize) -> Result<bool> {
+        let a = self.arena.as_ref().expect("arena");
+        let (seg, last) = (&self.arch.seg, self.arch.units.len() - 1);
+        let u = &self.arch.units[last];
+        let input = self.conv_input(u, a);
+        if seg.src != last || u.pooled || !matches!(input, ConvIn::Plain(_) | ConvIn::Concat(..)) {
+            return Ok(false);
+        }
+        let conv = self.igemm_params(last, input, m, a.patch >> u.level, Mode::Eval);
+        if !seg_fusable(conv.cout as usize, conv.splits as usize, seg.classes) {
+            return Ok(false);
+        }
+        let _range = nvtx::range(&seg.name);
+        conv3x3_seg(
+            &self.dev,
+            &ConvSegParams {
+                conv,
+                w: self.w.seg.w,
+                bias: self.w.seg.b,
+                labels: a.at(a.labels),
+                classes: seg.classes as i32,
+                c_real: seg.cin as i32,
+            },
+        )?;
+        self.mark(&seg.name)?;
+        Ok(true)
+    }
+
     /// Where conv unit `u` loads its input from in the arena `a`.
     fn conv_input(&self, u: &ConvUnit, a: &Arena) -> ConvIn {
         let out = |j: usize| a.at(a.units[j][0]);
@@ -848,8 +904,13 @@ impl CudaEngine {
     /// one `forward`).
     pub(super) fn run(&self, mode: Mode, heads: Heads, m: usize, bags: usize) -> Result<()> {
         let _range = nvtx::range("forward");
-        self.run_units(mode, m, self.arch.units.len())?;
-        self.run_seg_head(heads, m)?;
+        let n = self.arch.units.len();
+        self.run_units(mode, m, 0..n - 1)?;
+        let fused = heads == Heads::Labels && mode == Mode::Eval && self.conv_with_seg_head(m)?;
+        if !fused {
+            self.run_units(mode, m, n - 1..n)?;
+            self.run_seg_head(heads, m)?;
+        }
         if heads == Heads::All {
             let _range = nvtx::range("mil_head");
             self.run_mil_patches(mode, m, 0)?;
@@ -859,10 +920,11 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// The first `count` conv units for m patches.
-    fn run_units(&self, mode: Mode, m: usize, count: usize) -> Result<()> {
+    /// The conv units `units` (in order) for m patches.
+    fn run_units(&self, mode: Mode, m: usize, units: std::ops::Range<usize>) -> Result<()> {
         let a = self.arena.as_ref().expect("arena");
-        for (i, u) in self.arch.units.iter().enumerate().take(count) {
+        for i in units {
+            let u = &self.arch.units[i];
             self.conv(i, self.conv_input(u, a), m, a.patch >> u.level, mode)?;
         }
         Ok(())
@@ -1086,7 +1148,7 @@ impl InferenceEngine for CudaEngine {
         for start in (0..m).step_by(chunk) {
             let n = chunk.min(m - start);
             self.upload_input(&patches[start * per..(start + n) * per])?;
-            self.run_units(Mode::Eval, n, encoder)?;
+            self.run_units(Mode::Eval, n, 0..encoder)?;
             self.run_mil_patches(Mode::Eval, n, start)?;
         }
         self.run_mil_bags(m, bag_sizes.len())?;

@@ -304,6 +304,53 @@ pub fn conv3x3(dev: &Device, p: &ConvParams, upsample: bool) -> Result<()> {
     Ok(())
 }
 
+/// The seg head fused into a conv's epilogue (labels only; see kernels/conv.cu SegTail).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct ConvSegParams {
+    pub conv: ConvParams,
+    /// [classes][c_real] and [classes] fp32.
+    pub w: DevAddr,
+    pub bias: DevAddr,
+    /// [n·h·w] argmax labels.
+    pub labels: DevAddr,
+    pub classes: i32,
+    pub c_real: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<ConvSegParams>() == 144);
+
+/// Whether a conv of padded `cout` channels split `splits` ways can take the seg head in its
+/// epilogue (one column block, no split-K).
+pub fn seg_fusable(cout: usize, splits: usize, classes: usize) -> bool {
+    cout <= CONV_BN && splits == 1 && classes <= 16
+}
+
+/// conv3x3_igemm (plain or concatenated input) whose epilogue applies the seg head and writes
+/// only the argmax labels.
+pub fn conv3x3_seg(dev: &Device, p: &ConvSegParams) -> Result<()> {
+    let c = &p.conv;
+    ensure!(
+        seg_fusable(c.cout as usize, c.splits as usize, p.classes as usize)
+            && c.y_pool == 0
+            && c.stats == 0
+            && p.c_real <= c.cout,
+        "conv3x3_seg: needs cout ≤ {CONV_BN}, no split-K, pooling or statistics, ≤ 16 classes"
+    );
+    ensure!(
+        c.cin1 % 8 == 0 && c.cin2 % 8 == 0 && c.cout % 8 == 0,
+        "conv3x3_seg: channels must be multiples of 8"
+    );
+    let m = c.n as usize * c.h as usize * c.w as usize;
+    check_i32("conv3x3_seg", m * c.cout as usize)?;
+    dev.launch(
+        "conv3x3_igemm_seg",
+        [blocks(m, CONV_BM), 1, 1],
+        [128, 1, 1],
+        p,
+    )
+}
+
 /// SMs of the GPUs the kernels are tuned for (H100/H200: 132).
 const SMS: usize = 132;
 
