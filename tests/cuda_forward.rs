@@ -166,7 +166,12 @@ fn segment_labels_match_eval_logits() {
         let x = uniform(&mut r, 2 * c.patch * c.patch, 0.0, 1.0);
         let mut engine = CudaEngine::new(&model, DeviceKind::Emu).unwrap();
         let (labels, events) = m2unet::cuda::nvtx::record(|| engine.segment(&x, c.patch).unwrap());
-        let last = m2unet::model::Arch::new(&c).units.last().unwrap().conv.clone();
+        let last = m2unet::model::Arch::new(&c)
+            .units
+            .last()
+            .unwrap()
+            .conv
+            .clone();
         let ran_last_conv = events
             .iter()
             .any(|e| matches!(e, m2unet::cuda::nvtx::Event::Push(n) if *n == last));
