@@ -234,7 +234,7 @@ impl Session {
         self.state.step += 1;
         self.state.position += bags.len();
         self.dir.log_step(&self.state, &report, rate)?;
-        self.progress.step(&self.state, &report.losses, rate);
+        self.progress.step(&self.state, &report, rate);
         if self.state.step.is_multiple_of(self.run.checkpoint_every) {
             self.save(Which::Last)?;
         }

@@ -1,6 +1,6 @@
 //! What a training run shows on stderr: a progress bar on a terminal, log lines otherwise.
 
-use crate::cpu::Losses;
+use crate::cuda::train::StepReport;
 use crate::io::checkpoint::TrainState;
 use crate::metrics::EvalMetrics;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -42,10 +42,17 @@ impl Progress {
         }
     }
 
-    /// After each step: the bar, or a log line every 10 steps.
-    pub fn step(&self, state: &TrainState, losses: &Losses, rate: f64) {
+    /// After each step: the bar, or a log line every 10 steps; a loss-scaled engine's scale,
+    /// and when its update was skipped.
+    pub fn step(&self, state: &TrainState, report: &StepReport, rate: f64) {
+        let losses = &report.losses;
+        let scale = match (report.loss_scale, report.skipped) {
+            (s, true) => format!(" scale {s} (skipped: gradients overflowed)"),
+            (s, false) if s != 1.0 => format!(" scale {s}"),
+            _ => String::new(),
+        };
         let msg = format!(
-            "epoch {} loss {:.4} (cls {:.4} ce {:.4} dice {:.4}) {rate:.2} patches/s",
+            "epoch {} loss {:.4} (cls {:.4} ce {:.4} dice {:.4}) {rate:.2} patches/s{scale}",
             state.epoch + 1,
             losses.total,
             losses.cls,
