@@ -329,19 +329,34 @@ impl CudaTrainer {
     /// The launches of `forward_backward` for a loaded batch (no host round trip).
     fn launch_forward_backward(&self, m: usize, p: usize, bags: usize) -> Result<()> {
         let n = self.eng.model.params.len();
-        let s = self.scratch();
         self.eng.dev.memset_zero(self.grads, n * 4)?;
-        self.eng.dev.memset_zero(s.base, s.dy_bytes)?;
         self.eng.run(Mode::Train, Heads::All, m, bags)?;
         let _range = nvtx::range("backward");
+        self.zero_dys_from(0, m, p)?;
         self.seg_backward(m, p)?;
         {
             let _range = nvtx::range("mil_head");
             self.cls_loss(bags)?;
             self.mil_backward(m, bags)?;
         }
-        for i in (0..self.eng.arch.units.len()).rev() {
+        let units = self.eng.arch.units.len();
+        for i in (0..units).rev() {
+            self.zero_dys_from(units - i, m, p)?;
             self.unit_backward(i, m, p)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes the output gradients first written at backward step `step` (their memory may
+    /// have held an earlier gradient).
+    fn zero_dys_from(&self, step: usize, m: usize, p: usize) -> Result<()> {
+        let s = self.scratch();
+        for (j, u) in self.eng.arch.units.iter().enumerate() {
+            if s.dy_first[j] == step {
+                let side = p >> u.level;
+                let bytes = m * side * side * pad8(u.cout) * 4;
+                self.eng.dev.memset_zero(s.base.offset(s.dy[j]), bytes)?;
+            }
         }
         Ok(())
     }

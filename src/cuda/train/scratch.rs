@@ -6,7 +6,7 @@ use super::{CudaTrainer, ALIGN};
 use crate::cuda::device::DevPtr;
 use crate::cuda::kernels::*;
 use crate::cuda::weights::pad8;
-use crate::model::Src;
+use crate::model::{Arch, Src};
 use anyhow::Result;
 
 /// Buffers of the backward for one batch shape, carved from one allocation.
@@ -17,7 +17,9 @@ pub(super) struct Scratch {
     pub(super) base: DevPtr,
     /// Every unit's output gradient (fp32 NHWC), contiguous so that one memset clears them.
     pub(super) dy: Vec<usize>,
-    pub(super) dy_bytes: usize,
+    /// The backward step (0: the heads, then 1 + n − 1 − i for unit i) at which each dY is
+    /// first written; dYs whose lives do not overlap share memory, so each is zeroed then.
+    pub(super) dy_first: Vec<usize>,
     /// The gradient of a unit's conv output (fp16), of one input part (fp16), the upsampled
     /// input of a unit (fp16).
     pub(super) dz: usize,
@@ -69,12 +71,13 @@ impl CudaTrainer {
             o
         };
         let px = |level: usize| m * (p >> level) * (p >> level);
-        let dy: Vec<usize> = arch
-            .units
-            .iter()
-            .map(|u| take(px(u.level) * pad8(u.cout) * 4))
+        let sizes: Vec<usize> = (arch.units.iter())
+            .map(|u| (px(u.level) * pad8(u.cout) * 4).next_multiple_of(ALIGN))
             .collect();
-        let dy_bytes = take(0);
+        let (dy_first, lives) = dy_lives(arch);
+        let (places, dy_bytes) = place(&sizes, &lives);
+        let dy_base = take(dy_bytes);
+        let dy: Vec<usize> = places.iter().map(|&o| dy_base + o).collect();
         let (mut dz, mut dpart, mut up) = (0, 0, 0);
         let (mut wgrad, mut bn, mut splitk) = (0, 0, 0);
         for u in &arch.units {
@@ -144,7 +147,7 @@ impl CudaTrainer {
             bags,
             base: DevPtr::NULL,
             dy,
-            dy_bytes,
+            dy_first,
             dz: take(dz),
             dpart: take(dpart),
             up: take(up),
@@ -172,5 +175,100 @@ impl CudaTrainer {
 
     pub(super) fn scratch(&self) -> &Scratch {
         self.scratch.as_ref().expect("scratch sized")
+    }
+}
+
+/// When each unit's output gradient dY is alive during the backward, in steps (0: the heads;
+/// unit i at step n − i): from its first consumer's step (the head or the later unit that
+/// routes a gradient into it) to its own. Returns (first steps, [first, last] per unit).
+fn dy_lives(arch: &Arch) -> (Vec<usize>, Vec<[usize; 2]>) {
+    let n = arch.units.len();
+    let step = |i: usize| n - i;
+    let mut first: Vec<usize> = (0..n).map(step).collect();
+    for j in [arch.seg.src, arch.mil.src] {
+        first[j] = 0;
+    }
+    for (i, u) in arch.units.iter().enumerate() {
+        for &(src, _) in &u.inputs {
+            if let Src::Unit(j) | Src::Pooled(j) | Src::Upsampled(j) = src {
+                first[j] = first[j].min(step(i));
+            }
+        }
+    }
+    let lives = (0..n).map(|j| [first[j], step(j)]).collect();
+    (first, lives)
+}
+
+/// First-fit offsets for buffers of `sizes` alive over `lives` (inclusive step ranges): two
+/// buffers share bytes only when one's life ends before the other's begins (a unit reads its
+/// own dY at the start of its step, while it writes the dYs whose lives begin there). Returns
+/// the offsets and the bytes in all.
+fn place(sizes: &[usize], lives: &[[usize; 2]]) -> (Vec<usize>, usize) {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&j| (lives[j][0], std::cmp::Reverse(sizes[j])));
+    let mut offsets = vec![0usize; sizes.len()];
+    let mut placed: Vec<usize> = vec![];
+    for j in order {
+        let overlaps = |k: usize| !(lives[k][1] < lives[j][0] || lives[j][1] < lives[k][0]);
+        let mut busy: Vec<(usize, usize)> = (placed.iter().copied())
+            .filter(|&k| overlaps(k))
+            .map(|k| (offsets[k], offsets[k] + sizes[k]))
+            .collect();
+        busy.sort();
+        let mut at = 0;
+        for (a, b) in busy {
+            if at + sizes[j] <= a {
+                break;
+            }
+            at = at.max(b);
+        }
+        offsets[j] = at;
+        placed.push(j);
+    }
+    let total = (0..sizes.len())
+        .map(|j| offsets[j] + sizes[j])
+        .max()
+        .unwrap_or(0);
+    (offsets, total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
+    #[test]
+    fn output_gradients_share_memory_only_when_their_lives_do_not_overlap() {
+        // The paper network at P = 256 with 32 patches: each dY's bytes, placed by liveness.
+        let arch = Arch::new(&ModelConfig::paper());
+        let px = |level: usize| 32 * (256 >> level) * (256 >> level);
+        let sizes: Vec<usize> = (arch.units.iter())
+            .map(|u| px(u.level) * pad8(u.cout) * 4)
+            .collect();
+        let (first, lives) = dy_lives(&arch);
+        let (offsets, total) = place(&sizes, &lives);
+        let n = sizes.len();
+        let mut clashes = 0;
+        for a in 0..n {
+            assert!(
+                first[a] <= lives[a][1],
+                "unit {a} is consumed before it is written"
+            );
+            for b in a + 1..n {
+                let live_together = !(lives[a][1] < lives[b][0] || lives[b][1] < lives[a][0]);
+                let share =
+                    offsets[a] < offsets[b] + sizes[b] && offsets[b] < offsets[a] + sizes[a];
+                clashes += (live_together && share) as usize;
+            }
+            assert!(offsets[a] + sizes[a] <= total);
+        }
+        let all: usize = sizes.iter().sum();
+        println!(
+            "paper network, P = 256, 32 patches: output gradients {:.2} GiB placed in {:.2} GiB",
+            all as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        );
+        assert_eq!(clashes, 0);
+        assert!(total < all);
     }
 }
