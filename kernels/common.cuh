@@ -169,6 +169,20 @@ struct GcpBagsParams {
     int bags, k, gcp, pad_;
 };
 
+/// Sums a[0..n) and b[0..n) (shared memory, one entry per thread t, n a power of two) into
+/// a[0] and b[0] in a fixed tree order. Every thread of the block calls it after writing its
+/// entries.
+__device__ __forceinline__ void block_sum_pairs(float* a, float* b, int t, int n) {
+    __syncthreads();
+    for (int stride = n / 2; stride > 0; stride >>= 1) {
+        if (t < stride) {
+            a[t] += a[t + stride];
+            b[t] += b[t + stride];
+        }
+        __syncthreads();
+    }
+}
+
 /// GCP of n values already reduced to their max and sum.
 __device__ __forceinline__ float gcp_combine(int mode, float mx, float sum, int n) {
     float mean = sum / float(n);

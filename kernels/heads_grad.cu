@@ -297,14 +297,7 @@ extern "C" __global__ void __launch_bounds__(256) cls_loss(const ClsLossParams p
     }
     sl[t] = loss;
     sws[t] = wsum;
-    __syncthreads();
-    for (int stride = 128; stride > 0; stride >>= 1) {
-        if (t < stride) {
-            sl[t] += sl[t + stride];
-            sws[t] += sws[t + stride];
-        }
-        __syncthreads();
-    }
+    block_sum_pairs(sl, sws, t, 256);
     const float total_w = sws[0], scale = p.amp->scale;
     if (t == 0) p.losses[0] = sl[0] / total_w;
     for (int b = t; b < p.bags; b += 256) {
@@ -412,14 +405,7 @@ extern "C" __global__ void __launch_bounds__(128) bn1d_bwd_relu(const Bn1dBwdPar
     }
     sb[t] = db;
     sg[t] = dg;
-    __syncthreads();
-    for (int stride = 64; stride > 0; stride >>= 1) {
-        if (t < stride) {
-            sb[t] += sb[t + stride];
-            sg[t] += sg[t + stride];
-        }
-        __syncthreads();
-    }
+    block_sum_pairs(sb, sg, t, 128);
     const float dbeta = sb[0], dgamma = sg[0], n = float(p.rows);
     if (t == 0) {
         p.dbeta[c] = dbeta;

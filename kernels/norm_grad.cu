@@ -174,14 +174,7 @@ extern "C" __global__ void __launch_bounds__(256) bn_bwd_finalize(const BnBwdPar
     }
     sb[t] = b;
     sg[t] = g;
-    __syncthreads();
-    for (int stride = THREADS / 2; stride > 0; stride >>= 1) {
-        if (t < stride) {
-            sb[t] += sb[t + stride];
-            sg[t] += sg[t + stride];
-        }
-        __syncthreads();
-    }
+    block_sum_pairs(sb, sg, t, THREADS);
     if (t == 0) {
         p.dbeta[c] = sb[0];
         p.dgamma[c] = sg[0];

@@ -14,7 +14,27 @@ use anyhow::{bail, ensure, Result};
 use bytemuck::Pod;
 use std::cell::RefCell;
 
-const ALIGN: usize = 256;
+pub(super) const ALIGN: usize = 256;
+
+/// Offsets of buffers carved one after another from one allocation, each 256-byte aligned.
+#[derive(Default)]
+pub(super) struct Carve {
+    end: usize,
+}
+
+impl Carve {
+    /// The offset of the next `bytes`.
+    pub(super) fn take(&mut self, bytes: usize) -> usize {
+        let at = self.end;
+        self.end = (at + bytes).next_multiple_of(ALIGN);
+        at
+    }
+
+    /// The bytes of the allocation the buffers taken so far need.
+    pub(super) fn len(&self) -> usize {
+        self.end
+    }
+}
 
 /// Host image of the device weight buffer, built section by section (256-byte aligned).
 #[derive(Default)]
@@ -286,12 +306,8 @@ pub(super) struct Arena {
 
 impl Arena {
     fn layout(arch: &Arch, m: usize, p: usize, rows: usize, keep: bool) -> (Arena, usize) {
-        let mut off = 0usize;
-        let mut take = |bytes: usize| {
-            let o = off;
-            off = (off + bytes).next_multiple_of(ALIGN);
-            o
-        };
+        let mut carve = Carve::default();
+        let mut take = |bytes: usize| carve.take(bytes);
         let c = &arch.config;
         let input = take(m * c.in_channels * p * p * 4);
         // (pixels, padded channels) of every unit's output.
@@ -368,7 +384,7 @@ impl Arena {
             cls: take(rows * arch.mil.classifier.fout * 4),
             bag_start: take((rows + 1) * 4),
         };
-        (a, off)
+        (a, carve.len())
     }
     pub fn at(&self, off: usize) -> u64 {
         self.base.offset(off).0

@@ -2,6 +2,7 @@
 //! unit in reverse order of the architecture, each input part's gradient routed into the unit
 //! it came from.
 
+use super::scratch::{wgrad_first_shape, wgrad_shape};
 use super::CudaTrainer;
 use crate::config::{GcpMode, BN_EPS};
 use crate::cuda::kernels::*;
@@ -245,14 +246,7 @@ impl CudaTrainer {
                             x: a.at(a.input),
                             partial: s.at(s.wgrad),
                             dw,
-                            n: m as i32,
-                            cin: c as i32,
-                            h: side as i32,
-                            w: side as i32,
-                            cz: cz as i32,
-                            cout: u.cout as i32,
-                            splits: wgrad_first_splits(pixels) as i32,
-                            pad_: 0,
+                            ..wgrad_first_shape(u, c, m, p)
                         },
                     )?;
                     c_off += c;
@@ -282,18 +276,7 @@ impl CudaTrainer {
                     x,
                     partial: s.at(s.wgrad),
                     dw,
-                    n: m as i32,
-                    h: side as i32,
-                    w: side as i32,
-                    cz: cz as i32,
-                    cx: cx as i32,
-                    cout: u.cout as i32,
-                    cin: u.cin() as i32,
-                    c_off: c_off as i32,
-                    c_real: c as i32,
-                    splits: wgrad_splits(pixels, cz, cx) as i32,
-                    pad_: 0,
-                    pad2_: 0,
+                    ..wgrad_shape(u, c_off, c, m, p)
                 },
             )?;
             c_off += c;

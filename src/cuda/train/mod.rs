@@ -27,7 +27,6 @@ const GROWTH_INTERVAL: i32 = 2000;
 const GROWTH: f32 = 2.0;
 const BACKOFF: f32 = 0.5;
 
-const ALIGN: usize = 256;
 /// `run_step` halves an overflowing loss scale at most this many times (2^16 → 2^-24).
 const MAX_HALVINGS: i32 = 40;
 

@@ -2,11 +2,12 @@
 //! every unit's output gradient, the gradients of a conv output and an input part, and the
 //! reductions' fp32 scratch.
 
-use super::{CudaTrainer, ALIGN};
+use super::CudaTrainer;
 use crate::cuda::device::DevPtr;
+use crate::cuda::engine::{Carve, ALIGN};
 use crate::cuda::kernels::*;
 use crate::cuda::weights::pad8;
-use crate::model::{Arch, Src};
+use crate::model::{Arch, ConvUnit, Src};
 use anyhow::Result;
 
 /// Buffers of the backward for one batch shape, carved from one allocation.
@@ -64,12 +65,8 @@ impl CudaTrainer {
             self.eng.dev.free(s.base)?;
         }
         let arch = &self.eng.arch;
-        let mut off = 0usize;
-        let mut take = |bytes: usize| {
-            let o = off;
-            off = (off + bytes).next_multiple_of(ALIGN);
-            o
-        };
+        let mut carve = Carve::default();
+        let mut take = |bytes: usize| carve.take(bytes);
         let px = |level: usize| m * (p >> level) * (p >> level);
         let sizes: Vec<usize> = (arch.units.iter())
             .map(|u| (px(u.level) * pad8(u.cout) * 4).next_multiple_of(ALIGN))
@@ -82,39 +79,19 @@ impl CudaTrainer {
         let (mut wgrad, mut bn, mut splitk) = (0, 0, 0);
         for u in &arch.units {
             let (pixels, cz) = (px(u.level), pad8(u.cout));
-            let side = p >> u.level;
             dz = dz.max(pixels * cz * 2);
             bn = bn.max(bn_bwd_partial_len(pixels, cz));
             for &(src, c) in &u.inputs {
                 let cx = pad8(c);
                 if src == Src::Input {
-                    let w = WgradFirstParams {
-                        n: m as i32,
-                        cin: c as i32,
-                        h: side as i32,
-                        w: side as i32,
-                        cz: cz as i32,
-                        cout: u.cout as i32,
-                        splits: wgrad_first_splits(pixels) as i32,
-                        ..Default::default()
-                    };
-                    wgrad = wgrad.max(wgrad_first_partial_len(&w));
+                    wgrad = wgrad.max(wgrad_first_partial_len(&wgrad_first_shape(u, c, m, p)));
                     continue;
                 }
                 dpart = dpart.max(pixels * cx * 2);
                 if matches!(src, Src::Upsampled(_)) {
                     up = up.max(pixels * cx * 2);
                 }
-                let w = WgradParams {
-                    n: m as i32,
-                    h: side as i32,
-                    w: side as i32,
-                    cz: cz as i32,
-                    cx: cx as i32,
-                    splits: wgrad_splits(pixels, cz, cx) as i32,
-                    ..Default::default()
-                };
-                wgrad = wgrad.max(wgrad_partial_len(&w));
+                wgrad = wgrad.max(wgrad_partial_len(&wgrad_shape(u, 0, c, m, p)));
                 let s = conv_splits(pixels, cx, 9 * cz);
                 if s > 1 {
                     splitk = splitk.max(s * pixels * cx);
@@ -168,13 +145,49 @@ impl CudaTrainer {
             dq: take(m * k1 * 4),
             dzm: take(m * k1 * 4),
         };
-        let base = self.eng.dev.alloc(off)?;
+        let base = self.eng.dev.alloc(carve.len())?;
         self.scratch = Some(Scratch { base, ..s });
         Ok(())
     }
 
     pub(super) fn scratch(&self) -> &Scratch {
         self.scratch.as_ref().expect("scratch sized")
+    }
+}
+
+/// The weight gradient of unit `u`'s input part of `c` real channels from real channel `c_off`
+/// on, for m patches of side p, its buffers unset: what the backward launches and what its
+/// scratch is sized for.
+pub(super) fn wgrad_shape(u: &ConvUnit, c_off: usize, c: usize, m: usize, p: usize) -> WgradParams {
+    let side = p >> u.level;
+    let (cz, cx) = (pad8(u.cout), pad8(c));
+    WgradParams {
+        n: m as i32,
+        h: side as i32,
+        w: side as i32,
+        cz: cz as i32,
+        cx: cx as i32,
+        cout: u.cout as i32,
+        cin: u.cin() as i32,
+        c_off: c_off as i32,
+        c_real: c as i32,
+        splits: wgrad_splits(m * side * side, cz, cx) as i32,
+        ..Default::default()
+    }
+}
+
+/// The first layer's weight gradient (`c` input channels), as [`wgrad_shape`].
+pub(super) fn wgrad_first_shape(u: &ConvUnit, c: usize, m: usize, p: usize) -> WgradFirstParams {
+    let side = p >> u.level;
+    WgradFirstParams {
+        n: m as i32,
+        cin: c as i32,
+        h: side as i32,
+        w: side as i32,
+        cz: pad8(u.cout) as i32,
+        cout: u.cout as i32,
+        splits: wgrad_first_splits(m * side * side) as i32,
+        ..Default::default()
     }
 }
 
