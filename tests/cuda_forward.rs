@@ -15,33 +15,6 @@ use m2unet::model::Model;
 use m2unet::reference::network_pass;
 use rand::Rng;
 
-/// A model with random BatchNorm affine parameters and running statistics (so eval-mode BN
-/// is far from the identity). The BN shifts are positive: with zero-centred shifts a freshly
-/// initialised BN-ReLU stack amplifies any perturbation ~1.15× per layer in train mode (the f32
-/// reference itself moves by ~1e-2 for 5e-4 input noise), which would measure the network's
-/// conditioning rather than the engine's fp16 error.
-fn random_model(c: ModelConfig, seed: u64) -> Model {
-    let mut m = Model::init(c, seed);
-    let mut r = rng(seed + 100);
-    for bn in m.table.bns.clone() {
-        let g = m.table.range(&format!("{}.weight", bn.module));
-        let b = m.table.range(&format!("{}.bias", bn.module));
-        m.params[g]
-            .iter_mut()
-            .for_each(|v| *v = r.gen_range(0.6..1.4));
-        m.params[b]
-            .iter_mut()
-            .for_each(|v| *v = r.gen_range(0.3..0.8));
-        m.buffers[bn.mean_range()]
-            .iter_mut()
-            .for_each(|v| *v = r.gen_range(-0.1..0.1));
-        m.buffers[bn.var_range()]
-            .iter_mut()
-            .for_each(|v| *v = r.gen_range(0.5..1.5));
-    }
-    m
-}
-
 /// The reference network (f64 reference ops walking the layer list) on patches of side `p`:
 /// (seg logits, cls logits, running statistics after the pass), as f32.
 fn reference(model: &Model, x: &[f32], p: usize, bags: &[usize], mode: Mode) -> [Vec<f32>; 3] {
@@ -440,14 +413,8 @@ fn cli_forward_emu_matches_pytorch_fixtures() {
     use m2unet::cpu::run_step;
     use m2unet::engine::{Batch, Mode};
     use m2unet::io::weights::{load_model, TensorFile};
-    use std::path::Path;
-    let fx = |n: &str| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(n)
-    };
     let dir = tempfile::tempdir().unwrap();
-    let mut input = TensorFile::read(&fx("tiny_input.safetensors")).unwrap();
+    let mut input = TensorFile::read(&fixture("tiny_input.safetensors")).unwrap();
     input
         .tensors
         .retain(|k, _| k == "patches" || k == "bag_sizes");
@@ -467,7 +434,7 @@ fn cli_forward_emu_matches_pytorch_fixtures() {
         .iter()
         .map(|v| v * (1.0 + r.gen_range(-1.0f32..1.0) / 2048.0))
         .collect();
-    let model = load_model(&fx("tiny_weights.safetensors")).unwrap();
+    let model = load_model(&fixture("tiny_weights.safetensors")).unwrap();
     let train = |x: &[f32]| {
         let b = Batch {
             patches: x,
@@ -485,14 +452,14 @@ fn cli_forward_emu_matches_pytorch_fixtures() {
         .max(rel_l2(&clean.cls_logits, &moved.cls_logits));
     let train_bound = (4.0 * s).max(1e-2);
     println!("train-mode sensitivity to one fp16 rounding of the input: {s:.3e} → logits bound {train_bound:.3e}");
-    for (mode, fixture) in [
+    for (mode, outputs) in [
         ("eval", "tiny_eval.safetensors"),
         ("train", "tiny_train.safetensors"),
     ] {
         let out = dir.path().join(format!("y_{mode}.safetensors"));
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_m2unet"))
             .args(["forward", "--device", "emu", "--mode", mode, "--weights"])
-            .arg(fx("tiny_weights.safetensors"))
+            .arg(fixture("tiny_weights.safetensors"))
             .arg("--input")
             .arg(&inp)
             .arg("--output")
@@ -501,7 +468,7 @@ fn cli_forward_emu_matches_pytorch_fixtures() {
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let got = TensorFile::read(&out).unwrap();
-        let want = TensorFile::read(&fx(fixture)).unwrap();
+        let want = TensorFile::read(&fixture(outputs)).unwrap();
         assert!(got.tensors.contains_key("seg_logits") && got.tensors.contains_key("cls_logits"));
         let mut buffers = 0f64;
         for k in got.tensors.keys() {

@@ -4,10 +4,11 @@
 //! determinism; step graphs replayed bit for bit like eager steps, and the NVTX ranges of a
 //! step; a short `train --device emu` run against the CPU's, and resumes across engines.
 
+mod cli_common;
 mod cuda_common;
 
+use cli_common::training_set;
 use cuda_common::*;
-use m2unet::app::synth::{run as run_synth, SynthArgs};
 use m2unet::app::train::{run as run_train, TrainArgs};
 use m2unet::backend::Backend;
 use m2unet::config::{GcpMode, ModelConfig, TrainConfig};
@@ -22,7 +23,7 @@ use m2unet::model::Model;
 use m2unet::reference::{network_pass_stored, Storage};
 use m2unet::train::{scheduled_lr, Schedule};
 use rand::Rng;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// A labelled batch: patches in [0, 1), lobe labels with ~10 % ignored pixels, class labels.
@@ -68,8 +69,9 @@ impl Data {
     }
 }
 
-/// A model with BN parameters away from the identity (as in tests/cuda_forward.rs: positive
-/// shifts keep the BN-ReLU stack from amplifying perturbations layer after layer).
+/// A model with BN parameters away from the identity (as `cuda_common::random_model`, which
+/// also draws running statistics and so another sequence: the seeds below were measured with
+/// this one; see `check_step` on how seed-dependent the gradient comparison is).
 fn model(c: ModelConfig, seed: u64) -> Model {
     let mut m = Model::init(c, seed);
     let mut r = rng(seed + 100);
@@ -126,7 +128,12 @@ fn compare(want: &[f32], got: &[f32]) -> (f64, f64) {
 /// which logits moved; FACTOR = 3 leaves that chance its room, and a wrong gradient (a routing
 /// or layout error) misses it by orders of magnitude. FLOOR: a gradient is no more exact than
 /// the logits it starts from (the losses' gradient p − y), and the logits carry the forward's
-/// fp16 error, measured here at 1.4e-3–5e-3 relative L2.
+/// fp16 error, measured here at 1.4e-3–5e-3 relative L2. A limit of this calibration: it
+/// compares with one rounding pattern, and which argmaxes flip is chance. On the tiny network
+/// (enc4 pools 4×4 maps) another draw of the BN parameters (`cuda_common::random_model`,
+/// seed 61) makes the CUDA engine flip a window the rounded reference does not, and enc3/enc4
+/// then differ 10–19 % from the exact gradients against the reference's 1–2 % (up to 7× the
+/// tolerance); a calibration over several rounding patterns would cover such draws.
 /// Losses, outputs and running statistics are checked against the CPU engine.
 fn check_step(c: ModelConfig, p: usize, bags: &[usize], seed: u64) {
     const FACTOR: f64 = 3.0;
@@ -617,24 +624,6 @@ fn nvtx_ranges_of_a_train_step_name_the_arch() {
     assert_eq!(events, want);
 }
 
-fn synth(dir: &Path, count: usize, seed: u64) -> PathBuf {
-    run_synth(&SynthArgs {
-        out: dir.to_path_buf(),
-        count,
-        seed,
-        shape: Some([48, 48, 24]),
-        spacing: None,
-        orientation: None,
-        dtype: None,
-        noise: None,
-        uncompressed: true,
-        overwrite: false,
-        fov: None,
-    })
-    .unwrap();
-    dir.join("manifest.csv")
-}
-
 fn args(data: &Path, out: &Path, device: Backend) -> TrainArgs {
     TrainArgs {
         data: Some(data.to_path_buf()),
@@ -678,7 +667,7 @@ fn steps(run: &Path) -> Vec<(f64, f64, u8)> {
 #[test]
 fn train_on_emu_follows_cpu_and_resumes_across_engines() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = synth(&dir.path().join("data"), 4, 13);
+    let manifest = training_set(&dir.path().join("data"), 4, 13);
     let (cpu, emu, mixed) = (
         dir.path().join("cpu"),
         dir.path().join("emu"),
@@ -784,19 +773,14 @@ fn cli_forward_train_with_labels_on_emu_writes_the_contract() {
     // stack is so ill-conditioned that one fp16 rounding of the activations moves the encoder's
     // gradients by 20–30 % (the fp16-rounded reference network); their values are checked on a
     // better-conditioned network in `cli_forward_train_gradients_match_the_reference`.)
-    let fx = |n: &str| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(n)
-    };
     let dir = tempfile::tempdir().unwrap();
-    let model = load_model(&fx("tiny_weights.safetensors")).unwrap();
+    let model = load_model(&fixture("tiny_weights.safetensors")).unwrap();
     let got = cli_forward_train(
-        &fx("tiny_weights.safetensors"),
-        &fx("tiny_input.safetensors"),
+        &fixture("tiny_weights.safetensors"),
+        &fixture("tiny_input.safetensors"),
         dir.path(),
     );
-    let want = TensorFile::read(&fx("tiny_train.safetensors")).unwrap();
+    let want = TensorFile::read(&fixture("tiny_train.safetensors")).unwrap();
     for k in ["loss", "loss_cls", "loss_seg_ce", "loss_seg_dice"] {
         let (g, w) = (got.f32(k).unwrap().1[0], want.f32(k).unwrap().1[0]);
         let e = ((g - w) / w).abs();

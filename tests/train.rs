@@ -2,6 +2,9 @@
 //! cases, checkpoints surviving a killed writer, manifest errors and checks, loss label ranges,
 //! checkpoint loading, the demo and where weights come from.
 
+mod cli_common;
+
+use cli_common::training_set;
 use m2unet::app::synth::{run as run_synth, SynthArgs};
 use m2unet::app::train::{run as run_train, TrainArgs};
 use m2unet::backend::Backend;
@@ -15,27 +18,9 @@ use m2unet::model::Model;
 use m2unet::train::Schedule;
 use m2unet::weights_source::{WeightsSource, WEIGHTS_ENV};
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn synth(dir: &Path, count: usize, seed: u64) -> PathBuf {
-    run_synth(&SynthArgs {
-        out: dir.to_path_buf(),
-        count,
-        seed,
-        shape: Some([48, 48, 24]),
-        spacing: None,
-        orientation: None,
-        dtype: None,
-        noise: None,
-        uncompressed: true,
-        overwrite: false,
-        fov: None,
-    })
-    .unwrap();
-    dir.join("manifest.csv")
-}
 
 fn args(data: &Path, out: &Path) -> TrainArgs {
     TrainArgs {
@@ -72,7 +57,7 @@ fn losses(run: &Path) -> Vec<f64> {
 #[test]
 fn training_on_tiny_phantoms_lowers_loss_and_raises_dice() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = synth(&dir.path().join("data"), 4, 11);
+    let manifest = training_set(&dir.path().join("data"), 4, 11);
     let entries = read_checked_manifest(&manifest).unwrap();
     let run = dir.path().join("run");
     let a = TrainArgs {
@@ -139,7 +124,7 @@ fn metrics_rows(run: &Path) -> Vec<String> {
 #[test]
 fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = synth(&dir.path().join("data"), 6, 21);
+    let manifest = training_set(&dir.path().join("data"), 6, 21);
     let full = dir.path().join("full");
     let split = dir.path().join("split");
     let base = |out: &Path| TrainArgs {
@@ -268,7 +253,7 @@ fn metrics_match_hand_computed_cases() {
 #[test]
 fn killed_checkpoint_write_leaves_previous_checkpoint_loadable() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = synth(&dir.path().join("data"), 2, 31);
+    let manifest = training_set(&dir.path().join("data"), 2, 31);
     let run = dir.path().join("run");
     // The paper network at P = 16: cheap steps, 48 MB checkpoints that take a while to write.
     let mut child = Command::new(env!("CARGO_BIN_EXE_m2unet"))
@@ -335,7 +320,7 @@ fn killed_checkpoint_write_leaves_previous_checkpoint_loadable() {
 #[test]
 fn bad_manifest_lines_give_errors_with_line_numbers() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = synth(&dir.path().join("data"), 2, 41);
+    let manifest = training_set(&dir.path().join("data"), 2, 41);
     let text = std::fs::read_to_string(&manifest).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     let write = |name: &str, body: String| {
@@ -535,7 +520,7 @@ fn segmentation_and_class_label_errors_state_the_valid_range() {
 #[test]
 fn checkpoint_loads_as_weights_and_only_optim_tensors_are_ignored() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = synth(&dir.path().join("data"), 2, 51);
+    let manifest = training_set(&dir.path().join("data"), 2, 51);
     let run = dir.path().join("run");
     run_train(&TrainArgs {
         epochs: 1,

@@ -1,7 +1,9 @@
-//! Helpers shared by the tests that run the `m2unet` binary: running it, its stderr, a
-//! folder's entries, and a synthetic phantom set with tiny weights beside it.
+//! Helpers shared by the tests that run the `m2unet` binary or its commands: running it, its
+//! stderr, a folder's entries, a synthetic phantom set with tiny weights beside it, and a small
+//! training set.
 #![allow(dead_code)]
 
+use m2unet::app::synth::{run as run_synth, SynthArgs};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -48,4 +50,23 @@ pub fn phantoms_and_tiny_weights(d: &Path, count: usize, seed: u64) -> (PathBuf,
     let o = m2unet(&["init", "--out", w.to_str().unwrap(), "--preset", "tiny"]);
     assert!(o.status.success(), "{}", stderr(&o));
     (ph, w)
+}
+
+/// `count` seeded 48×48×24 phantoms (uncompressed) in `dir`, as a training set; its manifest.
+pub fn training_set(dir: &Path, count: usize, seed: u64) -> PathBuf {
+    run_synth(&SynthArgs {
+        out: dir.to_path_buf(),
+        count,
+        seed,
+        shape: Some([48, 48, 24]),
+        spacing: None,
+        orientation: None,
+        dtype: None,
+        noise: None,
+        uncompressed: true,
+        overwrite: false,
+        fov: None,
+    })
+    .unwrap();
+    dir.join("manifest.csv")
 }

@@ -1,13 +1,16 @@
 //! Helpers shared by the CUDA tests: device choice, guarded buffers, fp16 packing, the NHWC
-//! layout, the normalised error mse(a,b)/mse(a,0), and f32/f64 conversions.
+//! layout, the normalised error mse(a,b)/mse(a,0), f32/f64 conversions, a model with random
+//! BatchNorm parameters, and the PyTorch fixtures' paths.
 #![allow(dead_code)]
 
 use half::f16;
-use m2unet::config::GcpMode;
+use m2unet::config::{GcpMode, ModelConfig};
 use m2unet::cuda::kernels::ConvParams;
 use m2unet::cuda::{DevPtr, Device, DeviceKind};
+use m2unet::model::Model;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
 
 /// The emulator, always; the tests run on a GPU instead when M2UNET_TEST_DEVICE=cuda.
 pub fn device_kind() -> DeviceKind {
@@ -203,4 +206,38 @@ pub fn time_launches(
     mut launch: impl FnMut() -> anyhow::Result<()>,
 ) -> f32 {
     (dev.time_ms(|| (0..iters).try_for_each(|_| launch()))).expect("timed launches")
+}
+
+/// A model with random BatchNorm affine parameters and running statistics (so eval-mode BN
+/// is far from the identity). The BN shifts are positive: with zero-centred shifts a freshly
+/// initialised BN-ReLU stack amplifies any perturbation ~1.15× per layer in train mode (the f32
+/// reference itself moves by ~1e-2 for 5e-4 input noise), which would measure the network's
+/// conditioning rather than the engine's fp16 error.
+pub fn random_model(c: ModelConfig, seed: u64) -> Model {
+    let mut m = Model::init(c, seed);
+    let mut r = rng(seed + 100);
+    for bn in m.table.bns.clone() {
+        let g = m.table.range(&format!("{}.weight", bn.module));
+        let b = m.table.range(&format!("{}.bias", bn.module));
+        m.params[g]
+            .iter_mut()
+            .for_each(|v| *v = r.gen_range(0.6..1.4));
+        m.params[b]
+            .iter_mut()
+            .for_each(|v| *v = r.gen_range(0.3..0.8));
+        m.buffers[bn.mean_range()]
+            .iter_mut()
+            .for_each(|v| *v = r.gen_range(-0.1..0.1));
+        m.buffers[bn.var_range()]
+            .iter_mut()
+            .for_each(|v| *v = r.gen_range(0.5..1.5));
+    }
+    m
+}
+
+/// A file of tests/fixtures (the PyTorch fixtures of tools/torch_reference.py).
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
