@@ -863,3 +863,45 @@ fn cli_forward_train_gradients_match_the_reference() {
         1e-3,
     );
 }
+
+#[test]
+fn cli_forward_train_on_emu_rejects_bad_labels_and_writes_nothing() {
+    // Labels outside the classes fail `forward --device emu --mode train` naming the input
+    // file and the label, with exit code 1 and no output file.
+    let dir = tempfile::tempdir().unwrap();
+    let input = TensorFile::read(&fixture("tiny_input.safetensors")).unwrap();
+    let bad = |key: &str, value: i64| {
+        let mut f = input.clone();
+        let (shape, labels) = f.i64(key).unwrap();
+        let (shape, mut labels) = (shape.to_vec(), labels.to_vec());
+        labels[0] = value;
+        f.tensors.insert(key.into(), Tensor::i64(&shape, labels));
+        let path = dir.path().join(format!("bad_{key}.safetensors"));
+        f.write(&path).unwrap();
+        path
+    };
+    for (path, needle) in [
+        (bad("seg_labels", 9), "seg label 9"),
+        (bad("cls_labels", 3), "class label 3"),
+    ] {
+        let out = dir.path().join("never.safetensors");
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_m2unet"))
+            .args(["forward", "--device", "emu", "--mode", "train", "--weights"])
+            .arg(fixture("tiny_weights.safetensors"))
+            .arg("--input")
+            .arg(&path)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let msg = String::from_utf8_lossy(&o.stderr).to_string();
+        println!("{}: {msg}", path.display());
+        assert!(!o.status.success());
+        assert!(msg.contains(needle), "{msg:?} should contain {needle:?}");
+        assert!(
+            msg.contains(path.file_name().unwrap().to_str().unwrap()),
+            "names the file"
+        );
+        assert!(!out.exists(), "no output on failure");
+    }
+}
