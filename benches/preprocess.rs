@@ -20,6 +20,7 @@ fn pipeline(c: &mut Criterion) {
         noise_hu: 15.0,
         severe: true,
         fov: FieldOfView::Chest,
+        frame: FieldOfView::Chest.frame(),
     };
     let phantom = generate(&spec, 1);
     phantom

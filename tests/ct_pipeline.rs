@@ -12,7 +12,8 @@ use m2unet::data::dataset::{
     epoch_order, load_bag, read_manifest, split_by_case, stratified_slices, BagConfig, Prefetcher,
 };
 use m2unet::data::phantom::{
-    case_spec, generate, FieldOfView, Phantom, PhantomSpec, StoredDtype, SynthOptions, XformKind,
+    case_spec, generate, FieldOfView, Geometry, Phantom, PhantomSpec, StoredDtype, SynthOptions,
+    XformKind,
 };
 use m2unet::data::preprocess::{
     body_mask, keep_largest_components, label_patches, paste_patches, resize_bilinear,
@@ -45,6 +46,7 @@ fn spec(
         noise_hu: 12.0,
         severe,
         fov: FieldOfView::Chest,
+        frame: FieldOfView::Chest.frame(),
     }
 }
 
@@ -484,6 +486,7 @@ fn phantom_same_seed_same_bytes_and_classes_follow_involvement() {
         uncompressed: false,
         overwrite: false,
         fov: None,
+        geometry: Geometry::Fill,
     };
     run_synth(&args).unwrap();
     args.out = b.path().to_path_buf();
@@ -1108,6 +1111,7 @@ fn dataset_bags_are_stratified_seeded_prefetched_and_split_by_patient() {
         uncompressed: true,
         overwrite: false,
         fov: None,
+        geometry: Geometry::Fill,
     };
     run_synth(&args).unwrap();
     let manifest = dir.path().join("manifest.csv");

@@ -35,6 +35,7 @@ fn spec(shape: [usize; 3], spacing: [f64; 3], severe: bool) -> PhantomSpec {
         noise_hu: 15.0,
         severe,
         fov: FieldOfView::Chest,
+        frame: FieldOfView::Chest.frame(),
     }
 }
 
@@ -912,6 +913,7 @@ fn wide_fields_of_view_keep_lobes_in_the_lungs() {
         let ph = generate(
             &PhantomSpec {
                 fov,
+                frame: fov.frame(),
                 ..spec(shape, spacing, false)
             },
             41,

@@ -1,6 +1,8 @@
 //! `m2unet synth`: its arguments and the set of phantoms it writes.
 
-use crate::data::phantom::{check_shape, write_set, FovChoice, StoredDtype, SynthOptions};
+use crate::data::phantom::{
+    check_shape, write_set, FovChoice, Geometry, StoredDtype, SynthOptions,
+};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -62,6 +64,14 @@ pub struct SynthArgs {
     /// case: 60 % chest, 25 % body, 15 % abdomen). Truth masks are background outside the lungs.
     #[arg(long, value_enum)]
     pub fov: Option<FovChoice>,
+    /// How each grid is sized: fill (the anatomy fills the grid of --shape and --spacing, or of
+    /// drawn small ones; default) or clinical (as a scanner acquires a chest CT: 384, 512 or
+    /// 768 pixels in-plane over a field of view wider than the body, 0.5–1 mm pixels, slices of
+    /// 0.625–5 mm over the scanned range, 100–600 slices for a chest, an adult of drawn size at
+    /// physical scale, the table under the back; --shape and --spacing are then drawn). A
+    /// 512×512×300 case takes about 6 s and 100 MB compressed.
+    #[arg(long, value_enum, default_value_t = Geometry::Fill, conflicts_with_all = ["shape", "spacing"])]
+    pub geometry: Geometry,
 }
 
 impl SynthArgs {
@@ -75,6 +85,7 @@ impl SynthArgs {
             dtype: self.dtype,
             noise: self.noise,
             fov: self.fov,
+            geometry: self.geometry,
         }
     }
 }

@@ -58,15 +58,47 @@ pub enum FieldOfView {
 }
 
 impl FieldOfView {
-    /// In-plane scale s (anatomy = grid / s, leaving room for arms or the table) and the
-    /// anatomy's w range the grid's slices span.
-    fn frame(self) -> (f64, [f64; 2]) {
-        match self {
+    /// The frame of a grid the anatomy fills: the chest edge to edge, or room left for the
+    /// arms and the table around the body, and the heights the field of view spans.
+    pub fn frame(self) -> Frame {
+        let (scale, w) = match self {
             FieldOfView::Chest => (1.0, [-1.0, 1.0]),
             FieldOfView::Body => (0.76, [-2.9, 1.7]),
             FieldOfView::Abdomen => (0.9, [-2.6, -0.4]),
+        };
+        Frame {
+            scale,
+            w,
+            table: self != FieldOfView::Chest,
         }
     }
+}
+
+/// Where a grid lies in the anatomy: in-plane, anatomy = grid coordinate / `scale` (grid
+/// coordinates run over [−1, 1]); the slices span anatomy heights `w[0]..w[1]`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Frame {
+    pub scale: f64,
+    pub w: [f64; 2],
+    /// Whether the table lies under the body.
+    pub table: bool,
+}
+
+/// Millimetres per anatomy unit of an average adult (patient size 1): in-plane (the body
+/// 344 mm wide, a lung 120 mm) and head to foot (the lungs about 260 mm tall).
+const MM_PER_UNIT: [f64; 2] = [200.0, 165.0];
+
+/// How a synthetic set sizes its grids.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Geometry {
+    /// The anatomy fills the grid (as the field of view frames it), whatever its shape.
+    #[default]
+    Fill,
+    /// As real CT scans are acquired: 384–768 pixels in-plane over a field of view wider than
+    /// the body (0.5–1 mm pixels), slices of 0.625–5 mm over the scanned range (100–600 slices
+    /// for a chest), an adult of drawn size at physical scale, and the table under the back.
+    Clinical,
 }
 
 /// Everything that defines one phantom besides its seed.
@@ -86,6 +118,8 @@ pub struct PhantomSpec {
     pub severe: bool,
     /// What the grid covers around the lungs.
     pub fov: FieldOfView,
+    /// Where the grid lies in the anatomy.
+    pub frame: Frame,
 }
 
 /// Ground truth of one lobe.
@@ -527,11 +561,13 @@ struct Scene {
     anatomy: Anatomy,
     belly: Option<Belly>,
     fov: FieldOfView,
+    frame: Frame,
 }
 
 impl Scene {
-    fn new(anatomy: Anatomy, fov: FieldOfView, seed: u64) -> Scene {
-        let belly = (fov != FieldOfView::Chest).then(|| {
+    fn new(anatomy: Anatomy, fov: FieldOfView, frame: Frame, seed: u64) -> Scene {
+        // The abdomen's organs, wherever the grid reaches below the lungs' lowest rim.
+        let belly = (fov != FieldOfView::Chest || frame.w[0] < -0.9).then(|| {
             Belly::draw(
                 &anatomy,
                 &mut ChaCha8Rng::seed_from_u64(splitmix64(seed ^ 0xBE11)),
@@ -541,19 +577,20 @@ impl Scene {
             anatomy,
             belly,
             fov,
+            frame,
         }
     }
 
     /// Anatomy coordinates of grid coordinates (each in [−1, 1]).
     fn to_anatomy(&self, u: f64, v: f64, w: f64) -> [f64; 3] {
-        let (s, [lo, hi]) = self.fov.frame();
+        let Frame { scale: s, w: [lo, hi], .. } = self.frame;
         [u / s, v / s, lo + (w + 1.0) / 2.0 * (hi - lo)]
     }
 
-    /// A grid voxel's size in anatomy units.
-    fn voxel_size(&self, grid: [f64; 3]) -> [f64; 3] {
-        let (s, [lo, hi]) = self.fov.frame();
-        [grid[0] / s, grid[1] / s, grid[2] * (hi - lo) / 2.0]
+    /// Anatomy units per grid unit along each axis.
+    fn units(&self) -> [f64; 3] {
+        let Frame { scale: s, w: [lo, hi], .. } = self.frame;
+        [1.0 / s, 1.0 / s, (hi - lo) / 2.0]
     }
 
     /// Noise-free HU and lobe label at grid point (u, v, w).
@@ -566,7 +603,7 @@ impl Scene {
             + (va / (a.bv * (1.0 - neck * 0.6))).powi(2))
         .sqrt();
         if qb > 1.0 || (wa > 0.95 && qb > 0.94) {
-            return (self.outside_body(u, v, wa), 0);
+            return (self.outside_body(ua, va, wa), 0);
         }
         if let Some(belly) = &self.belly {
             let below_lungs = a.lungs.iter().all(|g| wa < g.base + g.dome - 0.05);
@@ -590,13 +627,14 @@ impl Scene {
         (hu, lobe)
     }
 
-    /// What lies outside the body: the arms (neck-to-pelvis scans), the table, air.
-    fn outside_body(&self, u: f64, v: f64, wa: f64) -> f32 {
-        if self.fov == FieldOfView::Body && (-2.3..0.95).contains(&wa) {
-            for c in [0.84, -0.84] {
-                let q = ((u - c) / 0.1).powi(2) + ((v + 0.02) / 0.13).powi(2);
+    /// What lies outside the body at anatomy point (u, v, w): the arms (neck-to-pelvis
+    /// scans), the table (a 10 mm couch 8 mm under the back), air.
+    fn outside_body(&self, u: f64, v: f64, w: f64) -> f32 {
+        if self.fov == FieldOfView::Body && (-2.3..0.95).contains(&w) {
+            for c in [1.1, -1.1] {
+                let q = ((u - c) / 0.13).powi(2) + ((v + 0.03) / 0.17).powi(2);
                 if q < 1.0 {
-                    let bone = ((u - c) / 0.035).powi(2) + ((v + 0.02) / 0.035).powi(2);
+                    let bone = ((u - c) / 0.046).powi(2) + ((v + 0.03) / 0.046).powi(2);
                     return if bone < 1.0 {
                         HU_BONE
                     } else if q > 0.75 {
@@ -607,7 +645,8 @@ impl Scene {
                 }
             }
         }
-        if self.fov != FieldOfView::Chest && (-0.96..-0.9).contains(&v) && u.abs() < 0.95 {
+        let back = -self.anatomy.bv;
+        if self.frame.table && (back - 0.09..back - 0.04).contains(&v) && u.abs() < 1.2 {
             return HU_TABLE;
         }
         HU_AIR
@@ -621,10 +660,15 @@ fn coord(i: usize, n: usize) -> f64 {
 /// Generates the phantom of `spec` for `seed`.
 pub fn generate(spec: &PhantomSpec, seed: u64) -> Phantom {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let scene = Scene::new(Anatomy::draw(&mut rng), spec.fov, seed);
+    let scene = Scene::new(Anatomy::draw(&mut rng), spec.fov, spec.frame, seed);
     let [nx, ny, nz] = spec.shape;
     let n = nx * ny;
-    let vox = scene.voxel_size([2.0 / nx as f64, 2.0 / ny as f64, 2.0 / nz as f64]);
+    let units = scene.units();
+    let vox = [
+        2.0 / nx as f64 * units[0],
+        2.0 / ny as f64 * units[1],
+        2.0 / nz as f64 * units[2],
+    ];
     let mut hu = vec![0f32; n * nz];
     let mut lobes = vec![0u8; n * nz];
     hu.par_chunks_mut(n)
@@ -719,12 +763,16 @@ fn place_lesions(
                 }
                 centre = list[rng.gen_range(0..list.len())] as usize;
             }
+            // Radii in anatomy units, then in grid units along each axis.
             let scale = rng.gen_range(0.04..0.09) * (1.0 + 1.5 * target);
-            let radii = [
+            let mut radii = [
                 scale * rng.gen_range(0.7..1.3),
                 scale * rng.gen_range(0.7..1.3),
                 scale * rng.gen_range(0.7..1.3),
             ];
+            for (r, u) in radii.iter_mut().zip(scene.units()) {
+                *r /= u;
+            }
             let value: f32 = if rng.gen_bool(consolidation_share) {
                 rng.gen_range(-80.0..40.0)
             } else {
@@ -923,6 +971,8 @@ pub struct SynthOptions {
     pub noise: Option<f32>,
     /// What each case's grid covers around the lungs (None: the chest).
     pub fov: Option<FovChoice>,
+    /// How the grids are sized.
+    pub geometry: Geometry,
 }
 
 /// The field of view of a set's cases: one for all, or drawn per case.
@@ -954,30 +1004,16 @@ pub fn case_spec(args: &SynthOptions, index: usize, severe: bool) -> Result<Phan
             }
         }
     };
-    // The grid spans more than the thorax when the field of view is wider: the drawn spacing
-    // keeps the thorax at an adult's size.
-    let (scale, [lo, hi]) = fov.frame();
-    let (max_fov, max_height) = (MAX_FOV_MM / scale, MAX_HEIGHT_MM * (hi - lo) / 2.0);
-    let shape = match args.shape {
-        Some(s) => {
-            check_shape(s)?;
-            s
+    let (shape, spacing, frame) = match args.geometry {
+        Geometry::Fill => {
+            let (shape, spacing) = filled_grid(args, fov, &mut rng)?;
+            (shape, spacing, fov.frame())
         }
-        None => {
-            let nx = *[112usize, 128, 144].choose(&mut rng).expect("non-empty");
-            let ny = if rng.gen_bool(0.5) { nx } else { nx - 16 };
-            [nx, ny, rng.gen_range(64..=112)]
-        }
-    };
-    let spacing = match args.spacing {
-        Some(s) => s,
-        None => {
-            // The anatomy fills the grid, so a large grid gets finer voxels: the field of view
-            // stays within an adult chest's (≤ 400 mm across, lungs ≤ 300 mm tall).
-            let inplane: f64 = rng.gen_range(0.6..1.0);
-            let inplane = inplane.min(max_fov / shape[0].max(shape[1]) as f64);
-            let slice: f64 = rng.gen_range(1.0..5.0);
-            [inplane, inplane, slice.min(max_height / shape[2] as f64)]
+        Geometry::Clinical => {
+            if args.shape.is_some() || args.spacing.is_some() {
+                bail!("the clinical geometry draws each case's shape and spacing: give neither");
+            }
+            clinical_grid(fov, &mut rng)
         }
     };
     let orientation = match &args.orientation {
@@ -1017,7 +1053,83 @@ pub fn case_spec(args: &SynthOptions, index: usize, severe: bool) -> Result<Phan
         noise_hu,
         severe,
         fov,
+        frame,
     })
+}
+
+/// Shape and spacing of a grid the anatomy fills ([`Geometry::Fill`]): as given, or drawn.
+fn filled_grid(
+    args: &SynthOptions,
+    fov: FieldOfView,
+    rng: &mut ChaCha8Rng,
+) -> Result<([usize; 3], [f64; 3])> {
+    // The grid spans more than the thorax when the field of view is wider: the drawn spacing
+    // keeps the thorax at an adult's size.
+    let Frame { scale, w: [lo, hi], .. } = fov.frame();
+    let (max_fov, max_height) = (MAX_FOV_MM / scale, MAX_HEIGHT_MM * (hi - lo) / 2.0);
+    let shape = match args.shape {
+        Some(s) => {
+            check_shape(s)?;
+            s
+        }
+        None => {
+            let nx = *[112usize, 128, 144].choose(rng).expect("non-empty");
+            let ny = if rng.gen_bool(0.5) { nx } else { nx - 16 };
+            [nx, ny, rng.gen_range(64..=112)]
+        }
+    };
+    let spacing = match args.spacing {
+        Some(s) => s,
+        None => {
+            // The anatomy fills the grid, so a large grid gets finer voxels: the field of view
+            // stays within an adult chest's (≤ 400 mm across, lungs ≤ 300 mm tall).
+            let inplane: f64 = rng.gen_range(0.6..1.0);
+            let inplane = inplane.min(max_fov / shape[0].max(shape[1]) as f64);
+            let slice: f64 = rng.gen_range(1.0..5.0);
+            [inplane, inplane, slice.min(max_height / shape[2] as f64)]
+        }
+    };
+    Ok((shape, spacing))
+}
+
+/// Slice thicknesses scanners reconstruct, in mm.
+const SLICE_MM: [f64; 7] = [0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0];
+
+/// Shape, spacing and frame of a grid as a scanner acquires it ([`Geometry::Clinical`]): an
+/// adult of drawn size at physical scale, an in-plane matrix of 384, 512 or 768 pixels over a
+/// field of view wider than the body (pixels 0.5–1 mm), and a drawn slice thickness over the
+/// scanned range (a chest from below the lung bases to above the apices), at most 600 slices.
+fn clinical_grid(fov: FieldOfView, rng: &mut ChaCha8Rng) -> ([usize; 3], [f64; 3], Frame) {
+    let size: f64 = rng.gen_range(0.85..1.1);
+    let [mm_uv, mm_w] = MM_PER_UNIT.map(|m| m * size);
+    // The body is at most 2 × 0.89 units wide.
+    let body_mm = 2.0 * 0.89 * mm_uv;
+    let fov_mm: f64 = rng.gen_range(body_mm * 1.05..500f64.max(body_mm * 1.1));
+    let mut n = *[384usize, 512, 512, 512, 512, 512, 768]
+        .choose(rng)
+        .expect("non-empty");
+    if !(0.5..=1.0).contains(&(fov_mm / n as f64)) {
+        n = 512;
+    }
+    let pixel = fov_mm / n as f64;
+    let [lo, hi] = match fov {
+        FieldOfView::Chest => [rng.gen_range(-1.25..-0.9), rng.gen_range(0.95..1.2)],
+        _ => fov.frame().w,
+    };
+    let range_mm = (hi - lo) * mm_w;
+    let most = 600.min(MAX_PHANTOM_VOXELS / (n * n));
+    let thick: Vec<f64> = SLICE_MM
+        .into_iter()
+        .filter(|t| range_mm / t <= most as f64)
+        .collect();
+    let slice = *thick.choose(rng).expect("5 mm slices always fit");
+    let nz = (range_mm / slice).round() as usize;
+    let frame = Frame {
+        scale: 2.0 * mm_uv / fov_mm,
+        w: [lo, lo + nz as f64 * slice / mm_w],
+        table: true,
+    };
+    ([n, n, nz], [pixel, pixel, slice], frame)
 }
 
 /// Largest in-plane field of view (mm) and head-to-foot extent (mm) of a drawn spacing.

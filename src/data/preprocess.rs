@@ -230,7 +230,36 @@ pub fn square_crop(body: &BodyMask, spacing_xy: [f64; 2], margin_mm: f64) -> Cro
     }
 }
 
-/// Bilinear resize of the crop window of `slice` into `out` (P×P); outside reads `fill`.
+/// The taps of one output axis of [`resize_bilinear`]: per output sample, its first input
+/// index and the weights of the inputs from there on.
+fn bilinear_taps(origin: f64, extent: f64, p: usize) -> Vec<(isize, Vec<f32>)> {
+    let scale = extent / p as f64;
+    (0..p)
+        .map(|k| {
+            let c = origin + (k as f64 + 0.5) * scale - 0.5;
+            if scale <= 1.0 {
+                let f = c.floor();
+                let t = (c - f) as f32;
+                return (f as isize, vec![1.0 - t, t]);
+            }
+            // Shrinking: the triangle widened to the shrink factor, normalised (an
+            // antialiased bilinear, as PIL and torchvision resize).
+            let lo = (c - scale).floor() as isize + 1;
+            let hi = (c + scale).ceil() as isize - 1;
+            let raw: Vec<f64> = (lo..=hi)
+                .map(|i| (1.0 - (i as f64 - c).abs() / scale).max(0.0))
+                .collect();
+            let sum: f64 = raw.iter().sum();
+            (lo, raw.iter().map(|w| (w / sum) as f32).collect())
+        })
+        .collect()
+}
+
+/// Bilinear resize of the crop window of `slice` into `out` (P×P); outside reads `fill`. When
+/// the window is larger than P along an axis, the triangle filter is widened by the shrink
+/// factor (antialiasing: every input pixel contributes, so thin structures such as fissures
+/// and the noise are averaged rather than sampled); when it is not, this is plain bilinear
+/// interpolation of the four nearest pixels.
 pub fn resize_bilinear(
     slice: &[f32],
     nx: usize,
@@ -240,17 +269,8 @@ pub fn resize_bilinear(
     fill: f32,
     out: &mut [f32],
 ) {
-    let axis = |origin: f64, extent: f64| -> Vec<(isize, f32)> {
-        (0..p)
-            .map(|k| {
-                let c = origin + (k as f64 + 0.5) * extent / p as f64 - 0.5;
-                let f = c.floor();
-                (f as isize, (c - f) as f32)
-            })
-            .collect()
-    };
-    let xs = axis(crop.x0, crop.w);
-    let ys = axis(crop.y0, crop.h);
+    let xs = bilinear_taps(crop.x0, crop.w, p);
+    let ys = bilinear_taps(crop.y0, crop.h, p);
     let at = |x: isize, y: isize| -> f32 {
         if x < 0 || y < 0 || x >= nx as isize || y >= ny as isize {
             fill
@@ -258,12 +278,21 @@ pub fn resize_bilinear(
             slice[y as usize * nx + x as usize]
         }
     };
-    for (v, &(y, fy)) in ys.iter().enumerate() {
+    let mut rows = vec![0f32; p];
+    for (v, (y0, wy)) in ys.iter().enumerate() {
         let row = &mut out[v * p..(v + 1) * p];
-        for (o, &(x, fx)) in row.iter_mut().zip(&xs) {
-            let top = at(x, y) * (1.0 - fx) + at(x + 1, y) * fx;
-            let bottom = at(x, y + 1) * (1.0 - fx) + at(x + 1, y + 1) * fx;
-            *o = top * (1.0 - fy) + bottom * fy;
+        row.fill(0.0);
+        for (dy, &fy) in wy.iter().enumerate() {
+            let y = y0 + dy as isize;
+            for (r, (x0, wx)) in rows.iter_mut().zip(&xs) {
+                *r = wx
+                    .iter()
+                    .enumerate()
+                    .fold(0.0, |acc, (dx, &fx)| acc + at(x0 + dx as isize, y) * fx);
+            }
+            for (o, &r) in row.iter_mut().zip(&rows) {
+                *o += r * fy;
+            }
         }
     }
 }
