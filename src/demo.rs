@@ -48,7 +48,8 @@ pub fn run_demo(engine: &mut dyn InferenceEngine, opts: &DemoOptions) -> Result<
     let dice = written_lobe_dice(
         Path::new(&report.outputs.lobes),
         &opts.out.join(&truth.mask),
-    )?;
+    )?
+    .0;
     Ok(DemoResult {
         truth,
         report,

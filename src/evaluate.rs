@@ -8,7 +8,7 @@ use crate::cpu::CpuEngine;
 use crate::data::dataset::ManifestEntry;
 use crate::data::NUM_LOBES;
 use crate::io::read_volume;
-use crate::metrics::{lobe_dice, EvalMetrics};
+use crate::metrics::{by_height, lobe_dice, ByHeight, EvalMetrics};
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -21,6 +21,8 @@ pub struct CaseResult {
     pub label: u8,
     pub probability: f64,
     pub lobe_dice: [f64; NUM_LOBES],
+    /// Per-lobe overlaps by height band of the true lung (band 0 at the base).
+    pub by_height: ByHeight,
 }
 
 /// Assesses every case (writing the assess outputs into `work_dir`) and compares the lobe
@@ -40,11 +42,13 @@ pub fn evaluate(
     let mut cases = Vec::with_capacity(entries.len());
     for e in entries {
         let report = assess_volume(&mut engine, &e.image, &opts)?;
+        let (lobe_dice, by_height) = written_lobe_dice(Path::new(&report.outputs.lobes), &e.mask)?;
         cases.push(CaseResult {
             case_id: e.case_id.clone(),
             label: e.label,
             probability: report.severity.probability,
-            lobe_dice: written_lobe_dice(Path::new(&report.outputs.lobes), &e.mask)?,
+            lobe_dice,
+            by_height,
         });
     }
     let dice: Vec<_> = cases.iter().map(|c| c.lobe_dice).collect();
@@ -53,8 +57,9 @@ pub fn evaluate(
     Ok((EvalMetrics::from_cases(&dice, &prob, &severe), cases))
 }
 
-/// Per-lobe 3D Dice of a written lobe map against a mask file on the same grid.
-pub fn written_lobe_dice(lobes: &Path, mask: &Path) -> Result<[f64; NUM_LOBES]> {
+/// Per-lobe 3D Dice of a written lobe map against a mask file on the same grid, and the
+/// overlaps by height of the lung.
+pub fn written_lobe_dice(lobes: &Path, mask: &Path) -> Result<([f64; NUM_LOBES], ByHeight)> {
     let pred = read_volume(lobes)?;
     let truth = read_volume(mask)?;
     if pred.data.len() != truth.data.len() {
@@ -66,5 +71,10 @@ pub fn written_lobe_dice(lobes: &Path, mask: &Path) -> Result<[f64; NUM_LOBES]> 
         );
     }
     let to_u8 = |v: &[f32]| -> Vec<u8> { v.iter().map(|&x| x.round() as u8).collect() };
-    Ok(lobe_dice(&to_u8(&pred.data), &to_u8(&truth.data)))
+    let dims = truth.canonical_dims();
+    let (pred, truth) = (
+        to_u8(&pred.canonical_data()),
+        to_u8(&truth.canonical_data()),
+    );
+    Ok((lobe_dice(&pred, &truth), by_height(&pred, &truth, dims)))
 }

@@ -25,6 +25,77 @@ pub fn lobe_dice(pred: &[u8], truth: &[u8]) -> [f64; NUM_LOBES] {
     std::array::from_fn(|l| dice(pred, truth, l as u8 + 1))
 }
 
+/// Voxel counts of one lobe in one region: predicted, true, and both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Overlap {
+    pub pred: usize,
+    pub truth: usize,
+    pub both: usize,
+}
+
+impl Overlap {
+    /// Dice of the counts; `None` when the lobe is neither predicted nor true there.
+    pub fn dice(&self) -> Option<f64> {
+        (self.pred + self.truth > 0)
+            .then(|| 2.0 * self.both as f64 / (self.pred + self.truth) as f64)
+    }
+
+    fn add(&mut self, o: &Overlap) {
+        self.pred += o.pred;
+        self.truth += o.truth;
+        self.both += o.both;
+    }
+}
+
+/// Height bands of the true lung's axial extent that [`by_height`] splits a volume into.
+pub const HEIGHT_BANDS: usize = 10;
+
+/// Per-lobe overlaps in each height band (band 0 at the lung base, the last at the apex).
+pub type ByHeight = [[Overlap; NUM_LOBES]; HEIGHT_BANDS];
+
+/// The per-lobe overlaps of canonical label maps (`dims`, z = inferior → superior) in
+/// [`HEIGHT_BANDS`] equal bands of the slices where the truth holds lung; slices below or above
+/// count in the first or last band.
+pub fn by_height(pred: &[u8], truth: &[u8], dims: [usize; 3]) -> ByHeight {
+    let n = dims[0] * dims[1];
+    let lung: Vec<usize> = (0..dims[2])
+        .filter(|&z| truth[z * n..(z + 1) * n].iter().any(|&l| l > 0))
+        .collect();
+    let mut out = ByHeight::default();
+    let (Some(&lo), Some(&hi)) = (lung.first(), lung.last()) else {
+        return out;
+    };
+    let span = (hi + 1 - lo) as f64;
+    for z in 0..dims[2] {
+        let t = (z.clamp(lo, hi) - lo) as f64 / span;
+        let band = &mut out[((t * HEIGHT_BANDS as f64) as usize).min(HEIGHT_BANDS - 1)];
+        for (&p, &t) in pred[z * n..(z + 1) * n]
+            .iter()
+            .zip(&truth[z * n..(z + 1) * n])
+        {
+            if (1..=NUM_LOBES as u8).contains(&p) {
+                band[p as usize - 1].pred += 1;
+            }
+            if (1..=NUM_LOBES as u8).contains(&t) {
+                band[t as usize - 1].truth += 1;
+                band[t as usize - 1].both += (p == t) as usize;
+            }
+        }
+    }
+    out
+}
+
+/// The overlaps of several cases added up, band by band (a Dice pooled over the cases).
+pub fn pooled(cases: &[ByHeight]) -> ByHeight {
+    let mut out = ByHeight::default();
+    for case in cases {
+        for (o, c) in out.iter_mut().flatten().zip(case.iter().flatten()) {
+            o.add(c);
+        }
+    }
+    out
+}
+
 /// Counts of a binary prediction against binary truth.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Confusion {

@@ -9,7 +9,8 @@ use m2unet::assess::{assess_batch, assess_volume, AssessOptions, LabelScheme};
 use m2unet::backend::Backend;
 use m2unet::config::ModelConfig;
 use m2unet::data::dataset::{
-    epoch_order, load_bag, read_manifest, split_by_case, stratified_slices, BagConfig, Prefetcher,
+    epoch_order, load_bag, read_manifest, split_by_case, stratified_slices, BagCache, BagConfig,
+    Loading, Prefetcher,
 };
 use m2unet::data::phantom::{
     case_spec, generate, FieldOfView, Geometry, Phantom, PhantomSpec, StoredDtype, SynthOptions,
@@ -27,6 +28,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 fn spec(
@@ -719,6 +721,49 @@ fn phantom_128x128x96_is_fast() {
     assert!(total < 2.0, "a 128×128×96 phantom took {total} s");
 }
 
+/// Shrinking a slice (a clinical 512-pixel crop to an 80-pixel patch) averages every input
+/// pixel: a one-pixel line keeps its mass A / s wherever it lies (plain bilinear sampling
+/// would miss most lines at s = 5.6), and a ramp stays the same ramp.
+#[test]
+fn shrinking_resize_averages_thin_lines_and_keeps_ramps() {
+    let (nx, ny, p) = (512usize, 64usize, 80usize);
+    let crop = CropBox {
+        x0: 20.0,
+        y0: 0.0,
+        w: 448.0,
+        h: 64.0,
+    };
+    let s = crop.w / p as f64;
+    let mut worst = 0f64;
+    for x0 in 100..140 {
+        let line: Vec<f32> = (0..nx * ny)
+            .map(|i| if i % nx == x0 { 70.0 } else { 0.0 })
+            .collect();
+        let mut out = vec![0f32; p * p];
+        resize_bilinear(&line, nx, ny, &crop, p, 0.0, &mut out);
+        let mass: f64 = out[40 * p..41 * p].iter().map(|&v| v as f64).sum();
+        worst = worst.max((mass - 70.0 / s).abs() / (70.0 / s));
+    }
+    let ramp: Vec<f32> = (0..nx * ny).map(|i| 0.5 * (i % nx) as f32).collect();
+    let mut out = vec![0f32; p * p];
+    resize_bilinear(&ramp, nx, ny, &crop, p, 0.0, &mut out);
+    let ramp_err = (0..p)
+        .map(|u| {
+            let x = crop.x0 + (u as f64 + 0.5) * s - 0.5;
+            (out[40 * p + u] as f64 - 0.5 * x).abs()
+        })
+        .fold(0.0, f64::max);
+    println!(
+        "shrink by {s:.2}: a one-pixel line's mass off by at most {worst:.2e} (relative) over 40 \
+         positions; ramp max error {ramp_err:.2e}"
+    );
+    // The triangle sampled at whole pixels and normalised keeps mass and centroid up to
+    // O(1 / s²) (sampling alone would lose whole lines: errors of 100 %).
+    let bound = 1.0 / (s * s);
+    assert!(worst < bound, "line mass off by {worst}, bound {bound}");
+    assert!(ramp_err < 0.5 * bound, "ramp off by {ramp_err} (slope 0.5)");
+}
+
 #[test]
 fn bilinear_resize_of_a_ramp_is_exact_and_body_mask_fills_holes() {
     let (nx, ny) = (40usize, 30usize);
@@ -1161,14 +1206,34 @@ fn dataset_bags_are_stratified_seeded_prefetched_and_split_by_patient() {
     let order = epoch_order(entries.len(), 5, 2);
     let direct: Vec<_> = order
         .iter()
-        .map(|&i| load_bag(&entries[i], i, &cfg, 5, 2).unwrap())
+        .map(|&i| load_bag(&entries[i], i, &cfg, 5, 2, None).unwrap())
         .collect();
-    for workers in [1, 3] {
-        let fetched: Vec<_> = Prefetcher::start(entries.clone(), cfg, 5, 2, workers, 2)
+    // The slice cache: a pass that fills it, one that reads every bag from it, and one with
+    // room for only some cases give the bags read from disk.
+    let full = Arc::new(BagCache::new(1 << 30));
+    let fetch = |workers: usize, cache: Option<&Arc<BagCache>>| -> Vec<_> {
+        let loading = Loading {
+            workers,
+            depth: 2,
+            cache: cache.cloned(),
+        };
+        Prefetcher::start(entries.clone(), cfg, 5, 2, loading)
             .map(|b| b.unwrap())
-            .collect();
+            .collect()
+    };
+    for (workers, cache) in [(1, None), (3, None), (2, Some(&full)), (3, Some(&full))] {
+        let fetched = fetch(workers, cache);
         assert_eq!(fetched, direct, "prefetch with {workers} workers differs");
     }
+    let partial = Arc::new(BagCache::new(full.used() / 2));
+    assert_eq!(fetch(1, Some(&partial)), direct, "a partial cache differs");
+    println!(
+        "bag cache: {} bytes for all {} cases, {} within half that budget; bags equal those read from disk",
+        full.used(),
+        entries.len(),
+        partial.used()
+    );
+    assert!(partial.used() > 0 && partial.used() < full.used());
     let lo = (1024.0 - 300.0) / 1624.0;
     for bag in &direct {
         assert_eq!(bag.patches.len(), 6 * 32 * 32);

@@ -643,6 +643,7 @@ fn args(data: &Path, out: &Path, device: Backend) -> TrainArgs {
         init: None,
         checkpoint_every: 50,
         max_steps: None,
+        cache_gib: 1.0,
         quiet: true,
     }
 }

@@ -10,10 +10,13 @@ use m2unet::app::train::{run as run_train, TrainArgs};
 use m2unet::backend::Backend;
 use m2unet::config::ModelConfig;
 use m2unet::data::dataset::read_checked_manifest;
+use m2unet::data::phantom::Geometry;
 use m2unet::evaluate::evaluate;
 use m2unet::io::checkpoint::load_checkpoint;
 use m2unet::io::weights::{load_model, model_from_tensors, Tensor, TensorFile, OPTIM_PREFIX};
-use m2unet::metrics::{dice, lobe_dice, roc_auc, Confusion, EvalMetrics};
+use m2unet::metrics::{
+    by_height, dice, lobe_dice, pooled, roc_auc, Confusion, EvalMetrics, HEIGHT_BANDS,
+};
 use m2unet::model::Model;
 use m2unet::train::Schedule;
 use m2unet::weights_source::{WeightsSource, WEIGHTS_ENV};
@@ -41,6 +44,7 @@ fn args(data: &Path, out: &Path) -> TrainArgs {
         init: None,
         checkpoint_every: 50,
         max_steps: None,
+        cache_gib: 1.0,
         quiet: true,
     }
 }
@@ -187,6 +191,43 @@ fn metrics_match_hand_computed_cases() {
     println!("lobe Dice {d:?}, max error {err:e}");
     assert!(err < 1e-12);
     assert_eq!(dice(&pred, &truth, 4), 1.0);
+
+    // Dice by height: a 1×1×30 column whose lung spans z 5..25 (bands of 2 slices); lobe 1 is
+    // true on 5..15 and predicted on 7..17, lobe 4 true on 15..25 and predicted from 17 up to
+    // the top slice 29 (counted in the last band).
+    let dims = [1, 1, 30];
+    let truth: Vec<u8> = (0..30)
+        .map(|z| match z {
+            5..15 => 1,
+            15..25 => 4,
+            _ => 0,
+        })
+        .collect();
+    let pred: Vec<u8> = (0..30)
+        .map(|z| match z {
+            7..17 => 1,
+            17.. => 4,
+            _ => 0,
+        })
+        .collect();
+    let bands = by_height(&pred, &truth, dims);
+    let got: Vec<[Option<f64>; 2]> = bands.iter().map(|b| [b[0].dice(), b[3].dice()]).collect();
+    println!("Dice by height (LUL, RML) per band: {got:?}");
+    let want: [[Option<f64>; 2]; HEIGHT_BANDS] = [
+        [Some(0.0), None],
+        [Some(1.0), None],
+        [Some(1.0), None],
+        [Some(1.0), None],
+        [Some(1.0), None],
+        [Some(0.0), Some(0.0)],
+        [None, Some(1.0)],
+        [None, Some(1.0)],
+        [None, Some(1.0)],
+        [None, Some(2.0 * 2.0 / (2.0 + 7.0))],
+    ];
+    assert_eq!(got, want);
+    let twice = pooled(&[bands, bands]);
+    assert_eq!(twice[9][3].pred, 2 * bands[9][3].pred);
 
     // AUC: one misordered pair out of four → 0.75; ties count one half.
     let a = roc_auc(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]).unwrap();
@@ -404,6 +445,7 @@ fn manifest_problems_are_reported_with_their_lines_before_anything_is_written() 
             uncompressed: true,
             overwrite: false,
             fov: None,
+            geometry: Geometry::Fill,
         })
         .unwrap();
     };

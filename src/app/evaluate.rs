@@ -5,7 +5,7 @@ use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::evaluate::{evaluate, CaseResult};
 use crate::io::atomic::write_atomic;
 use crate::io::weights::load_model;
-use crate::metrics::EvalMetrics;
+use crate::metrics::{pooled, ByHeight, EvalMetrics, HEIGHT_BANDS};
 use anyhow::Result;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -39,6 +39,9 @@ struct Evaluation<'a> {
     specificity: f64,
     f1: f64,
     auc: Option<f64>,
+    /// Per-lobe Dice in each height band of the lung (band 0 at the base), pooled over the
+    /// cases; null where a lobe is neither true nor predicted.
+    dice_by_height: Vec<[Option<f64>; NUM_LOBES]>,
 }
 
 /// `m2unet evaluate`: assesses every case, prints the table and summary, writes
@@ -48,8 +51,10 @@ pub fn run(args: &EvaluateArgs) -> Result<EvalMetrics> {
     let entries = read_checked_manifest(&args.data)?;
     let (m, cases) = evaluate(&model, &entries, &args.out)?;
     print_cases(&cases);
+    let heights = pooled(&cases.iter().map(|c| c.by_height).collect::<Vec<_>>());
+    print_by_height(&heights);
     print_summary(&m);
-    write_json(args, &m, &cases)?;
+    write_json(args, &m, &cases, &heights)?;
     Ok(m)
 }
 
@@ -73,6 +78,29 @@ fn print_cases(cases: &[CaseResult]) {
     }
 }
 
+/// Per-lobe Dice by height band of the lung, pooled over the cases ("-": no such lobe there).
+fn print_by_height(heights: &ByHeight) {
+    println!(
+        "Dice by height of the lung, pooled over the cases ({HEIGHT_BANDS} bands, base to apex):"
+    );
+    println!(
+        "{:<12} {}",
+        "band",
+        LOBE_NAMES.map(|n| format!("{n:>7}")).join("")
+    );
+    for (b, band) in heights.iter().enumerate() {
+        let cells = band.map(|o| {
+            o.dice()
+                .map_or(format!("{:>7}", "-"), |d| format!("{d:>7.4}"))
+        });
+        println!(
+            "{:<12} {}",
+            format!("{}/{HEIGHT_BANDS}", b + 1),
+            cells.join("")
+        );
+    }
+}
+
 fn print_summary(m: &EvalMetrics) {
     println!(
         "mean lobe Dice {:.4} ({}), accuracy {:.4}, sensitivity {:.4}, specificity {:.4}, F1 {:.4}, ROC AUC {:.4}",
@@ -92,7 +120,12 @@ fn print_summary(m: &EvalMetrics) {
 }
 
 /// --out/evaluation.json.
-fn write_json(args: &EvaluateArgs, m: &EvalMetrics, cases: &[CaseResult]) -> Result<()> {
+fn write_json(
+    args: &EvaluateArgs,
+    m: &EvalMetrics,
+    cases: &[CaseResult],
+    heights: &ByHeight,
+) -> Result<()> {
     let json = Evaluation {
         weights: args.weights.display().to_string(),
         data: args.data.display().to_string(),
@@ -104,6 +137,7 @@ fn write_json(args: &EvaluateArgs, m: &EvalMetrics, cases: &[CaseResult]) -> Res
         specificity: m.specificity,
         f1: m.f1,
         auc: (!m.auc.is_nan()).then_some(m.auc),
+        dice_by_height: heights.iter().map(|b| b.map(|o| o.dice())).collect(),
     };
     let path = args.out.join("evaluation.json");
     write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())

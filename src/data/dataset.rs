@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// One row of a manifest CSV (paths resolved against the manifest's folder).
@@ -339,50 +339,122 @@ pub fn load_case(entry: &ManifestEntry) -> Result<(CanonicalCt, Vec<u8>)> {
     Ok((CanonicalCt::from_volume(&image), labels))
 }
 
-/// Builds a bag from a loaded case with slices drawn by `rng`.
-pub fn make_bag(
-    entry: &ManifestEntry,
-    ct: &CanonicalCt,
-    labels: &[u8],
-    cfg: &BagConfig,
-    rng: &mut impl Rng,
-) -> Result<Bag> {
-    let [nx, ny, nz] = ct.dims;
-    let n = nx * ny;
-    let lung: Vec<usize> = (0..nz)
+/// The lung slices of a case (ascending z): those where the mask marks a lobe.
+fn lung_slices(entry: &ManifestEntry, dims: [usize; 3], labels: &[u8]) -> Result<Vec<usize>> {
+    let n = dims[0] * dims[1];
+    let lung: Vec<usize> = (0..dims[2])
         .filter(|&z| labels[z * n..(z + 1) * n].iter().any(|&l| l > 0))
         .collect();
     if lung.is_empty() {
         bail!("{}: the lobe mask marks no lung", entry.mask.display());
     }
-    let slices = stratified_slices(&lung, cfg.bag_size, rng);
-    let p = cfg.preprocess.patch;
-    let mut patches = Vec::with_capacity(slices.len() * p * p);
-    let mut masks = vec![0u8; slices.len() * p * p];
-    for (k, &z) in slices.iter().enumerate() {
-        let (crop, patch) = slice_patch(ct, z, &cfg.preprocess).ok_or_else(|| {
-            anyhow!(
-                "{}: slice {z} holds lung in the mask but no body in the image",
-                entry.image.display()
-            )
-        })?;
-        patches.extend_from_slice(&patch);
-        resize_nearest(
-            &labels[z * n..(z + 1) * n],
-            nx,
-            ny,
-            &crop,
-            p,
-            &mut masks[k * p * p..(k + 1) * p * p],
-        );
+    Ok(lung)
+}
+
+/// Slices of one case preprocessed for bags: its lung slices, and the patch and mask patch of
+/// each slice in `patches` (a subset of the lung slices, or all of them).
+pub struct CaseSlices {
+    lung: Vec<usize>,
+    /// z → (P×P normalised patch, P×P lobe labels).
+    patches: BTreeMap<usize, (Vec<f32>, Vec<u8>)>,
+}
+
+impl CaseSlices {
+    /// Preprocesses slices `zs` of a loaded case.
+    fn prepare(
+        entry: &ManifestEntry,
+        ct: &CanonicalCt,
+        labels: &[u8],
+        lung: Vec<usize>,
+        zs: &[usize],
+        cfg: &PreprocessConfig,
+    ) -> Result<CaseSlices> {
+        let [nx, ny, _] = ct.dims;
+        let (n, p) = (nx * ny, cfg.patch);
+        let mut patches = BTreeMap::new();
+        for &z in zs {
+            let (crop, patch) = slice_patch(ct, z, cfg).ok_or_else(|| {
+                anyhow!(
+                    "{}: slice {z} holds lung in the mask but no body in the image",
+                    entry.image.display()
+                )
+            })?;
+            let mut mask = vec![0u8; p * p];
+            resize_nearest(&labels[z * n..(z + 1) * n], nx, ny, &crop, p, &mut mask);
+            patches.insert(z, (patch, mask));
+        }
+        Ok(CaseSlices { lung, patches })
     }
-    Ok(Bag {
-        case_id: entry.case_id.clone(),
-        label: entry.label,
-        slices,
-        patches,
-        masks,
-    })
+
+    /// Bytes the prepared patches of `slices` lung slices take at patch side `p`.
+    fn bytes(slices: usize, p: usize) -> usize {
+        slices * p * p * (std::mem::size_of::<f32>() + 1)
+    }
+
+    /// The bag of slices `zs` (each prepared).
+    fn bag(&self, entry: &ManifestEntry, zs: Vec<usize>) -> Bag {
+        let (patches, masks) = zs.iter().map(|z| &self.patches[z]).fold(
+            (Vec::new(), Vec::new()),
+            |(mut ps, mut ms), (p, m)| {
+                ps.extend_from_slice(p);
+                ms.extend_from_slice(m);
+                (ps, ms)
+            },
+        );
+        Bag {
+            case_id: entry.case_id.clone(),
+            label: entry.label,
+            slices: zs,
+            patches,
+            masks,
+        }
+    }
+}
+
+/// Training cases' preprocessed lung slices kept in memory across epochs, up to a byte budget:
+/// a cached case is read and preprocessed once instead of once per bag (a 512×512×300 volume
+/// takes about a second to read). Cases beyond the budget are read for every bag. Bags are the
+/// same with or without the cache.
+pub struct BagCache {
+    budget: usize,
+    /// Bytes reserved so far, and the cached cases by image path.
+    state: Mutex<(usize, HashMap<PathBuf, Arc<CaseSlices>>)>,
+}
+
+impl BagCache {
+    pub fn new(budget_bytes: usize) -> Self {
+        BagCache {
+            budget: budget_bytes,
+            state: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    fn get(&self, image: &Path) -> Option<Arc<CaseSlices>> {
+        self.lock().1.get(image).cloned()
+    }
+
+    /// Reserves `bytes` of the budget; false when they do not fit.
+    fn reserve(&self, bytes: usize) -> bool {
+        let mut state = self.lock();
+        let fits = state.0 + bytes <= self.budget;
+        if fits {
+            state.0 += bytes;
+        }
+        fits
+    }
+
+    fn insert(&self, image: &Path, case: Arc<CaseSlices>) {
+        self.lock().1.insert(image.to_path_buf(), case);
+    }
+
+    /// Bytes reserved by cached cases.
+    pub fn used(&self) -> usize {
+        self.lock().0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<PathBuf, Arc<CaseSlices>>)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 fn mix(a: u64, b: u64) -> u64 {
@@ -393,16 +465,44 @@ fn mix(a: u64, b: u64) -> u64 {
 }
 
 /// The bag of manifest row `index` in `epoch`: its slices depend only on (seed, epoch, index).
+/// With a cache, the case's prepared slices are taken from it, or all its lung slices are
+/// prepared and kept when the budget has room.
 pub fn load_bag(
     entry: &ManifestEntry,
     index: usize,
     cfg: &BagConfig,
     seed: u64,
     epoch: u64,
+    cache: Option<&BagCache>,
 ) -> Result<Bag> {
-    let (ct, labels) = load_case(entry)?;
     let mut rng = ChaCha8Rng::seed_from_u64(mix(mix(seed, epoch), index as u64));
-    make_bag(entry, &ct, &labels, cfg, &mut rng)
+    if let Some(case) = cache.and_then(|c| c.get(&entry.image)) {
+        let zs = stratified_slices(&case.lung, cfg.bag_size, &mut rng);
+        return Ok(case.bag(entry, zs));
+    }
+    let (ct, labels) = load_case(entry)?;
+    let lung = lung_slices(entry, ct.dims, &labels)?;
+    let zs = stratified_slices(&lung, cfg.bag_size, &mut rng);
+    let p = cfg.preprocess.patch;
+    match cache.filter(|c| c.reserve(CaseSlices::bytes(lung.len(), p))) {
+        Some(cache) => {
+            let all = lung.clone();
+            let case = Arc::new(CaseSlices::prepare(
+                entry,
+                &ct,
+                &labels,
+                lung,
+                &all,
+                &cfg.preprocess,
+            )?);
+            cache.insert(&entry.image, Arc::clone(&case));
+            Ok(case.bag(entry, zs))
+        }
+        None => {
+            let case = CaseSlices::prepare(entry, &ct, &labels, lung, &zs, &cfg.preprocess)?;
+            Ok(case.bag(entry, zs))
+        }
+    }
 }
 
 /// The order in which an epoch visits the manifest rows (a seeded shuffle).
@@ -410,6 +510,14 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(seed, epoch)));
     order
+}
+
+/// How a [`Prefetcher`] loads: its threads, the bags each loads ahead, and the slice cache.
+#[derive(Clone, Default)]
+pub struct Loading {
+    pub workers: usize,
+    pub depth: usize,
+    pub cache: Option<Arc<BagCache>>,
 }
 
 /// Loads one epoch's bags on background threads, `depth` bags ahead per worker, and yields
@@ -429,10 +537,9 @@ impl Prefetcher {
         cfg: BagConfig,
         seed: u64,
         epoch: u64,
-        workers: usize,
-        depth: usize,
+        loading: Loading,
     ) -> Self {
-        Self::start_at(entries, cfg, seed, epoch, 0, workers, depth)
+        Self::start_at(entries, cfg, seed, epoch, 0, loading)
     }
 
     /// The bags of `epoch` from `position` in its order on.
@@ -442,10 +549,9 @@ impl Prefetcher {
         seed: u64,
         epoch: u64,
         position: usize,
-        workers: usize,
-        depth: usize,
+        loading: Loading,
     ) -> Self {
-        let workers = workers.max(1);
+        let workers = loading.workers.max(1);
         let order = Arc::new(epoch_order(entries.len(), seed, epoch));
         let entries = Arc::new(entries);
         let first = position.min(order.len());
@@ -453,12 +559,13 @@ impl Prefetcher {
         let mut receivers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
         for w in 0..workers {
-            let (tx, rx) = sync_channel(depth.max(1));
+            let (tx, rx) = sync_channel(loading.depth.max(1));
             let (order, entries) = (Arc::clone(&order), Arc::clone(&entries));
+            let cache = loading.cache.clone();
             handles.push(std::thread::spawn(move || {
                 for pos in (first + w..order.len()).step_by(workers) {
                     let idx = order[pos];
-                    let bag = load_bag(&entries[idx], idx, &cfg, seed, epoch);
+                    let bag = load_bag(&entries[idx], idx, &cfg, seed, epoch, cache.as_deref());
                     if tx.send(bag).is_err() {
                         return;
                     }

@@ -583,13 +583,21 @@ impl Scene {
 
     /// Anatomy coordinates of grid coordinates (each in [−1, 1]).
     fn to_anatomy(&self, u: f64, v: f64, w: f64) -> [f64; 3] {
-        let Frame { scale: s, w: [lo, hi], .. } = self.frame;
+        let Frame {
+            scale: s,
+            w: [lo, hi],
+            ..
+        } = self.frame;
         [u / s, v / s, lo + (w + 1.0) / 2.0 * (hi - lo)]
     }
 
     /// Anatomy units per grid unit along each axis.
     fn units(&self) -> [f64; 3] {
-        let Frame { scale: s, w: [lo, hi], .. } = self.frame;
+        let Frame {
+            scale: s,
+            w: [lo, hi],
+            ..
+        } = self.frame;
         [1.0 / s, 1.0 / s, (hi - lo) / 2.0]
     }
 
@@ -1065,7 +1073,9 @@ fn filled_grid(
 ) -> Result<([usize; 3], [f64; 3])> {
     // The grid spans more than the thorax when the field of view is wider: the drawn spacing
     // keeps the thorax at an adult's size.
-    let Frame { scale, w: [lo, hi], .. } = fov.frame();
+    let Frame {
+        scale, w: [lo, hi], ..
+    } = fov.frame();
     let (max_fov, max_height) = (MAX_FOV_MM / scale, MAX_HEIGHT_MM * (hi - lo) / 2.0);
     let shape = match args.shape {
         Some(s) => {

@@ -16,7 +16,8 @@ use crate::config::TrainConfig;
 use crate::cpu::Trainer;
 use crate::cuda::train::StepReport;
 use crate::data::dataset::{
-    load_bag, read_checked_manifest, split_by_case, Bag, BagConfig, ManifestEntry, Prefetcher,
+    load_bag, read_checked_manifest, split_by_case, Bag, BagCache, BagConfig, Loading,
+    ManifestEntry, Prefetcher,
 };
 use crate::data::preprocess::PreprocessConfig;
 use crate::evaluate::evaluate;
@@ -28,6 +29,7 @@ use batch::{validation_losses, BatchData};
 use progress::Progress;
 use run_dir::{RunDir, Validation, Which};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 use stepper::Stepper;
 
@@ -61,6 +63,8 @@ pub struct RunLength {
     pub epochs: u64,
     /// Stop (with a checkpoint) once this many optimiser steps have been taken in total.
     pub max_steps: Option<u64>,
+    /// Memory for the training cases' preprocessed slices ([`BagCache`]), in bytes.
+    pub cache_bytes: usize,
 }
 
 /// What a finished (or stopped) training call reports.
@@ -120,7 +124,7 @@ impl Cases {
         let val_bags = val
             .iter()
             .enumerate()
-            .map(|(i, e)| load_bag(e, i, &bags, seed, 0))
+            .map(|(i, e)| load_bag(e, i, &bags, seed, 0, None))
             .collect::<Result<_>>()?;
         Ok(Cases {
             train,
@@ -144,6 +148,8 @@ struct Session {
     cases: Cases,
     length: RunLength,
     progress: Progress,
+    /// The training cases' preprocessed slices, kept across this call's epochs.
+    cache: Arc<BagCache>,
     /// Patches trained on by this call.
     patches_done: usize,
 }
@@ -197,6 +203,7 @@ impl Session {
             cases,
             length,
             progress,
+            cache: Arc::new(BagCache::new(length.cache_bytes)),
             patches_done: 0,
         })
     }
@@ -210,8 +217,11 @@ impl Session {
             self.state.seed,
             self.state.epoch,
             self.state.position,
-            1,
-            2 * self.run.bags_per_step,
+            Loading {
+                workers: 1,
+                depth: 2 * self.run.bags_per_step,
+                cache: Some(Arc::clone(&self.cache)),
+            },
         );
         while self.state.position < n {
             if self.length.max_steps.is_some_and(|m| self.state.step >= m) {

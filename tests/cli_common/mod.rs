@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use m2unet::app::synth::{run as run_synth, SynthArgs};
+use m2unet::data::phantom::Geometry;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -66,6 +67,7 @@ pub fn training_set(dir: &Path, count: usize, seed: u64) -> PathBuf {
         uncompressed: true,
         overwrite: false,
         fov: None,
+        geometry: Geometry::Fill,
     })
     .unwrap();
     dir.join("manifest.csv")
