@@ -13,8 +13,8 @@ use m2unet::data::dataset::{
     Loading, Prefetcher,
 };
 use m2unet::data::phantom::{
-    case_spec, generate, FieldOfView, Geometry, Phantom, PhantomSpec, StoredDtype, SynthOptions,
-    XformKind,
+    case_spec, generate, FieldOfView, FovChoice, Geometry, Phantom, PhantomSpec, StoredDtype,
+    SynthOptions, XformKind,
 };
 use m2unet::data::preprocess::{
     body_mask, keep_largest_components, label_patches, paste_patches, resize_bilinear,
@@ -1541,4 +1541,100 @@ fn drawn_spacings_keep_an_adult_chest_size_on_large_grids() {
             }
         }
     }
+}
+
+#[test]
+fn clinical_geometry_draws_scanner_grids_at_physical_scale() {
+    // The drawn grids cover what chest scanners acquire: 384/512/768 matrices, 0.5–1 mm pixels,
+    // reconstructed slice thicknesses, at most 600 slices (100–600 for thin chest slices).
+    let draw = |fov, i| {
+        let opts = SynthOptions {
+            seed: 77,
+            fov,
+            geometry: Geometry::Clinical,
+            ..SynthOptions::default()
+        };
+        case_spec(&opts, i, i % 2 == 0).unwrap()
+    };
+    let specs: Vec<PhantomSpec> = (0..200).map(|i| draw(Some(FovChoice::Mixed), i)).collect();
+    let thick = [0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0];
+    for s in &specs {
+        assert!([384, 512, 768].contains(&s.shape[0]) && s.shape[0] == s.shape[1]);
+        assert!((0.5..=1.0).contains(&s.spacing[0]), "{:?}", s.spacing);
+        assert!(thick.contains(&s.spacing[2]) && s.shape[2] <= 600);
+        if s.fov == FieldOfView::Chest && s.spacing[2] <= 1.25 {
+            assert!(s.shape[2] >= 100, "{:?}", s.shape);
+        }
+    }
+    let slices: Vec<usize> = specs.iter().map(|s| s.shape[2]).collect();
+    println!(
+        "200 drawn clinical grids: {} of 384, {} of 512, {} of 768 pixels; {}–{} slices",
+        specs.iter().filter(|s| s.shape[0] == 384).count(),
+        specs.iter().filter(|s| s.shape[0] == 512).count(),
+        specs.iter().filter(|s| s.shape[0] == 768).count(),
+        slices.iter().min().unwrap(),
+        slices.iter().max().unwrap()
+    );
+
+    // Physical scale: the same case on a grid of half and a quarter of the resolution (the same
+    // frame, so the same patch of anatomy) holds the same lobes, in mL.
+    let spec = draw(None, 3);
+    let coarse = |f: usize| PhantomSpec {
+        shape: [
+            spec.shape[0] / f,
+            spec.shape[1] / f,
+            spec.shape[2].div_ceil(f),
+        ],
+        spacing: [
+            spec.spacing[0] * f as f64,
+            spec.spacing[1] * f as f64,
+            spec.spacing[2] * spec.shape[2] as f64 / spec.shape[2].div_ceil(f) as f64,
+        ],
+        ..spec.clone()
+    };
+    let volumes = |s: &PhantomSpec| -> [f64; 5] {
+        let ph = generate(s, 5);
+        let ml = s.spacing.iter().product::<f64>() / 1000.0;
+        ph.counts.map(|(v, _)| v as f64 * ml)
+    };
+    let (half, quarter) = (volumes(&coarse(2)), volumes(&coarse(4)));
+    let total: f64 = half.iter().sum();
+    let worst = (0..5)
+        .map(|l| (half[l] - quarter[l]).abs() / half[l])
+        .fold(0.0, f64::max);
+    println!(
+        "{:?} at {:.2?} mm: lobes {half:.0?} mL on half its resolution, {quarter:.0?} mL on a \
+         quarter (worst lobe differs by {:.1} %); RML {:.1} % of {total:.0} mL",
+        spec.shape,
+        spec.spacing,
+        100.0 * worst,
+        100.0 * half[3] / total
+    );
+    assert!(worst < 0.03, "lobe volumes depend on the grid: {worst}");
+    assert!((3000.0..9000.0).contains(&total) && (0.04..0.15).contains(&(half[3] / total)));
+
+    // The field of view is wider than the body, and the table lies under the back: the grid's
+    // outer rows and columns hold no body at the lungs' level, and a couch at 250 HU lies
+    // below the body in every slice.
+    let spec = coarse(2);
+    let ph = generate(&spec, 5);
+    let [nx, ny, nz] = spec.shape;
+    let z = nz / 2;
+    let slice = &ph.hu[z * nx * ny..(z + 1) * nx * ny];
+    let body = |x: usize, y: usize| slice[y * nx + x] > -500.0 && slice[y * nx + x] < 200.0;
+    let edge_body = (0..nx)
+        .flat_map(|x| [(x, 0), (x, ny - 1)])
+        .chain((0..ny).flat_map(|y| [(0, y), (nx - 1, y)]))
+        .filter(|&(x, y)| body(x, y))
+        .count();
+    let lowest_body = (0..ny).find(|&y| (0..nx).any(|x| body(x, y))).unwrap();
+    let table_rows: Vec<usize> = (0..lowest_body)
+        .filter(|&y| (0..nx).filter(|&x| slice[y * nx + x] > 150.0).count() > nx / 2)
+        .collect();
+    println!(
+        "mid slice: {edge_body} body pixels on the grid's edge; the body's lowest row {lowest_body}, \
+         table rows {table_rows:?}"
+    );
+    assert_eq!(edge_body, 0);
+    assert!(!table_rows.is_empty() && *table_rows.last().unwrap() + 1 < lowest_body);
 }
