@@ -8,8 +8,8 @@ use crate::ct_input::{CtInput, LoadedCt};
 use crate::data::dataset::stem;
 use crate::data::lung_mask::{lung_mask, LungMask};
 use crate::data::preprocess::{
-    keep_largest_components, paste_patches, volume_patches, CanonicalCt, PreprocessConfig,
-    VolumePatches,
+    keep_largest_components, order_lobes_along_z, paste_patches, volume_patches, CanonicalCt,
+    PreprocessConfig, VolumePatches,
 };
 use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::engine::InferenceEngine;
@@ -61,6 +61,9 @@ pub struct AssessOptions {
     pub label_scheme: LabelScheme,
     /// How the report names the engine's weights (a path, or the embedded default).
     pub weights: Option<String>,
+    /// Put each craniocaudal column of each lung in anatomical lobe order
+    /// ([`order_lobes_along_z`]) before the largest components are kept.
+    pub order_lobes: bool,
 }
 
 impl Default for AssessOptions {
@@ -73,6 +76,7 @@ impl Default for AssessOptions {
             force: false,
             label_scheme: LabelScheme::Lungmask,
             weights: None,
+            order_lobes: true,
         }
     }
 }
@@ -252,7 +256,14 @@ pub fn assess_input_with_progress(
     })
     .with_context(|| engine_failed("segmentation", engine))?;
     let lobes = stage(bar, "post-processing", &mut t.postprocess, || {
-        Ok(LobeMap::new(&seg, &body, &ct, patch, &lung))
+        Ok(LobeMap::new(
+            &seg,
+            &body,
+            &ct,
+            patch,
+            &lung,
+            opts.order_lobes,
+        ))
     })?;
     let mut warnings = warnings;
     let bag = stage(bar, "classifying", &mut t.classify, || {
@@ -371,13 +382,15 @@ struct LobeMap {
 
 impl LobeMap {
     /// The patches' labels pasted back on the canonical grid and kept only inside the lung
-    /// mask's envelope, the largest component of each lobe kept, and the sums of every slice.
+    /// mask's envelope, each lung's columns put in lobe order (`order_lobes`), the largest
+    /// component of each lobe kept, and the sums of every slice.
     fn new(
         seg: &[u8],
         body: &VolumePatches,
         ct: &CanonicalCt,
         patch: usize,
         lung: &LungMask,
+        order_lobes: bool,
     ) -> LobeMap {
         let dims = ct.dims;
         let mut labels = paste_patches(seg, &body.slices, dims, patch);
@@ -389,6 +402,9 @@ impl LobeMap {
                     *l = 0;
                 }
             });
+        if order_lobes {
+            order_lobes_along_z(&mut labels, dims);
+        }
         keep_largest_components(&mut labels, dims);
         let n = dims[0] * dims[1];
         let (per_slice, lung_area) = labels

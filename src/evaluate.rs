@@ -31,12 +31,14 @@ pub fn evaluate(
     model: &Model,
     entries: &[ManifestEntry],
     work_dir: &Path,
+    order_lobes: bool,
 ) -> Result<(EvalMetrics, Vec<CaseResult>)> {
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("cannot create {}", work_dir.display()))?;
     let mut engine = CpuEngine::new(model.clone());
     let opts = AssessOptions {
         out_dir: Some(work_dir.to_path_buf()),
+        order_lobes,
         ..AssessOptions::default()
     };
     let mut cases = Vec::with_capacity(entries.len());

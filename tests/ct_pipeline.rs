@@ -17,8 +17,8 @@ use m2unet::data::phantom::{
     SynthOptions, XformKind,
 };
 use m2unet::data::preprocess::{
-    body_mask, keep_largest_components, label_patches, paste_patches, resize_bilinear,
-    volume_patches, CanonicalCt, CropBox, PreprocessConfig,
+    body_mask, keep_largest_components, label_patches, order_lobes_along_z, paste_patches,
+    resize_bilinear, volume_patches, CanonicalCt, CropBox, PreprocessConfig,
 };
 use m2unet::engine::{InferenceEngine, Outputs};
 use m2unet::io::nifti::{read_volume, write_label_map, write_nifti, VoxelData};
@@ -1426,6 +1426,7 @@ fn run_assess_expands_folders_and_its_status_says_whether_all_succeeded() {
         quiet: true,
         force,
         label_scheme: LabelScheme::Lungmask,
+        no_lobe_order: false,
     };
     let run_assess = |args: &AssessArgs| {
         run_with_engine(args, &mut OracleEngine::new(&good, &mask, 32), "oracle")
@@ -1637,4 +1638,64 @@ fn clinical_geometry_draws_scanner_grids_at_physical_scale() {
     );
     assert_eq!(edge_body, 0);
     assert!(!table_rows.is_empty() && *table_rows.last().unwrap() + 1 < lowest_body);
+}
+
+#[test]
+fn lobe_order_along_z_is_the_fewest_changes_to_an_ordered_column() {
+    // Independent truth: every ordered sequence of each lung's lobes along a short column
+    // (left: LLL 2 below LUL 1; right: RLL 5 below RML 4 below RUL 3), enumerated by its cut
+    // points, and the fewest changes any of them needs. Background stays as it is.
+    fn fewest(column: &[u8], order: &[u8]) -> usize {
+        let lung: Vec<u8> = column
+            .iter()
+            .copied()
+            .filter(|l| order.contains(l))
+            .collect();
+        let n = lung.len();
+        let mut best = usize::MAX;
+        for a in 0..=n {
+            for b in a..=n {
+                let changes = (0..n)
+                    .filter(|&i| {
+                        let state = if i < a {
+                            0
+                        } else if i < b {
+                            1
+                        } else {
+                            2
+                        };
+                        lung[i] != order[state.min(order.len() - 1)]
+                    })
+                    .count();
+                best = best.min(changes);
+            }
+        }
+        best
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut changed_total = 0;
+    for case in 0..400 {
+        let nz = 1 + case % 9;
+        let column: Vec<u8> = (0..nz).map(|_| rng.gen_range(0..6u8)).collect();
+        let want = fewest(&column, &[2, 1]) + fewest(&column, &[5, 4, 3]);
+        // The same column as a 1×1×nz volume.
+        let mut labels = column.clone();
+        order_lobes_along_z(&mut labels, [1, 1, nz]);
+        let changes = (0..nz).filter(|&z| labels[z] != column[z]).count();
+        for order in [[2u8, 1, 1], [5, 4, 3]] {
+            let ranks: Vec<usize> = labels
+                .iter()
+                .filter_map(|l| order.iter().position(|o| o == l))
+                .collect();
+            assert!(
+                ranks.windows(2).all(|w| w[0] <= w[1]),
+                "{column:?} → {labels:?} is not in lobe order"
+            );
+        }
+        assert_eq!(changes, want, "{column:?} → {labels:?}");
+        let side = |l: u8| [0, 1, 1, 2, 2, 2][l as usize];
+        assert!((0..nz).all(|z| side(column[z]) == side(labels[z])));
+        changed_total += changes;
+    }
+    println!("400 random columns: each ordered with the fewest changes ({changed_total} in all)");
 }

@@ -218,6 +218,7 @@ fn args(inputs: Vec<PathBuf>, out: &Path, force: bool) -> AssessArgs {
         quiet: true,
         force,
         label_scheme: LabelScheme::Lungmask,
+        no_lobe_order: false,
     }
 }
 

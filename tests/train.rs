@@ -69,11 +69,11 @@ fn training_on_tiny_phantoms_lowers_loss_and_raises_dice() {
         ..args(&manifest, &run)
     };
     let before_model = Model::init(ModelConfig::tiny(), a.seed);
-    let (before, _) = evaluate(&before_model, &entries, &dir.path().join("eval0")).unwrap();
+    let (before, _) = evaluate(&before_model, &entries, &dir.path().join("eval0"), true).unwrap();
     let summary = run_train(&a).unwrap();
     assert_eq!(summary.state.step, 50);
     let after_model = load_model(&run.join("last.safetensors")).unwrap();
-    let (after, _) = evaluate(&after_model, &entries, &dir.path().join("eval1")).unwrap();
+    let (after, _) = evaluate(&after_model, &entries, &dir.path().join("eval1"), true).unwrap();
     let l = losses(&run);
     let first = (l[0] + l[1]) / 2.0;
     let last = (l[l.len() - 2] + l[l.len() - 1]) / 2.0;
@@ -532,6 +532,7 @@ fn manifest_problems_are_reported_with_their_lines_before_anything_is_written() 
         weights,
         data: manifest,
         out: out.clone(),
+        no_lobe_order: false,
     })
     .unwrap_err();
     assert!(format!("{e:#}").contains("6 problem(s)"));

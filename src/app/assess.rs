@@ -79,6 +79,11 @@ pub struct AssessArgs {
     /// Label values of the written lobe map.
     #[arg(long, value_enum, default_value_t = LabelScheme::Lungmask)]
     pub label_scheme: LabelScheme,
+    /// Write the network's lobes without putting each craniocaudal column of each lung in
+    /// anatomical lobe order (LLL below LUL; RLL below RML below RUL: the fewest voxels
+    /// relabelled so that every column meets the lobes in that order, each at most once).
+    #[arg(long)]
+    pub no_lobe_order: bool,
 }
 
 impl AssessArgs {
@@ -92,6 +97,7 @@ impl AssessArgs {
             force: self.force,
             label_scheme: self.label_scheme,
             weights: Some(weights.to_string()),
+            order_lobes: !self.no_lobe_order,
         }
     }
 }

@@ -24,6 +24,9 @@ pub struct EvaluateArgs {
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
+    /// Score the network's lobes without the lobe-order step (see `assess --no-lobe-order`).
+    #[arg(long)]
+    pub no_lobe_order: bool,
 }
 
 /// `evaluation.json`.
@@ -49,7 +52,7 @@ struct Evaluation<'a> {
 pub fn run(args: &EvaluateArgs) -> Result<EvalMetrics> {
     let model = load_model(&args.weights)?;
     let entries = read_checked_manifest(&args.data)?;
-    let (m, cases) = evaluate(&model, &entries, &args.out)?;
+    let (m, cases) = evaluate(&model, &entries, &args.out, !args.no_lobe_order)?;
     print_cases(&cases);
     let heights = pooled(&cases.iter().map(|c| c.by_height).collect::<Vec<_>>());
     print_by_height(&heights);

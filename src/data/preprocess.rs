@@ -561,3 +561,74 @@ pub fn keep_largest_components(labels: &mut [u8], dims: [usize; 3]) {
             }
         });
 }
+
+/// The lobes of each lung from the base up, as every craniocaudal line through the lung meets
+/// them: LLL below LUL on the left; RLL below RML below RUL on the right (the oblique fissure
+/// rises towards the back, the horizontal one caps the middle lobe).
+const LOBE_ORDER: [&[u8]; 2] = [&[2, 1], &[5, 4, 3]];
+
+/// Puts every craniocaudal column of each lung in anatomical lobe order ([`LOBE_ORDER`]) with
+/// the fewest relabelled voxels: a slice-wise network's labels along a column may flip back and
+/// forth near a fissure, while the lobes meet each column in one order, each at most once. Per
+/// column and lung, a dynamic programme over the column's voxels of that lung (other voxels are
+/// skipped) finds the non-decreasing lobe sequence closest to the labels; ties keep the lower
+/// lobe. Voxels that are background or of the other lung are not touched.
+pub fn order_lobes_along_z(labels: &mut [u8], dims: [usize; 3]) {
+    let [nx, ny, nz] = dims;
+    let n = nx * ny;
+    let columns: Vec<(usize, Vec<u8>)> = (0..n)
+        .into_par_iter()
+        .filter_map(|c| {
+            let mut column: Vec<u8> = (0..nz).map(|z| labels[z * n + c]).collect();
+            let changed = LOBE_ORDER
+                .iter()
+                .fold(false, |acc, order| order_column(&mut column, order) || acc);
+            changed.then_some((c, column))
+        })
+        .collect();
+    for (c, column) in columns {
+        for (z, l) in column.into_iter().enumerate() {
+            labels[z * n + c] = l;
+        }
+    }
+}
+
+/// Relabels the voxels of `column` whose labels are in `order` into the non-decreasing (in
+/// `order`) sequence with the fewest changes; true when a label changed.
+fn order_column(column: &mut [u8], order: &[u8]) -> bool {
+    let k = order.len();
+    let rank = |l: u8| order.iter().position(|&o| o == l);
+    let voxels: Vec<(usize, usize)> = column
+        .iter()
+        .enumerate()
+        .filter_map(|(z, &l)| rank(l).map(|r| (z, r)))
+        .collect();
+    if voxels.len() < 2 || voxels.windows(2).all(|w| w[0].1 <= w[1].1) {
+        return false;
+    }
+    // cost[s]: fewest changes so far with the current voxel in state s; from[i·k + s]: the
+    // best state of voxel i − 1 given state s at voxel i.
+    let mut cost = vec![0usize; k];
+    let mut from = vec![0u8; voxels.len() * k];
+    for (i, &(_, r)) in voxels.iter().enumerate() {
+        let mut best = (usize::MAX, 0usize);
+        let mut next = vec![0usize; k];
+        for s in 0..k {
+            if i > 0 && cost[s] < best.0 {
+                best = (cost[s], s);
+            }
+            let before = if i > 0 { best.0 } else { 0 };
+            from[i * k + s] = best.1 as u8;
+            next[s] = before + (s != r) as usize;
+        }
+        cost = next;
+    }
+    let mut s = (0..k)
+        .min_by_key(|&s| (cost[s], s))
+        .expect("non-empty order");
+    for i in (0..voxels.len()).rev() {
+        column[voxels[i].0] = order[s];
+        s = from[i * k + s] as usize;
+    }
+    true
+}

@@ -295,7 +295,7 @@ impl Session {
         let trainer = self.stepper.trainer()?;
         let model = &trainer.model;
         let losses = validation_losses(model, &self.cases.val_bags, &trainer.config)?;
-        let (metrics, _) = evaluate(model, &self.cases.val, &self.dir.validation_dir())?;
+        let (metrics, _) = evaluate(model, &self.cases.val, &self.dir.validation_dir(), true)?;
         Ok(Some(Validation { losses, metrics }))
     }
 
