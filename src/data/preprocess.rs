@@ -580,9 +580,10 @@ pub fn order_lobes_along_z(labels: &mut [u8], dims: [usize; 3]) {
         .into_par_iter()
         .filter_map(|c| {
             let mut column: Vec<u8> = (0..nz).map(|z| labels[z * n + c]).collect();
-            let changed = LOBE_ORDER
-                .iter()
-                .fold(false, |acc, order| order_column(&mut column, order) || acc);
+            let mut changed = false;
+            for order in LOBE_ORDER {
+                changed |= order_column(&mut column, order);
+            }
             changed.then_some((c, column))
         })
         .collect();
