@@ -1507,6 +1507,20 @@ fn synth_command_line_writes_a_set_and_rejects_bad_arguments() {
     println!("bad --shape: status {:?}, stderr {stderr}", bad.status);
     assert!(!bad.status.success() && stderr.contains("--shape"));
     assert!(!dir.path().join("x").exists());
+    // The clinical geometry draws shape and spacing itself.
+    let clash = std::process::Command::new(bin)
+        .args(["synth", "--out"])
+        .arg(dir.path().join("y"))
+        .args(["--geometry", "clinical", "--spacing", "1,1,1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&clash.stderr);
+    println!(
+        "--geometry clinical with --spacing: status {:?}, stderr {stderr}",
+        clash.status
+    );
+    assert!(!clash.status.success() && stderr.contains("--spacing"));
+    assert!(!dir.path().join("y").exists());
 }
 
 #[test]
