@@ -576,20 +576,32 @@ const LOBE_ORDER: [&[u8]; 2] = [&[2, 1], &[5, 4, 3]];
 pub fn order_lobes_along_z(labels: &mut [u8], dims: [usize; 3]) {
     let [nx, ny, nz] = dims;
     let n = nx * ny;
-    let columns: Vec<(usize, Vec<u8>)> = (0..n)
+    // One row of columns at a time, gathered as [x][z] from whole rows (cache-friendly reads).
+    let rows: Vec<(usize, Vec<u8>)> = (0..ny)
         .into_par_iter()
-        .filter_map(|c| {
-            let mut column: Vec<u8> = (0..nz).map(|z| labels[z * n + c]).collect();
-            let mut changed = false;
-            for order in LOBE_ORDER {
-                changed |= order_column(&mut column, order);
+        .filter_map(|y| {
+            let mut block = vec![0u8; nx * nz];
+            for z in 0..nz {
+                let row = &labels[z * n + y * nx..z * n + (y + 1) * nx];
+                for (x, &l) in row.iter().enumerate() {
+                    block[x * nz + z] = l;
+                }
             }
-            changed.then_some((c, column))
+            let mut changed = false;
+            for column in block.chunks_mut(nz) {
+                for order in LOBE_ORDER {
+                    changed |= order_column(column, order);
+                }
+            }
+            changed.then_some((y, block))
         })
         .collect();
-    for (c, column) in columns {
-        for (z, l) in column.into_iter().enumerate() {
-            labels[z * n + c] = l;
+    for (y, block) in rows {
+        for z in 0..nz {
+            let row = &mut labels[z * n + y * nx..z * n + (y + 1) * nx];
+            for (x, l) in row.iter_mut().enumerate() {
+                *l = block[x * nz + z];
+            }
         }
     }
 }
@@ -597,23 +609,32 @@ pub fn order_lobes_along_z(labels: &mut [u8], dims: [usize; 3]) {
 /// Relabels the voxels of `column` whose labels are in `order` into the non-decreasing (in
 /// `order`) sequence with the fewest changes; true when a label changed.
 fn order_column(column: &mut [u8], order: &[u8]) -> bool {
+    /// At most three lobes per lung.
+    const MAX: usize = 3;
     let k = order.len();
     let rank = |l: u8| order.iter().position(|&o| o == l);
+    // Most columns are already in order: check before allocating anything.
+    let mut highest = 0;
+    let ordered = column.iter().filter_map(|&l| rank(l)).all(|r| {
+        let ok = r >= highest;
+        highest = highest.max(r);
+        ok
+    });
+    if ordered {
+        return false;
+    }
     let voxels: Vec<(usize, usize)> = column
         .iter()
         .enumerate()
         .filter_map(|(z, &l)| rank(l).map(|r| (z, r)))
         .collect();
-    if voxels.len() < 2 || voxels.windows(2).all(|w| w[0].1 <= w[1].1) {
-        return false;
-    }
     // cost[s]: fewest changes so far with the current voxel in state s; from[i·k + s]: the
     // best state of voxel i − 1 given state s at voxel i.
-    let mut cost = vec![0usize; k];
+    let mut cost = [0usize; MAX];
     let mut from = vec![0u8; voxels.len() * k];
     for (i, &(_, r)) in voxels.iter().enumerate() {
         let mut best = (usize::MAX, 0usize);
-        let mut next = vec![0usize; k];
+        let mut next = [0usize; MAX];
         for s in 0..k {
             if i > 0 && cost[s] < best.0 {
                 best = (cost[s], s);
