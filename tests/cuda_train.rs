@@ -675,7 +675,7 @@ fn train_on_emu_follows_cpu_and_resumes_across_engines() {
         dir.path().join("mixed"),
     );
     run_train(&args(&manifest, &cpu, Backend::Cpu)).unwrap();
-    run_train(&args(&manifest, &emu, Backend::Emu)).unwrap();
+    let emu_run = run_train(&args(&manifest, &emu, Backend::Emu)).unwrap();
     let (sc, se) = (steps(&cpu), steps(&emu));
     println!("cpu steps {sc:?}\nemu steps {se:?}");
     assert_eq!(sc.len(), se.len());
@@ -697,8 +697,12 @@ fn train_on_emu_follows_cpu_and_resumes_across_engines() {
     }
     assert_eq!(se[0].2, 0, "the first step of a fresh model overflowed");
     let ck = load_checkpoint(&emu.join("last.safetensors")).unwrap();
-    println!("loss scale after the run: {:?}", ck.state.loss_scale);
+    println!(
+        "loss scale after the run: {:?} in the checkpoint, {:?} in the summary",
+        ck.state.loss_scale, emu_run.state.loss_scale
+    );
     assert_eq!(ck.state.loss_scale, Some(scale_now as f32));
+    assert_eq!(emu_run.state, ck.state);
     // A run started on the emulator and resumed on the CPU (and the other way): the checkpoint
     // holds the same tensors whichever engine wrote it, so the resumed engine continues it.
     let s = run_train(&TrainArgs {

@@ -94,7 +94,7 @@ pub fn train(out: &Path, start: Start, length: RunLength, quiet: bool) -> Result
         }
         last_metrics = session.finish_epoch(epoch_started)?;
     }
-    Ok(session.finish(started, last_metrics))
+    session.finish(started, last_metrics)
 }
 
 /// The training and validation cases of a run.
@@ -310,27 +310,33 @@ impl Session {
         Ok(())
     }
 
-    /// Writes a checkpoint; the state records the AdamW steps and the loss scale of the
-    /// engine that trained.
+    /// Writes a checkpoint with the [`Session::recorded_state`].
     fn save(&self, which: Which) -> Result<()> {
         let trainer = self.stepper.trainer()?;
-        let state = TrainState {
-            optim_steps: (trainer.step != self.state.step).then_some(trainer.step),
-            loss_scale: self.stepper.loss_scale()?,
-            ..self.state
-        };
+        let state = self.recorded_state(&trainer)?;
         self.dir.save(which, &trainer, &state, &self.run_json)
     }
 
-    fn finish(self, started: Instant, last_metrics: Option<EvalMetrics>) -> TrainSummary {
+    /// The run's state with the AdamW steps and the loss scale of the engine that trained.
+    fn recorded_state(&self, trainer: &Trainer) -> Result<TrainState> {
+        Ok(TrainState {
+            optim_steps: (trainer.step != self.state.step).then_some(trainer.step),
+            loss_scale: self.stepper.loss_scale()?,
+            ..self.state
+        })
+    }
+
+    fn finish(self, started: Instant, last_metrics: Option<EvalMetrics>) -> Result<TrainSummary> {
         self.progress.finish();
         let seconds = started.elapsed().as_secs_f64();
-        TrainSummary {
-            state: self.state,
+        let trainer = self.stepper.trainer()?;
+        let state = self.recorded_state(&trainer)?;
+        Ok(TrainSummary {
+            state,
             last_metrics,
             seconds,
             patches_per_second: self.patches_done as f64 / seconds.max(1e-9),
-        }
+        })
     }
 }
 
