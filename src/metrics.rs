@@ -1,7 +1,7 @@
 //! Validation metrics: 3D Dice of label maps, confusion-matrix scores and ROC AUC (ties count
 //! one half) of the severity prediction.
 
-use crate::data::NUM_LOBES;
+use crate::data::{lobe_slices, NUM_LOBES};
 
 /// Dice of label `label` between two label maps of equal size: `2|A∩B| / (|A| + |B|)`; 1 when
 /// the label is absent from both.
@@ -58,9 +58,7 @@ pub type ByHeight = [[Overlap; NUM_LOBES]; HEIGHT_BANDS];
 /// count in the first or last band.
 pub fn by_height(pred: &[u8], truth: &[u8], dims: [usize; 3]) -> ByHeight {
     let n = dims[0] * dims[1];
-    let lung: Vec<usize> = (0..dims[2])
-        .filter(|&z| truth[z * n..(z + 1) * n].iter().any(|&l| l > 0))
-        .collect();
+    let lung = lobe_slices(truth, dims);
     let mut out = ByHeight::default();
     let (Some(&lo), Some(&hi)) = (lung.first(), lung.last()) else {
         return out;

@@ -1,6 +1,7 @@
 //! Training data: manifest → bags (image patches, mask patches, label) with seeded slice
 //! sampling stratified over the lung's z-range, background prefetch, patient-level split.
 
+use crate::data::lobe_slices;
 use crate::data::preprocess::{resize_nearest, slice_patch, CanonicalCt, PreprocessConfig};
 use crate::io::nifti::{read_grid, read_volume, Grid, Volume};
 use anyhow::{anyhow, bail, Context, Result};
@@ -341,10 +342,7 @@ pub fn load_case(entry: &ManifestEntry) -> Result<(CanonicalCt, Vec<u8>)> {
 
 /// The lung slices of a case (ascending z): those where the mask marks a lobe.
 fn lung_slices(entry: &ManifestEntry, dims: [usize; 3], labels: &[u8]) -> Result<Vec<usize>> {
-    let n = dims[0] * dims[1];
-    let lung: Vec<usize> = (0..dims[2])
-        .filter(|&z| labels[z * n..(z + 1) * n].iter().any(|&l| l > 0))
-        .collect();
+    let lung = lobe_slices(labels, dims);
     if lung.is_empty() {
         bail!("{}: the lobe mask marks no lung", entry.mask.display());
     }
