@@ -1,7 +1,10 @@
 //! CT pipeline tests: NIfTI geometry and validation, phantoms, preprocessing round trips,
 //! dataset bags, and `assess` end to end through a ground-truth oracle engine.
 
+mod cli_common;
+
 use anyhow::{anyhow, Result};
+use cli_common::synth_args;
 use flate2::read::GzDecoder;
 use m2unet::app::assess::{run_with_engine, AssessArgs};
 use m2unet::app::synth::{run as run_synth, SynthArgs};
@@ -477,18 +480,8 @@ fn phantom_same_seed_same_bytes_and_classes_follow_involvement() {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     let mut args = SynthArgs {
-        out: a.path().to_path_buf(),
-        count: 4,
-        seed: 42,
-        shape: Some([64, 64, 40]),
-        spacing: None,
-        orientation: None,
-        dtype: None,
-        noise: None,
         uncompressed: false,
-        overwrite: false,
-        fov: None,
-        geometry: Geometry::Fill,
+        ..synth_args(a.path(), 4, 42, [64, 64, 40])
     };
     run_synth(&args).unwrap();
     args.out = b.path().to_path_buf();
@@ -1144,20 +1137,7 @@ fn assess_batch_reports_failures_writes_nothing_for_them_and_goes_on() {
 #[test]
 fn dataset_bags_are_stratified_seeded_prefetched_and_split_by_patient() {
     let dir = tempfile::tempdir().unwrap();
-    let args = SynthArgs {
-        out: dir.path().to_path_buf(),
-        count: 6,
-        seed: 11,
-        shape: Some([48, 48, 32]),
-        spacing: None,
-        orientation: None,
-        dtype: None,
-        noise: None,
-        uncompressed: true,
-        overwrite: false,
-        fov: None,
-        geometry: Geometry::Fill,
-    };
+    let args = synth_args(dir.path(), 6, 11, [48, 48, 32]);
     run_synth(&args).unwrap();
     let manifest = dir.path().join("manifest.csv");
     let mut text = std::fs::read_to_string(&manifest).unwrap();

@@ -4,13 +4,12 @@
 
 mod cli_common;
 
-use cli_common::training_set;
+use cli_common::{synth_args, training_set};
 use m2unet::app::synth::{run as run_synth, SynthArgs};
 use m2unet::app::train::{run as run_train, TrainArgs};
 use m2unet::backend::Backend;
 use m2unet::config::ModelConfig;
 use m2unet::data::dataset::read_checked_manifest;
-use m2unet::data::phantom::Geometry;
 use m2unet::evaluate::evaluate;
 use m2unet::io::checkpoint::load_checkpoint;
 use m2unet::io::weights::{load_model, model_from_tensors, Tensor, TensorFile, OPTIM_PREFIX};
@@ -434,18 +433,8 @@ fn manifest_problems_are_reported_with_their_lines_before_anything_is_written() 
     let data = dir.path().join("data");
     let set = |out: &Path, count: usize, shape: [usize; 3]| {
         run_synth(&SynthArgs {
-            out: out.to_path_buf(),
-            count,
-            seed: 41,
-            shape: Some(shape),
-            spacing: None,
             orientation: Some("RAS".into()),
-            dtype: None,
-            noise: None,
-            uncompressed: true,
-            overwrite: false,
-            fov: None,
-            geometry: Geometry::Fill,
+            ..synth_args(out, count, 41, shape)
         })
         .unwrap();
     };

@@ -1,6 +1,6 @@
 //! Helpers shared by the tests that run the `m2unet` binary or its commands: running it, its
-//! stderr, a folder's entries, a synthetic phantom set with tiny weights beside it, and a small
-//! training set.
+//! stderr, a folder's entries, a synthetic phantom set with tiny weights beside it, `synth`'s
+//! arguments, and a small training set.
 #![allow(dead_code)]
 
 use m2unet::app::synth::{run as run_synth, SynthArgs};
@@ -53,13 +53,14 @@ pub fn phantoms_and_tiny_weights(d: &Path, count: usize, seed: u64) -> (PathBuf,
     (ph, w)
 }
 
-/// `count` seeded 48×48×24 phantoms (uncompressed) in `dir`, as a training set; its manifest.
-pub fn training_set(dir: &Path, count: usize, seed: u64) -> PathBuf {
-    run_synth(&SynthArgs {
-        out: dir.to_path_buf(),
+/// `synth`'s arguments for `count` seeded phantoms of `shape` written uncompressed into `out`,
+/// everything else drawn per case.
+pub fn synth_args(out: &Path, count: usize, seed: u64, shape: [usize; 3]) -> SynthArgs {
+    SynthArgs {
+        out: out.to_path_buf(),
         count,
         seed,
-        shape: Some([48, 48, 24]),
+        shape: Some(shape),
         spacing: None,
         orientation: None,
         dtype: None,
@@ -68,7 +69,11 @@ pub fn training_set(dir: &Path, count: usize, seed: u64) -> PathBuf {
         overwrite: false,
         fov: None,
         geometry: Geometry::Fill,
-    })
-    .unwrap();
+    }
+}
+
+/// `count` seeded 48×48×24 phantoms (uncompressed) in `dir`, as a training set; its manifest.
+pub fn training_set(dir: &Path, count: usize, seed: u64) -> PathBuf {
+    run_synth(&synth_args(dir, count, seed, [48, 48, 24])).unwrap();
     dir.join("manifest.csv")
 }
