@@ -1,5 +1,6 @@
-//! Build script: compiles kernels/*.cu with nvcc (when found) to fatbins (SASS sm_80 + sm_90,
-//! PTX compute_80), always embeds their include-flattened source for NVRTC, and builds the
+//! Build script: compiles kernels/*.cu with nvcc (when found) to fatbins (SASS sm_80 + sm_90a,
+//! PTX compute_80; the build fails when ptxas spills in or serialises the Hopper tier), always
+//! embeds their include-flattened source for NVRTC, and builds the
 //! emulator (the same .cu files compiled by g++ against emu/cuda_emu.h) with its registry.
 
 use std::env;
@@ -94,6 +95,8 @@ fn main() {
         .flag(shim.to_str().unwrap())
         .flag("-Wno-unknown-pragmas")
         .flag("-Wno-unused-parameter")
+        // The 128-byte aligned TMA parameter structs: GCC notes an ABI change from 2011.
+        .flag("-Wno-psabi")
         .include(&kdir)
         .include(root.join("emu"))
         .file(&reg_path)
@@ -124,10 +127,10 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
 
 fn compile_fatbin(nvcc: &Path, src: &Path, kdir: &Path, dst: &Path) {
     let output = Command::new(nvcc)
-        .args(["-fatbin", "-O3", "-std=c++17", "-lineinfo"])
+        .args(["-fatbin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v"])
         .args([
             "-gencode=arch=compute_80,code=sm_80",
-            "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90a,code=sm_90a",
             "-gencode=arch=compute_80,code=compute_80",
         ])
         .arg(format!("-I{}", kdir.display()))
@@ -144,6 +147,35 @@ fn compile_fatbin(nvcc: &Path, src: &Path, kdir: &Path, dst: &Path) {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    let report = String::from_utf8_lossy(&output.stderr);
+    if let Err(e) = check_hopper_tier(&report) {
+        panic!("{}: {e}\n{report}", src.display());
+    }
+}
+
+/// The Hopper tier's build gate on ptxas's `-v` report: no wgmma serialised, and no register
+/// spills in the sm_90a code of the wgmma kernels (a spill there would put the accumulators in
+/// local memory).
+fn check_hopper_tier(report: &str) -> Result<(), String> {
+    let mut entry = ("", "");
+    for line in report.lines() {
+        if line.contains("wgmma.mma_async instructions are serialized") {
+            return Err(format!("ptxas serialised wgmma: {}", line.trim()));
+        }
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let mut parts = rest.split('\'');
+            entry = (parts.next().unwrap_or(""), parts.nth(1).unwrap_or(""));
+        }
+        let hopper = entry.1 == "sm_90a" && entry.0.contains("wgmma");
+        let stores = line
+            .split(',')
+            .find(|f| f.contains("bytes spill stores"))
+            .and_then(|f| f.split_whitespace().next());
+        if let Some(bytes) = stores.filter(|b| hopper && *b != "0") {
+            return Err(format!("{} spills {bytes} bytes on sm_90a", entry.0));
+        }
+    }
+    Ok(())
 }
 
 /// The file with every local `#include "x.cuh"` replaced by that file's (flattened) text,

@@ -22,6 +22,7 @@
 #define __shared__ static thread_local
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -47,6 +48,47 @@ constexpr size_t kSlotBytes = 64;
 const unsigned char* warp_allgather(const void* data, size_t bytes);
 
 inline int lane() { return current->linear & 31; }
+
+// ---- Hopper (sm_90a) twins: kernels/hopper.cuh calls these under __CUDA_EMU__ ----
+
+/// The block's dynamic shared memory (the launch's byte count, 1024-byte aligned). Shared
+/// addresses (`smem_addr`) are offsets into it.
+unsigned char* dynamic_smem();
+/// Yields to the block's other threads while this one polls (an mbarrier wait); aborts when
+/// a wait never completes.
+void spin();
+/// `bar.sync id, count`: waits until `count` threads have arrived at named barrier `id`.
+void sync_named(int id, int count);
+
+/// The emulator's layout of a tiled TMA descriptor (the 128-byte CUtensorMap on a GPU), as
+/// src/cuda/tensor_map.rs writes it: dims[0] innermost, strides in bytes (strides[0] = the
+/// element size), swizzle as CUtensorMapSwizzle (0 none, 3 = 128 bytes).
+struct TensorMapDesc {
+    uint64_t base;
+    uint64_t dims[5];
+    uint64_t strides[5];
+    uint32_t box[5];
+    uint32_t rank, elem_bytes, swizzle;
+};
+static_assert(sizeof(TensorMapDesc) <= 128, "a tensor map is 128 bytes");
+
+/// mbarrier twins on the 8-byte barrier word in dynamic shared memory.
+void mbar_init(uint64_t* bar, unsigned count);
+/// Adds `tx` expected bytes (may be 0), then arrives once.
+void mbar_arrive(uint64_t* bar, unsigned tx);
+/// Whether the phase of parity `parity` has completed; first lands the TMA copies that
+/// signal this barrier (a copy becomes visible only through a wait on its barrier).
+bool mbar_try_wait(uint64_t* bar, unsigned parity);
+/// Queues a tiled TMA load of `map`'s box at `coords` into shared memory `dst`, completing
+/// its bytes on `bar`.
+void tma_load(void* dst, const TensorMapDesc* map, const int* coords, uint64_t* bar);
+
+/// wgmma twins (one warpgroup = 128 consecutive threads): a queued m64nNk16 f16 → f32 MMA of
+/// this thread's accumulator fragment `d` (N/2 floats), K-major A and B from shared-memory
+/// descriptors; it executes at the `wgmma_wait` that retires its group.
+void wgmma_issue(uint64_t desc_a, uint64_t desc_b, float* d, int n);
+void wgmma_commit();
+void wgmma_wait(int pending);
 
 template <class T>
 inline T lane_value(const unsigned char* slots, int src) {

@@ -36,7 +36,7 @@ struct ConvUpParams {
     int cin, cout;      // multiples of 8
     int relu;           // apply ReLU in the epilogue
     int splits;         // K split over gridDim.z (> 1: conv_splitk_reduce with quad = 0)
-    int pad_;
+    int border_only;    // 1: only the eight border regions (the wgmma tier computes the inner one)
 };
 
 /// Region class k (0 first, 1 inner, 2 last) of an axis of length len: its first index and
@@ -49,8 +49,8 @@ __device__ __forceinline__ void up_class(int k, int len, int& lo, int& cnt, bool
     last = k == 2 || len == 1;
 }
 
-/// Grid (Σ over the nine regions of ⌈rows/128⌉, ⌈4·cout/64⌉, splits), 128 threads. Blocks
-/// take the regions in the order inner×inner first, then the border ones.
+/// Grid (Σ over the nine regions (eight with border_only) of ⌈rows/128⌉, ⌈4·cout/64⌉, splits),
+/// 128 threads. Blocks take the regions in the order inner×inner first, then the border ones.
 extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3x3_up_subpixel(const ConvUpParams p) {
     __shared__ __align__(128) __half sa[STAGES][BM * BK];
     __shared__ __align__(128) __half sb[STAGES][BN * BK];
@@ -61,7 +61,7 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3x3_up_subpixel(c
     // This block's region and its first row in it.
     int y0 = 0, ry = 0, x0 = 0, rx = 0, m0 = 0;
     bool top = false, bottom = false, left = false, right = false;
-    for (int r = 0, tile = int(blockIdx.x); r < 9; ++r) {
+    for (int r = p.border_only, tile = int(blockIdx.x); r < 9; ++r) {
         const int reg = (r + 4) % 9;
         int ylo, ycnt, xlo, xcnt;
         bool yf, yl, xf, xl;

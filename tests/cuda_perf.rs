@@ -1,6 +1,6 @@
 //! GPU-only timings (skipped, saying why, without a GPU): eval forward of the paper preset at
-//! 8, 32 and 128 patches and the implicit-GEMM conv alone (dec2's up_conv on both its kernels
-//! too), timed with CUDA events, and the mixed-precision training step (paper network at P = 256 with 4 bags of 8, and the default
+//! 8, 32 and 128 patches and the implicit-GEMM conv alone (on the mma.sync and the wgmma tier;
+//! dec2's up_conv on both its kernels too), timed with CUDA events, and the mixed-precision training step (paper network at P = 256 with 4 bags of 8, and the default
 //! weights' recipe, P = 80 with 2 bags of 8) timed end to end. Each result is checked for finite
 //! outputs and printed as a `PERF` line that tools/gpu_check.sh reads, with a per-stage profile
 //! (PROFILE lines). Set M2UNET_PERF_PATCHES (e.g. "8,32") to choose the forward's batch sizes.
@@ -11,7 +11,7 @@ use m2unet::config::{ModelConfig, TrainConfig};
 use m2unet::cpu::Trainer;
 use m2unet::cuda::kernels::{conv3x3, conv3x3_up, ConvUpParams};
 use m2unet::cuda::train::{CudaTrainer, INITIAL_LOSS_SCALE};
-use m2unet::cuda::{CudaEngine, Device, DeviceKind};
+use m2unet::cuda::{ConvTier, CudaEngine, Device, DeviceKind};
 use m2unet::engine::Batch;
 use m2unet::engine::InferenceEngine;
 use m2unet::model::{Arch, Model};
@@ -80,25 +80,36 @@ fn gpu_conv3x3_igemm_timing() {
         return;
     }
     let mut dev = Device::new(DeviceKind::Gpu).unwrap();
-    // dec2.conv1 of the paper network for 8 patches: 256×256, [u, skip] 128 → 64 channels.
-    for (name, n, h, cin1, cin2, cout) in [
-        ("dec2.conv1", 8, 256, 64, 64, 64),
-        ("enc5.conv2", 128, 16, 512, 0, 512),
+    // Each shape on both tiers (name@tier; wgmma only on compute capability 9.0): enc1.conv2
+    // with its fused pool, dec2.conv1 (256×256, [u, skip] 128 → 64) for 8 patches, and the
+    // 512-channel enc5.conv2 for 128 patches.
+    let tiers: Vec<(ConvTier, &str)> = [(ConvTier::Mma, "mma"), (ConvTier::Wgmma, "wgmma")]
+        .into_iter()
+        .filter(|&(t, _)| dev.set_conv_tier(t).is_ok())
+        .collect();
+    for (name, n, h, cin1, cin2, cout, pool) in [
+        ("enc1.conv2", 8, 256, 64, 0, 64, true),
+        ("dec2.conv1", 8, 256, 64, 64, 64, false),
+        ("enc5.conv2", 128, 16, 512, 0, 512, false),
     ] {
         let m = n * h * h;
-        let p = cuda_common::timing_conv_params(&mut dev, (n, h, cin1, cin2, cout), false, false);
-        conv3x3(&dev, &p, false).unwrap();
-        let iters = 20;
-        let ms =
-            cuda_common::time_launches(&dev, iters, || conv3x3(&dev, &p, false)) / iters as f32;
-        let gflop = 2.0 * (m * cout * 9 * (cin1 + cin2)) as f64 / 1e9;
-        println!(
-            "PERF conv {name} m={m} k={} n={cout} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
-            9 * (cin1 + cin2),
-            gflop / ms as f64
-        );
-        assert!(ms > 0.0);
+        let p = cuda_common::timing_conv_params(&mut dev, (n, h, cin1, cin2, cout), false, pool);
+        for &(tier, tier_name) in &tiers {
+            dev.set_conv_tier(tier).unwrap();
+            conv3x3(&dev, &p, false).unwrap();
+            let iters = 20;
+            let ms =
+                cuda_common::time_launches(&dev, iters, || conv3x3(&dev, &p, false)) / iters as f32;
+            let gflop = 2.0 * (m * cout * 9 * (cin1 + cin2)) as f64 / 1e9;
+            println!(
+                "PERF conv {name}@{tier_name} m={m} k={} n={cout} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
+                9 * (cin1 + cin2),
+                gflop / ms as f64
+            );
+            assert!(ms > 0.0);
+        }
     }
+    dev.set_conv_tier(ConvTier::Mma).unwrap();
     // dec2.up_conv for 8 patches: 128×128 upsampled to 256×256, 64 → 64, on both kernels;
     // FLOPs of the high-res conv (2·M·cout·9·cin) for both, so their TFLOP/s compare.
     let (n, h, cin, cout) = (8, 256, 64, 64);

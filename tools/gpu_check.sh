@@ -80,6 +80,10 @@ run() {
   M2UNET_UPCONV=fused M2UNET_PERF_PATCHES=32,128 timeout 60 "$bin/cuda_perf" gpu_forward_eval_paper_timing \
     --nocapture --test-threads 1 >"$out/perf_fused.txt" 2>&1 || say "fused up_conv timing stopped early"
   grep "^PERF forward" "$out/perf_fused.txt" | tee -a "$log"
+  say "== the eval forward on the mma.sync tier only (the default on sm_90 is the wgmma tier)"
+  M2UNET_CONV_TIER=mma M2UNET_PERF_PATCHES=32,128 timeout 60 "$bin/cuda_perf" gpu_forward_eval_paper_timing \
+    --nocapture --test-threads 1 >"$out/perf_mma.txt" 2>&1 || say "mma.sync tier timing stopped early"
+  grep "^PERF forward" "$out/perf_mma.txt" | tee -a "$log"
   say "== assess of a 512×512×300 phantom on the GPU (paper-preset weights, P = 256)"
   if "$bin/m2unet" synth --out "$out/ct512" --count 1 --seed 7 --shape 512,512,300 >>"$log" 2>&1 &&
     "$bin/m2unet" init --out "$out/paper.safetensors" --preset paper --seed 1 >>"$log" 2>&1 &&
@@ -126,10 +130,15 @@ with torch.inference_mode():
         print(f"torch eager fp16 channels_last M={m}: {res['eager'][m]:.3f} ms")
         save()
     # Single convolutions at the shapes of the Rust PERF conv lines.
-    for name, n, h, cin, cout in [("dec2.conv1", 8, 256, 128, 64), ("enc5.conv2", 128, 16, 512, 512)]:
+    for name, n, h, cin, cout, pool in [("enc1.conv2", 8, 256, 64, 64, True),
+                                        ("dec2.conv1", 8, 256, 128, 64, False),
+                                        ("enc5.conv2", 128, 16, 512, 512, False)]:
         c = conv(cin, cout).to(dev).half().to(memory_format=torch.channels_last)
         xin = torch.rand(n, cin, h, h, device=dev, dtype=torch.float16).to(memory_format=torch.channels_last)
-        res["conv"][name] = timed(lambda: F.relu(c(xin)), 20)
+        if pool:
+            res["conv"][name] = timed(lambda: F.max_pool2d(F.relu(c(xin)), 2), 20)
+        else:
+            res["conv"][name] = timed(lambda: F.relu(c(xin)), 20)
         print(f"torch conv {name}: {res['conv'][name]:.3f} ms")
     save()
     t0 = time.time()
@@ -195,6 +204,27 @@ for p, m in [(256, 32), (80, 16)]:
         del model, opt, fwd
         torch.cuda.empty_cache()
 PY
+  say "== torch.compile mode=max-autotune (last: its autotuning takes minutes)"
+  M2UNET_BIN="$bin" PYTHONUNBUFFERED=1 timeout 150 python3 - "$out" >>"$log" 2>&1 <<'PY' || say "max-autotune stopped early; the table uses what it measured"
+import json, os, sys, time
+import torch
+sys.path.insert(0, os.environ["M2UNET_BIN"])
+from torch_bench_model import M2UNet, timed
+out = sys.argv[1]
+path = f"{out}/torch.json"
+res = json.load(open(path)) if os.path.exists(path) else {}
+res["autotune"] = {}
+torch.backends.cudnn.benchmark = True
+model = M2UNet().to("cuda").eval().half().to(memory_format=torch.channels_last)
+t0 = time.time()
+cmodel = torch.compile(model, mode="max-autotune", dynamic=False)
+with torch.inference_mode():
+    for m in [32, 128]:
+        xin = torch.rand(m, 1, 256, 256, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+        res["autotune"][m] = timed(lambda: cmodel(xin), 5 if m == 128 else 10)
+        print(f"torch.compile max-autotune M={m}: {res['autotune'][m]:.3f} ms ({time.time() - t0:.0f} s)")
+        json.dump(res, open(path, "w"), indent=1)
+PY
   say "== table"
   python3 - "$out" <<'PY' >"$out/table.md"
 import json, re, sys
@@ -213,20 +243,25 @@ for line in open(f"{out}/perf_rust.txt"):
 gpu = open(f"{out}/gpu_name.txt").read().strip()
 drv = open(f"{out}/driver.txt").read().strip()
 print(f"GPU {gpu}, driver {drv}, torch {t.get('torch', '?')}, measured fp16 peak {peak or float('nan'):.0f} TFLOP/s (8192³ matmul)\n")
-fused = {}
-if __import__("os").path.exists(f"{out}/perf_fused.txt"):
-    for line in open(f"{out}/perf_fused.txt"):
-        m = re.match(r"PERF forward m=(\d+) ms=([\d.]+)", line)
-        if m:
-            fused[int(m[1])] = float(m[2])
-print("| eval forward, paper P=256 | m2unet ms | TFLOP/s | % peak | with fused up_conv ms | torch eager ms | eager/m2unet | torch.compile ms | compile/m2unet |")
-print("|---|---|---|---|---|---|---|---|---|")
+def forward_ms(name):
+    found = {}
+    if __import__("os").path.exists(f"{out}/{name}"):
+        for line in open(f"{out}/{name}"):
+            m = re.match(r"PERF forward m=(\d+) ms=([\d.]+)", line)
+            if m:
+                found[int(m[1])] = float(m[2])
+    return found
+fused, mma = forward_ms("perf_fused.txt"), forward_ms("perf_mma.txt")
+print("| eval forward, paper P=256 | m2unet ms | TFLOP/s | % peak | mma.sync tier ms | fused up_conv ms | torch eager ms | eager/m2unet | torch.compile ms | max-autotune ms | best compile/m2unet |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"
 for m, (ms, gflop) in sorted(rust.items()):
     tf = gflop / ms
     e = t.get("eager", {}).get(str(m))
     c = t.get("compile", {}).get(str(m))
-    print(f"| M={m} | {ms:.2f} | {tf:.1f} | {f(100 * tf / peak if peak else None, 1)} | {f(fused.get(m))} | {f(e)} | {f(e / ms if e else None)} | {f(c)} | {f(c / ms if c else None)} |")
+    a = t.get("autotune", {}).get(str(m))
+    best = min([v for v in (c, a) if v], default=None)
+    print(f"| M={m} | {ms:.2f} | {tf:.1f} | {f(100 * tf / peak if peak else None, 1)} | {f(mma.get(m))} | {f(fused.get(m))} | {f(e)} | {f(e / ms if e else None)} | {f(c)} | {f(a)} | {f(best / ms if best else None)} |")
 prof = {}
 for line in open(f"{out}/perf_rust.txt"):
     m = re.match(r"PROFILE m=(\d+) stage=(\S+) ms=([\d.]+)", line)
@@ -254,11 +289,11 @@ if train:
         print(f"| P={p}, M={m} | {ms:.2f} | {int(m) * 1e3 / ms:.0f} | {gflop / ms:.1f} | {f(e)} | {f(e / ms if e else None)} | {f(c)} | {f(c / ms if c else None)} | {gib:.1f} | {f(mem, 1)} |")
 if __import__("os").path.exists(f"{out}/assess_timings.txt"):
     print("\n" + open(f"{out}/assess_timings.txt").read().strip() + " (512×512×300, paper-preset weights, P = 256, --device cuda)")
-print("\n| conv3x3 (fp16, NHWC) | m2unet ms | TFLOP/s | torch/cuDNN ms | TFLOP/s | cuDNN/m2unet |")
-print("|---|---|---|---|---|---|")
+print("\n| conv3x3 (fp16, NHWC) @ tier | m2unet ms | TFLOP/s | % peak | torch/cuDNN ms | TFLOP/s | cuDNN/m2unet |")
+print("|---|---|---|---|---|---|---|")
 for name, (ms, gflop) in convs.items():
-    c = t.get("conv", {}).get(name)
-    print(f"| {name} | {ms:.3f} | {gflop / ms:.1f} | {f(c, 3)} | {f(gflop / c if c else None, 1)} | {f(c / ms if c else None)} |")
+    c = t.get("conv", {}).get(name.split("@")[0])
+    print(f"| {name} | {ms:.3f} | {gflop / ms:.1f} | {f(100 * gflop / ms / peak if peak else None, 1)} | {f(c, 3)} | {f(gflop / c if c else None, 1)} | {f(c / ms if c else None)} |")
 PY
   tee -a "$log" <"$out/table.md"
   say "== criterion benches"

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use bytemuck::Pod;
 use cudarc::driver::{result as cu, sys, CudaContext};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::Arc;
@@ -19,6 +19,7 @@ extern "C" {
         name: *const std::ffi::c_char,
         grid: *const u32,
         block: *const u32,
+        shared_bytes: u32,
         args: *mut *mut c_void,
     ) -> i32;
     fn m2unet_emu_workers() -> u32;
@@ -64,14 +65,20 @@ impl Drop for Gpu {
     }
 }
 
+/// 128 bytes aligned as a TMA descriptor: the unit of a recorded parameter struct.
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+struct ParamBlock([u8; 128]);
+
 /// One launch or memset recorded by an emulator capture.
 enum Op {
     Launch {
         name: &'static str,
         grid: [u32; 3],
         block: [u32; 3],
-        /// A copy of the parameter struct (8-byte words keep its alignment).
-        params: Vec<u64>,
+        shared_bytes: u32,
+        /// A copy of the parameter struct (128-byte blocks keep any alignment it has).
+        params: Vec<ParamBlock>,
     },
     Memset {
         dst: DevPtr,
@@ -113,6 +120,17 @@ pub struct Device {
     /// Some while a capture is open: the emulator's recorded work (empty on a GPU, whose
     /// driver records the stream).
     capture: RefCell<Option<Vec<Op>>>,
+    conv_tier: Cell<ConvTier>,
+}
+
+/// Which kernels run the tensor-core 3×3 convolutions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvTier {
+    /// mma.sync + cp.async (sm_80 and newer): every GPU.
+    Mma,
+    /// wgmma + TMA (sm_90a, compute capability 9.0) where a conv's shape allows it
+    /// (src/cuda/kernels/conv_wgmma.rs), the mma.sync tier elsewhere.
+    Wgmma,
 }
 
 const EMU_ALIGN: usize = 256;
@@ -123,11 +141,50 @@ impl Device {
             DeviceKind::Gpu => Some(open_gpu(0)?),
             DeviceKind::Emu => None,
         };
+        let hopper = gpu.as_ref().is_none_or(|g| g.cc == (9, 0));
+        let conv_tier = match std::env::var("M2UNET_CONV_TIER").as_deref() {
+            Ok("mma") => ConvTier::Mma,
+            Ok("wgmma") if hopper => ConvTier::Wgmma,
+            Ok("wgmma") => bail!(
+                "M2UNET_CONV_TIER=wgmma needs a GPU of compute capability 9.0 (or the emulator)"
+            ),
+            Ok(other) => bail!("M2UNET_CONV_TIER={other}: expected mma or wgmma"),
+            // The emulator defaults to the portable tier; tests choose the Hopper one.
+            Err(_) if gpu.is_some() && hopper => ConvTier::Wgmma,
+            Err(_) => ConvTier::Mma,
+        };
         Ok(Device {
             gpu,
             allocations: HashMap::new(),
             capture: RefCell::new(None),
+            conv_tier: Cell::new(conv_tier),
         })
+    }
+
+    /// The tier the tensor-core convolutions run on (default: wgmma on compute capability
+    /// 9.0, mma.sync elsewhere and on the emulator; `M2UNET_CONV_TIER=mma|wgmma` overrides).
+    pub fn conv_tier(&self) -> ConvTier {
+        self.conv_tier.get()
+    }
+
+    /// Chooses the convolution tier; wgmma needs compute capability 9.0 or the emulator.
+    pub fn set_conv_tier(&self, tier: ConvTier) -> Result<()> {
+        if let (ConvTier::Wgmma, Some(g)) = (tier, &self.gpu) {
+            ensure!(
+                g.cc == (9, 0),
+                "the wgmma tier needs compute capability 9.0; {} is {}.{}",
+                g.name,
+                g.cc.0,
+                g.cc.1
+            );
+        }
+        self.conv_tier.set(tier);
+        Ok(())
+    }
+
+    /// Whether this is the CPU emulator.
+    pub fn is_emulator(&self) -> bool {
+        self.gpu.is_none()
     }
 
     /// An error when a capture is open: `what` would be a host round trip (or an allocation)
@@ -283,29 +340,49 @@ impl Device {
         block: [u32; 3],
         params: &P,
     ) -> Result<()> {
+        self.launch_smem(name, grid, block, 0, params)
+    }
+
+    /// As `launch`, with `shared_bytes` of dynamic shared memory per block.
+    pub fn launch_smem<P: Pod>(
+        &self,
+        name: &'static str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
         if grid.contains(&0) {
             return Ok(());
         }
         if self.gpu.is_none() {
             if let Some(ops) = self.capture.borrow_mut().as_mut() {
                 ensure!(
-                    std::mem::align_of::<P>() <= 8,
-                    "{name}: parameters aligned to more than 8 bytes"
+                    std::mem::align_of::<P>() <= 128,
+                    "{name}: parameters aligned to more than 128 bytes"
                 );
                 let bytes = bytemuck::bytes_of(params);
-                let mut words = vec![0u64; bytes.len().div_ceil(8)];
-                bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()]
-                    .copy_from_slice(bytes);
+                let mut blocks = vec![ParamBlock([0; 128]); bytes.len().div_ceil(128)];
+                for (b, chunk) in blocks.iter_mut().zip(bytes.chunks(128)) {
+                    b.0[..chunk.len()].copy_from_slice(chunk);
+                }
                 ops.push(Op::Launch {
                     name,
                     grid,
                     block,
-                    params: words,
+                    shared_bytes,
+                    params: blocks,
                 });
                 return Ok(());
             }
         }
-        self.launch_raw(name, grid, block, params as *const P as *mut c_void)
+        self.launch_raw(
+            name,
+            grid,
+            block,
+            shared_bytes,
+            params as *const P as *mut c_void,
+        )
     }
 
     /// Launches kernel `name` with the parameter struct at `params`.
@@ -314,6 +391,7 @@ impl Device {
         name: &'static str,
         grid: [u32; 3],
         block: [u32; 3],
+        shared_bytes: u32,
         params: *mut c_void,
     ) -> Result<()> {
         let mut args = [params];
@@ -329,7 +407,7 @@ impl Device {
                         f,
                         (grid[0], grid[1], grid[2]),
                         (block[0], block[1], block[2]),
-                        0,
+                        shared_bytes,
                         g.stream,
                         &mut args,
                     )
@@ -343,6 +421,7 @@ impl Device {
                         cname.as_ptr(),
                         grid.as_ptr(),
                         block.as_ptr(),
+                        shared_bytes,
                         args.as_mut_ptr(),
                     )
                 };
@@ -425,12 +504,13 @@ impl Device {
                             name,
                             grid,
                             block,
+                            shared_bytes,
                             params,
                         } => {
                             // The kernel reads its parameters through the pointer; the
                             // recording is not written.
                             let at = params.as_ptr() as *mut c_void;
-                            self.launch_raw(name, *grid, *block, at)?
+                            self.launch_raw(name, *grid, *block, *shared_bytes, at)?
                         }
                         Op::Memset { dst, bytes } => self.memset_zero(*dst, *bytes)?,
                     }
@@ -566,6 +646,20 @@ fn open_gpu(ordinal: usize) -> Result<Gpu> {
         for &k in m.kernels {
             let f = unsafe { cu::module::get_function(module, CString::new(k)?) }
                 .map_err(|e| anyhow!("kernel {k} missing from module {}: {e:?}", m.name))?;
+            if cc == (9, 0) && k.contains("wgmma") {
+                // The Hopper tier's stages exceed the default 48 KiB of dynamic shared memory.
+                let optin = ctx
+                    .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                    .map_err(drv)?;
+                unsafe {
+                    cu::function::set_function_attribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        optin,
+                    )
+                }
+                .map_err(|e| anyhow!("allowing {k} {optin} bytes of shared memory: {e:?}"))?;
+            }
             functions.insert(k, f);
         }
     }
@@ -587,7 +681,9 @@ fn load_nvrtc(m: &KernelModule, cc: (i32, i32)) -> Result<sys::CUmodule> {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         bail!("this binary was built without nvcc and NVRTC (libnvrtc.so) is not on the library path: rebuild with nvcc or set LD_LIBRARY_PATH");
     }
-    let arch: &'static str = Box::leak(format!("sm_{}{}", cc.0, cc.1).into_boxed_str());
+    // Compute capability 9.0 gets sm_90a, the target the wgmma tier is written for.
+    let suffix = if cc == (9, 0) { "a" } else { "" };
+    let arch: &'static str = Box::leak(format!("sm_{}{}{suffix}", cc.0, cc.1).into_boxed_str());
     let mut include_paths = vec![];
     for var in ["M2UNET_CUDA_INCLUDE", "CUDA_HOME", "CUDA_PATH"] {
         if let Ok(v) = std::env::var(var) {

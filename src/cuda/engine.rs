@@ -752,7 +752,7 @@ impl CudaEngine {
                         cout: cp as i32,
                         relu,
                         splits: splits as i32,
-                        pad_: 0,
+                        border_only: 0,
                     },
                 )?;
             }

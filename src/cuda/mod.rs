@@ -5,8 +5,9 @@ pub mod device;
 pub mod engine;
 pub mod kernels;
 pub mod nvtx;
+pub mod tensor_map;
 pub mod train;
 pub mod weights;
 
-pub use device::{describe_devices, DevPtr, Device, DeviceKind, Graph, Mark};
+pub use device::{describe_devices, ConvTier, DevPtr, Device, DeviceKind, Graph, Mark};
 pub use engine::CudaEngine;

@@ -9,12 +9,14 @@ use m2unet::config::BN_EPS;
 use m2unet::cpu::ops::Dims;
 use m2unet::cuda::kernels::*;
 use m2unet::cuda::weights::{pack_conv3x3, pad8, padded};
-use m2unet::cuda::Device;
+use m2unet::cuda::{ConvTier, Device};
 use m2unet::model::fold_bn;
 use m2unet::reference;
 
 pub fn rows(dev: &mut Device, t: &mut Table) {
-    let splits: Vec<usize> = CONVS.iter().map(|case| conv_rows(dev, t, case)).collect();
+    let splits: Vec<usize> = (CONVS.iter())
+        .map(|case| conv_rows(dev, t, case, ConvTier::Mma))
+        .collect();
     // Split-K must stay covered: (1, 6, 6, [64], 24) splits its K = 9·64 four ways.
     assert!(
         splits.iter().any(|&s| s > 1),
@@ -29,7 +31,7 @@ pub fn rows(dev: &mut Device, t: &mut Table) {
 /// relu, up). The input is the channel concatenation of the parts (each upsampled ×2 from
 /// h/2 × w/2 when `up`); then bias, optional ReLU and, for even h and w, the fused 2×2
 /// max-pool. Split-K is chosen as the engine does (conv_splits); returns the splits.
-type ConvCase = (usize, usize, usize, &'static [usize], usize, bool, bool);
+pub type ConvCase = (usize, usize, usize, &'static [usize], usize, bool, bool);
 
 const CONVS: [ConvCase; 9] = [
     (1, 1, 1, &[1], 1, false, false),
@@ -43,10 +45,13 @@ const CONVS: [ConvCase; 9] = [
     (1, 2, 2, &[5], 3, false, true),
 ];
 
-fn conv_rows(
+/// The rows of one case on the mma.sync tier or (which then must take it: no split-K) the
+/// wgmma tier, whose rows are named "wgmma " + op.
+pub fn conv_rows(
     dev: &mut Device,
     t: &mut Table,
     &(n, h, w, parts, cout, relu, up): &ConvCase,
+    tier: ConvTier,
 ) -> usize {
     let mut r = rng((n * 1000 + h * 100 + w * 10 + cout) as u64);
     let (ih, iw) = if up { (h / 2, w / 2) } else { (h, w) };
@@ -106,7 +111,10 @@ fn conv_rows(
     let gy = Guarded::new(dev, n * h * w * cp * 2);
     let gp = Guarded::new(dev, n * (h / 2) * (w / 2) * cp * 2);
     let cin_pad: usize = parts.iter().map(|&c| pad8(c)).sum();
-    let splits = conv_splits(n * h * w, cp, 9 * cin_pad);
+    let splits = match tier {
+        ConvTier::Mma => conv_splits(n * h * w, cp, 9 * cin_pad),
+        ConvTier::Wgmma => 1,
+    };
     let gpart = Guarded::new(dev, splits * n * h * w * cp * 4);
     let p = ConvParams {
         x: gx[0].addr(),
@@ -130,14 +138,25 @@ fn conv_rows(
         splits: splits as i32,
         pad_: 0,
     };
+    assert!(
+        tier == ConvTier::Mma || wgmma_fits(&p, up),
+        "the wgmma tier does not take {parts:?}→{cout}"
+    );
+    dev.set_conv_tier(tier).unwrap();
     conv3x3(dev, &p, up).unwrap();
+    dev.set_conv_tier(ConvTier::Mma).unwrap();
     let mut bufs: Vec<&Guarded> = gx.iter().collect();
     bufs.extend([&gw, &gb, &gy, &gp, &gpart]);
     let shape = format!("n{n} {ih}×{iw} {:?}→{cout} split-K {splits}", parts);
     let mut run = Launch::new(t, shape, dev, &bufs).nhwc(cout, cp);
 
     let op = format!(
-        "{}{}conv3x3{}",
+        "{}{}{}conv3x3{}",
+        if tier == ConvTier::Wgmma {
+            "wgmma "
+        } else {
+            ""
+        },
         if parts.len() > 1 { "concat+" } else { "" },
         if up { "up2x+" } else { "" },
         if relu { "+relu" } else { "" }

@@ -1,4 +1,4 @@
-//! Device rows of kernels/conv_up.cu: the sub-pixel up_conv (conv3x3_up_subpixel, split-K included) against the reference and against the fused conv3x3_igemm_up on identical inputs, and the device pack of its composite weights against the host's.
+//! Device rows of kernels/conv_up.cu: the sub-pixel up_conv (conv3x3_up_subpixel, split-K included; and on the wgmma tier, whose conv3x3_wgmma computes the inner region while conv3x3_up_subpixel takes the border) against the reference and against the fused conv3x3_igemm_up on identical inputs, and the device pack of its composite weights against the host's.
 
 use crate::cuda_common::*;
 use crate::device::{abs, Launch, ACC, U16};
@@ -6,7 +6,7 @@ use crate::{max_abs, Table};
 use m2unet::cpu::ops::Dims;
 use m2unet::cuda::kernels::*;
 use m2unet::cuda::weights::{pack_conv3x3, pack_conv_up, pad8, padded};
-use m2unet::cuda::Device;
+use m2unet::cuda::{ConvTier, Device};
 use m2unet::reference;
 
 /// (n, low-res h, w, cin, cout, relu): odd and tiny sizes (every border case: h or w = 1
@@ -21,18 +21,40 @@ const CASES: [(usize, usize, usize, usize, usize, bool); 6] = [
     (1, 3, 3, 64, 24, true),
 ];
 
+/// Cases the wgmma tier takes (64-channel multiples, h and w ≥ 3): an inner region of 3 × 4
+/// and of 7 × 5 pixels in tiles past its edge, two K slices per tap, and a single inner
+/// pixel with 128 output channels.
+const WGMMA_CASES: [(usize, usize, usize, usize, usize, bool); 3] = [
+    (2, 5, 6, 64, 64, true),
+    (1, 9, 7, 128, 64, false),
+    (1, 3, 3, 64, 128, true),
+];
+
 pub fn rows(dev: &mut Device, t: &mut Table) {
-    let splits: Vec<usize> = CASES.iter().map(|&case| up_rows(dev, t, case)).collect();
+    let splits: Vec<usize> = (CASES.iter())
+        .map(|&case| up_rows(dev, t, case, ConvTier::Mma))
+        .collect();
     assert!(
         splits.iter().any(|&s| s > 1),
         "no up_conv case splits K: {splits:?}"
     );
+    if let Err(e) = dev.set_conv_tier(ConvTier::Wgmma) {
+        println!("wgmma up_conv rows skipped: {e}");
+        return;
+    }
+    dev.set_conv_tier(ConvTier::Mma).unwrap();
+    for &case in &WGMMA_CASES {
+        up_rows(dev, t, case, ConvTier::Wgmma);
+    }
 }
 
+/// The rows of one case; on the wgmma tier (no split-K) the up_conv's rows are named
+/// "wgmma " + op.
 fn up_rows(
     dev: &mut Device,
     t: &mut Table,
     (n, ih, iw, cin, cout, relu): (usize, usize, usize, usize, usize, bool),
+    tier: ConvTier,
 ) -> usize {
     let mut r = rng((n * 1000 + ih * 100 + iw * 10 + cin + cout) as u64);
     let (h, w) = (2 * ih, 2 * iw);
@@ -81,8 +103,12 @@ fn up_rows(
         Guarded::new(dev, n * h * w * cp * 2),
         Guarded::new(dev, n * h * w * cp * 2),
     );
-    let splits = conv_up_splits(n, ih, iw, kp, cp);
-    let gpart = Guarded::new(dev, splits * n * h * w * cp * 4);
+    let splits = match tier {
+        ConvTier::Mma => conv_up_splits(n, ih, iw, kp, cp),
+        ConvTier::Wgmma => 1,
+    };
+    let fused_splits = conv_splits(n * h * w, cp, 9 * kp);
+    let gpart = Guarded::new(dev, splits.max(fused_splits) * n * h * w * cp * 4);
     let p = ConvUpParams {
         x: gx.addr(),
         wt: gw.addr(),
@@ -96,9 +122,15 @@ fn up_rows(
         cout: cp as i32,
         relu: relu as i32,
         splits: splits as i32,
-        pad_: 0,
+        border_only: 0,
     };
+    assert!(
+        tier == ConvTier::Mma || wgmma_up_fits(&p),
+        "the wgmma tier does not take this up_conv"
+    );
+    dev.set_conv_tier(tier).unwrap();
     conv3x3_up(dev, &p).unwrap();
+    dev.set_conv_tier(ConvTier::Mma).unwrap();
     let pq = PackConvUpParams {
         w: gw32.addr(),
         out: gwd.addr(),
@@ -121,7 +153,7 @@ fn up_rows(
         in_h: ih as i32,
         in_w: iw as i32,
         relu: relu as i32,
-        splits: conv_splits(n * h * w, cp, 9 * kp) as i32,
+        splits: fused_splits as i32,
         ..Default::default()
     };
     conv3x3(dev, &fused, true).unwrap();
@@ -129,7 +161,15 @@ fn up_rows(
     let bufs = [&gx, &gw, &gw32, &gwd, &gwf, &gb, &gy, &gyf, &gpart];
     let shape = format!("n{n} {ih}×{iw} [{cin}]→{cout} split-K {splits}");
     let mut run = Launch::new(t, shape, dev, &bufs).nhwc(cout, cp);
-    let op = format!("up2x+conv3x3 subpixel{}", if relu { "+relu" } else { "" });
+    let op = format!(
+        "{}up2x+conv3x3 subpixel{}",
+        if tier == ConvTier::Wgmma {
+            "wgmma "
+        } else {
+            ""
+        },
+        if relu { "+relu" } else { "" }
+    );
     let got = gy.read_f16(dev);
     run.output_nchw(&op, &got, (&y, n), sub_bound);
     // Against the fused kernel: both bounds, and both outputs' fp16 rounding.

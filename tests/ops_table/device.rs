@@ -17,15 +17,15 @@
 //! its bound.
 //!
 //! The rows of each kernel file are in the module named after it: `conv_kernels` (conv.cu),
-//! `conv_up_kernels` (conv_up.cu), `conv_grad_kernels` (conv_grad.cu), `norm_kernels`
+//! `conv_wgmma_kernels` (conv_wgmma.cu), `conv_up_kernels` (conv_up.cu), `conv_grad_kernels` (conv_grad.cu), `norm_kernels`
 //! (norm.cu), `norm_grad_kernels` (norm_grad.cu), `head_kernels` (heads.cu),
 //! `head_grad_kernels` (heads_grad.cu), `optim_kernels` (optim.cu); each launch's rows go
 //! through a [`Launch`].
 
 use crate::cuda_common::{nchw_to_nhwc, uniform, Guarded};
 use crate::{
-    conv_grad_kernels, conv_kernels, conv_up_kernels, head_grad_kernels, head_kernels, max_abs,
-    max_err, norm_grad_kernels, norm_kernels, optim_kernels, Table,
+    conv_grad_kernels, conv_kernels, conv_up_kernels, conv_wgmma_kernels, head_grad_kernels,
+    head_kernels, max_abs, max_err, norm_grad_kernels, norm_kernels, optim_kernels, Table,
 };
 use m2unet::cuda::{Device, DeviceKind};
 use rand_chacha::ChaCha8Rng;
@@ -44,6 +44,7 @@ pub fn table(kind: DeviceKind) -> Table {
     println!("{name}: {}", dev.describe());
     let mut t = Table::new(name);
     conv_kernels::rows(&mut dev, &mut t);
+    conv_wgmma_kernels::rows(&mut dev, &mut t);
     conv_up_kernels::rows(&mut dev, &mut t);
     conv_grad_kernels::rows(&mut dev, &mut t);
     norm_kernels::rows(&mut dev, &mut t);

@@ -15,6 +15,7 @@
 mod conv_grad_kernels;
 mod conv_kernels;
 mod conv_up_kernels;
+mod conv_wgmma_kernels;
 mod cpu;
 #[path = "../cuda_common/mod.rs"]
 mod cuda_common;

@@ -1,7 +1,10 @@
 //! Rust twins of kernels/conv_up.cu's parameter structs and its launch wrappers: the sub-pixel up_conv (conv3x3 of the ×2 bilinear upsampling as one implicit GEMM over the low-resolution input) and the device pack of its composite weights.
 
-use super::{blocks, check_i32, conv_splits, launch_1d, ConvParams, DevAddr, CONV_BM, CONV_BN};
-use crate::cuda::device::Device;
+use super::{
+    blocks, check_i32, conv3x3_up_wgmma, conv_splits, launch_1d, wgmma_up_fits, ConvParams,
+    DevAddr, CONV_BM, CONV_BN,
+};
+use crate::cuda::device::{ConvTier, Device};
 use crate::cuda::weights::pad8;
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
@@ -21,7 +24,8 @@ pub struct ConvUpParams {
     pub cout: i32,
     pub relu: i32,
     pub splits: i32,
-    pub pad_: i32,
+    /// Set by `conv3x3_up` when the wgmma tier computes the inner region.
+    pub border_only: i32,
 }
 
 #[repr(C)]
@@ -54,11 +58,15 @@ pub fn pack_conv_up_dev(dev: &Device, p: &PackConvUpParams) -> Result<()> {
 }
 
 /// GEMM rows of the nine regions (first / inner / last low-res row × column) for n images of
-/// h × w, as conv3x3_up_subpixel enumerates them.
-fn region_rows(n: usize, h: usize, w: usize) -> impl Iterator<Item = usize> {
+/// h × w, in the order conv3x3_up_subpixel enumerates them (inner × inner first); from
+/// region `first` on.
+fn region_rows(n: usize, h: usize, w: usize, first: usize) -> impl Iterator<Item = usize> {
     let class = |len: usize| [1, len.saturating_sub(2), usize::from(len >= 2)];
     let (ys, xs) = (class(h), class(w));
-    (0..9).map(move |r| n * ys[r / 3] * xs[r % 3])
+    (first..9).map(move |r| {
+        let reg = (r + 4) % 9;
+        n * ys[reg / 3] * xs[reg % 3]
+    })
 }
 
 /// The split-K factor the engine uses for the up_conv of a low-res n × h × w input: that of
@@ -70,7 +78,9 @@ pub fn conv_up_splits(n: usize, h: usize, w: usize, cin: usize, cout: usize) -> 
 
 /// The sub-pixel up_conv: conv3x3_up_subpixel (grid over the regions' row tiles × ⌈4·cout/64⌉
 /// × splits), then, when split, conv_splitk_reduce of its fp32 partials (high-res NHWC order,
-/// `partial` holding splits · n·2h·2w · cout values).
+/// `partial` holding splits · n·2h·2w · cout values). On the wgmma tier (no split-K, 64-channel
+/// multiples, h and w ≥ 3) the inner region runs there and conv3x3_up_subpixel takes the
+/// border.
 pub fn conv3x3_up(dev: &Device, p: &ConvUpParams) -> Result<()> {
     ensure!(
         p.cin > 0 && p.cout > 0 && p.cin % 8 == 0 && p.cout % 8 == 0,
@@ -90,7 +100,15 @@ pub fn conv3x3_up(dev: &Device, p: &ConvUpParams) -> Result<()> {
         "conv3x3_up weights",
         conv_up_pack_len(p.cout as usize, p.cin as usize),
     )?;
-    let tiles: usize = region_rows(n, h, w).map(|r| r.div_ceil(CONV_BM)).sum();
+    p.border_only = 0;
+    if dev.conv_tier() == ConvTier::Wgmma && wgmma_up_fits(&p) {
+        conv3x3_up_wgmma(dev, &p)?;
+        p.border_only = 1;
+    }
+    let first = p.border_only as usize;
+    let tiles: usize = region_rows(n, h, w, first)
+        .map(|r| r.div_ceil(CONV_BM))
+        .sum();
     let grid = [
         tiles as u32,
         blocks(4 * p.cout as usize, CONV_BN),

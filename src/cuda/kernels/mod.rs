@@ -6,7 +6,7 @@ pub use transpose::*;
 mod norm_grad;
 pub use norm_grad::*;
 
-use super::device::{DevPtr, Device};
+use super::device::{ConvTier, DevPtr, Device};
 use crate::config::GcpMode;
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
@@ -15,6 +15,8 @@ mod conv_grad;
 pub use conv_grad::*;
 mod conv_up;
 pub use conv_up::*;
+mod conv_wgmma;
+pub use conv_wgmma::*;
 mod heads_grad;
 mod optim;
 pub use heads_grad::*;
@@ -258,7 +260,8 @@ pub(crate) fn check_i32(what: &str, units: usize) -> Result<()> {
     Ok(())
 }
 
-/// Implicit-GEMM 3×3 convolution; `upsample` selects the loader that upsamples x ×2. With
+/// Implicit-GEMM 3×3 convolution, on the wgmma tier when the device runs it and the shape fits
+/// (`wgmma_fits`); `upsample` selects the loader that upsamples x ×2. With
 /// `splits` > 1 (see `conv_splits`), K is split over blocks and `partial` (fp32,
 /// splits·M·cout) is reduced by a second kernel.
 pub fn conv3x3(dev: &Device, p: &ConvParams, upsample: bool) -> Result<()> {
@@ -284,6 +287,9 @@ pub fn conv3x3(dev: &Device, p: &ConvParams, upsample: bool) -> Result<()> {
         p.stats == 0 || p.splits == 1,
         "conv3x3: statistics in the epilogue need splits = 1"
     );
+    if dev.conv_tier() == ConvTier::Wgmma && wgmma_fits(&p, upsample) {
+        return conv3x3_wgmma(dev, &p);
+    }
     let m = p.n as usize * p.h as usize * p.w as usize;
     check_i32("conv3x3", m * p.cout as usize)?;
     let grid = [
@@ -352,7 +358,7 @@ pub fn conv3x3_seg(dev: &Device, p: &ConvSegParams) -> Result<()> {
 }
 
 /// SMs of the GPUs the kernels are tuned for (H100/H200: 132).
-const SMS: usize = 132;
+pub(crate) const SMS: usize = 132;
 
 /// How many ways to split K for a conv of `rows` × `cout` with K = `k`: 1 when the grid fills
 /// at least one wave, else enough splits for about two waves, each of at least 4 k-tiles.
