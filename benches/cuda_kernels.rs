@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use cuda_common::{time_launches, timing_conv_params};
 use m2unet::config::ModelConfig;
 use m2unet::cuda::kernels::*;
-use m2unet::cuda::{CudaEngine, DevPtr, Device, DeviceKind};
+use m2unet::cuda::{ConvTier, CudaEngine, DevPtr, Device, DeviceKind};
 use m2unet::model::{Arch, Model};
 use std::time::Duration;
 
@@ -81,9 +81,16 @@ fn kernels(c: &mut Criterion) {
         g.throughput(Throughput::Elements(
             (2 * m * cout * 9 * (cin1 + cin2)) as u64,
         ));
-        g.bench_function(format!("{name} (elements = FLOP)"), |b| {
-            b.iter_custom(|it| gpu_time(&dev, it, || conv3x3(&dev, &p, up)))
-        });
+        // Each on both tiers where the GPU has the wgmma one (the upsampling loader is mma.sync).
+        for (tier, tier_name) in [(ConvTier::Mma, "mma"), (ConvTier::Wgmma, "wgmma")] {
+            if dev.set_conv_tier(tier).is_err() || (up && tier == ConvTier::Wgmma) {
+                continue;
+            }
+            g.bench_function(format!("{name} @{tier_name} (elements = FLOP)"), |b| {
+                b.iter_custom(|it| gpu_time(&dev, it, || conv3x3(&dev, &p, up)))
+            });
+        }
+        dev.set_conv_tier(ConvTier::Mma).unwrap();
     }
     // First layer: 1 fp32 channel → 64, with the pooled output.
     let (n, h) = (8, 256);

@@ -46,36 +46,47 @@ extern "C" __global__ void seg_head(const SegHeadParams p) {
 }
 
 /// Grid (m, ⌈k/32⌉), 256 threads: 32 concepts × 8 warps, warp w scoring instances w, w+8, …
-/// (8 instance rows staged in shared memory at a time), then max/sum combined over the warps.
-/// The first instance attaining the max (`arg`) is the lowest index among equal maxima.
+/// (8·U instance rows staged in shared memory at a time, U ≤ 4 of them per warp scored
+/// together so that each weight load feeds U independent sums), then max/sum combined over
+/// the warps. Each score is the same sequential sum over the channels whatever U is. The first
+/// instance attaining the max (`arg`) is the lowest index among equal maxima.
 /// Needs c_real ≤ 2048.
 extern "C" __global__ void __launch_bounds__(256) mil_concepts_gcp(const ConceptsGcpParams p) {
-    __shared__ __half sx[8][2048];
+    __shared__ __half sx[16384];
     __shared__ float smax[8][32], ssum[8][32];
     __shared__ int sarg[8][32];
     const int m = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int k = blockIdx.y * 32 + lane;
     const bool kok = k < p.k;
     const float b = kok ? p.bias[k] : 0.0f;
+    const int U = imax(1, imin(4, 16384 / (8 * p.c_real))), R = 8 * U;
     float mx = -3.4e38f, sum = 0.0f;
     int arg = p.inst;  // beyond every instance: loses every tie
-    for (int i0 = 0; i0 < p.inst; i0 += 8) {
+    for (int i0 = 0; i0 < p.inst; i0 += R) {
         __syncthreads();
-        const int rows = imin(8, p.inst - i0);
+        const int rows = imin(R, p.inst - i0);
         for (int e = threadIdx.x; e < rows * p.c_real; e += 256) {
             int r = e / p.c_real, c = e - r * p.c_real;
-            sx[r][c] = p.x[(size_t(m) * p.inst + i0 + r) * p.c + c];
+            sx[r * p.c_real + c] = p.x[(size_t(m) * p.inst + i0 + r) * p.c + c];
         }
         __syncthreads();
-        if (kok && warp < rows) {
-            float s = b;
-            for (int c = 0; c < p.c_real; ++c) s += __half2float(sx[warp][c]) * p.wt[size_t(c) * p.k + k];
-            // A warp's instances come in increasing order: strict > keeps the first maximum.
-            if (s > mx || arg == p.inst) {
-                mx = s;
-                arg = i0 + warp;
+        if (!kok || warp >= rows) continue;
+        float s[4] = {b, b, b, b};
+        for (int c = 0; c < p.c_real; ++c) {
+            const float wv = p.wt[size_t(c) * p.k + k];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (u < U) s[u] += __half2float(sx[(warp + 8 * u) * p.c_real + c]) * wv;
+        }
+        // A warp's instances come in increasing order: strict > keeps the first maximum.
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            if (u >= U || warp + 8 * u >= rows) break;
+            if (s[u] > mx || arg == p.inst) {
+                mx = s[u];
+                arg = i0 + warp + 8 * u;
             }
-            sum += s;
+            sum += s[u];
         }
     }
     smax[warp][lane] = mx;

@@ -111,9 +111,17 @@ pub fn with_duplicates(mut x: Vec<f32>, m: usize, inst: usize, c: usize) -> Vec<
 
 /// mil_concepts_gcp: concept scores of every instance (= reference::linear over the instance
 /// rows) pooled by GCP over each patch's instances (= reference::gcp_forward), and the first
-/// instance attaining each max.
+/// instance attaining each max. Shapes: every row in one stage (U = 4 rows per warp), three
+/// stages of 24 rows (U = 3) with a short last one, and one row per warp (c_real = 2048).
 fn concepts_rows(dev: &mut Device, t: &mut Table) {
-    for (m, inst, c_real, k) in [(5, 4, 20, 70), (2, 9, 5, 3), (3, 1, 8, 33)] {
+    let shapes = [
+        (5, 4, 20, 70),
+        (2, 9, 5, 3),
+        (3, 1, 8, 33),
+        (2, 70, 600, 40),
+        (1, 10, 2048, 5),
+    ];
+    for (m, inst, c_real, k) in shapes {
         let mut r = rng((m * 100 + inst * 10 + c_real) as u64);
         let c = pad8(c_real);
         let x = uniform(&mut r, m * inst * c_real, 0.0, 2.0);
