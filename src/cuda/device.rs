@@ -201,7 +201,7 @@ impl Device {
     pub fn describe(&self) -> String {
         match &self.gpu {
             Some(g) => format!(
-                "cuda: {} (sm_{}{}), kernels from {}",
+                "cuda: {} (sm_{}{}), kernels from {}, convolutions on the {} tier",
                 g.name,
                 g.cc.0,
                 g.cc.1,
@@ -209,6 +209,10 @@ impl Device {
                     "the embedded fatbin"
                 } else {
                     "NVRTC"
+                },
+                match self.conv_tier() {
+                    ConvTier::Mma => "mma.sync",
+                    ConvTier::Wgmma => "wgmma",
                 }
             ),
             None => format!(
@@ -716,7 +720,7 @@ fn load_nvrtc(m: &KernelModule, cc: (i32, i32)) -> Result<sys::CUmodule> {
 pub fn describe_devices() -> String {
     let mut out = String::new();
     let kernels = if kernels_prebuilt() {
-        "embedded fatbin (sm_80, sm_90 SASS + compute_80 PTX)"
+        "embedded fatbin (sm_80, sm_90a SASS + compute_80 PTX)"
     } else {
         "embedded source, compiled by NVRTC at run time (built without nvcc)"
     };
