@@ -32,6 +32,7 @@ fn kernels(c: &mut Criterion) {
         }
     };
     println!("{}", dev.describe());
+    let hopper = dev.conv_tier();
     let mut g = c.benchmark_group("cuda_kernels");
     g.sample_size(20)
         .measurement_time(Duration::from_secs(2))
@@ -81,16 +82,18 @@ fn kernels(c: &mut Criterion) {
         g.throughput(Throughput::Elements(
             (2 * m * cout * 9 * (cin1 + cin2)) as u64,
         ));
-        // Each on both tiers where the GPU has the wgmma one (the upsampling loader is mma.sync).
+        // Each on both tiers where the wgmma one is the device's default (the upsampling loader
+        // is mma.sync only).
         for (tier, tier_name) in [(ConvTier::Mma, "mma"), (ConvTier::Wgmma, "wgmma")] {
-            if dev.set_conv_tier(tier).is_err() || (up && tier == ConvTier::Wgmma) {
+            if tier == ConvTier::Wgmma && (up || hopper != ConvTier::Wgmma) {
                 continue;
             }
+            dev.set_conv_tier(tier).unwrap();
             g.bench_function(format!("{name} @{tier_name} (elements = FLOP)"), |b| {
                 b.iter_custom(|it| gpu_time(&dev, it, || conv3x3(&dev, &p, up)))
             });
         }
-        dev.set_conv_tier(ConvTier::Mma).unwrap();
+        dev.set_conv_tier(hopper).unwrap();
     }
     // First layer: 1 fp32 channel → 64, with the pooled output.
     let (n, h) = (8, 256);

@@ -83,9 +83,11 @@ fn gpu_conv3x3_igemm_timing() {
     // Each shape on both tiers (name@tier; wgmma only on compute capability 9.0): enc1.conv2
     // with its fused pool, dec2.conv1 (256×256, [u, skip] 128 → 64) for 8 patches, and the
     // 512-channel enc5.conv2 for 128 patches.
+    // The wgmma tier only where it is the device's default (M2UNET_CONV_TIER=mma turns it off).
+    let hopper = dev.conv_tier() == ConvTier::Wgmma;
     let tiers: Vec<(ConvTier, &str)> = [(ConvTier::Mma, "mma"), (ConvTier::Wgmma, "wgmma")]
         .into_iter()
-        .filter(|&(t, _)| dev.set_conv_tier(t).is_ok())
+        .filter(|&(t, _)| t == ConvTier::Mma || hopper)
         .collect();
     for (name, n, h, cin1, cin2, cout, pool) in [
         ("enc1.conv2", 8, 256, 64, 0, 64, true),
@@ -109,9 +111,9 @@ fn gpu_conv3x3_igemm_timing() {
             assert!(ms > 0.0);
         }
     }
-    dev.set_conv_tier(ConvTier::Mma).unwrap();
-    // dec2.up_conv for 8 patches: 128×128 upsampled to 256×256, 64 → 64, on both kernels;
-    // FLOPs of the high-res conv (2·M·cout·9·cin) for both, so their TFLOP/s compare.
+    // dec2.up_conv for 8 patches: 128×128 upsampled to 256×256, 64 → 64: the fused loader
+    // (mma.sync) and the sub-pixel GEMM on each tier; FLOPs of the high-res conv
+    // (2·M·cout·9·cin) for all, so their TFLOP/s compare.
     let (n, h, cin, cout) = (8, 256, 64, 64);
     let m = n * h * h;
     let gflop = 2.0 * (m * cout * 9 * cin) as f64 / 1e9;
@@ -131,12 +133,16 @@ fn gpu_conv3x3_igemm_timing() {
         splits: 1,
         ..Default::default()
     };
-    let fused = || conv3x3(&dev, &p, true);
-    let subpixel = || conv3x3_up(&dev, &sub);
-    for (name, launch) in [
-        ("up_fused", &fused as &dyn Fn() -> anyhow::Result<()>),
-        ("up_subpixel", &subpixel),
-    ] {
+    let mut kernels = vec![("up_fused".to_string(), ConvTier::Mma, true)];
+    for &(tier, tier_name) in &tiers {
+        kernels.push((format!("up_subpixel@{tier_name}"), tier, false));
+    }
+    for (name, tier, fused) in kernels {
+        dev.set_conv_tier(tier).unwrap();
+        let launch = || match fused {
+            true => conv3x3(&dev, &p, true),
+            false => conv3x3_up(&dev, &sub),
+        };
         launch().unwrap();
         let iters = 20;
         let ms = cuda_common::time_launches(&dev, iters, launch) / iters as f32;
