@@ -375,8 +375,11 @@ void mbar_store(uint64_t* bar, MbarWord m) {
 /// Shared-memory address of a pointer into the dynamic shared memory.
 uint32_t smem_offset(const void* p) {
     const unsigned char* c = static_cast<const unsigned char*>(p);
-    if (c < block->dsmem || c >= block->dsmem + block->dsmem_bytes)
+    if (c < block->dsmem || c >= block->dsmem + block->dsmem_bytes) {
+        std::fprintf(stderr, "emulator: offset %td of %zu bytes of dynamic shared memory\n",
+                     c - block->dsmem, block->dsmem_bytes);
         die("a TMA, mbarrier or wgmma operand outside the dynamic shared memory");
+    }
     return uint32_t(c - block->dsmem);
 }
 

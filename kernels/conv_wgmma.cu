@@ -1,7 +1,8 @@
 //! 3×3 convolution, Hopper tier (sm_90a): per tap and 64-channel slice, TMA loads the input
 //! tile shifted by the tap (its zero fill is the padding) and the weight slice into an
-//! mbarrier ring; one producer thread and two consumer warpgroups running wgmma m64n64k16;
-//! the epilogue is staged in shared memory (bias, ReLU, 16-byte stores, 2×2 max-pool).
+//! mbarrier ring; one producer thread and two consumer warpgroups running wgmma m64n128k16
+//! with the weights as the 64-row operand and 128 pixels as N; the epilogue is staged in
+//! shared memory (bias, ReLU, 16-byte stores, 2×2 max-pool).
 //! Equals (src/reference.rs, as conv3x3_igemm in conv.cu): reference::conv3x3_forward of
 //! concat_channels(x, x2), bn_eval_forward folded into w and b → relu_forward →
 //! maxpool2x2_forward (y_pool); and with `up`, the interior of conv3x3_up_subpixel (conv_up.cu:
@@ -24,19 +25,20 @@ struct WgmmaConvParams {
     __half* y;          // [n][h][w][cout]; with `up` [n][2h][2w][cout]
     __half* y_pool;     // [n][h/2][w/2][cout], or null
     int n, h, w, cin1, cin2, cout, relu;
-    int tile_x, tile_y, tiles_x, tiles_y;  // tile_x · tile_y = 128; tiles per image row/column
+    int tile_x, tile_y, tiles_x, tiles_y;  // tile_x · tile_y = 256; tiles per image row/column
     int up;  // 1: the sub-pixel up_conv of the interior pixels (1..h−2 × 1..w−2) of the
              // low-resolution x (h × w); tiles start at (1, 1), the border is conv_up.cu's
 };
 static_assert(sizeof(WgmmaConvParams) == 512, "WgmmaConvParams layout");
 
 #ifdef M2UNET_HOPPER
-// A block computes a tile of 128 pixels (tile_y rows × tile_x columns of one image) × 64·NSUB
-// output channels; K = 9·cin runs as 9 taps × cin/64 slices of 64 channels (128-byte rows),
-// through HW_STAGES stages of [A 128 × 64 | B 64·NSUB × 64] fp16 and two barriers each. Dynamic
-// shared memory: HW_STAGES · (16384 + 8192·NSUB) + 64 bytes, plus 1024 for the alignment.
-constexpr int HW_STAGES = 4, HW_PIXELS = 128;
-constexpr int HW_A_BYTES = HW_PIXELS * 128;
+// A block computes 64·NSUB output channels × a tile of 256 pixels (tile_y rows × tile_x
+// columns of one image); K = 9·cin runs as 9 taps × cin/64 slices of 64 channels (128-byte
+// rows), through HW_STAGES stages of [pixels 256 × 64 | weights 64·NSUB × 64] fp16 and two
+// barriers each. Dynamic shared memory: HW_STAGES · (32768 + 8192·NSUB) + 64 bytes, plus 1024
+// for the alignment.
+constexpr int HW_STAGES = 4, HW_PIXELS = 256;
+constexpr int HW_X_BYTES = HW_PIXELS * 128;
 
 /// The block's dynamic shared memory from its first 1024-byte aligned shared address.
 __device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) {
@@ -45,7 +47,7 @@ __device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) {
 
 template <int NSUB>
 __device__ __forceinline__ void conv3x3_wgmma_body(const WgmmaConvParams& p) {
-    constexpr int BN = 64 * NSUB, STAGE = HW_A_BYTES + BN * 128;
+    constexpr int BN = 64 * NSUB, STAGE = HW_X_BYTES + BN * 128;
     DYNAMIC_SMEM(raw);
     unsigned char* smem = aligned_smem(raw);
     u64* full = reinterpret_cast<u64*>(smem + HW_STAGES * STAGE);
@@ -81,31 +83,32 @@ __device__ __forceinline__ void conv3x3_wgmma_body(const WgmmaConvParams& p) {
                 const bool first = c < p.cin1;
                 tma_load<4>(a, first ? &p.x1 : &p.x2, &full[s], first ? c : c - p.cin1,
                             x0 + tap % 3 - 1, y0 + tap / 3 - 1, img);
-                tma_load<2>(a + HW_A_BYTES, &p.wt, &full[s], tap * cin + c, n0);
+                tma_load<2>(a + HW_X_BYTES, &p.wt, &full[s], tap * cin + c, n0);
             }
         return;
     }
 
-    // Consumers: warpgroup g takes pixel rows 64g..64g+63 of the tile.
+    // Consumers: warpgroup g takes pixels 128g..128g+127 of the tile; D[sub] is output
+    // channels n0 + 64·sub.. (rows) × those pixels (columns).
     const int g = wg - 1, warp = (tid / 32) % 4, lane = tid % 32;
-    float acc[NSUB][32];
+    float acc[NSUB][64];
 #pragma unroll
     for (int sub = 0; sub < NSUB; ++sub) {
 #pragma unroll
-        for (int i = 0; i < 32; ++i) acc[sub][i] = 0.0f;
+        for (int i = 0; i < 64; ++i) acc[sub][i] = 0.0f;
         wgmma_pin(acc[sub]);
     }
     for (int kt = 0; kt < KT; ++kt) {
         const int s = kt % HW_STAGES;
         mbar_wait(&full[s], (kt / HW_STAGES) & 1);
-        const unsigned a = smem_addr(smem + s * STAGE) + g * 64 * 128;
-        const unsigned b = smem_addr(smem + s * STAGE + HW_A_BYTES);
+        const unsigned x = smem_addr(smem + s * STAGE) + g * 128 * 128;
+        const unsigned w = smem_addr(smem + s * STAGE + HW_X_BYTES);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
             for (int sub = 0; sub < NSUB; ++sub)
-                wgmma_m64n64k16(acc[sub], wgmma_desc(a + 32 * kk), wgmma_desc(b + sub * 64 * 128 + 32 * kk));
+                wgmma_m64n128k16(acc[sub], wgmma_desc(w + sub * 64 * 128 + 32 * kk), wgmma_desc(x + 32 * kk));
         wgmma_commit();
         // The previous k-step's MMAs are done: its stage goes back to the producer.
         wgmma_wait<1>();
@@ -116,27 +119,27 @@ __device__ __forceinline__ void conv3x3_wgmma_body(const WgmmaConvParams& p) {
     for (int sub = 0; sub < NSUB; ++sub) wgmma_pin(acc[sub]);
 
     // Epilogue: both warpgroups are past their last MMA, so the stages hold the output tile
-    // [128 pixels][BN + 8 halves] (bias, ReLU, fp16), stored with 16-byte writes.
+    // [256 pixels][BN + 8 halves] (bias, ReLU, fp16; transposed from the fragments), stored
+    // with 16-byte writes.
     sync_named(1, 256);
     constexpr int LD = BN + 8;
     __half* tile = reinterpret_cast<__half*>(smem);
-    const int row0 = g * 64 + warp * 16 + lane / 4;
+    const int co0 = warp * 16 + lane / 4, px0 = g * 128 + 2 * (lane % 4);
 #pragma unroll
     for (int sub = 0; sub < NSUB; ++sub)
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int hf = 0; hf < 2; ++hf) {
+            const int co = sub * 64 + co0 + 8 * hf;
+            const float b = p.bias[(n0 + co) % p.cout];  // with `up`: channel of its parity
 #pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const int row = row0 + 8 * hf, col = sub * 64 + 8 * j + 2 * (lane % 4);
-                const int o = (n0 + col) % p.cout;  // the output channel (with `up`: of its parity)
-                float v0 = acc[sub][4 * j + 2 * hf] + p.bias[o];
-                float v1 = acc[sub][4 * j + 2 * hf + 1] + p.bias[o + 1];
-                if (p.relu) {
-                    v0 = fmaxf(v0, 0.0f);
-                    v1 = fmaxf(v1, 0.0f);
+            for (int j = 0; j < 16; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float v = acc[sub][4 * j + 2 * hf + e] + b;
+                    if (p.relu) v = fmaxf(v, 0.0f);
+                    tile[(px0 + 8 * j + e) * LD + co] = __float2half_rn(v);
                 }
-                *reinterpret_cast<__half2*>(&tile[row * LD + col]) = __floats2half2_rn(v0, v1);
-            }
+        }
     sync_named(1, 256);
     constexpr int CH = BN / 8;
     const int ct = tid - 128;
@@ -177,8 +180,8 @@ __device__ __forceinline__ void conv3x3_wgmma_body(const WgmmaConvParams& p) {
 }
 #endif
 
-/// Grid (n · tiles_y · tiles_x, cout / 64), 384 threads, 99,392 bytes of dynamic shared memory
-/// (see above). sm_90a only.
+/// Grid (n · tiles_y · tiles_x, cout / 64), 384 threads, 164,928 bytes of dynamic shared
+/// memory (see above). sm_90a only.
 extern "C" __global__ void __launch_bounds__(HW_THREADS, 1) conv3x3_wgmma_n64(const __grid_constant__ WgmmaConvParams p) {
 #ifdef M2UNET_HOPPER
     conv3x3_wgmma_body<1>(p);
@@ -187,7 +190,7 @@ extern "C" __global__ void __launch_bounds__(HW_THREADS, 1) conv3x3_wgmma_n64(co
 #endif
 }
 
-/// As conv3x3_wgmma_n64 with 128 output channels per block: grid (…, cout / 128), 132,160
+/// As conv3x3_wgmma_n64 with 128 output channels per block: grid (…, cout / 128), 197,696
 /// bytes of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(HW_THREADS, 1) conv3x3_wgmma_n128(const __grid_constant__ WgmmaConvParams p) {
 #ifdef M2UNET_HOPPER
@@ -199,19 +202,19 @@ extern "C" __global__ void __launch_bounds__(HW_THREADS, 1) conv3x3_wgmma_n128(c
 
 struct WgmmaProbeParams {
     TensorMap a;  // [rows][64] fp16, box (64, 64): rows past the tensor's end load as zeros
-    TensorMap b;  // [64][64] fp16, box (64, 64)
-    float* d;     // [64][64] fp32: d = A · Bᵀ
+    TensorMap b;  // [128][64] fp16, box (64, 128)
+    float* d;     // [64][128] fp32: d = A · Bᵀ
 };
 static_assert(sizeof(WgmmaProbeParams) == 384, "WgmmaProbeParams layout");
 
 /// The single-wgmma probe: one warpgroup loads A and B through TMA (128-byte swizzle) on one
-/// mbarrier and computes A · Bᵀ with four m64n64k16 steps. 128 threads, 17 KiB + 1024 of
-/// dynamic shared memory. Checks TMA, the swizzle, descriptors and fragment layouts at once.
+/// mbarrier and computes A · Bᵀ with four m64n128k16 steps. 128 threads, 24 KiB + 1032 bytes
+/// of dynamic shared memory. Checks TMA, the swizzle, descriptors and fragment layouts at once.
 extern "C" __global__ void __launch_bounds__(128) wgmma_probe(const __grid_constant__ WgmmaProbeParams p) {
 #ifdef M2UNET_HOPPER
     DYNAMIC_SMEM(raw);
     unsigned char* smem = aligned_smem(raw);
-    u64* bar = reinterpret_cast<u64*>(smem + 2 * 8192);
+    u64* bar = reinterpret_cast<u64*>(smem + 3 * 8192);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     if (tid == 0) {
         mbar_init(bar, 1);
@@ -219,24 +222,24 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_probe(const __grid_const
     }
     __syncthreads();
     if (tid == 0) {
-        mbar_arrive_expect_tx(bar, 2 * 8192);
+        mbar_arrive_expect_tx(bar, 3 * 8192);
         tma_load<2>(smem, &p.a, bar, 0, 0);
         tma_load<2>(smem + 8192, &p.b, bar, 0, 0);
     }
     mbar_wait(bar, 0);
-    float acc[32];
-    for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+    float acc[64];
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
     wgmma_pin(acc);
     wgmma_fence();
     const unsigned a = smem_addr(smem), b = smem_addr(smem + 8192);
-    for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16(acc, wgmma_desc(a + 32 * kk), wgmma_desc(b + 32 * kk));
+    for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k16(acc, wgmma_desc(a + 32 * kk), wgmma_desc(b + 32 * kk));
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_pin(acc);
-    for (int j = 0; j < 8; ++j)
+    for (int j = 0; j < 16; ++j)
         for (int i = 0; i < 4; ++i) {
             const int row = 16 * warp + lane / 4 + 8 * (i / 2), col = 8 * j + 2 * (lane % 4) + i % 2;
-            p.d[row * 64 + col] = acc[4 * j + i];
+            p.d[row * 128 + col] = acc[4 * j + i];
         }
 #else
     asm volatile("trap;");

@@ -13,13 +13,13 @@ use m2unet::cuda::{ConvTier, DevPtr, Device};
 
 /// (n, h, w, input channel parts, cout, relu, up = false): each takes the wgmma tier.
 const CONVS: [ConvCase; 4] = [
-    // 20 columns in tiles of 32: the right part of each tile lies past the edge.
+    // 20 columns in tiles of 32 × 8: the right part of each tile lies past the edge.
     (2, 12, 20, &[64], 64, true, false),
-    // Odd sizes (8 × 16 tiles), two K slices per tap, three groups of 64 output channels.
+    // Odd sizes (16 × 16 tiles), two K slices per tap, three groups of 64 output channels.
     (1, 9, 7, &[128], 192, false, false),
-    // Concatenated inputs, 128 output channels per block, pooled.
-    (1, 16, 16, &[64, 64], 128, true, false),
-    // A tile larger than the image (10 columns in 16, 6 rows in 8), pooled.
+    // Concatenated inputs, 128 output channels per block, pooled, two tiles of 16 × 16.
+    (1, 32, 16, &[64, 64], 128, true, false),
+    // A tile larger than the image (10 columns in 16, 6 rows in 16), pooled.
     (2, 6, 10, &[64], 128, true, false),
 ];
 
@@ -36,25 +36,25 @@ pub fn rows(dev: &mut Device, t: &mut Table) {
 }
 
 /// wgmma_probe: D = A · Bᵀ with A 50 × 64 (rows 50..63 of the 64-row box are TMA's zero fill)
-/// and B 64 × 64, both fp16, D fp32. Bound: an fp32 sum of 64 products, (K + 1)·ACC·Σ|a·b|.
+/// and B 128 × 64, both fp16, D fp32. Bound: an fp32 sum of 64 products, (K + 1)·ACC·Σ|a·b|.
 fn probe_row(dev: &mut Device, t: &mut Table) {
-    let (rows, k) = (50, 64);
+    let (rows, k, n) = (50, 64, 128);
     let mut r = rng(90);
     let a = round_f16(&uniform(&mut r, rows * k, -1.0, 1.0));
-    let b = round_f16(&uniform(&mut r, 64 * k, -1.0, 1.0));
-    let (mut want, mut sum_abs) = (vec![0.0f64; 64 * 64], vec![0.0f64; 64 * 64]);
+    let b = round_f16(&uniform(&mut r, n * k, -1.0, 1.0));
+    let (mut want, mut sum_abs) = (vec![0.0f64; 64 * n], vec![0.0f64; 64 * n]);
     for i in 0..rows {
-        for j in 0..64 {
+        for j in 0..n {
             for kk in 0..k {
                 let v = a[i * k + kk] as f64 * b[j * k + kk] as f64;
-                want[i * 64 + j] += v;
-                sum_abs[i * 64 + j] += v.abs();
+                want[i * n + j] += v;
+                sum_abs[i * n + j] += v.abs();
             }
         }
     }
     let ga = Guarded::with(dev, &to_f16(&a));
     let gb = Guarded::with(dev, &to_f16(&b));
-    let gd = Guarded::new(dev, 64 * 64 * 4);
+    let gd = Guarded::new(dev, 64 * n * 4);
     wgmma_probe(
         dev,
         DevPtr(ga.addr()),
@@ -67,7 +67,7 @@ fn probe_row(dev: &mut Device, t: &mut Table) {
     let bound = (k + 1) as f64 * ACC * max_abs(&abs(&sum_abs));
     let mut run = Launch::new(
         t,
-        format!("A {rows}×{k} (box 64) · Bᵀ 64×{k}"),
+        format!("A {rows}×{k} (box 64) · Bᵀ {n}×{k}"),
         dev,
         &[&ga, &gb, &gd],
     );

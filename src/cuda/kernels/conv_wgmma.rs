@@ -46,7 +46,7 @@ const _: () = {
 };
 
 /// Pixels per block (a tile_y × tile_x rectangle of one image).
-const PIXELS: usize = 128;
+const PIXELS: usize = 256;
 const STAGES: usize = 4;
 const THREADS: u32 = 384;
 
@@ -69,11 +69,11 @@ pub fn wgmma_fits(p: &ConvParams, upsample: bool) -> bool {
         && pool_ok
 }
 
-/// The pixel tile (tile_x, tile_y) with tile_x · tile_y = 128 that wastes the fewest pixels on an
+/// The pixel tile (tile_x, tile_y) with tile_x · tile_y = 256 that wastes the fewest pixels on an
 /// h × w image (wider first on ties); pooling needs an even tile_y.
 fn pixel_tile(h: usize, w: usize, pool: bool) -> (usize, usize) {
     let mut best = (0, 0, usize::MAX);
-    for tx in [128, 64, 32, 16, 8] {
+    for tx in [256, 128, 64, 32, 16] {
         let ty = PIXELS / tx;
         if pool && ty % 2 == 1 {
             continue;
@@ -216,24 +216,19 @@ fn launch(dev: &Device, mut q: WgmmaConvParams, wt: DevAddr, k: usize, cols: usi
     dev.launch_smem(name, grid, [THREADS, 1, 1], smem_bytes(nsub), &q)
 }
 
-/// The single-wgmma probe: d [64][64] fp32 = A · Bᵀ for fp16 A [a_rows][64] (rows past
-/// `a_rows` read as zeros through TMA's fill) and B [64][64].
+/// The single-wgmma probe: d [64][128] fp32 = A · Bᵀ for fp16 A [a_rows][64] (rows past
+/// `a_rows` read as zeros through TMA's fill) and B [128][64].
 pub fn wgmma_probe(dev: &Device, a: DevPtr, a_rows: usize, b: DevPtr, d: DevPtr) -> Result<()> {
     ensure!((1..=64).contains(&a_rows), "wgmma_probe: 1..64 rows of A");
-    let map = |at: DevPtr, rows: usize| {
-        TensorMap::f16_tiled(dev, at, &[64, rows as u64], &[128], &[64, 64])
+    let map = |at: DevPtr, rows: usize, box_rows: u32| {
+        TensorMap::f16_tiled(dev, at, &[64, rows as u64], &[128], &[64, box_rows])
     };
     let q = WgmmaProbeParams {
-        a: map(a, a_rows)?,
-        b: map(b, 64)?,
+        a: map(a, a_rows, 64)?,
+        b: map(b, 128, 128)?,
         d: d.0,
         pad_: [0; 15],
     };
-    dev.launch_smem(
-        "wgmma_probe",
-        [1, 1, 1],
-        [128, 1, 1],
-        2 * 8192 + 8 + 1024,
-        &q,
-    )
+    let smem = 3 * 8192 + 8 + 1024;
+    dev.launch_smem("wgmma_probe", [1, 1, 1], [128, 1, 1], smem, &q)
 }
