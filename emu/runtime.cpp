@@ -432,14 +432,20 @@ float wgmma_operand(uint64_t desc, int row, int k) {
 
 /// This thread's part of one m64nNk16: accumulator register 4j + i holds row
 /// 16·warp + lane/4 + 8·(i/2), column 8j + 2·(lane%4) + i%2 (PTX ISA, wgmma D fragments).
+/// The thread's two rows of A and N/4 columns of B are read once, then multiplied.
 void wgmma_execute(const WgmmaOp& op) {
     int t = current->linear % 128, w = t / 32, l = t % 32;
+    float a[2][16], b[64][16];
+    for (int h = 0; h < 2; ++h)
+        for (int k = 0; k < 16; ++k) a[h][k] = wgmma_operand(op.desc_a, 16 * w + l / 4 + 8 * h, k);
+    for (int j = 0; j < op.n / 8; ++j)
+        for (int e = 0; e < 2; ++e)
+            for (int k = 0; k < 16; ++k)
+                b[2 * j + e][k] = wgmma_operand(op.desc_b, 8 * j + 2 * (l % 4) + e, k);
     for (int j = 0; j < op.n / 8; ++j)
         for (int i = 0; i < 4; ++i) {
-            int row = 16 * w + l / 4 + 8 * (i / 2), col = 8 * j + 2 * (l % 4) + i % 2;
             float acc = op.d[4 * j + i];
-            for (int k = 0; k < 16; ++k)
-                acc += wgmma_operand(op.desc_a, row, k) * wgmma_operand(op.desc_b, col, k);
+            for (int k = 0; k < 16; ++k) acc += a[i / 2][k] * b[2 * j + i % 2][k];
             op.d[4 * j + i] = acc;
         }
 }
@@ -491,6 +497,7 @@ void tma_load(void* dst, const TensorMapDesc* map, const int* coords, uint64_t* 
 }
 
 void wgmma_issue(uint64_t desc_a, uint64_t desc_b, float* d, int n) {
+    if (n % 8 != 0 || n < 8 || n > 256) die("wgmma N must be a multiple of 8 in 8..256");
     me().wgmma.push_back({desc_a, desc_b, d, n, -1});
 }
 

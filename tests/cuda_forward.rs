@@ -289,6 +289,69 @@ fn check_vs_cpu_engine(c: ModelConfig, p: usize, bags: &[usize], seed: u64) {
     }
 }
 
+#[test]
+fn wgmma_tier_forward_matches_cpu_engine() {
+    // The paper widths at P = 48 with 8 patches: the top level's 144 tiles of 128 pixels fill
+    // a wave, so enc1.conv2 (with its pool), dec2's convs and dec2.up_conv's inner region
+    // take the wgmma tier (the deeper, split-K layers stay on mma.sync); the launch log shows
+    // it. Both tiers must match the CPU engine within the calibrated fp16 threshold; on the
+    // emulator they must equal each other bit for bit, since both CPU twins sum every
+    // output's products sequentially in the same k order (tap, then channel), so any
+    // indexing slip of the Hopper path (tap coordinates, fragments, epilogue) shows.
+    use m2unet::cpu::run_step;
+    use m2unet::cuda::ConvTier;
+    use m2unet::engine::Batch;
+    let (c, p, bags) = (ModelConfig::paper(), 48, [4usize, 4]);
+    let model = random_model(c, 61);
+    let x = uniform(&mut rng(62), 8 * p * p, 0.0, 1.0);
+    let batch = Batch {
+        patches: &x,
+        patch: p,
+        bag_sizes: &bags,
+        seg_labels: None,
+        cls_labels: None,
+    };
+    let cpu = run_step(
+        &mut model.clone(),
+        &batch,
+        Mode::Eval,
+        &TrainConfig::default(),
+    )
+    .unwrap()
+    .outputs;
+    let mut engine = CudaEngine::new(&model, device_kind()).unwrap();
+    let mut outs = vec![];
+    for tier in [ConvTier::Mma, ConvTier::Wgmma] {
+        if let Err(e) = engine.set_conv_tier(tier) {
+            println!("wgmma tier skipped: {e}");
+            return;
+        }
+        let t = std::time::Instant::now();
+        engine.device().log_launches(true);
+        let out = engine.forward_eval(&x, &bags).unwrap();
+        let launched = engine.device().log_launches(false);
+        let hopper = launched.iter().filter(|k| k.contains("wgmma")).count();
+        let es = rel_l2(&cpu.seg_logits, &out.seg_logits);
+        let ec = rel_l2(&cpu.cls_logits, &out.cls_logits);
+        println!(
+            "{tier:?} tier vs CPU engine, paper widths P={p} bags {bags:?}: rel L2 seg {es:.3e}, cls {ec:.3e} (threshold 1e-2); {hopper} of {} launches on the wgmma tier; {:.1} s on {}",
+            launched.len(),
+            t.elapsed().as_secs_f64(),
+            engine.describe()
+        );
+        assert!(es <= 1e-2 && ec <= 1e-2);
+        assert_eq!(hopper > 0, tier == ConvTier::Wgmma);
+        outs.push(out);
+    }
+    let between = rel_l2(&outs[0].seg_logits, &outs[1].seg_logits);
+    println!("wgmma vs mma.sync tier: rel L2 seg {between:.3e}");
+    if device_kind() == DeviceKind::Emu {
+        assert!(
+            outs[0].seg_logits == outs[1].seg_logits && outs[0].cls_logits == outs[1].cls_logits
+        );
+    }
+}
+
 /// A network that is not the paper's: 3 encoder stages (2 decoder blocks), other widths and
 /// concept counts. The layer list is the only place that knows the depth, so both engines
 /// and the reference follow it from the config alone. The patch side (20) is not the

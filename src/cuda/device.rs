@@ -121,6 +121,8 @@ pub struct Device {
     /// driver records the stream).
     capture: RefCell<Option<Vec<Op>>>,
     conv_tier: Cell<ConvTier>,
+    /// Some while `log_launches` is on: the names of the kernels launched since.
+    launch_log: RefCell<Option<Vec<&'static str>>>,
 }
 
 /// Which kernels run the tensor-core 3×3 convolutions.
@@ -158,6 +160,7 @@ impl Device {
             allocations: HashMap::new(),
             capture: RefCell::new(None),
             conv_tier: Cell::new(conv_tier),
+            launch_log: RefCell::new(None),
         })
     }
 
@@ -180,6 +183,13 @@ impl Device {
         }
         self.conv_tier.set(tier);
         Ok(())
+    }
+
+    /// Starts (true) or stops (false) recording the names of launched kernels; stopping
+    /// returns those recorded, in launch order (replayed graphs are not looked into).
+    pub fn log_launches(&self, on: bool) -> Vec<&'static str> {
+        let old = self.launch_log.replace(on.then(Vec::new));
+        old.unwrap_or_default()
     }
 
     /// Whether this is the CPU emulator.
@@ -358,6 +368,9 @@ impl Device {
     ) -> Result<()> {
         if grid.contains(&0) {
             return Ok(());
+        }
+        if let Some(log) = self.launch_log.borrow_mut().as_mut() {
+            log.push(name);
         }
         if self.gpu.is_none() {
             if let Some(ops) = self.capture.borrow_mut().as_mut() {

@@ -3,7 +3,7 @@
 //! forward pass (eval or train-mode BatchNorm) as a short sequence of kernel launches that
 //! runs unchanged on a GPU or on the emulator.
 
-use super::device::{DevPtr, Device, DeviceKind, Graph, Mark};
+use super::device::{ConvTier, DevPtr, Device, DeviceKind, Graph, Mark};
 use super::kernels::*;
 use super::nvtx;
 use super::weights::{pack_conv3x3, pack_conv_up, pad8, padded, transpose};
@@ -505,6 +505,20 @@ impl CudaEngine {
     /// Selects the kernel of the decoders' up_conv.
     pub fn set_upconv(&mut self, k: UpConvKernel) {
         self.upconv = k;
+    }
+
+    /// Selects the tier of the tensor-core convolutions (`Device::set_conv_tier`); a captured
+    /// eval graph, recorded with the other tier's kernels, is dropped.
+    pub fn set_conv_tier(&mut self, tier: ConvTier) -> Result<()> {
+        self.dev.set_conv_tier(tier)?;
+        self.eval_graph = None;
+        self.eval_last = None;
+        Ok(())
+    }
+
+    /// The device the engine runs on.
+    pub fn device(&self) -> &Device {
+        &self.dev
     }
 
     /// The model with the running statistics the train-mode passes have updated.
