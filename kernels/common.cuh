@@ -189,6 +189,41 @@ __device__ __forceinline__ float gcp_combine(int mode, float mx, float sum, int 
     return mode == 0 ? mx - mean : (mode == 1 ? mx : mean);
 }
 
+/// The seg head (1×1 conv to class logits) and its argmax fused into a conv's epilogue, for
+/// `segment` (conv.cu, conv_wgmma.cu).
+struct SegTail {
+    const float* w;          // [classes][c_real]
+    const float* bias;       // [classes]
+    unsigned char* labels;   // [n·h·w]
+    int classes, c_real;     // classes ≤ 16; c_real ≤ the conv's cout ≤ its block's columns
+};
+
+/// One pixel's class logits in seg_head's order of operations (bias, then channel by channel)
+/// from value(c), channel c of the conv output as stored (fp16-rounded), and their first argmax.
+template <class F>
+__device__ __forceinline__ int seg_argmax(const SegTail& seg, F value) {
+    float o[16];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) o[k] = k < seg.classes ? seg.bias[k] : 0.0f;
+    for (int c = 0; c < seg.c_real; ++c) {
+        const float v = value(c);
+#pragma unroll
+        for (int k = 0; k < 16; ++k)
+            if (k < seg.classes) o[k] += v * seg.w[k * seg.c_real + c];
+    }
+    int best = 0;
+    float bestv = o[0];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+        if (k >= seg.classes) break;
+        if (o[k] > bestv) {
+            bestv = o[k];
+            best = k;
+        }
+    }
+    return best;
+}
+
 // The Rust twins (src/cuda/kernels/mod.rs) assert the same sizes.
 static_assert(sizeof(ConvParams) == 112, "ConvParams layout");
 static_assert(sizeof(ConvFirstParams) == 72, "ConvFirstParams layout");

@@ -77,24 +77,17 @@ __device__ __forceinline__ void block_stats(const ConvParams& p, const IgemmAcc&
     }
 }
 
-/// `segment`'s seg head fused into the last decoder conv's epilogue: the conv's output (eval,
-/// BN folded, ReLU, rounded to fp16 as it would be stored) is staged in shared memory and
-/// each thread turns one pixel's channels into the class logits (in seg_head's order of
-/// operations) and writes their first argmax; the conv's output itself is never written.
-struct SegTail {
-    const float* w;          // [classes][c_real]
-    const float* bias;       // [classes]
-    unsigned char* labels;   // [n·h·w]
-    int classes, c_real;     // classes ≤ 16; c_real ≤ the conv's cout ≤ BN
-};
-
 struct ConvSegParams {
     ConvParams conv;
     SegTail seg;
 };
 static_assert(sizeof(ConvSegParams) == 144, "ConvSegParams layout");
 
-/// The tail: `tile` is BM × BN fp32 of shared memory, free once every warp is past its MMAs.
+/// `segment`'s seg head fused into the last decoder conv's epilogue: the conv's output (eval,
+/// BN folded, ReLU, rounded to fp16 as it would be stored) is staged in shared memory and
+/// each thread turns one pixel's channels into its label (seg_argmax); the conv's output
+/// itself is never written. `tile` is BM × BN fp32 of shared memory, free once every warp is
+/// past its MMAs.
 __device__ __forceinline__ void seg_tail(const ConvParams& p, const SegTail& seg, const IgemmAcc& acc,
                                          int m0, int wm, int wn, int lane, float* tile) {
     const int g = lane >> 2, t = lane & 3;
@@ -116,25 +109,7 @@ __device__ __forceinline__ void seg_tail(const ConvParams& p, const SegTail& seg
     __syncthreads();
     const int r = threadIdx.x, m = m0 + r;
     if (m >= M) return;
-    float o[16];
-#pragma unroll
-    for (int k = 0; k < 16; ++k) o[k] = k < seg.classes ? seg.bias[k] : 0.0f;
-    for (int c = 0; c < seg.c_real; ++c) {
-        float v = tile[r * BN + c];
-#pragma unroll
-        for (int k = 0; k < 16; ++k)
-            if (k < seg.classes) o[k] += v * seg.w[k * seg.c_real + c];
-    }
-    int best = 0;
-    float bestv = o[0];
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-        if (k >= seg.classes) break;
-        if (o[k] > bestv) {
-            bestv = o[k];
-            best = k;
-        }
-    }
+    const int best = seg_argmax(seg, [&](int c) { return tile[r * BN + c]; });
     int pn, py, px;
     pixel_of_row(m, p.h, p.w, p.quad, pn, py, px);
     seg.labels[(size_t(pn) * p.h + py) * p.w + px] = (unsigned char)best;

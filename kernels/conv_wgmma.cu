@@ -5,7 +5,8 @@
 //! shared memory (bias, ReLU, 16-byte stores, 2×2 max-pool).
 //! Equals (src/reference.rs, as conv3x3_igemm in conv.cu): reference::conv3x3_forward of
 //! concat_channels(x, x2), bn_eval_forward folded into w and b → relu_forward →
-//! maxpool2x2_forward (y_pool); and with `up`, the interior of conv3x3_up_subpixel (conv_up.cu:
+//! maxpool2x2_forward (y_pool) (→ conv1x1_forward → argmax_channels: the seg tail); and with
+//! `up`, the interior of conv3x3_up_subpixel (conv_up.cu:
 //! conv3x3_forward of upsample2x_forward(x) → relu_forward, from the low-resolution input
 //! with the inner composite weights). Also the single-wgmma probe the tests compare with a
 //! matmul.
@@ -45,8 +46,10 @@ __device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) {
     return raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
 }
 
+/// The block's conv (NSUB groups of 64 output channels); with `seg`, the seg head and its
+/// argmax instead of the output (one block column: cout = 64·NSUB).
 template <int NSUB>
-__device__ __forceinline__ void conv3x3_wgmma_body(const WgmmaConvParams& p) {
+__device__ __forceinline__ void conv3x3_wgmma_body(const WgmmaConvParams& p, const SegTail* seg = nullptr) {
     constexpr int BN = 64 * NSUB, STAGE = HW_X_BYTES + BN * 128;
     DYNAMIC_SMEM(raw);
     unsigned char* smem = aligned_smem(raw);
@@ -141,8 +144,15 @@ __device__ __forceinline__ void conv3x3_wgmma_body(const WgmmaConvParams& p) {
                 }
         }
     sync_named(1, 256);
-    constexpr int CH = BN / 8;
     const int ct = tid - 128;
+    if (seg != nullptr) {
+        const int yy = y0 + ct / p.tile_x, xx = x0 + ct % p.tile_x;
+        if (yy < y_end && xx < x_end)
+            seg->labels[(size_t(img) * p.h + yy) * p.w + xx] =
+                (unsigned char)seg_argmax(*seg, [&](int c) { return __half2float(tile[ct * LD + c]); });
+        return;
+    }
+    constexpr int CH = BN / 8;
     for (int u = ct; u < HW_PIXELS * CH; u += 256) {
         const int row = u / CH, ch = u % CH;
         const int yy = y0 + row / p.tile_x, xx = x0 + row % p.tile_x;
@@ -195,6 +205,22 @@ extern "C" __global__ void __launch_bounds__(HW_THREADS, 1) conv3x3_wgmma_n64(co
 extern "C" __global__ void __launch_bounds__(HW_THREADS, 1) conv3x3_wgmma_n128(const __grid_constant__ WgmmaConvParams p) {
 #ifdef M2UNET_HOPPER
     conv3x3_wgmma_body<2>(p);
+#else
+    asm volatile("trap;");
+#endif
+}
+
+struct WgmmaSegParams {
+    WgmmaConvParams conv;
+    SegTail seg;
+};
+static_assert(sizeof(WgmmaSegParams) == 640, "WgmmaSegParams layout");
+
+/// As conv3x3_wgmma_n64 (cout = 64, one block column), with the seg head and its argmax in the
+/// epilogue instead of the output: `segment`'s last conv (see SegTail).
+extern "C" __global__ void __launch_bounds__(HW_THREADS, 1) conv3x3_wgmma_seg(const __grid_constant__ WgmmaSegParams p) {
+#ifdef M2UNET_HOPPER
+    conv3x3_wgmma_body<1>(p.conv, &p.seg);
 #else
     asm volatile("trap;");
 #endif

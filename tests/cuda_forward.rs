@@ -350,6 +350,27 @@ fn wgmma_tier_forward_matches_cpu_engine() {
             outs[0].seg_logits == outs[1].seg_logits && outs[0].cls_logits == outs[1].cls_logits
         );
     }
+    // `segment` on the wgmma tier: its last conv carries the seg head and argmax
+    // (conv3x3_wgmma_seg); the labels must be the argmax of the same tier's logits.
+    engine.device().log_launches(true);
+    let labels = engine.segment(&x, p).unwrap();
+    let launched = engine.device().log_launches(false);
+    let (pp, classes) = (p * p, c.seg_classes);
+    let logits = &outs[1].seg_logits;
+    let mism = (0..8 * pp)
+        .filter(|&u| {
+            let l = |k: usize| logits[(u / pp * classes + k) * pp + u % pp];
+            let best = (0..classes).fold(0, |b, k| if l(k) > l(b) { k } else { b });
+            best != labels[u] as usize
+        })
+        .count();
+    let fused = launched.contains(&"conv3x3_wgmma_seg");
+    println!(
+        "segment on the wgmma tier: {mism} of {} labels differ from argmax(forward_eval); seg head in conv3x3_wgmma_seg: {fused}",
+        labels.len()
+    );
+    assert!(fused);
+    assert_eq!(mism, 0);
 }
 
 /// A network that is not the paper's: 3 encoder stages (2 decoder blocks), other widths and

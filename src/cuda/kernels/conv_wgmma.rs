@@ -1,7 +1,7 @@
 //! Rust twins of kernels/conv_wgmma.cu's parameter structs and the Hopper tier's launch: which
 //! convolutions it takes, their pixel tiles and TMA descriptors, and the single-wgmma probe.
 
-use super::{check_i32, ConvParams, ConvUpParams, DevAddr};
+use super::{check_i32, ConvParams, ConvSegParams, ConvUpParams, DevAddr};
 use crate::cuda::device::{DevPtr, Device};
 use crate::cuda::tensor_map::TensorMap;
 use anyhow::{ensure, Result};
@@ -40,8 +40,22 @@ pub struct WgmmaProbeParams {
     pub pad_: [u64; 15],
 }
 
+/// conv3x3_wgmma_seg's parameters: the conv and the seg tail (kernels/common.cuh SegTail).
+#[repr(C, align(128))]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct WgmmaSegParams {
+    pub conv: WgmmaConvParams,
+    pub w: DevAddr,
+    pub bias: DevAddr,
+    pub labels: DevAddr,
+    pub classes: i32,
+    pub c_real: i32,
+    pub pad_: [u64; 12],
+}
+
 const _: () = {
     assert!(std::mem::size_of::<WgmmaConvParams>() == 512);
+    assert!(std::mem::size_of::<WgmmaSegParams>() == 640);
     assert!(std::mem::size_of::<WgmmaProbeParams>() == 384);
 };
 
@@ -88,6 +102,42 @@ fn pixel_tile(h: usize, w: usize, pool: bool) -> (usize, usize) {
 
 /// The convolution `p` (for which `wgmma_fits`) on the wgmma tier.
 pub fn conv3x3_wgmma(dev: &Device, p: &ConvParams) -> Result<()> {
+    let (q, k) = conv_params(dev, p)?;
+    launch(dev, q, p.wt, k, p.cout as usize)
+}
+
+/// `segment`'s last conv with the seg head and argmax in the epilogue on the wgmma tier:
+/// `p.conv` must fit (`wgmma_fits`) with cout = 64 and no pooling.
+pub fn conv3x3_wgmma_seg(dev: &Device, p: &ConvSegParams) -> Result<()> {
+    ensure!(
+        p.conv.cout == 64 && p.conv.y_pool == 0,
+        "conv3x3_wgmma_seg: needs cout = 64 and no pooling"
+    );
+    let (conv, k) = conv_params(dev, &p.conv)?;
+    let q = WgmmaSegParams {
+        conv: WgmmaConvParams {
+            wt: weights_map(dev, p.conv.wt, k, 64, 1)?,
+            ..conv
+        },
+        w: p.w,
+        bias: p.bias,
+        labels: p.labels,
+        classes: p.classes,
+        c_real: p.c_real,
+        pad_: [0; 12],
+    };
+    let blocks = (q.conv.n * q.conv.tiles_x * q.conv.tiles_y) as u32;
+    dev.launch_smem(
+        "conv3x3_wgmma_seg",
+        [blocks, 1, 1],
+        [THREADS, 1, 1],
+        smem_bytes(1),
+        &q,
+    )
+}
+
+/// The launch parameters of a plain or concatenated conv (weights map unset) and its K.
+fn conv_params(dev: &Device, p: &ConvParams) -> Result<(WgmmaConvParams, usize)> {
     ensure!(
         wgmma_fits(p, false),
         "conv3x3_wgmma: needs 64-channel multiples, no upsampling, split-K or statistics"
@@ -111,7 +161,7 @@ pub fn conv3x3_wgmma(dev: &Device, p: &ConvParams) -> Result<()> {
         relu: p.relu,
         ..x1.params(p.n, p.h, p.w)
     };
-    launch(dev, q, p.wt, 9 * (cin1 + cin2), cout)
+    Ok((q, 9 * (cin1 + cin2)))
 }
 
 /// Whether the wgmma tier computes the inner region of this sub-pixel up_conv (the border
@@ -195,18 +245,23 @@ fn input_map(
     })
 }
 
-/// Launches conv3x3_wgmma_n64 or _n128 for `q` with weights `wt` [cols][k] fp16: 128 columns
-/// per block when they divide `cols` (each A tile feeds twice the MMAs).
-fn launch(dev: &Device, mut q: WgmmaConvParams, wt: DevAddr, k: usize, cols: usize) -> Result<()> {
-    let blocks = q.n as usize * (q.tiles_x * q.tiles_y) as usize;
-    let nsub = if cols.is_multiple_of(128) { 2 } else { 1 };
-    q.wt = TensorMap::f16_tiled(
+/// The 2-D map of fp16 weights [cols][k] in boxes of 64 k × 64·nsub rows.
+fn weights_map(dev: &Device, wt: DevAddr, k: usize, cols: usize, nsub: usize) -> Result<TensorMap> {
+    TensorMap::f16_tiled(
         dev,
         DevPtr(wt),
         &[k as u64, cols as u64],
         &[2 * k as u64],
         &[64, 64 * nsub as u32],
-    )?;
+    )
+}
+
+/// Launches conv3x3_wgmma_n64 or _n128 for `q` with weights `wt` [cols][k] fp16: 128 columns
+/// per block when they divide `cols` (each pixel tile feeds twice the MMAs).
+fn launch(dev: &Device, mut q: WgmmaConvParams, wt: DevAddr, k: usize, cols: usize) -> Result<()> {
+    let blocks = q.n as usize * (q.tiles_x * q.tiles_y) as usize;
+    let nsub = if cols.is_multiple_of(128) { 2 } else { 1 };
+    q.wt = weights_map(dev, wt, k, cols, nsub)?;
     let name = if nsub == 2 {
         "conv3x3_wgmma_n128"
     } else {

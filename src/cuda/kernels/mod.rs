@@ -333,7 +333,7 @@ pub fn seg_fusable(cout: usize, splits: usize, classes: usize) -> bool {
 }
 
 /// conv3x3_igemm (plain or concatenated input) whose epilogue applies the seg head and writes
-/// only the argmax labels.
+/// only the argmax labels; on the wgmma tier conv3x3_wgmma_seg when the conv fits it.
 pub fn conv3x3_seg(dev: &Device, p: &ConvSegParams) -> Result<()> {
     let c = &p.conv;
     ensure!(
@@ -347,6 +347,9 @@ pub fn conv3x3_seg(dev: &Device, p: &ConvSegParams) -> Result<()> {
         c.cin1 % 8 == 0 && c.cin2 % 8 == 0 && c.cout % 8 == 0,
         "conv3x3_seg: channels must be multiples of 8"
     );
+    if dev.conv_tier() == ConvTier::Wgmma && wgmma_fits(c, false) && c.cout == 64 {
+        return conv3x3_wgmma_seg(dev, p);
+    }
     let m = c.n as usize * c.h as usize * c.w as usize;
     check_i32("conv3x3_seg", m * c.cout as usize)?;
     dev.launch(
