@@ -10,7 +10,7 @@
 #
 # The GPU machine needs CUDA's driver, Python 3 with torch; no Rust. Two steps:
 #   on a build machine (Rust, nvcc found by build.rs, e.g. tools/install_cuda_wheels.sh):
-#     tools/gpu_check.sh collect BIN_DIR     # builds and copies the binaries + this script
+#     tools/gpu_check.sh collect BIN_DIR     # builds the binaries, packs them (xz) + this script
 #   on the GPU machine:
 #     BIN_DIR/gpu_check.sh run BIN_DIR OUT_DIR [STEPS]   # OUT_DIR gets log.txt, table.md
 # STEPS (a comma list; default all, in this order): ops, perf, torch, autotune, train, tests,
@@ -42,10 +42,16 @@ for line in sys.stdin:
 ' "$dir" || exit 1
   done
   cargo build --release --bin m2unet 2>/dev/null && cp target/release/m2unet "$dir/" && echo "collected m2unet"
-  # Fully stripped: the folder travels to the GPU machine within a 64 MiB limit.
+  # Fully stripped and xz-packed: the folder travels to the GPU machine within a 64 MiB limit
+  # (the stripped binaries alone are about 65 MB); `run` unpacks them.
+  local bins=()
   for f in "$dir"/*; do
-    [ -x "$f" ] && [ "${f##*.}" != sh ] && strip --strip-all "$f" 2>/dev/null
+    if [ -x "$f" ] && [ "${f##*.}" != sh ]; then
+      strip --strip-all "$f" 2>/dev/null
+      bins+=("$(basename "$f")")
+    fi
   done
+  (cd "$dir" && tar -cJf bins.tar.xz --remove-files "${bins[@]}") || exit 1
   cp tools/gpu_check.sh tools/torch_bench_model.py "$dir/"
   du -sh "$dir"
 }
@@ -54,6 +60,14 @@ run() {
   local bin out
   bin="$(cd "$1" && pwd)"
   out="$2"
+  if [ -f "$bin/bins.tar.xz" ]; then
+    local unpacked="${TMPDIR:-/tmp}/m2unet_gpu_check_bin"
+    rm -rf "$unpacked" && mkdir -p "$unpacked" &&
+      tar -xJf "$bin/bins.tar.xz" -C "$unpacked" &&
+      cp "$bin/gpu_check.sh" "$bin/torch_bench_model.py" "$unpacked/" ||
+      { echo "cannot unpack $bin/bins.tar.xz" >&2; return 1; }
+    bin="$unpacked"
+  fi
   mkdir -p "$out"
   out="$(cd "$out" && pwd)"
   local log="$out/log.txt"
