@@ -387,7 +387,8 @@ uint32_t smem_offset(const void* p) {
 /// chunk (bits 4–6) XOR the 128-byte row within its 1024-byte group (bits 7–9).
 uint32_t swizzle128(uint32_t a) { return a ^ (((a >> 7) & 7u) << 4); }
 
-void tma_execute(const TmaOp& op) {
+/// Lands a queued TMA load; returns its byte count (the whole box, zero fill included).
+size_t tma_execute(const TmaOp& op) {
     const TensorMapDesc& m = op.map;
     size_t total = 1;
     for (unsigned d = 0; d < m.rank; ++d) total *= m.box[d];
@@ -413,6 +414,7 @@ void tma_execute(const TmaOp& op) {
         else
             std::memset(dst, 0, m.elem_bytes);
     }
+    return total * m.elem_bytes;
 }
 
 /// Element (row, k) of a K-major fp16 operand described by a wgmma shared-memory descriptor
@@ -475,9 +477,7 @@ bool mbar_try_wait(uint64_t* bar, unsigned parity) {
         }
         TmaOp op = ops[i];
         ops.erase(ops.begin() + long(i));
-        tma_execute(op);
-        size_t bytes = op.map.elem_bytes;
-        for (unsigned d = 0; d < op.map.rank; ++d) bytes *= op.map.box[d];
+        size_t bytes = tma_execute(op);
         MbarWord m = mbar_load(bar);
         m.tx -= int32_t(bytes);
         mbar_store(bar, m);

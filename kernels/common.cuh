@@ -198,6 +198,21 @@ struct SegTail {
     int classes, c_real;     // classes ≤ 16; c_real ≤ the conv's cout ≤ its block's columns
 };
 
+/// The first of the largest of o[0..classes) (classes ≤ 16): the label rule of every seg head.
+__device__ __forceinline__ int first_argmax(const float o[16], int classes) {
+    int best = 0;
+    float bestv = o[0];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+        if (k >= classes) break;
+        if (o[k] > bestv) {
+            bestv = o[k];
+            best = k;
+        }
+    }
+    return best;
+}
+
 /// One pixel's class logits in seg_head's order of operations (bias, then channel by channel)
 /// from value(c), channel c of the conv output as stored (fp16-rounded), and their first argmax.
 template <class F>
@@ -211,17 +226,7 @@ __device__ __forceinline__ int seg_argmax(const SegTail& seg, F value) {
         for (int k = 0; k < 16; ++k)
             if (k < seg.classes) o[k] += v * seg.w[k * seg.c_real + c];
     }
-    int best = 0;
-    float bestv = o[0];
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-        if (k >= seg.classes) break;
-        if (o[k] > bestv) {
-            bestv = o[k];
-            best = k;
-        }
-    }
-    return best;
+    return first_argmax(o, seg.classes);
 }
 
 // The Rust twins (src/cuda/kernels/mod.rs) assert the same sizes.

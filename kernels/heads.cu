@@ -31,18 +31,11 @@ extern "C" __global__ void seg_head(const SegHeadParams p) {
                 if (k < p.classes) o[k] += v[e] * sw[k * p.c_real + c0 + e];
         }
     }
-    int best = 0;
-    float bestv = o[0];
+    if (p.logits != nullptr)
 #pragma unroll
-    for (int k = 0; k < 16; ++k) {
-        if (k >= p.classes) break;
-        if (o[k] > bestv) {
-            bestv = o[k];
-            best = k;
-        }
-        if (p.logits != nullptr) p.logits[(size_t(n) * p.classes + k) * p.hw + pix] = o[k];
-    }
-    if (p.labels != nullptr) p.labels[u] = (unsigned char)best;
+        for (int k = 0; k < 16; ++k)
+            if (k < p.classes) p.logits[(size_t(n) * p.classes + k) * p.hw + pix] = o[k];
+    if (p.labels != nullptr) p.labels[u] = (unsigned char)first_argmax(o, p.classes);
 }
 
 /// Grid (m, ⌈k/32⌉), 256 threads: 32 concepts × 8 warps, warp w scoring instances w, w+8, …

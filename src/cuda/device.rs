@@ -143,25 +143,25 @@ impl Device {
             DeviceKind::Gpu => Some(open_gpu(0)?),
             DeviceKind::Emu => None,
         };
-        let hopper = gpu.as_ref().is_none_or(|g| g.cc == (9, 0));
+        // The emulator defaults to the portable tier; tests choose the Hopper one.
+        let hopper_gpu = gpu.as_ref().is_some_and(|g| g.cc == (9, 0));
         let conv_tier = match std::env::var("M2UNET_CONV_TIER").as_deref() {
             Ok("mma") => ConvTier::Mma,
-            Ok("wgmma") if hopper => ConvTier::Wgmma,
-            Ok("wgmma") => bail!(
-                "M2UNET_CONV_TIER=wgmma needs a GPU of compute capability 9.0 (or the emulator)"
-            ),
+            Ok("wgmma") => ConvTier::Wgmma,
             Ok(other) => bail!("M2UNET_CONV_TIER={other}: expected mma or wgmma"),
-            // The emulator defaults to the portable tier; tests choose the Hopper one.
-            Err(_) if gpu.is_some() && hopper => ConvTier::Wgmma,
+            Err(_) if hopper_gpu => ConvTier::Wgmma,
             Err(_) => ConvTier::Mma,
         };
-        Ok(Device {
+        let dev = Device {
             gpu,
             allocations: HashMap::new(),
             capture: RefCell::new(None),
-            conv_tier: Cell::new(conv_tier),
+            conv_tier: Cell::new(ConvTier::Mma),
             launch_log: RefCell::new(None),
-        })
+        };
+        dev.set_conv_tier(conv_tier)
+            .context("M2UNET_CONV_TIER=wgmma")?;
+        Ok(dev)
     }
 
     /// The tier the tensor-core convolutions run on (default: wgmma on compute capability

@@ -145,10 +145,11 @@ fn conv_params(dev: &Device, p: &ConvParams) -> Result<(WgmmaConvParams, usize)>
     let (n, h, w) = (p.n as usize, p.h as usize, p.w as usize);
     let (cin1, cin2, cout) = (p.cin1 as usize, p.cin2 as usize, p.cout as usize);
     check_i32("conv3x3_wgmma", n * h * w * cout.max(cin1 + cin2))?;
-    let x1 = input_map(dev, p.x, (n, h, w, cin1), (h, w), p.y_pool != 0)?;
+    let tile = pixel_tile(h, w, p.y_pool != 0);
+    let x1 = input_map(dev, p.x, (n, h, w, cin1), (h, w), tile)?;
     let x2 = match cin2 {
         0 => x1.map,
-        _ => input_map(dev, p.x2, (n, h, w, cin2), (h, w), p.y_pool != 0)?.map,
+        _ => input_map(dev, p.x2, (n, h, w, cin2), (h, w), tile)?.map,
     };
     let q = WgmmaConvParams {
         x2,
@@ -180,7 +181,14 @@ pub fn conv3x3_up_wgmma(dev: &Device, p: &ConvUpParams) -> Result<()> {
     let (n, h, w) = (p.n as usize, p.h as usize, p.w as usize);
     let (cin, cout) = (p.cin as usize, p.cout as usize);
     check_i32("conv3x3_up_wgmma", 4 * n * h * w * cout.max(cin))?;
-    let x = input_map(dev, p.x, (n, h, w, cin), (h - 2, w - 2), false)?;
+    let inner = (h - 2, w - 2);
+    let x = input_map(
+        dev,
+        p.x,
+        (n, h, w, cin),
+        inner,
+        pixel_tile(inner.0, inner.1, false),
+    )?;
     let q = WgmmaConvParams {
         x2: x.map,
         bias: p.bias,
@@ -196,7 +204,7 @@ pub fn conv3x3_up_wgmma(dev: &Device, p: &ConvUpParams) -> Result<()> {
     launch(dev, q, p.wt, 9 * cin, 4 * cout)
 }
 
-/// An input's tensor map with the pixel tile for a region of `region` (rows, columns).
+/// An input's tensor map with its pixel tile and the tiles covering its region.
 struct InputMap {
     map: TensorMap,
     tile: (usize, usize),
@@ -221,15 +229,14 @@ impl InputMap {
 }
 
 /// The 4-D map (c, x, y, n) of the NHWC tensor at `x`, in boxes of 64 channels × the pixel
-/// tile chosen for a `region` of the images.
+/// tile (tx, ty) that covers a `region` (rows, columns) of the images.
 fn input_map(
     dev: &Device,
     x: DevAddr,
     (n, h, w, c): (usize, usize, usize, usize),
     (rh, rw): (usize, usize),
-    pool: bool,
+    (tx, ty): (usize, usize),
 ) -> Result<InputMap> {
-    let (tx, ty) = pixel_tile(rh, rw, pool);
     let row = 2 * c as u64;
     let map = TensorMap::f16_tiled(
         dev,
