@@ -404,9 +404,11 @@ __device__ __forceinline__ void conv_first_unit(const ConvFirstParams& p, const 
     }
 }
 
-/// Direct 3×3 convolution of few-channel fp32 NCHW input to fp16 NHWC on CUDA cores: one
-/// thread per 8 output channels of a pixel, or of a 2×2 window when the pooled output is
-/// wanted (consecutive threads write consecutive 16-byte pieces of a pixel).
+/// Direct 3×3 convolution of few-channel fp32 NCHW input to fp16 NHWC on CUDA cores: a thread
+/// computes 8 output channels of a pixel, or of a 2×2 window when the pooled output is wanted
+/// (consecutive threads write consecutive 16-byte pieces of a pixel). The grid is capped
+/// (`conv3x3_first` in src/cuda/kernels/mod.rs) and strides over the units, so each block
+/// stages the weights once for many pixels instead of once per 16.
 /// Needs cout_real·cin·9 ≤ 4608 and cout_real ≤ 512.
 extern "C" __global__ void __launch_bounds__(128) conv3x3_first(const ConvFirstParams p) {
     __shared__ float sw[4608];
@@ -417,14 +419,15 @@ extern "C" __global__ void __launch_bounds__(128) conv3x3_first(const ConvFirstP
     const bool pool = p.y_pool != nullptr;
     const int hh = pool ? p.h / 2 : p.h, ww = pool ? p.w / 2 : p.w;
     const int chunks = p.cout / 8;
-    const int u = blockIdx.x * blockDim.x + threadIdx.x;
-    const int unit = u / chunks;
-    if (unit >= p.n * hh * ww) return;
-    const int co0 = (u - unit * chunks) * 8;
-    const int ux = unit % ww, r = unit / ww;
-    const int uy = r % hh, n = r / hh;
-    if (pool)
-        conv_first_unit<true>(p, sw, sbias, n, uy, ux, co0);
-    else
-        conv_first_unit<false>(p, sw, sbias, n, uy, ux, co0);
+    const int units = p.n * hh * ww * chunks;
+    for (int u = blockIdx.x * blockDim.x + threadIdx.x; u < units; u += gridDim.x * blockDim.x) {
+        const int unit = u / chunks;
+        const int co0 = (u - unit * chunks) * 8;
+        const int ux = unit % ww, r = unit / ww;
+        const int uy = r % hh, n = r / hh;
+        if (pool)
+            conv_first_unit<true>(p, sw, sbias, n, uy, ux, co0);
+        else
+            conv_first_unit<false>(p, sw, sbias, n, uy, ux, co0);
+    }
 }

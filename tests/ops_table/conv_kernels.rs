@@ -263,6 +263,10 @@ fn first_rows(dev: &mut Device, t: &mut Table) {
         (1, 3, 8, 4, 4, false),
         (1, 1, 5, 7, 9, true),
         (3, 2, 16, 2, 2, true),
+        // More units than the capped grid has threads (8 blocks × 132 SMs × 128 = 135,168):
+        // threads stride over 264,192 units, and 163,840 pooled ones.
+        (2, 1, 64, 128, 129, true),
+        (5, 1, 64, 128, 128, true),
     ] {
         let mut r = rng((100 * n + 10 * cin + cout) as u64);
         let x = uniform(&mut r, n * cin * h * w, 0.0, 1.0);

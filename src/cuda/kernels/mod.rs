@@ -383,8 +383,13 @@ pub fn conv3x3_first(dev: &Device, p: &ConvFirstParams) -> Result<()> {
     let pool = p.y_pool != 0;
     let units = (p.n * p.h * p.w) as usize / if pool { 4 } else { 1 } * (p.cout as usize / 8);
     check_i32("conv3x3_first", units)?;
-    launch_1d(dev, "conv3x3_first", units, 128, p)
+    let grid = blocks(units, 128).min((FIRST_BLOCKS_PER_SM * SMS) as u32);
+    dev.launch("conv3x3_first", [grid, 1, 1], [128, 1, 1], p)
 }
+
+/// Resident blocks of `conv3x3_first` per SM (its 20 KiB of staged weights allow 11): the grid
+/// is one wave of them, striding over the pixels.
+const FIRST_BLOCKS_PER_SM: usize = 8;
 
 /// Chunks of BN statistics for `pixels` pixels.
 pub fn bn_chunks(pixels: usize) -> usize {
