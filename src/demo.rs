@@ -4,7 +4,7 @@ use crate::assess::{assess_volume, AssessOptions, Report};
 use crate::data::phantom::{case_spec, generate, CaseTruth, StoredDtype, SynthOptions};
 use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::engine::InferenceEngine;
-use crate::evaluate::written_lobe_dice;
+use crate::evaluate::compare_written_lobes;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -45,11 +45,11 @@ pub fn run_demo(engine: &mut dyn InferenceEngine, opts: &DemoOptions) -> Result<
         ..AssessOptions::default()
     };
     let report = assess_volume(engine, &opts.out.join(&truth.image), &assess)?;
-    let dice = written_lobe_dice(
+    let dice = compare_written_lobes(
         Path::new(&report.outputs.lobes),
         &opts.out.join(&truth.mask),
     )?
-    .0;
+    .lobe_dice;
     Ok(DemoResult {
         truth,
         report,

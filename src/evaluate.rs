@@ -8,7 +8,7 @@ use crate::cpu::CpuEngine;
 use crate::data::dataset::ManifestEntry;
 use crate::data::NUM_LOBES;
 use crate::io::read_volume;
-use crate::metrics::{by_height, lobe_dice, ByHeight, EvalMetrics};
+use crate::metrics::{by_height, lobe_confusion, lobe_dice, ByHeight, EvalMetrics, LobeConfusion};
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -23,6 +23,15 @@ pub struct CaseResult {
     pub lobe_dice: [f64; NUM_LOBES],
     /// Per-lobe overlaps by height band of the true lung (band 0 at the base).
     pub by_height: ByHeight,
+    /// Voxels of each true label (row: background, LUL … RLL) by predicted label (column).
+    pub confusion: LobeConfusion,
+}
+
+/// A written lobe map compared with its mask: per-lobe Dice, overlaps by height, confusion.
+pub struct Comparison {
+    pub lobe_dice: [f64; NUM_LOBES],
+    pub by_height: ByHeight,
+    pub confusion: LobeConfusion,
 }
 
 /// Assesses every case (writing the assess outputs into `work_dir`) and compares the lobe
@@ -44,13 +53,14 @@ pub fn evaluate(
     let mut cases = Vec::with_capacity(entries.len());
     for e in entries {
         let report = assess_volume(&mut engine, &e.image, &opts)?;
-        let (lobe_dice, by_height) = written_lobe_dice(Path::new(&report.outputs.lobes), &e.mask)?;
+        let c = compare_written_lobes(Path::new(&report.outputs.lobes), &e.mask)?;
         cases.push(CaseResult {
             case_id: e.case_id.clone(),
             label: e.label,
             probability: report.severity.probability,
-            lobe_dice,
-            by_height,
+            lobe_dice: c.lobe_dice,
+            by_height: c.by_height,
+            confusion: c.confusion,
         });
     }
     let dice: Vec<_> = cases.iter().map(|c| c.lobe_dice).collect();
@@ -59,9 +69,9 @@ pub fn evaluate(
     Ok((EvalMetrics::from_cases(&dice, &prob, &severe), cases))
 }
 
-/// Per-lobe 3D Dice of a written lobe map against a mask file on the same grid, and the
-/// overlaps by height of the lung.
-pub fn written_lobe_dice(lobes: &Path, mask: &Path) -> Result<([f64; NUM_LOBES], ByHeight)> {
+/// Per-lobe 3D Dice of a written lobe map against a mask file on the same grid, the overlaps by
+/// height of the lung and the lobe confusion.
+pub fn compare_written_lobes(lobes: &Path, mask: &Path) -> Result<Comparison> {
     let pred = read_volume(lobes)?;
     let truth = read_volume(mask)?;
     if pred.data.len() != truth.data.len() {
@@ -78,5 +88,9 @@ pub fn written_lobe_dice(lobes: &Path, mask: &Path) -> Result<([f64; NUM_LOBES],
         to_u8(&pred.canonical_data()),
         to_u8(&truth.canonical_data()),
     );
-    Ok((lobe_dice(&pred, &truth), by_height(&pred, &truth, dims)))
+    Ok(Comparison {
+        lobe_dice: lobe_dice(&pred, &truth),
+        by_height: by_height(&pred, &truth, dims),
+        confusion: lobe_confusion(&pred, &truth),
+    })
 }

@@ -94,6 +94,26 @@ pub fn pooled(cases: &[ByHeight]) -> ByHeight {
     out
 }
 
+/// Voxel counts of true label (row) against predicted label (column): 0 is background or any
+/// other label, 1..=5 the lobes.
+pub type LobeConfusion = [[u64; NUM_LOBES + 1]; NUM_LOBES + 1];
+
+/// The [`LobeConfusion`] of two label maps on one grid.
+pub fn lobe_confusion(pred: &[u8], truth: &[u8]) -> LobeConfusion {
+    let class = |l: u8| {
+        if (1..=NUM_LOBES as u8).contains(&l) {
+            l as usize
+        } else {
+            0
+        }
+    };
+    let mut out = LobeConfusion::default();
+    for (&p, &t) in pred.iter().zip(truth) {
+        out[class(t)][class(p)] += 1;
+    }
+    out
+}
+
 /// Counts of a binary prediction against binary truth.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Confusion {

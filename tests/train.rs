@@ -14,7 +14,8 @@ use m2unet::evaluate::evaluate;
 use m2unet::io::checkpoint::load_checkpoint;
 use m2unet::io::weights::{load_model, model_from_tensors, Tensor, TensorFile, OPTIM_PREFIX};
 use m2unet::metrics::{
-    by_height, dice, lobe_dice, pooled, roc_auc, Confusion, EvalMetrics, HEIGHT_BANDS,
+    by_height, dice, lobe_confusion, lobe_dice, pooled, roc_auc, Confusion, EvalMetrics,
+    HEIGHT_BANDS,
 };
 use m2unet::model::Model;
 use m2unet::train::Schedule;
@@ -190,6 +191,17 @@ fn metrics_match_hand_computed_cases() {
     println!("lobe Dice {d:?}, max error {err:e}");
     assert!(err < 1e-12);
     assert_eq!(dice(&pred, &truth, 4), 1.0);
+    // The confusion of the same maps, counted by hand (labels above 5 count as "other").
+    let c = lobe_confusion(&[1, 1, 1, 0, 2, 2, 0, 9], &[1, 1, 0, 0, 2, 0, 3, 7]);
+    println!("lobe confusion {c:?}");
+    let mut want = [[0u64; 6]; 6];
+    want[1][1] = 2;
+    want[0][1] = 1;
+    want[0][0] = 2;
+    want[2][2] = 1;
+    want[0][2] = 1;
+    want[3][0] = 1;
+    assert_eq!(c, want);
 
     // Dice by height: a 1×1×30 column whose lung spans z 5..25 (bands of 2 slices); lobe 1 is
     // true on 5..15 and predicted on 7..17, lobe 4 true on 15..25 and predicted from 17 up to

@@ -5,7 +5,7 @@ use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::evaluate::{evaluate, CaseResult};
 use crate::io::atomic::write_atomic;
 use crate::io::weights::load_model;
-use crate::metrics::{pooled, ByHeight, EvalMetrics, HEIGHT_BANDS};
+use crate::metrics::{pooled, ByHeight, EvalMetrics, LobeConfusion, HEIGHT_BANDS};
 use anyhow::Result;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -45,6 +45,9 @@ struct Evaluation<'a> {
     /// Per-lobe Dice in each height band of the lung (band 0 at the base), pooled over the
     /// cases; null where a lobe is neither true nor predicted.
     dice_by_height: Vec<[Option<f64>; NUM_LOBES]>,
+    /// Voxels of each true label (row: background, LUL … RLL) by predicted label (column),
+    /// summed over the cases.
+    confusion: LobeConfusion,
 }
 
 /// `m2unet evaluate`: assesses every case, prints the table and summary, writes
@@ -56,8 +59,15 @@ pub fn run(args: &EvaluateArgs) -> Result<EvalMetrics> {
     print_cases(&cases);
     let heights = pooled(&cases.iter().map(|c| c.by_height).collect::<Vec<_>>());
     print_by_height(&heights);
+    let confusion = cases.iter().fold(LobeConfusion::default(), |mut sum, c| {
+        for (s, v) in sum.iter_mut().flatten().zip(c.confusion.iter().flatten()) {
+            *s += v;
+        }
+        sum
+    });
+    print_confusion(&confusion);
     print_summary(&m);
-    write_json(args, &m, &cases, &heights)?;
+    write_json(args, &m, &cases, &heights, &confusion)?;
     Ok(m)
 }
 
@@ -104,6 +114,26 @@ fn print_by_height(heights: &ByHeight) {
     }
 }
 
+/// Where each true lobe's voxels went, pooled over the cases: the share predicted as each lobe
+/// or as neither ("other": background or outside the lungs).
+fn print_confusion(confusion: &LobeConfusion) {
+    println!("Where each lobe's voxels went, pooled over the cases (% of the true lobe):");
+    println!(
+        "{:<12} {:>7}{}",
+        "true \\ pred",
+        "other",
+        LOBE_NAMES.map(|n| format!("{n:>7}")).join("")
+    );
+    for (name, row) in LOBE_NAMES.iter().zip(&confusion[1..]) {
+        let total = row.iter().sum::<u64>().max(1) as f64;
+        let cells: Vec<String> = row
+            .iter()
+            .map(|&v| format!("{:>7.2}", 100.0 * v as f64 / total))
+            .collect();
+        println!("{name:<12} {}", cells.join(""));
+    }
+}
+
 fn print_summary(m: &EvalMetrics) {
     println!(
         "mean lobe Dice {:.4} ({}), accuracy {:.4}, sensitivity {:.4}, specificity {:.4}, F1 {:.4}, ROC AUC {:.4}",
@@ -128,6 +158,7 @@ fn write_json(
     m: &EvalMetrics,
     cases: &[CaseResult],
     heights: &ByHeight,
+    confusion: &LobeConfusion,
 ) -> Result<()> {
     let json = Evaluation {
         weights: args.weights.display().to_string(),
@@ -141,6 +172,7 @@ fn write_json(
         f1: m.f1,
         auc: (!m.auc.is_nan()).then_some(m.auc),
         dice_by_height: heights.iter().map(|b| b.map(|o| o.dice())).collect(),
+        confusion: *confusion,
     };
     let path = args.out.join("evaluation.json");
     write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())
