@@ -8,7 +8,10 @@ use crate::cpu::CpuEngine;
 use crate::data::dataset::ManifestEntry;
 use crate::data::NUM_LOBES;
 use crate::io::read_volume;
-use crate::metrics::{by_height, lobe_confusion, lobe_dice, ByHeight, EvalMetrics, LobeConfusion};
+use crate::metrics::{
+    by_height, fissure_offsets, lobe_confusion, lobe_dice, ByHeight, EvalMetrics, FissureOffset,
+    LobeConfusion, FISSURES,
+};
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -25,13 +28,17 @@ pub struct CaseResult {
     pub by_height: ByHeight,
     /// Voxels of each true label (row: background, LUL … RLL) by predicted label (column).
     pub confusion: LobeConfusion,
+    /// Predicted against true boundary height of each fissure ([`FISSURES`]).
+    pub fissures: [FissureOffset; FISSURES.len()],
 }
 
-/// A written lobe map compared with its mask: per-lobe Dice, overlaps by height, confusion.
+/// A written lobe map compared with its mask: per-lobe Dice, overlaps by height, confusion,
+/// fissure placement.
 pub struct Comparison {
     pub lobe_dice: [f64; NUM_LOBES],
     pub by_height: ByHeight,
     pub confusion: LobeConfusion,
+    pub fissures: [FissureOffset; FISSURES.len()],
 }
 
 /// Assesses every case (writing the assess outputs into `work_dir`) and compares the lobe
@@ -61,6 +68,7 @@ pub fn evaluate(
             lobe_dice: c.lobe_dice,
             by_height: c.by_height,
             confusion: c.confusion,
+            fissures: c.fissures,
         });
     }
     let dice: Vec<_> = cases.iter().map(|c| c.lobe_dice).collect();
@@ -70,7 +78,7 @@ pub fn evaluate(
 }
 
 /// Per-lobe 3D Dice of a written lobe map against a mask file on the same grid, the overlaps by
-/// height of the lung and the lobe confusion.
+/// height of the lung, the lobe confusion and the fissure placement.
 pub fn compare_written_lobes(lobes: &Path, mask: &Path) -> Result<Comparison> {
     let pred = read_volume(lobes)?;
     let truth = read_volume(mask)?;
@@ -83,7 +91,7 @@ pub fn compare_written_lobes(lobes: &Path, mask: &Path) -> Result<Comparison> {
         );
     }
     let to_u8 = |v: &[f32]| -> Vec<u8> { v.iter().map(|&x| x.round() as u8).collect() };
-    let dims = truth.canonical_dims();
+    let (dims, spacing) = (truth.canonical_dims(), truth.canonical_spacing());
     let (pred, truth) = (
         to_u8(&pred.canonical_data()),
         to_u8(&truth.canonical_data()),
@@ -92,5 +100,6 @@ pub fn compare_written_lobes(lobes: &Path, mask: &Path) -> Result<Comparison> {
         lobe_dice: lobe_dice(&pred, &truth),
         by_height: by_height(&pred, &truth, dims),
         confusion: lobe_confusion(&pred, &truth),
+        fissures: fissure_offsets(&pred, &truth, dims, spacing[2]),
     })
 }

@@ -1,5 +1,5 @@
-//! Validation metrics: 3D Dice of label maps, confusion-matrix scores and ROC AUC (ties count
-//! one half) of the severity prediction.
+//! Validation metrics: 3D Dice, lobe confusion and fissure placement of label maps,
+//! confusion-matrix scores and ROC AUC (ties count one half) of the severity prediction.
 
 use crate::data::{lobe_slices, NUM_LOBES};
 
@@ -110,6 +110,91 @@ pub fn lobe_confusion(pred: &[u8], truth: &[u8]) -> LobeConfusion {
     let mut out = LobeConfusion::default();
     for (&p, &t) in pred.iter().zip(truth) {
         out[class(t)][class(p)] += 1;
+    }
+    out
+}
+
+/// The lobe pairs that meet at a fissure, (lobe below, lobe above) along a craniocaudal
+/// column: LLL/LUL (left oblique), RLL/RML and RLL/RUL (right oblique), RML/RUL (horizontal).
+pub const FISSURES: [(u8, u8); 4] = [(2, 1), (5, 4), (4, 3), (5, 3)];
+
+/// How far a predicted fissure lies from the true one, summed over the craniocaudal columns
+/// that cross it in both maps; positive offsets: the predicted boundary lies too high.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct FissureOffset {
+    /// Columns whose lobe below lies wholly under the lobe above, in both maps.
+    pub columns: usize,
+    /// Sums over those columns of (predicted − true boundary height) and of its magnitude, mm.
+    pub sum_mm: f64,
+    pub sum_abs_mm: f64,
+}
+
+impl FissureOffset {
+    /// Mean signed offset and mean distance (mm); `None` without columns.
+    pub fn means(&self) -> Option<(f64, f64)> {
+        (self.columns > 0).then(|| {
+            let n = self.columns as f64;
+            (self.sum_mm / n, self.sum_abs_mm / n)
+        })
+    }
+
+    pub fn add(&mut self, o: &FissureOffset) {
+        self.columns += o.columns;
+        self.sum_mm += o.sum_mm;
+        self.sum_abs_mm += o.sum_abs_mm;
+    }
+}
+
+/// The boundary height of every [`FISSURES`] pair in each column of a canonical label map
+/// (z = inferior → superior), in slices: midway between the lobe below's highest voxel and the
+/// lobe above's lowest one; NaN where the column lacks either lobe or they interleave.
+fn fissure_heights(labels: &[u8], dims: [usize; 3]) -> Vec<[f32; FISSURES.len()]> {
+    let n = dims[0] * dims[1];
+    // Lowest and highest z of each lobe per column (u32::MAX / 0 when absent).
+    let mut low = vec![[u32::MAX; NUM_LOBES]; n];
+    let mut high = vec![[0u32; NUM_LOBES]; n];
+    for (z, slice) in labels.chunks(n).enumerate() {
+        for (i, &l) in slice.iter().enumerate() {
+            if (1..=NUM_LOBES as u8).contains(&l) {
+                let k = l as usize - 1;
+                low[i][k] = low[i][k].min(z as u32);
+                high[i][k] = high[i][k].max(z as u32);
+            }
+        }
+    }
+    (0..n)
+        .map(|i| {
+            FISSURES.map(|(below, above)| {
+                let (b, a) = (below as usize - 1, above as usize - 1);
+                if low[i][b] == u32::MAX || low[i][a] == u32::MAX || high[i][b] >= low[i][a] {
+                    f32::NAN
+                } else {
+                    (high[i][b] + 1 + low[i][a]) as f32 / 2.0
+                }
+            })
+        })
+        .collect()
+}
+
+/// The offset of each predicted fissure ([`FISSURES`]) from the true one in canonical label
+/// maps `dims` with slice spacing `dz` (mm), over the columns that cross it in both maps.
+pub fn fissure_offsets(
+    pred: &[u8],
+    truth: &[u8],
+    dims: [usize; 3],
+    dz: f64,
+) -> [FissureOffset; FISSURES.len()] {
+    let (p, t) = (fissure_heights(pred, dims), fissure_heights(truth, dims));
+    let mut out = [FissureOffset::default(); FISSURES.len()];
+    for (hp, ht) in p.iter().zip(&t) {
+        for (o, (&a, &b)) in out.iter_mut().zip(hp.iter().zip(ht)) {
+            if !a.is_nan() && !b.is_nan() {
+                let d = (a - b) as f64 * dz;
+                o.columns += 1;
+                o.sum_mm += d;
+                o.sum_abs_mm += d.abs();
+            }
+        }
     }
     out
 }

@@ -14,8 +14,8 @@ use m2unet::evaluate::evaluate;
 use m2unet::io::checkpoint::load_checkpoint;
 use m2unet::io::weights::{load_model, model_from_tensors, Tensor, TensorFile, OPTIM_PREFIX};
 use m2unet::metrics::{
-    by_height, dice, lobe_confusion, lobe_dice, pooled, roc_auc, Confusion, EvalMetrics,
-    HEIGHT_BANDS,
+    by_height, dice, fissure_offsets, lobe_confusion, lobe_dice, pooled, roc_auc, Confusion,
+    EvalMetrics, HEIGHT_BANDS,
 };
 use m2unet::model::Model;
 use m2unet::train::Schedule;
@@ -202,6 +202,49 @@ fn metrics_match_hand_computed_cases() {
     want[0][2] = 1;
     want[3][0] = 1;
     assert_eq!(c, want);
+
+    // Fissure placement, three 10-slice columns at 2.5 mm (labels by z, base first). Column 0:
+    // right lung, RLL/RML 1 slice too high, RML/RUL in place, RLL/RUL (midway 5.5 → 6) half a
+    // slice too high. Column 1: the prediction puts LLL above LUL (skipped). Column 2: LLL/LUL
+    // 2 slices too low.
+    let columns: [[[u8; 10]; 2]; 3] = [
+        [
+            [5, 5, 5, 5, 5, 4, 4, 3, 3, 3],
+            [5, 5, 5, 5, 4, 4, 4, 3, 3, 3],
+        ],
+        [
+            [0, 0, 2, 2, 1, 1, 1, 1, 1, 2],
+            [0, 0, 2, 2, 2, 2, 1, 1, 1, 0],
+        ],
+        [
+            [2, 2, 2, 1, 1, 1, 1, 1, 1, 1],
+            [2, 2, 2, 2, 2, 1, 1, 1, 1, 1],
+        ],
+    ];
+    // [pred, truth] columns laid out z-major with x fastest.
+    let volume = |which: usize| -> Vec<u8> {
+        (0..10)
+            .flat_map(|z| columns.iter().map(move |c| c[which][z]))
+            .collect()
+    };
+    let (pred, truth) = (volume(0), volume(1));
+    let f = fissure_offsets(&pred, &truth, [3, 1, 10], 2.5);
+    let got: Vec<(usize, f64, f64)> = f
+        .iter()
+        .map(|o| (o.columns, o.sum_mm, o.sum_abs_mm))
+        .collect();
+    println!(
+        "fissure offsets (columns, sum mm, sum |mm|) LLL/LUL, RLL/RML, RML/RUL, RLL/RUL: {got:?}"
+    );
+    assert_eq!(
+        got,
+        [
+            (1, -5.0, 5.0),
+            (1, 2.5, 2.5),
+            (1, 0.0, 0.0),
+            (1, 1.25, 1.25)
+        ]
+    );
 
     // Dice by height: a 1×1×30 column whose lung spans z 5..25 (bands of 2 slices); lobe 1 is
     // true on 5..15 and predicted on 7..17, lobe 4 true on 15..25 and predicted from 17 up to

@@ -5,7 +5,9 @@ use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::evaluate::{evaluate, CaseResult};
 use crate::io::atomic::write_atomic;
 use crate::io::weights::load_model;
-use crate::metrics::{pooled, ByHeight, EvalMetrics, LobeConfusion, HEIGHT_BANDS};
+use crate::metrics::{
+    pooled, ByHeight, EvalMetrics, FissureOffset, LobeConfusion, FISSURES, HEIGHT_BANDS,
+};
 use anyhow::Result;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -48,6 +50,9 @@ struct Evaluation<'a> {
     /// Voxels of each true label (row: background, LUL … RLL) by predicted label (column),
     /// summed over the cases.
     confusion: LobeConfusion,
+    /// Fissure placement ([`FISSURES`]: LLL/LUL, RLL/RML, RML/RUL, RLL/RUL) summed over the
+    /// cases.
+    fissures: [FissureOffset; FISSURES.len()],
 }
 
 /// `m2unet evaluate`: assesses every case, prints the table and summary, writes
@@ -66,8 +71,15 @@ pub fn run(args: &EvaluateArgs) -> Result<EvalMetrics> {
         sum
     });
     print_confusion(&confusion);
+    let mut fissures = [FissureOffset::default(); FISSURES.len()];
+    for c in &cases {
+        for (sum, f) in fissures.iter_mut().zip(&c.fissures) {
+            sum.add(f);
+        }
+    }
+    print_fissures(&fissures);
     print_summary(&m);
-    write_json(args, &m, &cases, &heights, &confusion)?;
+    write_json(args, &m, &cases, &heights, &confusion, &fissures)?;
     Ok(m)
 }
 
@@ -134,6 +146,31 @@ fn print_confusion(confusion: &LobeConfusion) {
     }
 }
 
+/// Where each predicted fissure lies against the true one, pooled over the cases.
+fn print_fissures(fissures: &[FissureOffset; FISSURES.len()]) {
+    println!(
+        "Fissure placement, pooled over the cases (predicted − true boundary height along each \
+         craniocaudal column crossing it in both maps; + = too high):"
+    );
+    println!(
+        "{:<12} {:>12} {:>12} {:>10}",
+        "fissure", "mean mm", "mean |mm|", "columns"
+    );
+    for ((below, above), f) in FISSURES.iter().zip(fissures) {
+        let name = format!(
+            "{}/{}",
+            LOBE_NAMES[*below as usize - 1],
+            LOBE_NAMES[*above as usize - 1]
+        );
+        match f.means() {
+            Some((signed, dist)) => {
+                println!("{name:<12} {signed:>12.2} {dist:>12.2} {:>10}", f.columns)
+            }
+            None => println!("{name:<12} {:>12} {:>12} {:>10}", "-", "-", 0),
+        }
+    }
+}
+
 fn print_summary(m: &EvalMetrics) {
     println!(
         "mean lobe Dice {:.4} ({}), accuracy {:.4}, sensitivity {:.4}, specificity {:.4}, F1 {:.4}, ROC AUC {:.4}",
@@ -159,6 +196,7 @@ fn write_json(
     cases: &[CaseResult],
     heights: &ByHeight,
     confusion: &LobeConfusion,
+    fissures: &[FissureOffset; FISSURES.len()],
 ) -> Result<()> {
     let json = Evaluation {
         weights: args.weights.display().to_string(),
@@ -173,6 +211,7 @@ fn write_json(
         auc: (!m.auc.is_nan()).then_some(m.auc),
         dice_by_height: heights.iter().map(|b| b.map(|o| o.dice())).collect(),
         confusion: *confusion,
+        fissures: *fissures,
     };
     let path = args.out.join("evaluation.json");
     write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())
