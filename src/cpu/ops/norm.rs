@@ -20,40 +20,38 @@ fn check_shapes(what: &str, x: usize, n: usize, c: usize, hw: usize, per_channel
 /// Independent accumulators per channel sum (breaks the f64 add latency chain).
 const LANES: usize = 8;
 
-/// Σ over the n·hw values of channel ch of f(index in x), K sums at once, in f64. Value j of
-/// each plane goes to lane j mod LANES and the lanes are added in order at the end, so the
-/// result is fixed by the shape alone.
-fn channel_sums<const K: usize>(
-    n: usize,
-    c: usize,
-    hw: usize,
-    ch: usize,
-    f: impl Fn(usize) -> [f64; K],
+/// Σ over the n·hw values of channel ch of f(the values of `inputs` there), K sums at once, in
+/// f64. Value j of each plane goes to lane j mod LANES and the lanes are added in order at the
+/// end, so the result is fixed by the shape alone. The lanes are independent sums, so the loop
+/// over a block of LANES values vectorises without reordering any sum.
+fn channel_sums<const K: usize, const S: usize>(
+    inputs: [&[f32]; S],
+    (n, c, hw, ch): (usize, usize, usize, usize),
+    f: impl Fn([f32; S]) -> [f64; K],
 ) -> [f64; K] {
-    let mut lanes = [[0.0f64; K]; LANES];
+    let mut lanes = [[0.0f64; LANES]; K];
+    let full = hw - hw % LANES;
     for i in 0..n {
         let base = (i * c + ch) * hw;
-        let full = hw - hw % LANES;
+        let planes: [&[f32]; S] = inputs.map(|t| &t[base..base + hw]);
         for j in (0..full).step_by(LANES) {
-            for (l, lane) in lanes.iter_mut().enumerate() {
-                for (a, b) in lane.iter_mut().zip(f(base + j + l)) {
-                    *a += b;
+            let block: [&[f32; LANES]; S] =
+                planes.map(|p| p[j..j + LANES].try_into().expect("a block of LANES values"));
+            for l in 0..LANES {
+                let v = f(block.map(|b| b[l]));
+                for (sum, x) in lanes.iter_mut().zip(v) {
+                    sum[l] += x;
                 }
             }
         }
         for j in full..hw {
-            for (a, b) in lanes[j % LANES].iter_mut().zip(f(base + j)) {
-                *a += b;
+            let v = f(planes.map(|p| p[j]));
+            for (sum, x) in lanes.iter_mut().zip(v) {
+                sum[j % LANES] += x;
             }
         }
     }
-    let mut total = [0.0f64; K];
-    for lane in &lanes {
-        for (t, v) in total.iter_mut().zip(lane) {
-            *t += v;
-        }
-    }
-    total
+    lanes.map(|sum| sum.iter().fold(0.0, |t, &v| t + v))
 }
 
 /// y = relu(x·scale[ch] + shift[ch]), parallel over the (image, channel) planes.
@@ -118,10 +116,10 @@ pub fn bn_relu_train_forward(
     let stats: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let [sum] = channel_sums(n, c, hw, ch, |i| [x[i] as f64]);
+            let [sum] = channel_sums([x], (n, c, hw, ch), |[v]| [v as f64]);
             let m = sum / cnt as f64;
-            let [ss] = channel_sums(n, c, hw, ch, |i| {
-                let d = x[i] as f64 - m;
+            let [ss] = channel_sums([x], (n, c, hw, ch), |[v]| {
+                let d = v as f64 - m;
                 [d * d]
             });
             let var = ss / cnt as f64;
@@ -222,14 +220,13 @@ pub fn bn_relu_backward(
     for (name, len) in [("y", y.len()), ("dy", dy.len()), ("dx", dx.len())] {
         assert_eq!(len, x.len(), "bn_relu_backward: bad {name} length");
     }
-    let masked = |i: usize| if y[i] > 0.0 { dy[i] as f64 } else { 0.0 };
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
-            let [db, dg] = channel_sums(n, c, hw, ch, |i| {
-                let g = masked(i);
-                [g, g * (x[i] as f64 - m) * is]
+            let [db, dg] = channel_sums([x, y, dy], (n, c, hw, ch), |[xv, yv, g]| {
+                let g = if yv > 0.0 { g as f64 } else { 0.0 };
+                [g, g * (xv as f64 - m) * is]
             });
             (db, dg)
         })
