@@ -4,15 +4,14 @@
 //! the masks, the severity probabilities with the labels.
 
 use crate::assess::{assess_volume, AssessOptions};
-use crate::cpu::CpuEngine;
 use crate::data::dataset::ManifestEntry;
 use crate::data::NUM_LOBES;
+use crate::engine::InferenceEngine;
 use crate::io::read_volume;
 use crate::metrics::{
     by_height, fissure_offsets, lobe_confusion, lobe_dice, ByHeight, EvalMetrics, FissureOffset,
     LobeConfusion, FISSURES,
 };
-use crate::model::Model;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -41,17 +40,16 @@ pub struct Comparison {
     pub fissures: [FissureOffset; FISSURES.len()],
 }
 
-/// Assesses every case (writing the assess outputs into `work_dir`) and compares the lobe
-/// maps with the masks in 3D and the severity probabilities with the labels.
+/// Assesses every case on `engine` (writing the assess outputs into `work_dir`) and compares
+/// the lobe maps with the masks in 3D and the severity probabilities with the labels.
 pub fn evaluate(
-    model: &Model,
+    engine: &mut dyn InferenceEngine,
     entries: &[ManifestEntry],
     work_dir: &Path,
     order_lobes: bool,
 ) -> Result<(EvalMetrics, Vec<CaseResult>)> {
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("cannot create {}", work_dir.display()))?;
-    let mut engine = CpuEngine::new(model.clone());
     let opts = AssessOptions {
         out_dir: Some(work_dir.to_path_buf()),
         order_lobes,
@@ -59,7 +57,7 @@ pub fn evaluate(
     };
     let mut cases = Vec::with_capacity(entries.len());
     for e in entries {
-        let report = assess_volume(&mut engine, &e.image, &opts)?;
+        let report = assess_volume(engine, &e.image, &opts)?;
         let c = compare_written_lobes(Path::new(&report.outputs.lobes), &e.mask)?;
         cases.push(CaseResult {
             case_id: e.case_id.clone(),

@@ -1,4 +1,5 @@
-//! Training tests: learning on tiny phantoms, bit-exact resume, metrics against hand-computed
+//! Training tests: learning on tiny phantoms (evaluated on the CPU engine and the emulator),
+//! bit-exact resume, metrics against hand-computed
 //! cases, checkpoints surviving a killed writer, manifest errors and checks, loss label ranges,
 //! checkpoint loading, the demo and where weights come from.
 
@@ -9,6 +10,8 @@ use m2unet::app::synth::{run as run_synth, SynthArgs};
 use m2unet::app::train::{run as run_train, TrainArgs};
 use m2unet::backend::Backend;
 use m2unet::config::ModelConfig;
+use m2unet::cpu::CpuEngine;
+use m2unet::cuda::{CudaEngine, DeviceKind};
 use m2unet::data::dataset::read_checked_manifest;
 use m2unet::evaluate::evaluate;
 use m2unet::io::checkpoint::load_checkpoint;
@@ -69,11 +72,46 @@ fn training_on_tiny_phantoms_lowers_loss_and_raises_dice() {
         ..args(&manifest, &run)
     };
     let before_model = Model::init(ModelConfig::tiny(), a.seed);
-    let (before, _) = evaluate(&before_model, &entries, &dir.path().join("eval0"), true).unwrap();
+    let mut before_engine = CpuEngine::new(before_model);
+    let (before, _) = evaluate(
+        &mut before_engine,
+        &entries,
+        &dir.path().join("eval0"),
+        true,
+    )
+    .unwrap();
     let summary = run_train(&a).unwrap();
     assert_eq!(summary.state.step, 50);
     let after_model = load_model(&run.join("last.safetensors")).unwrap();
-    let (after, _) = evaluate(&after_model, &entries, &dir.path().join("eval1"), true).unwrap();
+    let mut cpu = CpuEngine::new(after_model.clone());
+    let (after, after_cases) =
+        evaluate(&mut cpu, &entries, &dir.path().join("eval1"), true).unwrap();
+    // The same evaluation with the CUDA engine's fp16 kernels (on the emulator): labels differ
+    // only where the two best logits lie within fp16 rounding of each other, a few voxels on
+    // lobe borders, so each lobe's Dice moves by well under 0.01.
+    let mut emu = CudaEngine::new(&after_model, DeviceKind::Emu).unwrap();
+    let (on_emu, emu_cases) =
+        evaluate(&mut emu, &entries, &dir.path().join("eval2"), true).unwrap();
+    // The severity probabilities come from fp16 activations: close, not equal. The forward's
+    // fp16 error is ~5e-4 of the logits (tests/cuda_forward.rs), a probability moves by at most
+    // a quarter of its logit difference's change, and these logits are below 10: under 0.01.
+    let dp = after_cases
+        .iter()
+        .zip(&emu_cases)
+        .map(|(a, b)| (a.probability - b.probability).abs())
+        .fold(0.0, f64::max);
+    let moved = after
+        .lobe_dice
+        .iter()
+        .zip(on_emu.lobe_dice)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    println!(
+        "evaluation on the emulator: lobe Dice {:?} (largest change from the CPU engine {moved:.2e}), severity probability largest change {dp:.2e}",
+        on_emu.lobe_dice
+    );
+    assert!(moved < 0.01, "Dice moved by {moved}");
+    assert!(dp > 0.0 && dp < 0.01, "severity probability moved by {dp}");
     let l = losses(&run);
     let first = (l[0] + l[1]) / 2.0;
     let last = (l[l.len() - 2] + l[l.len() - 1]) / 2.0;
@@ -577,6 +615,7 @@ fn manifest_problems_are_reported_with_their_lines_before_anything_is_written() 
         data: manifest,
         out: out.clone(),
         no_lobe_order: false,
+        device: Backend::Cpu,
     })
     .unwrap_err();
     assert!(format!("{e:#}").contains("6 problem(s)"));
