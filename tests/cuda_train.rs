@@ -2,7 +2,8 @@
 //! the CPU engine: losses, outputs and every parameter's gradient at a tolerance calibrated to
 //! the network's own sensitivity to fp16 rounding; loss scaling (skip on inf, recovery);
 //! determinism; step graphs replayed bit for bit like eager steps, and the NVTX ranges of a
-//! step; a short `train --device emu` run against the CPU's, and resumes across engines.
+//! step; a short `train --device emu` run against the CPU's, and resumes across engines;
+//! validation of an emulator run on the emulator.
 
 mod cli_common;
 mod cuda_common;
@@ -12,11 +13,13 @@ use cuda_common::*;
 use m2unet::app::train::{run as run_train, TrainArgs};
 use m2unet::backend::Backend;
 use m2unet::config::{GcpMode, ModelConfig, TrainConfig};
-use m2unet::cpu::{run_step, StepResult, Trainer};
+use m2unet::cpu::{run_step, CpuEngine, StepResult, Trainer};
 use m2unet::cuda::nvtx::{self, Event};
 use m2unet::cuda::train::{CudaTrainer, GraphCounts, StepReport, INITIAL_LOSS_SCALE};
 use m2unet::cuda::Device;
+use m2unet::data::dataset::read_checked_manifest;
 use m2unet::engine::{Batch, Mode};
+use m2unet::evaluate::evaluate;
 use m2unet::io::checkpoint::load_checkpoint;
 use m2unet::io::weights::{load_model, model_tensors, Tensor, TensorFile, WeightDtype};
 use m2unet::model::Model;
@@ -752,6 +755,64 @@ fn train_on_emu_follows_cpu_and_resumes_across_engines() {
         e <= 2e-2,
         "second step after the resume on the emulator: rel {e:.2e}"
     );
+}
+
+#[test]
+fn validation_of_an_emu_run_runs_on_the_emulator() {
+    // A run on the emulator validates on it too: each validation report names the emulator,
+    // and the epoch's mean Dice (metrics.csv) is within 0.01 of the same weights evaluated on
+    // the CPU engine (fp16 activations move a few border labels), with severity probabilities
+    // that differ (the fp16 path ran) by under 0.01.
+    // The weights come from 25 quick CPU epochs, so that the Dice compared is far from 0.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = training_set(&dir.path().join("data"), 4, 17);
+    let (pre, run) = (dir.path().join("pre"), dir.path().join("run"));
+    run_train(&TrainArgs {
+        epochs: 25,
+        ..args(&manifest, &pre, Backend::Cpu)
+    })
+    .unwrap();
+    run_train(&TrainArgs {
+        val_fraction: 0.5,
+        init: Some(pre.join("last.safetensors")),
+        lr: 1e-4,
+        ..args(&manifest, &run, Backend::Emu)
+    })
+    .unwrap();
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
+    let row: Vec<&str> = metrics.lines().last().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let emu_dice: f64 = row[col("mean_dice")].parse().unwrap();
+
+    let entries = read_checked_manifest(&manifest).unwrap();
+    let mut val = Vec::new();
+    let mut emu_prob = Vec::new();
+    for e in &entries {
+        let report = run.join("val").join(format!("{}_report.json", e.case_id));
+        if let Ok(text) = std::fs::read_to_string(&report) {
+            let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let device = r["device"].as_str().unwrap();
+            assert!(device.starts_with("emu:"), "validated on {device}");
+            emu_prob.push(r["severity"]["probability"].as_f64().unwrap());
+            val.push(e.clone());
+        }
+    }
+    assert!(!val.is_empty(), "no validation reports");
+    let mut cpu = CpuEngine::new(load_model(&run.join("last.safetensors")).unwrap());
+    let (m, cases) = evaluate(&mut cpu, &val, &dir.path().join("cpu_eval"), true).unwrap();
+    let dp = cases
+        .iter()
+        .zip(&emu_prob)
+        .map(|(c, p)| (c.probability - p).abs())
+        .fold(0.0, f64::max);
+    println!(
+        "{} validation cases: mean Dice emu {emu_dice:.4} vs cpu {:.4}; severity probability largest change {dp:.2e}",
+        val.len(),
+        m.mean_dice
+    );
+    assert!((emu_dice - m.mean_dice).abs() < 0.01);
+    assert!(dp > 0.0 && dp < 0.01);
 }
 
 /// Runs `m2unet forward --device emu --mode train` on `input` with `weights`; its output.

@@ -13,7 +13,7 @@ pub use settings::{scheduled_lr, RunSettings, Schedule};
 
 use crate::backend::Backend;
 use crate::config::TrainConfig;
-use crate::cpu::{CpuEngine, Trainer};
+use crate::cpu::Trainer;
 use crate::cuda::train::StepReport;
 use crate::data::dataset::{
     load_bag, read_checked_manifest, split_by_case, Bag, BagCache, BagConfig, Loading,
@@ -295,9 +295,9 @@ impl Session {
         let trainer = self.stepper.trainer()?;
         let model = &trainer.model;
         let losses = validation_losses(model, &self.cases.val_bags, &trainer.config)?;
-        let mut engine = CpuEngine::new(model.clone());
+        let mut engine = self.stepper.inference_engine(model.clone())?;
         let (metrics, _) = evaluate(
-            &mut engine,
+            engine.as_mut(),
             &self.cases.val,
             &self.dir.validation_dir(),
             true,

@@ -3,9 +3,11 @@
 //! them at a resume.
 
 use crate::backend::Backend;
-use crate::cpu::Trainer;
+use crate::cpu::{CpuEngine, Trainer};
 use crate::cuda::train::{CudaTrainer, StepReport, INITIAL_LOSS_SCALE};
-use crate::engine::Batch;
+use crate::cuda::CudaEngine;
+use crate::engine::{Batch, InferenceEngine};
+use crate::model::Model;
 use anyhow::Result;
 use std::borrow::Cow;
 
@@ -59,6 +61,15 @@ impl Stepper {
         Ok(match self {
             Stepper::Cpu(_) => None,
             Stepper::Cuda(t) => Some(t.loss_scale()?.0),
+        })
+    }
+
+    /// An inference engine on the steps' device for `model` (validation runs where training
+    /// does: the f32 CPU engine, or the CUDA engine's fp16 kernels).
+    pub fn inference_engine(&self, model: Model) -> Result<Box<dyn InferenceEngine>> {
+        Ok(match self {
+            Stepper::Cpu(_) => Box::new(CpuEngine::new(model)),
+            Stepper::Cuda(t) => Box::new(CudaEngine::new(&model, t.device_kind())?),
         })
     }
 

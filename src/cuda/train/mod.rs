@@ -602,6 +602,15 @@ impl CudaTrainer {
         self.eng.dev.describe()
     }
 
+    /// The kind of device it runs on (a GPU or the emulator).
+    pub fn device_kind(&self) -> DeviceKind {
+        if self.eng.dev.is_emulator() {
+            DeviceKind::Emu
+        } else {
+            DeviceKind::Gpu
+        }
+    }
+
     /// Device memory the trainer holds: weights, master weights, gradients, moments,
     /// activations and the backward's buffers (all allocated once per batch shape).
     pub fn device_bytes(&self) -> usize {
