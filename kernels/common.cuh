@@ -140,6 +140,17 @@ struct ConceptsGcpParams {
     int m, inst, c, c_real, k, gcp;
 };
 
+/// The eval concept scores on tensor cores (mil_concepts_mma): as ConceptsGcpParams, with
+/// fp16 weights in Linear's [k][c] layout, rows zero-padded to kc (a multiple of 32) columns.
+struct ConceptsMmaParams {
+    const __half* x;   // NHWC [m, inst, c]
+    const __half* wt;  // [k][kc] fp16, zero beyond c_real
+    const float* bias; // [k]
+    float* z;          // [m, k]
+    int m, inst, c, kc, k, gcp;
+    int pad_[2];
+};
+
 /// y[r,o] = act(Σ_i x[r,i]·w[o,i] + b[o]) in fp32 (act 0: none, 1: ReLU).
 struct LinearParams {
     const float* x;

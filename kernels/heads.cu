@@ -1,9 +1,10 @@
 //! The network's heads: the segmentation head (1×1 conv to class logits + argmax) and the
 //! hierarchical MIL head (concept scores with GCP pooling, small dense layers, bag pooling).
 //! Equals (src/reference.rs): seg_head = reference::conv1x1_forward and argmax_channels;
-//! mil_concepts_gcp = linear_forward over the instance rows → gcp_forward over each patch's
-//! instances; linear_f32 = linear_forward (→ relu_forward with act 1); gcp_bags = gcp_forward.
+//! mil_concepts_gcp and mil_concepts_mma (eval: fp16 weights on tensor cores) =
+//! linear_forward over the instance rows → gcp_forward over each patch's instances; linear_f32 = linear_forward (→ relu_forward with act 1); gcp_bags = gcp_forward.
 #include "common.cuh"
+#include "igemm.cuh"
 
 /// One thread per pixel. Needs classes ≤ 16 and classes·c_real ≤ 4096.
 extern "C" __global__ void seg_head(const SegHeadParams p) {
@@ -99,6 +100,113 @@ extern "C" __global__ void __launch_bounds__(256) mil_concepts_gcp(const Concept
         p.z[size_t(m) * p.k + k] = gcp_combine(p.gcp, mx, sum, p.inst);
         if (p.arg != nullptr) p.arg[size_t(m) * p.k + k] = arg;
     }
+}
+
+/// Keeps in (mx, arg, sum) the larger maximum (the lower instance on a tie) and the total.
+__device__ __forceinline__ void gcp_merge(float& mx, int& arg, float& sum, float omx, int oarg,
+                                         float osum) {
+    if (omx > mx || (omx == mx && oarg < arg)) {
+        mx = omx;
+        arg = oarg;
+    }
+    sum += osum;
+}
+
+/// Grid (m, ⌈k/64⌉), 128 threads: the concept scores of one patch's instances for 64 concepts
+/// as a GEMM on tensor cores (128 instance rows at a time, the conv kernels' tiles: A = the
+/// instances' channels, B = the concepts' fp16 weights), whose epilogue reduces each column's
+/// max and sum over the instances; z = gcp_combine of them. Needs kc ≥ c, kc % 32 == 0.
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) mil_concepts_mma(const ConceptsMmaParams p) {
+    __shared__ __align__(128) __half sa[STAGES][BM * BK];
+    __shared__ __align__(128) __half sb[STAGES][BN * BK];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp & 1, wn = warp >> 1, g = lane >> 2, t = lane & 3;
+    const int m = blockIdx.x, n0 = blockIdx.y * BN;
+    const int KT = p.kc / BK;
+    const int ch = tid & 3, row0 = tid >> 2;
+    const __half* xm = p.x + size_t(m) * p.inst * p.c;
+    // Column tid's running max (first instance attaining it) and sum over the row tiles.
+    float run_mx = -3.4e38f, run_sum = 0.0f;
+    int run_arg = p.inst;
+    for (int r0 = 0; r0 < p.inst; r0 += BM) {
+        auto load = [&](int stage, int kt) {
+            const int c = kt * BK + ch * 8;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = r0 + row0 + 32 * i;
+                const bool ok = r < p.inst && c < p.c;
+                cp_async16(&sa[stage][swz(row0 + 32 * i, ch)], ok ? xm + size_t(r) * p.c + c : p.x, ok);
+            }
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int n = n0 + row0 + 32 * j;
+                const bool ok = n < p.k;
+                cp_async16(&sb[stage][swz(row0 + 32 * j, ch)], ok ? p.wt + size_t(n) * p.kc + c : p.wt, ok);
+            }
+        };
+        IgemmAcc acc;
+        igemm_zero(acc);
+        __syncthreads();  // the previous row tile's reduction is done with the stages
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < KT) load(s, s);
+            cp_async_commit();
+        }
+        for (int kt = 0; kt < KT; ++kt) {
+            cp_async_wait<STAGES - 2>();
+            __syncthreads();
+            const int next = kt + STAGES - 1;
+            if (next < KT) load(next % STAGES, next);
+            cp_async_commit();
+            igemm_ktile(acc, sa[kt % STAGES], sb[kt % STAGES], lane, wm, wn);
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+        // Per column this thread holds: max (first row attaining it) and sum of its rows, in
+        // increasing row order; then combined over the 8 lanes sharing t, and over wm.
+        float* red = reinterpret_cast<float*>(&sa[0][0]);  // [2][BN] max, sum; then args
+        int* red_arg = reinterpret_cast<int*>(red + 4 * BN);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int col = wn * 32 + j * 8 + 2 * t + e;
+                const float b = n0 + col < p.k ? p.bias[n0 + col] : 0.0f;
+                float mx = -3.4e38f, sum = 0.0f;
+                int arg = p.inst;
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) {
+                        const int r = r0 + wm * 64 + i * 16 + g + hf * 8;
+                        if (r < p.inst) {
+                            const float v = acc.v[i][j][2 * hf + e] + b;
+                            if (v > mx || arg == p.inst) {
+                                mx = v;
+                                arg = r;
+                            }
+                            sum += v;
+                        }
+                    }
+#pragma unroll
+                for (int off = 4; off < 32; off <<= 1) {
+                    const float omx = __shfl_xor_sync(0xffffffffu, mx, off);
+                    const int oarg = __shfl_xor_sync(0xffffffffu, arg, off);
+                    const float osum = __shfl_xor_sync(0xffffffffu, sum, off);
+                    gcp_merge(mx, arg, sum, omx, oarg, osum);
+                }
+                if (g == 0) {
+                    red[wm * BN + col] = mx;
+                    red[2 * BN + wm * BN + col] = sum;
+                    red_arg[wm * BN + col] = arg;
+                }
+            }
+        __syncthreads();
+        if (tid < BN) {
+            gcp_merge(run_mx, run_arg, run_sum, red[tid], red_arg[tid], red[2 * BN + tid]);
+            gcp_merge(run_mx, run_arg, run_sum, red[BN + tid], red_arg[BN + tid], red[3 * BN + tid]);
+        }
+    }
+    if (tid < BN && n0 + tid < p.k) p.z[size_t(m) * p.k + n0 + tid] = gcp_combine(p.gcp, run_mx, run_sum, p.inst);
 }
 
 /// One thread per output element.

@@ -1,6 +1,6 @@
 //! GPU-only timings (skipped, saying why, without a GPU): eval forward of the paper preset at
 //! 8, 32 and 128 patches and the implicit-GEMM conv alone (on the mma.sync and the wgmma tier;
-//! dec2's up_conv on both its kernels too), timed with CUDA events, and the mixed-precision training step (paper network at P = 256 with 4 bags of 8, and the default
+//! dec2's up_conv on both its kernels too; the MIL concepts' two kernels), timed with CUDA events, and the mixed-precision training step (paper network at P = 256 with 4 bags of 8, and the default
 //! weights' recipe, P = 80 with 2 bags of 8) timed end to end. Each result is checked for finite
 //! outputs and printed as a `PERF` line that tools/gpu_check.sh reads, with a per-stage profile
 //! (PROFILE lines). Set M2UNET_PERF_PATCHES (e.g. "8,32") to choose the forward's batch sizes.
@@ -9,7 +9,10 @@ mod cuda_common;
 
 use m2unet::config::{ModelConfig, TrainConfig};
 use m2unet::cpu::Trainer;
-use m2unet::cuda::kernels::{conv3x3, conv3x3_up, ConvUpParams};
+use m2unet::cuda::kernels::{
+    conv3x3, conv3x3_up, mil_concepts_gcp, mil_concepts_mma, ConceptsGcpParams, ConceptsMmaParams,
+    ConvUpParams,
+};
 use m2unet::cuda::train::{CudaTrainer, INITIAL_LOSS_SCALE};
 use m2unet::cuda::{ConvTier, CudaEngine, Device, DeviceKind};
 use m2unet::engine::Batch;
@@ -152,6 +155,60 @@ fn gpu_conv3x3_igemm_timing() {
             gflop / ms as f64
         );
         assert!(ms > 0.0);
+    }
+    // The embedding concepts (h 512 × 16² per patch → 256 concepts, GCP per patch) for 8 and
+    // 128 patches: the fp32-weight kernel the train step uses (`gcp`) and the eval kernel on
+    // tensor cores (`mma`), as GEMMs of M·256 rows, K = 512, N = 256.
+    let (inst, c, k) = (256, 512, 256);
+    for patches in [8, 128] {
+        let rows = patches * inst;
+        let x = dev.alloc(rows * c * 2).unwrap().0;
+        let wt = dev.alloc(c * k * 4).unwrap().0;
+        let wh = dev.alloc(c * k * 2).unwrap().0;
+        let bias = dev.alloc(k * 4).unwrap().0;
+        let z = dev.alloc(patches * k * 4).unwrap().0;
+        let gflop = 2.0 * (rows * c * k) as f64 / 1e9;
+        let (m, inst, c, k) = (patches as i32, inst as i32, c as i32, k as i32);
+        let gcp = ConceptsGcpParams {
+            x,
+            wt,
+            bias,
+            z,
+            arg: 0,
+            m,
+            inst,
+            c,
+            c_real: c,
+            k,
+            gcp: 0,
+        };
+        let mma = ConceptsMmaParams {
+            x,
+            wt: wh,
+            bias,
+            z,
+            m,
+            inst,
+            c,
+            kc: c,
+            k,
+            gcp: 0,
+            pad_: [0; 2],
+        };
+        for (name, tensor_cores) in [("gcp", false), ("mma", true)] {
+            let launch = || match tensor_cores {
+                false => mil_concepts_gcp(&dev, &gcp),
+                true => mil_concepts_mma(&dev, &mma),
+            };
+            launch().unwrap();
+            let iters = 20;
+            let ms = cuda_common::time_launches(&dev, iters, launch) / iters as f32;
+            println!(
+                "PERF conv mil_concepts{patches}@{name} m={rows} k={c} n={k} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
+                gflop / ms as f64
+            );
+            assert!(ms > 0.0);
+        }
     }
 }
 

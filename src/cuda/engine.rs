@@ -6,7 +6,7 @@
 use super::device::{ConvTier, DevPtr, Device, DeviceKind, Graph, Mark};
 use super::kernels::*;
 use super::nvtx;
-use super::weights::{pack_conv3x3, pack_conv_up, pad8, padded, transpose};
+use super::weights::{pack_concepts, pack_conv3x3, pack_conv_up, pad8, padded, transpose};
 use crate::config::{ModelConfig, BN_EPS, BN_MOMENTUM};
 use crate::engine::{segment_count, Batch, InferenceEngine, Mode, Outputs};
 use crate::model::{Arch, ConvUnit, Model, Src};
@@ -96,6 +96,8 @@ pub(super) struct Weights {
     pub seg: Linear,
     /// The embedding concepts' weight transposed to [in][out].
     pub concepts_t: Linear,
+    /// The same weight as fp16 [out][in] rows for the eval kernel (`pack_concepts`).
+    pub concepts_h: u64,
     pub emb_proj_eval: Linear,
     pub emb_proj: Linear,
     /// γ, β, running mean, running var.
@@ -139,6 +141,7 @@ impl Weights {
             l.b += base;
         }
         self.emb_bn.iter_mut().for_each(|a| *a += base);
+        self.concepts_h += base;
         self
     }
 }
@@ -219,6 +222,11 @@ fn build_weights(model: &Model) -> Result<(Weights, Vec<u8>)> {
         )),
         b: blob.push(model.param(&format!("{}.bias", concepts.name))),
     };
+    let concepts_h = blob.push(&pack_concepts(
+        model.param(&format!("{}.weight", concepts.name)),
+        concepts.fout,
+        concepts.fin,
+    )?);
     let (pw, pb) = model.folded(&mil.emb_proj.name, &mil.emb_bn);
     let emb_proj_eval = Linear {
         w: blob.push(&pw),
@@ -239,6 +247,7 @@ fn build_weights(model: &Model) -> Result<(Weights, Vec<u8>)> {
         convs,
         seg,
         concepts_t,
+        concepts_h,
         emb_proj_eval,
         emb_proj,
         emb_bn,
@@ -1017,14 +1026,34 @@ impl CudaEngine {
     }
 
     /// The embedding level of the MIL head for m patches whose h is in the bottleneck unit's
-    /// output: concept scores pooled per patch, proj, BatchNorm (folded in eval mode), ReLU,
-    /// written to rows `row0..row0 + m` of the embeddings e.
+    /// output: concept scores pooled per patch (on tensor cores in eval mode), proj, BatchNorm
+    /// (folded in eval mode), ReLU, written to rows `row0..row0 + m` of the embeddings e.
     fn run_mil_patches(&self, mode: Mode, m: usize, row0: usize) -> Result<()> {
         let a = self.arena.as_ref().expect("arena");
         let mil = &self.arch.mil;
         let k1 = mil.emb_proj.fout;
         let side = a.patch >> mil.level;
         let (z, e) = (a.mil_z + row0 * k1 * 4, a.mil_e + row0 * k1 * 4);
+        let (c, inst) = (pad8(mil.channels), side * side);
+        if mode == Mode::Eval {
+            mil_concepts_mma(
+                &self.dev,
+                &ConceptsMmaParams {
+                    x: a.at(a.units[mil.src][0]),
+                    wt: self.w.concepts_h,
+                    bias: self.w.concepts_t.b,
+                    z: a.at(z),
+                    m: m as i32,
+                    inst: inst as i32,
+                    c: c as i32,
+                    kc: mil.channels.next_multiple_of(32) as i32,
+                    k: k1 as i32,
+                    gcp: gcp_code(self.arch.config.gcp),
+                    pad_: [0; 2],
+                },
+            )?;
+            return self.linear(&self.w.emb_proj_eval, z, e, m, k1, k1, true);
+        }
         mil_concepts_gcp(
             &self.dev,
             &ConceptsGcpParams {
@@ -1037,35 +1066,30 @@ impl CudaEngine {
                     _ => 0,
                 },
                 m: m as i32,
-                inst: (side * side) as i32,
-                c: pad8(mil.channels) as i32,
+                inst: inst as i32,
+                c: c as i32,
                 c_real: mil.channels as i32,
                 k: k1 as i32,
                 gcp: gcp_code(self.arch.config.gcp),
             },
         )?;
-        match mode {
-            Mode::Eval => self.linear(&self.w.emb_proj_eval, z, e, m, k1, k1, true),
-            Mode::Train => {
-                self.linear(&self.w.emb_proj, z, a.mil_pre, m, k1, k1, false)?;
-                let [g, b, rm, rv] = self.w.emb_bn;
-                bn1d_train_relu(
-                    &self.dev,
-                    &Bn1dTrainParams {
-                        x: a.at(a.mil_pre),
-                        gamma: (g),
-                        beta: (b),
-                        running_mean: (rm),
-                        running_var: (rv),
-                        y: a.at(e),
-                        rows: m as i32,
-                        c: k1 as i32,
-                        momentum: BN_MOMENTUM,
-                        eps: BN_EPS,
-                    },
-                )
-            }
-        }
+        self.linear(&self.w.emb_proj, z, a.mil_pre, m, k1, k1, false)?;
+        let [g, b, rm, rv] = self.w.emb_bn;
+        bn1d_train_relu(
+            &self.dev,
+            &Bn1dTrainParams {
+                x: a.at(a.mil_pre),
+                gamma: (g),
+                beta: (b),
+                running_mean: (rm),
+                running_var: (rv),
+                y: a.at(e),
+                rows: m as i32,
+                c: k1 as i32,
+                momentum: BN_MOMENTUM,
+                eps: BN_EPS,
+            },
+        )
     }
 
     /// The image level of the MIL head over the m embeddings: concepts, GCP per bag, proj +

@@ -1,5 +1,6 @@
 //! Host-side weight preparation: range-checked fp16 repacking PyTorch [out][in][3][3] conv weights into the kernels' [cout][9][cin] fp16 layout
-//! with channels padded to multiples of 8, and the sub-pixel up_conv's composite weights.
+//! with channels padded to multiples of 8, the sub-pixel up_conv's composite weights, and the
+//! MIL concepts' fp16 rows.
 
 use anyhow::{ensure, Result};
 use half::f16;
@@ -106,6 +107,27 @@ pub fn padded(v: &[f32], len: usize) -> Vec<f32> {
     let mut out = v.to_vec();
     out.resize(len.max(v.len()), 0.0);
     out
+}
+
+/// A Linear weight [k][c] as fp16 rows zero-padded to a multiple of 32 columns (the k-tiles of
+/// `mil_concepts_mma`).
+pub fn pack_concepts(w: &[f32], k: usize, c: usize) -> Result<Vec<f16>> {
+    ensure!(
+        w.len() == k * c,
+        "concept weight has {} values, expected {}",
+        w.len(),
+        k * c
+    );
+    let max = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+    ensure!(max < 65504.0, "a concept weight ({max}) overflows fp16");
+    let kc = c.next_multiple_of(32);
+    let mut out = vec![f16::ZERO; k * kc];
+    for (row, src) in out.chunks_mut(kc).zip(w.chunks(c)) {
+        for (o, &v) in row.iter_mut().zip(src) {
+            *o = f16::from_f32(v);
+        }
+    }
+    Ok(out)
 }
 
 /// A [rows][cols] matrix transposed to [cols][rows].

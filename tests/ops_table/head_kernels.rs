@@ -2,17 +2,18 @@
 //! and gcp_bags.
 
 use crate::cuda_common::*;
-use crate::device::{abs, Launch, ACC};
+use crate::device::{abs, Launch, ACC, U16};
 use crate::{max_abs, Table};
 use m2unet::cpu::ops::Dims;
 use m2unet::cuda::kernels::*;
-use m2unet::cuda::weights::{pad8, transpose};
+use m2unet::cuda::weights::{pack_concepts, pad8, transpose};
 use m2unet::cuda::Device;
 use m2unet::reference;
 
 pub fn rows(dev: &mut Device, t: &mut Table) {
     seg_head_rows(dev, t);
     concepts_rows(dev, t);
+    concepts_mma_rows(dev, t);
     linear_rows(dev, t);
     gcp_bags_rows(dev, t);
 }
@@ -174,6 +175,76 @@ fn concepts_rows(dev: &mut Device, t: &mut Table) {
                 argmax_mismatches(&garg.read_i32(dev), &scores, &x, inst, k, a_bound);
             let share = wrong as f64 / clear.max(1) as f64;
             run.add(&format!("concepts arg ({clear} clear)"), share, 0.0);
+        }
+    }
+}
+
+/// mil_concepts_mma (eval): the concept scores on tensor cores from fp16 weights, pooled by
+/// GCP, against reference::linear_forward → gcp_forward with the f32 weights. Shapes: channels
+/// not a multiple of 32 (zero-filled k-tile tails), one instance, concepts past one 64-column
+/// block, and 256 and 300 instances (two and three row tiles of 128) at the paper's 512
+/// channels.
+fn concepts_mma_rows(dev: &mut Device, t: &mut Table) {
+    let shapes = [
+        (5, 4, 20, 70),
+        (2, 9, 5, 3),
+        (3, 1, 8, 33),
+        (2, 70, 600, 40),
+        (1, 256, 512, 130),
+        (2, 300, 40, 64),
+    ];
+    for (m, inst, c_real, k) in shapes {
+        let mut r = rng((m * 1000 + inst * 10 + c_real) as u64);
+        let c = pad8(c_real);
+        let x = uniform(&mut r, m * inst * c_real, 0.0, 2.0);
+        let x = with_duplicates(round_f16(&x), m, inst, c_real);
+        let wc = uniform(&mut r, k * c_real, -0.3, 0.3);
+        let bc = uniform(&mut r, k, -0.1, 0.1);
+        let mut xh = vec![0f32; m * inst * c];
+        for row in 0..m * inst {
+            xh[row * c..row * c + c_real].copy_from_slice(&x[row * c_real..(row + 1) * c_real]);
+        }
+        let (xf, wf, bf) = (to_f64(&x), to_f64(&wc), to_f64(&bc));
+        let scores = reference::linear_forward(&xf, m * inst, c_real, &wf, &bf, k);
+        let a = reference::linear_forward(&abs(&xf), m * inst, c_real, &abs(&wf), &abs(&bf), k);
+        let patches: Vec<(usize, usize)> = (0..m).map(|pm| (pm * inst, inst)).collect();
+        // Bound: as the fp32-weight kernel's (tests above), plus the weights' fp16 rounding
+        // (at most U16 of each product, so U16·Σ|terms| per score, twice for max − mean).
+        let kk = (c_real + 1) as f64;
+        let bound =
+            2.0 * (kk * ACC + U16) * max_abs(&a) + (inst + 2) as f64 * ACC * max_abs(&scores);
+
+        let gx = Guarded::with(dev, &to_f16(&xh));
+        let pack = pack_concepts(&wc, k, c_real).unwrap();
+        let gw = Guarded::with(dev, &pack);
+        let gb = Guarded::with(dev, &bc);
+        for gcp in 0..3 {
+            let mode = gcp_mode(gcp);
+            let want = reference::gcp_forward(&scores, k, &patches, mode);
+            let gz = Guarded::new(dev, m * k * 4);
+            let p = ConceptsMmaParams {
+                x: gx.addr(),
+                wt: gw.addr(),
+                bias: gb.addr(),
+                z: gz.addr(),
+                m: m as i32,
+                inst: inst as i32,
+                c: c as i32,
+                kc: c_real.next_multiple_of(32) as i32,
+                k: k as i32,
+                gcp,
+                pad_: [0; 2],
+            };
+            mil_concepts_mma(dev, &p).unwrap();
+            let shape = format!("m{m} inst{inst} c{c_real}→{k}");
+            let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gz]);
+            run.output(
+                &format!("concepts mma+gcp {mode}"),
+                &gz.read_f32(dev),
+                &want,
+                0.0,
+                bound,
+            );
         }
     }
 }

@@ -147,6 +147,23 @@ pub struct SegHeadParams {
     pub pad_: i32,
 }
 
+/// `mil_concepts_mma`'s parameters (eval: fp16 weights [k][kc], `pack_concepts`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct ConceptsMmaParams {
+    pub x: DevAddr,
+    pub wt: DevAddr,
+    pub bias: DevAddr,
+    pub z: DevAddr,
+    pub m: i32,
+    pub inst: i32,
+    pub c: i32,
+    pub kc: i32,
+    pub k: i32,
+    pub gcp: i32,
+    pub pad_: [i32; 2],
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct ConceptsGcpParams {
@@ -223,6 +240,7 @@ const _: () = {
     assert!(std::mem::size_of::<BnApplyParams>() == 56);
     assert!(std::mem::size_of::<SegHeadParams>() == 64);
     assert!(std::mem::size_of::<ConceptsGcpParams>() == 64);
+    assert!(std::mem::size_of::<ConceptsMmaParams>() == 64);
     assert!(std::mem::size_of::<LinearParams>() == 48);
     assert!(std::mem::size_of::<Bn1dTrainParams>() == 64);
     assert!(std::mem::size_of::<GcpBagsParams>() == 40);
@@ -433,6 +451,22 @@ pub fn mil_concepts_gcp(dev: &Device, p: &ConceptsGcpParams) -> Result<()> {
         "mil_concepts_gcp",
         [p.m as u32, blocks(p.k as usize, 32), 1],
         [256, 1, 1],
+        p,
+    )
+}
+
+/// The eval concept scores and their GCP on tensor cores: one block per (patch, 64 concepts).
+pub fn mil_concepts_mma(dev: &Device, p: &ConceptsMmaParams) -> Result<()> {
+    ensure!(
+        p.kc % 32 == 0 && p.kc >= p.c,
+        "mil_concepts_mma: the weight rows ({}) must be a multiple of 32 covering the {} channels",
+        p.kc,
+        p.c
+    );
+    dev.launch(
+        "mil_concepts_mma",
+        [p.m as u32, blocks(p.k as usize, 64), 1],
+        [128, 1, 1],
         p,
     )
 }
