@@ -40,8 +40,17 @@ pub struct Comparison {
     pub fissures: [FissureOffset; FISSURES.len()],
 }
 
+/// A case that could not be evaluated, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseFailure {
+    pub case_id: String,
+    pub image: String,
+    pub error: String,
+}
+
 /// Assesses every case on `engine` (writing the assess outputs into `work_dir`) and compares
-/// the lobe maps with the masks in 3D and the severity probabilities with the labels.
+/// the lobe maps with the masks in 3D and the severity probabilities with the labels; fails
+/// on the first case that cannot be evaluated.
 pub fn evaluate(
     engine: &mut dyn InferenceEngine,
     entries: &[ManifestEntry],
@@ -50,29 +59,68 @@ pub fn evaluate(
 ) -> Result<(EvalMetrics, Vec<CaseResult>)> {
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("cannot create {}", work_dir.display()))?;
+    let mut cases = Vec::with_capacity(entries.len());
+    for e in entries {
+        cases.push(evaluate_case(engine, e, work_dir, order_lobes)?);
+    }
+    Ok((case_metrics(&cases), cases))
+}
+
+/// As [`evaluate`], but a case that cannot be evaluated (an unreadable volume, a lobe map
+/// off its mask's grid) is recorded with its error and the others still run.
+pub fn evaluate_each(
+    engine: &mut dyn InferenceEngine,
+    entries: &[ManifestEntry],
+    work_dir: &Path,
+    order_lobes: bool,
+) -> Result<(Vec<CaseResult>, Vec<CaseFailure>)> {
+    std::fs::create_dir_all(work_dir)
+        .with_context(|| format!("cannot create {}", work_dir.display()))?;
+    let (mut cases, mut failed) = (Vec::new(), Vec::new());
+    for e in entries {
+        match evaluate_case(engine, e, work_dir, order_lobes) {
+            Ok(c) => cases.push(c),
+            Err(err) => failed.push(CaseFailure {
+                case_id: e.case_id.clone(),
+                image: e.image.display().to_string(),
+                error: format!("{err:#}"),
+            }),
+        }
+    }
+    Ok((cases, failed))
+}
+
+/// Severity and lobe metrics over evaluated cases.
+pub fn case_metrics(cases: &[CaseResult]) -> EvalMetrics {
+    let dice: Vec<_> = cases.iter().map(|c| c.lobe_dice).collect();
+    let prob: Vec<f64> = cases.iter().map(|c| c.probability).collect();
+    let severe: Vec<bool> = cases.iter().map(|c| c.label == 1).collect();
+    EvalMetrics::from_cases(&dice, &prob, &severe)
+}
+
+/// One case through the assess pipeline, compared with its mask and label.
+fn evaluate_case(
+    engine: &mut dyn InferenceEngine,
+    e: &ManifestEntry,
+    work_dir: &Path,
+    order_lobes: bool,
+) -> Result<CaseResult> {
     let opts = AssessOptions {
         out_dir: Some(work_dir.to_path_buf()),
         order_lobes,
         ..AssessOptions::default()
     };
-    let mut cases = Vec::with_capacity(entries.len());
-    for e in entries {
-        let report = assess_volume(engine, &e.image, &opts)?;
-        let c = compare_written_lobes(Path::new(&report.outputs.lobes), &e.mask)?;
-        cases.push(CaseResult {
-            case_id: e.case_id.clone(),
-            label: e.label,
-            probability: report.severity.probability,
-            lobe_dice: c.lobe_dice,
-            by_height: c.by_height,
-            confusion: c.confusion,
-            fissures: c.fissures,
-        });
-    }
-    let dice: Vec<_> = cases.iter().map(|c| c.lobe_dice).collect();
-    let prob: Vec<f64> = cases.iter().map(|c| c.probability).collect();
-    let severe: Vec<bool> = cases.iter().map(|c| c.label == 1).collect();
-    Ok((EvalMetrics::from_cases(&dice, &prob, &severe), cases))
+    let report = assess_volume(engine, &e.image, &opts)?;
+    let c = compare_written_lobes(Path::new(&report.outputs.lobes), &e.mask)?;
+    Ok(CaseResult {
+        case_id: e.case_id.clone(),
+        label: e.label,
+        probability: report.severity.probability,
+        lobe_dice: c.lobe_dice,
+        by_height: c.by_height,
+        confusion: c.confusion,
+        fissures: c.fissures,
+    })
 }
 
 /// Per-lobe 3D Dice of a written lobe map against a mask file on the same grid, the overlaps by

@@ -624,6 +624,60 @@ fn manifest_problems_are_reported_with_their_lines_before_anything_is_written() 
 }
 
 #[test]
+fn evaluate_reports_an_unreadable_case_and_still_scores_the_others() {
+    // Three phantoms, one of whose images is cut short after its header: the manifest check
+    // (headers only) passes, the volume's data cannot be read. evaluate scores the other two,
+    // writes evaluation.json with the failure, leaves no output for the broken case and fails
+    // naming its file.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = training_set(&dir.path().join("data"), 3, 29);
+    let entries = read_checked_manifest(&manifest).unwrap();
+    let broken = &entries[1];
+    let bytes = std::fs::read(&broken.image).unwrap();
+    std::fs::write(&broken.image, &bytes[..bytes.len() / 3]).unwrap();
+    let weights = dir.path().join("tiny.safetensors");
+    m2unet::io::weights::save_model(
+        &Model::init(ModelConfig::tiny(), 1),
+        &weights,
+        m2unet::io::weights::WeightDtype::F32,
+    )
+    .unwrap();
+    let out = dir.path().join("eval");
+    let e = m2unet::app::evaluate::run(&m2unet::app::evaluate::EvaluateArgs {
+        weights,
+        data: manifest,
+        out: out.clone(),
+        no_lobe_order: false,
+        device: Backend::Cpu,
+    })
+    .unwrap_err();
+    let msg = format!("{e:#}");
+    println!("{msg}");
+    assert!(msg.contains("1 of 3 cases could not be evaluated"), "{msg}");
+    assert!(msg.contains(&broken.image.display().to_string()), "{msg}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("evaluation.json")).unwrap())
+            .unwrap();
+    let scored: Vec<&str> = json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["case_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        scored,
+        [entries[0].case_id.as_str(), entries[2].case_id.as_str()]
+    );
+    assert_eq!(json["failed"][0]["case_id"], broken.case_id.as_str());
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with(&broken.case_id))
+        .collect();
+    assert!(left.is_empty(), "outputs of the broken case: {left:?}");
+}
+
+#[test]
 fn segmentation_and_class_label_errors_state_the_valid_range() {
     use m2unet::cpu::ops::loss::{cls_loss, seg_loss};
     // Six classes: −1 (ignore) and 0..=5 are valid, 6 is not.

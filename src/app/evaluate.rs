@@ -3,13 +3,13 @@
 use crate::backend::{make_engine, Backend};
 use crate::data::dataset::read_checked_manifest;
 use crate::data::{LOBE_NAMES, NUM_LOBES};
-use crate::evaluate::{evaluate, CaseResult};
+use crate::evaluate::{case_metrics, evaluate_each, CaseFailure, CaseResult};
 use crate::io::atomic::write_atomic;
 use crate::io::weights::load_model;
 use crate::metrics::{
     pooled, ByHeight, EvalMetrics, FissureOffset, LobeConfusion, FISSURES, HEIGHT_BANDS,
 };
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -44,6 +44,8 @@ struct Evaluation<'a> {
     /// The engine the network ran on (`InferenceEngine::describe`).
     engine: String,
     cases: &'a [CaseResult],
+    /// Cases that could not be evaluated, with the error (the metrics leave them out).
+    failed: &'a [CaseFailure],
     lobe_dice: [f64; NUM_LOBES],
     mean_dice: f64,
     accuracy: f64,
@@ -63,12 +65,14 @@ struct Evaluation<'a> {
 }
 
 /// `m2unet evaluate`: assesses every case, prints the table and summary, writes
-/// evaluation.json into --out.
+/// evaluation.json into --out. A case that cannot be evaluated is reported with its error and
+/// left out of the metrics; the others still run, and the command then fails naming it.
 pub fn run(args: &EvaluateArgs) -> Result<EvalMetrics> {
     let model = load_model(&args.weights)?;
     let entries = read_checked_manifest(&args.data)?;
     let mut engine = make_engine(model, args.device.resolve())?;
-    let (m, cases) = evaluate(engine.as_mut(), &entries, &args.out, !args.no_lobe_order)?;
+    let (cases, failed) = evaluate_each(engine.as_mut(), &entries, &args.out, !args.no_lobe_order)?;
+    let m = case_metrics(&cases);
     print_cases(&cases);
     let heights = pooled(&cases.iter().map(|c| c.by_height).collect::<Vec<_>>());
     print_by_height(&heights);
@@ -92,6 +96,7 @@ pub fn run(args: &EvaluateArgs) -> Result<EvalMetrics> {
         data: args.data.display().to_string(),
         engine: engine.describe(),
         cases: &cases,
+        failed: &failed,
         lobe_dice: m.lobe_dice,
         mean_dice: m.mean_dice,
         accuracy: m.accuracy,
@@ -105,6 +110,19 @@ pub fn run(args: &EvaluateArgs) -> Result<EvalMetrics> {
     };
     let path = args.out.join("evaluation.json");
     write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    if !failed.is_empty() {
+        let mut msg = format!(
+            "{} of {} cases could not be evaluated (the metrics above and {} cover the other {}):",
+            failed.len(),
+            entries.len(),
+            path.display(),
+            cases.len()
+        );
+        for f in &failed {
+            msg += &format!("\n  {} ({}): {}", f.case_id, f.image, f.error);
+        }
+        bail!(msg);
+    }
     Ok(m)
 }
 
