@@ -102,16 +102,6 @@ extern "C" __global__ void __launch_bounds__(256) mil_concepts_gcp(const Concept
     }
 }
 
-/// Keeps in (mx, arg, sum) the larger maximum (the lower instance on a tie) and the total.
-__device__ __forceinline__ void gcp_merge(float& mx, int& arg, float& sum, float omx, int oarg,
-                                         float osum) {
-    if (omx > mx || (omx == mx && oarg < arg)) {
-        mx = omx;
-        arg = oarg;
-    }
-    sum += osum;
-}
-
 /// Grid (m, ⌈k/64⌉), 128 threads: the concept scores of one patch's instances for 64 concepts
 /// as a GEMM on tensor cores (128 instance rows at a time, the conv kernels' tiles: A = the
 /// instances' channels, B = the concepts' fp16 weights), whose epilogue reduces each column's
@@ -125,9 +115,8 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) mil_concepts_mma(cons
     const int KT = p.kc / BK;
     const int ch = tid & 3, row0 = tid >> 2;
     const __half* xm = p.x + size_t(m) * p.inst * p.c;
-    // Column tid's running max (first instance attaining it) and sum over the row tiles.
+    // Column tid's running max and sum over the row tiles.
     float run_mx = -3.4e38f, run_sum = 0.0f;
-    int run_arg = p.inst;
     for (int r0 = 0; r0 < p.inst; r0 += BM) {
         auto load = [&](int stage, int kt) {
             const int c = kt * BK + ch * 8;
@@ -161,10 +150,9 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) mil_concepts_mma(cons
         }
         cp_async_wait<0>();
         __syncthreads();
-        // Per column this thread holds: max (first row attaining it) and sum of its rows, in
-        // increasing row order; then combined over the 8 lanes sharing t, and over wm.
-        float* red = reinterpret_cast<float*>(&sa[0][0]);  // [2][BN] max, sum; then args
-        int* red_arg = reinterpret_cast<int*>(red + 4 * BN);
+        // Per column: max and sum of this thread's rows, then over the 8 lanes sharing t, then
+        // over wm (through the stages' memory: [wm][BN] maxima, then [wm][BN] sums).
+        float* red = reinterpret_cast<float*>(&sa[0][0]);
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -172,7 +160,6 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) mil_concepts_mma(cons
                 const int col = wn * 32 + j * 8 + 2 * t + e;
                 const float b = n0 + col < p.k ? p.bias[n0 + col] : 0.0f;
                 float mx = -3.4e38f, sum = 0.0f;
-                int arg = p.inst;
 #pragma unroll
                 for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -180,30 +167,24 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) mil_concepts_mma(cons
                         const int r = r0 + wm * 64 + i * 16 + g + hf * 8;
                         if (r < p.inst) {
                             const float v = acc.v[i][j][2 * hf + e] + b;
-                            if (v > mx || arg == p.inst) {
-                                mx = v;
-                                arg = r;
-                            }
+                            mx = fmaxf(mx, v);
                             sum += v;
                         }
                     }
 #pragma unroll
                 for (int off = 4; off < 32; off <<= 1) {
-                    const float omx = __shfl_xor_sync(0xffffffffu, mx, off);
-                    const int oarg = __shfl_xor_sync(0xffffffffu, arg, off);
-                    const float osum = __shfl_xor_sync(0xffffffffu, sum, off);
-                    gcp_merge(mx, arg, sum, omx, oarg, osum);
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+                    sum += __shfl_xor_sync(0xffffffffu, sum, off);
                 }
                 if (g == 0) {
                     red[wm * BN + col] = mx;
                     red[2 * BN + wm * BN + col] = sum;
-                    red_arg[wm * BN + col] = arg;
                 }
             }
         __syncthreads();
         if (tid < BN) {
-            gcp_merge(run_mx, run_arg, run_sum, red[tid], red_arg[tid], red[2 * BN + tid]);
-            gcp_merge(run_mx, run_arg, run_sum, red[BN + tid], red_arg[BN + tid], red[3 * BN + tid]);
+            run_mx = fmaxf(run_mx, fmaxf(red[tid], red[BN + tid]));
+            run_sum += red[2 * BN + tid] + red[3 * BN + tid];
         }
     }
     if (tid < BN && n0 + tid < p.k) p.z[size_t(m) * p.k + n0 + tid] = gcp_combine(p.gcp, run_mx, run_sum, p.inst);
