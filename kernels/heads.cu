@@ -2,7 +2,8 @@
 //! hierarchical MIL head (concept scores with GCP pooling, small dense layers, bag pooling).
 //! Equals (src/reference.rs): seg_head = reference::conv1x1_forward and argmax_channels;
 //! mil_concepts_gcp and mil_concepts_mma (eval: fp16 weights on tensor cores) =
-//! linear_forward over the instance rows → gcp_forward over each patch's instances; linear_f32 = linear_forward (→ relu_forward with act 1); gcp_bags = gcp_forward.
+//! linear_forward over the instance rows → gcp_forward over each patch's instances;
+//! linear_f32 = linear_forward (→ relu_forward with act 1); gcp_bags = gcp_forward.
 #include "common.cuh"
 #include "igemm.cuh"
 

@@ -20,6 +20,11 @@ pub fn dice(pred: &[u8], truth: &[u8], label: u8) -> f64 {
     }
 }
 
+/// The index (label − 1) of a lobe label 1–5; None for background and any other label.
+fn lobe_index(l: u8) -> Option<usize> {
+    (1..=NUM_LOBES as u8).contains(&l).then(|| l as usize - 1)
+}
+
 /// Dice of every lobe (labels 1–5, index = label − 1).
 pub fn lobe_dice(pred: &[u8], truth: &[u8]) -> [f64; NUM_LOBES] {
     std::array::from_fn(|l| dice(pred, truth, l as u8 + 1))
@@ -71,12 +76,12 @@ pub fn by_height(pred: &[u8], truth: &[u8], dims: [usize; 3]) -> ByHeight {
             .iter()
             .zip(&truth[z * n..(z + 1) * n])
         {
-            if (1..=NUM_LOBES as u8).contains(&p) {
-                band[p as usize - 1].pred += 1;
+            if let Some(k) = lobe_index(p) {
+                band[k].pred += 1;
             }
-            if (1..=NUM_LOBES as u8).contains(&t) {
-                band[t as usize - 1].truth += 1;
-                band[t as usize - 1].both += (p == t) as usize;
+            if let Some(k) = lobe_index(t) {
+                band[k].truth += 1;
+                band[k].both += (p == t) as usize;
             }
         }
     }
@@ -100,13 +105,7 @@ pub type LobeConfusion = [[u64; NUM_LOBES + 1]; NUM_LOBES + 1];
 
 /// The [`LobeConfusion`] of two label maps on one grid.
 pub fn lobe_confusion(pred: &[u8], truth: &[u8]) -> LobeConfusion {
-    let class = |l: u8| {
-        if (1..=NUM_LOBES as u8).contains(&l) {
-            l as usize
-        } else {
-            0
-        }
-    };
+    let class = |l: u8| lobe_index(l).map_or(0, |k| k + 1);
     let mut out = LobeConfusion::default();
     for (&p, &t) in pred.iter().zip(truth) {
         out[class(t)][class(p)] += 1;
@@ -155,8 +154,7 @@ fn fissure_heights(labels: &[u8], dims: [usize; 3]) -> Vec<[f32; FISSURES.len()]
     let mut high = vec![[0u32; NUM_LOBES]; n];
     for (z, slice) in labels.chunks(n).enumerate() {
         for (i, &l) in slice.iter().enumerate() {
-            if (1..=NUM_LOBES as u8).contains(&l) {
-                let k = l as usize - 1;
+            if let Some(k) = lobe_index(l) {
                 low[i][k] = low[i][k].min(z as u32);
                 high[i][k] = high[i][k].max(z as u32);
             }

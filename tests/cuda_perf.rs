@@ -77,6 +77,25 @@ fn gpu_forward_eval_paper_timing() {
     }
 }
 
+/// Times `launch` (after one warm-up launch; mean of 20) as a GEMM of `m` rows, depth `k` and
+/// `n` columns, and prints its `PERF conv NAME` line (2·m·k·n FLOPs).
+fn perf_gemm(
+    dev: &Device,
+    name: &str,
+    (m, k, n): (usize, usize, usize),
+    mut launch: impl FnMut() -> anyhow::Result<()>,
+) {
+    launch().unwrap();
+    let iters = 20;
+    let ms = cuda_common::time_launches(dev, iters, &mut launch) / iters as f32;
+    let gflop = 2.0 * (m * k * n) as f64 / 1e9;
+    println!(
+        "PERF conv {name} m={m} k={k} n={n} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
+        gflop / ms as f64
+    );
+    assert!(ms > 0.0);
+}
+
 #[test]
 fn gpu_conv3x3_igemm_timing() {
     if !gpu_or_skip("gpu_conv3x3_igemm_timing") {
@@ -101,17 +120,10 @@ fn gpu_conv3x3_igemm_timing() {
         let p = cuda_common::timing_conv_params(&mut dev, (n, h, cin1, cin2, cout), false, pool);
         for &(tier, tier_name) in &tiers {
             dev.set_conv_tier(tier).unwrap();
-            conv3x3(&dev, &p, false).unwrap();
-            let iters = 20;
-            let ms =
-                cuda_common::time_launches(&dev, iters, || conv3x3(&dev, &p, false)) / iters as f32;
-            let gflop = 2.0 * (m * cout * 9 * (cin1 + cin2)) as f64 / 1e9;
-            println!(
-                "PERF conv {name}@{tier_name} m={m} k={} n={cout} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
-                9 * (cin1 + cin2),
-                gflop / ms as f64
-            );
-            assert!(ms > 0.0);
+            let k = 9 * (cin1 + cin2);
+            perf_gemm(&dev, &format!("{name}@{tier_name}"), (m, k, cout), || {
+                conv3x3(&dev, &p, false)
+            });
         }
     }
     // dec2.up_conv for 8 patches: 128×128 upsampled to 256×256, 64 → 64: the fused loader
@@ -119,7 +131,6 @@ fn gpu_conv3x3_igemm_timing() {
     // (2·M·cout·9·cin) for all, so their TFLOP/s compare.
     let (n, h, cin, cout) = (8, 256, 64, 64);
     let m = n * h * h;
-    let gflop = 2.0 * (m * cout * 9 * cin) as f64 / 1e9;
     let p = cuda_common::timing_conv_params(&mut dev, (n, h, cin, 0, cout), true, false);
     let wt = dev.alloc(16 * cout * 9 * cin * 2).unwrap().0;
     let sub = ConvUpParams {
@@ -142,19 +153,10 @@ fn gpu_conv3x3_igemm_timing() {
     }
     for (name, tier, fused) in kernels {
         dev.set_conv_tier(tier).unwrap();
-        let launch = || match fused {
+        perf_gemm(&dev, &name, (m, 9 * cin, cout), || match fused {
             true => conv3x3(&dev, &p, true),
             false => conv3x3_up(&dev, &sub),
-        };
-        launch().unwrap();
-        let iters = 20;
-        let ms = cuda_common::time_launches(&dev, iters, launch) / iters as f32;
-        println!(
-            "PERF conv {name} m={m} k={} n={cout} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
-            9 * cin,
-            gflop / ms as f64
-        );
-        assert!(ms > 0.0);
+        });
     }
     // The embedding concepts (h 512 × 16² per patch → 256 concepts, GCP per patch) for 8 and
     // 128 patches: the fp32-weight kernel the train step uses (`gcp`) and the eval kernel on
@@ -167,7 +169,6 @@ fn gpu_conv3x3_igemm_timing() {
         let wh = dev.alloc(c * k * 2).unwrap().0;
         let bias = dev.alloc(k * 4).unwrap().0;
         let z = dev.alloc(patches * k * 4).unwrap().0;
-        let gflop = 2.0 * (rows * c * k) as f64 / 1e9;
         let (m, inst, c, k) = (patches as i32, inst as i32, c as i32, k as i32);
         let gcp = ConceptsGcpParams {
             x,
@@ -196,18 +197,16 @@ fn gpu_conv3x3_igemm_timing() {
             pad_: [0; 2],
         };
         for (name, tensor_cores) in [("gcp", false), ("mma", true)] {
-            let launch = || match tensor_cores {
-                false => mil_concepts_gcp(&dev, &gcp),
-                true => mil_concepts_mma(&dev, &mma),
-            };
-            launch().unwrap();
-            let iters = 20;
-            let ms = cuda_common::time_launches(&dev, iters, launch) / iters as f32;
-            println!(
-                "PERF conv mil_concepts{patches}@{name} m={rows} k={c} n={k} ms={ms:.3} gflop={gflop:.2} tflops={:.1}",
-                gflop / ms as f64
+            let shape = (rows, c as usize, k as usize);
+            perf_gemm(
+                &dev,
+                &format!("mil_concepts{patches}@{name}"),
+                shape,
+                || match tensor_cores {
+                    false => mil_concepts_gcp(&dev, &gcp),
+                    true => mil_concepts_mma(&dev, &mma),
+                },
             );
-            assert!(ms > 0.0);
         }
     }
 }

@@ -24,7 +24,7 @@ use m2unet::model::Model;
 use m2unet::train::Schedule;
 use m2unet::weights_source::{WeightsSource, WEIGHTS_ENV};
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -155,6 +155,29 @@ fn differences(a: &Path, b: &Path) -> usize {
 }
 
 /// metrics.csv without the wall-time column.
+/// A freshly initialised tiny network saved as DIR/tiny.safetensors (f32).
+fn tiny_weights(dir: &Path) -> PathBuf {
+    let weights = dir.join("tiny.safetensors");
+    m2unet::io::weights::save_model(
+        &Model::init(ModelConfig::tiny(), 1),
+        &weights,
+        m2unet::io::weights::WeightDtype::F32,
+    )
+    .unwrap();
+    weights
+}
+
+/// `m2unet evaluate` of `weights` on the manifest `data` into `out`, on the CPU engine.
+fn run_evaluate(weights: PathBuf, data: PathBuf, out: &Path) -> anyhow::Result<EvalMetrics> {
+    m2unet::app::evaluate::run(&m2unet::app::evaluate::EvaluateArgs {
+        weights,
+        data,
+        out: out.to_path_buf(),
+        no_lobe_order: false,
+        device: Backend::Cpu,
+    })
+}
+
 fn metrics_rows(run: &Path) -> Vec<String> {
     std::fs::read_to_string(run.join("metrics.csv"))
         .unwrap()
@@ -602,22 +625,9 @@ fn manifest_problems_are_reported_with_their_lines_before_anything_is_written() 
     let e = format!("{:#}", run_train(&args(&manifest, &run)).unwrap_err());
     assert!(e.contains("6 problem(s)"), "{e}");
     assert!(!run.exists(), "train left {}", run.display());
-    let weights = dir.path().join("tiny.safetensors");
-    m2unet::io::weights::save_model(
-        &Model::init(ModelConfig::tiny(), 1),
-        &weights,
-        m2unet::io::weights::WeightDtype::F32,
-    )
-    .unwrap();
+    let weights = tiny_weights(dir.path());
     let out = dir.path().join("eval");
-    let e = m2unet::app::evaluate::run(&m2unet::app::evaluate::EvaluateArgs {
-        weights,
-        data: manifest,
-        out: out.clone(),
-        no_lobe_order: false,
-        device: Backend::Cpu,
-    })
-    .unwrap_err();
+    let e = run_evaluate(weights, manifest, &out).unwrap_err();
     assert!(format!("{e:#}").contains("6 problem(s)"));
     assert!(!out.exists(), "evaluate left {}", out.display());
     println!("train and evaluate refused the manifest; nothing written");
@@ -635,22 +645,9 @@ fn evaluate_reports_an_unreadable_case_and_still_scores_the_others() {
     let broken = &entries[1];
     let bytes = std::fs::read(&broken.image).unwrap();
     std::fs::write(&broken.image, &bytes[..bytes.len() / 3]).unwrap();
-    let weights = dir.path().join("tiny.safetensors");
-    m2unet::io::weights::save_model(
-        &Model::init(ModelConfig::tiny(), 1),
-        &weights,
-        m2unet::io::weights::WeightDtype::F32,
-    )
-    .unwrap();
+    let weights = tiny_weights(dir.path());
     let out = dir.path().join("eval");
-    let e = m2unet::app::evaluate::run(&m2unet::app::evaluate::EvaluateArgs {
-        weights,
-        data: manifest,
-        out: out.clone(),
-        no_lobe_order: false,
-        device: Backend::Cpu,
-    })
-    .unwrap_err();
+    let e = run_evaluate(weights, manifest, &out).unwrap_err();
     let msg = format!("{e:#}");
     println!("{msg}");
     assert!(msg.contains("1 of 3 cases could not be evaluated"), "{msg}");

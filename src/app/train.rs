@@ -28,7 +28,8 @@ pub struct TrainArgs {
     pub out: PathBuf,
     /// Where the training steps run: cpu (f32), cuda (the first GPU: fp16 mixed precision,
     /// fp32 master weights, dynamic loss scaling) or emu (the CUDA kernels on the CPU
-    /// emulator: slow, for checks). A resumed run may change it. Validation runs on the same engine.
+    /// emulator: slow, for checks). A resumed run may change it. Validation runs on the same
+    /// engine.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub device: Backend,
     /// Network widths: the paper's (4,015,304 parameters) or the tiny test preset.

@@ -6,7 +6,9 @@
 use super::device::{ConvTier, DevPtr, Device, DeviceKind, Graph, Mark};
 use super::kernels::*;
 use super::nvtx;
-use super::weights::{pack_concepts, pack_conv3x3, pack_conv_up, pad8, padded, transpose};
+use super::weights::{
+    concepts_row, pack_concepts, pack_conv3x3, pack_conv_up, pad8, padded, transpose,
+};
 use crate::config::{ModelConfig, BN_EPS, BN_MOMENTUM};
 use crate::engine::{segment_count, Batch, InferenceEngine, Mode, Outputs};
 use crate::model::{Arch, ConvUnit, Model, Src};
@@ -1046,7 +1048,7 @@ impl CudaEngine {
                     m: m as i32,
                     inst: inst as i32,
                     c: c as i32,
-                    kc: mil.channels.next_multiple_of(32) as i32,
+                    kc: concepts_row(mil.channels) as i32,
                     k: k1 as i32,
                     gcp: gcp_code(self.arch.config.gcp),
                     pad_: [0; 2],

@@ -109,8 +109,13 @@ pub fn padded(v: &[f32], len: usize) -> Vec<f32> {
     out
 }
 
-/// A Linear weight [k][c] as fp16 rows zero-padded to a multiple of 32 columns (the k-tiles of
+/// Columns of a [`pack_concepts`] row for `c` input channels: a multiple of 32 (the k-tiles of
 /// `mil_concepts_mma`).
+pub fn concepts_row(c: usize) -> usize {
+    c.next_multiple_of(32)
+}
+
+/// A Linear weight [k][c] as fp16 rows zero-padded to [`concepts_row`] columns.
 pub fn pack_concepts(w: &[f32], k: usize, c: usize) -> Result<Vec<f16>> {
     ensure!(
         w.len() == k * c,
@@ -120,7 +125,7 @@ pub fn pack_concepts(w: &[f32], k: usize, c: usize) -> Result<Vec<f16>> {
     );
     let max = w.iter().fold(0f32, |a, v| a.max(v.abs()));
     ensure!(max < 65504.0, "a concept weight ({max}) overflows fp16");
-    let kc = c.next_multiple_of(32);
+    let kc = concepts_row(c);
     let mut out = vec![f16::ZERO; k * kc];
     for (row, src) in out.chunks_mut(kc).zip(w.chunks(c)) {
         for (o, &v) in row.iter_mut().zip(src) {

@@ -6,7 +6,7 @@ use crate::device::{abs, Launch, ACC, U16};
 use crate::{max_abs, Table};
 use m2unet::cpu::ops::Dims;
 use m2unet::cuda::kernels::*;
-use m2unet::cuda::weights::{pack_concepts, pad8, transpose};
+use m2unet::cuda::weights::{concepts_row, pack_concepts, pad8, transpose};
 use m2unet::cuda::Device;
 use m2unet::reference;
 
@@ -110,6 +110,46 @@ pub fn with_duplicates(mut x: Vec<f32>, m: usize, inst: usize, c: usize) -> Vec<
     x
 }
 
+/// The data of a concept-scores row: instance rows x [m·inst][c_real] (fp16 values, with the
+/// duplicates of `with_duplicates`) and the same rows padded to pad8(c_real) channels, Linear
+/// weight [k][c_real] and bias, the f64 reference scores and scores of the absolute values
+/// (for error bounds), and each patch's (first row, rows).
+struct ConceptsCase {
+    x: Vec<f32>,
+    xh: Vec<f32>,
+    wc: Vec<f32>,
+    bc: Vec<f32>,
+    scores: Vec<f64>,
+    a: Vec<f64>,
+    patches: Vec<(usize, usize)>,
+}
+
+fn concepts_case((m, inst, c_real, k): (usize, usize, usize, usize), seed: u64) -> ConceptsCase {
+    let mut r = rng(seed);
+    let c = pad8(c_real);
+    let x = uniform(&mut r, m * inst * c_real, 0.0, 2.0);
+    let x = with_duplicates(round_f16(&x), m, inst, c_real);
+    let wc = uniform(&mut r, k * c_real, -0.3, 0.3);
+    let bc = uniform(&mut r, k, -0.1, 0.1);
+    let mut xh = vec![0f32; m * inst * c];
+    for row in 0..m * inst {
+        xh[row * c..row * c + c_real].copy_from_slice(&x[row * c_real..(row + 1) * c_real]);
+    }
+    let (xf, wf, bf) = (to_f64(&x), to_f64(&wc), to_f64(&bc));
+    let scores = reference::linear_forward(&xf, m * inst, c_real, &wf, &bf, k);
+    let a = reference::linear_forward(&abs(&xf), m * inst, c_real, &abs(&wf), &abs(&bf), k);
+    let patches = (0..m).map(|pm| (pm * inst, inst)).collect();
+    ConceptsCase {
+        x,
+        xh,
+        wc,
+        bc,
+        scores,
+        a,
+        patches,
+    }
+}
+
 /// mil_concepts_gcp: concept scores of every instance (= reference::linear over the instance
 /// rows) pooled by GCP over each patch's instances (= reference::gcp_forward), and the first
 /// instance attaining each max. Shapes: every row in one stage (U = 4 rows per warp), three
@@ -123,20 +163,17 @@ fn concepts_rows(dev: &mut Device, t: &mut Table) {
         (1, 10, 2048, 5),
     ];
     for (m, inst, c_real, k) in shapes {
-        let mut r = rng((m * 100 + inst * 10 + c_real) as u64);
+        let seed = (m * 100 + inst * 10 + c_real) as u64;
+        let ConceptsCase {
+            x,
+            xh,
+            wc,
+            bc,
+            scores,
+            a,
+            patches,
+        } = concepts_case((m, inst, c_real, k), seed);
         let c = pad8(c_real);
-        let x = uniform(&mut r, m * inst * c_real, 0.0, 2.0);
-        let x = with_duplicates(round_f16(&x), m, inst, c_real);
-        let wc = uniform(&mut r, k * c_real, -0.3, 0.3);
-        let bc = uniform(&mut r, k, -0.1, 0.1);
-        let mut xh = vec![0f32; m * inst * c];
-        for row in 0..m * inst {
-            xh[row * c..row * c + c_real].copy_from_slice(&x[row * c_real..(row + 1) * c_real]);
-        }
-        let (xf, wf, bf) = (to_f64(&x), to_f64(&wc), to_f64(&bc));
-        let scores = reference::linear_forward(&xf, m * inst, c_real, &wf, &bf, k);
-        let a = reference::linear_forward(&abs(&xf), m * inst, c_real, &abs(&wf), &abs(&bf), k);
-        let patches: Vec<(usize, usize)> = (0..m).map(|pm| (pm * inst, inst)).collect();
         // Bound: each score errs by at most (c_real + 1)·ACC·Σ|terms|; max takes one score's
         // error, the mean at most that plus the fp32 sum of `inst` scores; max − mean both
         // and one more rounding.
@@ -194,20 +231,17 @@ fn concepts_mma_rows(dev: &mut Device, t: &mut Table) {
         (2, 300, 40, 64),
     ];
     for (m, inst, c_real, k) in shapes {
-        let mut r = rng((m * 1000 + inst * 10 + c_real) as u64);
+        let seed = (m * 1000 + inst * 10 + c_real) as u64;
+        let ConceptsCase {
+            xh,
+            wc,
+            bc,
+            scores,
+            a,
+            patches,
+            ..
+        } = concepts_case((m, inst, c_real, k), seed);
         let c = pad8(c_real);
-        let x = uniform(&mut r, m * inst * c_real, 0.0, 2.0);
-        let x = with_duplicates(round_f16(&x), m, inst, c_real);
-        let wc = uniform(&mut r, k * c_real, -0.3, 0.3);
-        let bc = uniform(&mut r, k, -0.1, 0.1);
-        let mut xh = vec![0f32; m * inst * c];
-        for row in 0..m * inst {
-            xh[row * c..row * c + c_real].copy_from_slice(&x[row * c_real..(row + 1) * c_real]);
-        }
-        let (xf, wf, bf) = (to_f64(&x), to_f64(&wc), to_f64(&bc));
-        let scores = reference::linear_forward(&xf, m * inst, c_real, &wf, &bf, k);
-        let a = reference::linear_forward(&abs(&xf), m * inst, c_real, &abs(&wf), &abs(&bf), k);
-        let patches: Vec<(usize, usize)> = (0..m).map(|pm| (pm * inst, inst)).collect();
         // Bound: as the fp32-weight kernel's (tests above), plus the weights' fp16 rounding
         // (at most U16 of each product, so U16·Σ|terms| per score, twice for max − mean).
         let kk = (c_real + 1) as f64;
@@ -230,7 +264,7 @@ fn concepts_mma_rows(dev: &mut Device, t: &mut Table) {
                 m: m as i32,
                 inst: inst as i32,
                 c: c as i32,
-                kc: c_real.next_multiple_of(32) as i32,
+                kc: concepts_row(c_real) as i32,
                 k: k as i32,
                 gcp,
                 pad_: [0; 2],
