@@ -15,7 +15,7 @@ struct Args {
     #[arg(long, default_value = "paper")]
     preset: String,
     /// Patch side.
-    #[arg(long, default_value_t = 80)]
+    #[arg(long, default_value_t = 112)]
     patch: usize,
     /// Patches per step.
     #[arg(long, default_value_t = 16)]

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 pub const WEIGHTS_ENV: &str = "M2UNET_WEIGHTS";
 
 /// Name of the default weights (weights/MODEL_CARD.md).
-pub const DEFAULT_WEIGHTS_NAME: &str = "m2unet_synthetic_p80";
+pub const DEFAULT_WEIGHTS_NAME: &str = "m2unet_synthetic_p112";
 
-/// The default weights' file: the paper network trained on synthetic phantoms at P = 80 (f16).
-pub static DEFAULT_WEIGHTS: &[u8] = include_bytes!("../weights/m2unet_synthetic_p80.safetensors");
+/// The default weights' file: the paper network trained on synthetic phantoms at P = 112 (f16).
+pub static DEFAULT_WEIGHTS: &[u8] = include_bytes!("../weights/m2unet_synthetic_p112.safetensors");
 
 /// The weights a command uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,7 +56,7 @@ impl WeightsSource {
     }
 }
 
-/// The weights file's path, or "embedded default m2unet_synthetic_p80".
+/// The weights file's path, or "embedded default m2unet_synthetic_p112".
 impl fmt::Display for WeightsSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

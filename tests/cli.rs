@@ -315,7 +315,7 @@ fn demo_works_from_any_folder_and_names_the_weights_it_used() {
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     println!("{out}\n{}", stderr(&o));
     assert!(o.status.success(), "{}", stderr(&o));
-    let name = "embedded default m2unet_synthetic_p80";
+    let name = "embedded default m2unet_synthetic_p112";
     assert!(stderr(&o).contains(&format!("weights: {name}")));
     // --device auto (the default) says where it ran: the CPU on a machine without a GPU.
     let gpu = m2unet::cuda::Device::new(m2unet::cuda::DeviceKind::Gpu).is_ok();
@@ -329,8 +329,8 @@ fn demo_works_from_any_folder_and_names_the_weights_it_used() {
     let report = report_json(&dir.path().join("m2unet_demo/demo_case_report.json"));
     assert_eq!(report["weights"], name);
     assert_eq!(
-        report["model"]["patch"], 80,
-        "the default weights are trained at P = 80"
+        report["model"]["patch"], 112,
+        "the default weights are trained at P = 112"
     );
     let dice: f64 = out
         .lines()

@@ -1,7 +1,7 @@
 //! GPU-only timings (skipped, saying why, without a GPU): eval forward of the paper preset at
 //! 8, 32 and 128 patches and the implicit-GEMM conv alone (on the mma.sync and the wgmma tier;
 //! dec2's up_conv on both its kernels too; the MIL concepts' two kernels), timed with CUDA events, and the mixed-precision training step (paper network at P = 256 with 4 bags of 8, and the default
-//! weights' recipe, P = 80 with 2 bags of 8) timed end to end. Each result is checked for finite
+//! weights' recipe, P = 112 with 2 bags of 8) timed end to end. Each result is checked for finite
 //! outputs and printed as a `PERF` line that tools/gpu_check.sh reads, with a per-stage profile
 //! (PROFILE lines). Set M2UNET_PERF_PATCHES (e.g. "8,32") to choose the forward's batch sizes.
 
@@ -218,7 +218,7 @@ fn gpu_train_step_timing() {
     }
     let c = ModelConfig::paper();
     let trainer = Trainer::new(Model::init(c, 1), TrainConfig::default());
-    for (p, bags) in [(256usize, vec![8usize; 4]), (80, vec![8; 2])] {
+    for (p, bags) in [(256usize, vec![8usize; 4]), (112, vec![8; 2])] {
         let m: usize = bags.iter().sum();
         let mut r = cuda_common::rng(p as u64);
         let x = cuda_common::uniform(&mut r, m * p * p, 0.0, 1.0);

@@ -796,12 +796,12 @@ fn weights_are_the_flag_else_the_environment_else_the_embedded_default() {
     }
     assert_eq!(
         WeightsSource::EmbeddedDefault.to_string(),
-        "embedded default m2unet_synthetic_p80"
+        "embedded default m2unet_synthetic_p112"
     );
 
     // The embedded default is the shipped file, byte for byte and as a model.
     let shipped =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/m2unet_synthetic_p80.safetensors");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/m2unet_synthetic_p112.safetensors");
     let embedded = WeightsSource::EmbeddedDefault.load().unwrap();
     let file = load_model(&shipped).unwrap();
     println!(
@@ -815,7 +815,7 @@ fn weights_are_the_flag_else_the_environment_else_the_embedded_default() {
         std::fs::read(&shipped).unwrap()
     );
     assert_eq!(embedded.table.n_params, 4_015_304);
-    assert_eq!(embedded.config().patch, 80);
+    assert_eq!(embedded.config().patch, 112);
     assert!(embedded.params == file.params && embedded.buffers == file.buffers);
 
     let missing = WeightsSource::Env("/nonexistent/w.safetensors".into());

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${1:-$(nproc)}"
 python="${2:-python3}"
-patch="${3:-80}"
+patch="${3:-112}"
 patches="${4:-16}"
 bags="${5:-2}"
 out=target/bench_train

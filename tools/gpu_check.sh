@@ -3,7 +3,7 @@
 # then times the eval forward of the paper preset (P=256; 8, 32, 128 patches) with CUDA events
 # against PyTorch on the same GPU (fp16, channels_last, cudnn.benchmark; and torch.compile),
 # and the mixed-precision training step (P=256 with 4 bags of 8; the default weights' recipe,
-# P=80 with 2 bags of 8) against PyTorch AMP (fp16 autocast, GradScaler, fused AdamW,
+# P=112 with 2 bags of 8) against PyTorch AMP (fp16 autocast, GradScaler, fused AdamW,
 # channels_last, cudnn.benchmark) eager and under torch.compile, and `m2unet assess` of a
 # 512×512×300 phantom with paper-preset weights; prints ms, TFLOP/s, % of the measured fp16
 # peak and the ratios as a table (≤ 10 minutes: every step has its own limit).
@@ -297,7 +297,7 @@ def losses(seg, cls, seg_y, cls_y):
     dice = 1 - ((2 * inter + 1) / (den + 1))[1:].mean()
     return F.cross_entropy(cls.float(), cls_y) + ce + dice
 
-for p, m in [(256, 32), (80, 16)]:
+for p, m in [(256, 32), (112, 16)]:
     key = f"p{p}_m{m}"
     for mode in ["eager", "compile"]:
         torch.manual_seed(0)
