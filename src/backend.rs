@@ -53,7 +53,13 @@ impl Backend {
 
 /// The inference engine for `model` on `backend`.
 pub fn make_engine(model: Model, backend: Backend) -> Result<Box<dyn InferenceEngine>> {
-    Ok(match backend.cuda_device() {
+    engine_on(model, backend.cuda_device())
+}
+
+/// The inference engine for `model` on a CUDA device of `kind` (see
+/// [`Backend::cuda_device`]), or the CPU engine for None.
+pub fn engine_on(model: Model, kind: Option<DeviceKind>) -> Result<Box<dyn InferenceEngine>> {
+    Ok(match kind {
         None => Box::new(CpuEngine::new(model)),
         Some(kind) => Box::new(CudaEngine::new(&model, kind)?),
     })

@@ -2,10 +2,9 @@
 //! (mixed precision with loss scaling, on a GPU or the emulator); a run can switch between
 //! them at a resume.
 
-use crate::backend::{make_engine, Backend};
+use crate::backend::{engine_on, Backend};
 use crate::cpu::Trainer;
 use crate::cuda::train::{CudaTrainer, StepReport, INITIAL_LOSS_SCALE};
-use crate::cuda::DeviceKind;
 use crate::engine::{Batch, InferenceEngine};
 use crate::model::Model;
 use anyhow::Result;
@@ -67,14 +66,11 @@ impl Stepper {
     /// An inference engine on the steps' device for `model` (validation runs where training
     /// does: the f32 CPU engine, or the CUDA engine's fp16 kernels).
     pub fn inference_engine(&self, model: Model) -> Result<Box<dyn InferenceEngine>> {
-        let backend = match self {
-            Stepper::Cpu(_) => Backend::Cpu,
-            Stepper::Cuda(t) => match t.device_kind() {
-                DeviceKind::Gpu => Backend::Cuda,
-                DeviceKind::Emu => Backend::Emu,
-            },
+        let kind = match self {
+            Stepper::Cpu(_) => None,
+            Stepper::Cuda(t) => Some(t.device_kind()),
         };
-        make_engine(model, backend)
+        engine_on(model, kind)
     }
 
     /// Where the steps run.
