@@ -142,6 +142,7 @@ fn kernels(c: &mut Criterion) {
         bias: alloc(&mut dev, 6 * 4).0,
         logits: alloc(&mut dev, n * 6 * h * h * 4).0,
         labels: 0,
+        costs: 0,
         n: n as i32,
         hw: (h * h) as i32,
         c: 64,

@@ -126,6 +126,7 @@ struct SegHeadParams {
     const float* bias;   // [classes]
     float* logits;       // [n, classes, h, w] or null
     unsigned char* labels;  // [n, h, w] or null
+    unsigned char* costs;   // [n, h, w][classes − 1] (class_costs) or null
     int n, hw, c, c_real, classes, pad_;
 };
 
@@ -206,6 +207,7 @@ struct SegTail {
     const float* w;          // [classes][c_real]
     const float* bias;       // [classes]
     unsigned char* labels;   // [n·h·w]
+    unsigned char* costs;    // [n·h·w][classes − 1] (class_costs) or null
     int classes, c_real;     // classes ≤ 16; c_real ≤ the conv's cout ≤ its block's columns
 };
 
@@ -224,10 +226,24 @@ __device__ __forceinline__ int first_argmax(const float o[16], int classes) {
     return best;
 }
 
+/// The lobe-order step's costs of classes 1..classes (src/engine.rs LobeScores): −ln softmax
+/// in 1/16 nat steps, rounded half away from zero and saturated at 255, summed and rounded as
+/// the host does.
+__device__ __forceinline__ void class_costs(const float o[16], int classes, unsigned char* out) {
+    float top = o[0];
+    for (int k = 1; k < classes; ++k) top = fmaxf(top, o[k]);
+    float sum = 0.0f;
+    for (int k = 0; k < classes; ++k) sum += expf(o[k] - top);
+    const float lse = top + logf(sum);
+    for (int k = 1; k < classes; ++k)
+        out[k - 1] = (unsigned char)fminf(fmaxf(roundf((lse - o[k]) * 16.0f), 0.0f), 255.0f);
+}
+
 /// One pixel's class logits in seg_head's order of operations (bias, then channel by channel)
-/// from value(c), channel c of the conv output as stored (fp16-rounded), and their first argmax.
+/// from value(c), channel c of the conv output as stored (fp16-rounded): its first argmax into
+/// labels[pixel] and, when asked, its class costs.
 template <class F>
-__device__ __forceinline__ int seg_argmax(const SegTail& seg, F value) {
+__device__ __forceinline__ void seg_label(const SegTail& seg, F value, size_t pixel) {
     float o[16];
 #pragma unroll
     for (int k = 0; k < 16; ++k) o[k] = k < seg.classes ? seg.bias[k] : 0.0f;
@@ -237,7 +253,8 @@ __device__ __forceinline__ int seg_argmax(const SegTail& seg, F value) {
         for (int k = 0; k < 16; ++k)
             if (k < seg.classes) o[k] += v * seg.w[k * seg.c_real + c];
     }
-    return first_argmax(o, seg.classes);
+    seg.labels[pixel] = (unsigned char)first_argmax(o, seg.classes);
+    if (seg.costs != nullptr) class_costs(o, seg.classes, seg.costs + pixel * (seg.classes - 1));
 }
 
 // The Rust twins (src/cuda/kernels/mod.rs) assert the same sizes.
@@ -246,7 +263,7 @@ static_assert(sizeof(ConvFirstParams) == 72, "ConvFirstParams layout");
 static_assert(sizeof(BnStatsParams) == 32, "BnStatsParams layout");
 static_assert(sizeof(BnFinalizeParams) == 104, "BnFinalizeParams layout");
 static_assert(sizeof(BnApplyParams) == 56, "BnApplyParams layout");
-static_assert(sizeof(SegHeadParams) == 64, "SegHeadParams layout");
+static_assert(sizeof(SegHeadParams) == 72, "SegHeadParams layout");
 static_assert(sizeof(ConceptsGcpParams) == 64, "ConceptsGcpParams layout");
 static_assert(sizeof(LinearParams) == 48, "LinearParams layout");
 static_assert(sizeof(Bn1dTrainParams) == 64, "Bn1dTrainParams layout");

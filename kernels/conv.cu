@@ -81,11 +81,11 @@ struct ConvSegParams {
     ConvParams conv;
     SegTail seg;
 };
-static_assert(sizeof(ConvSegParams) == 144, "ConvSegParams layout");
+static_assert(sizeof(ConvSegParams) == 152, "ConvSegParams layout");
 
 /// `segment`'s seg head fused into the last decoder conv's epilogue: the conv's output (eval,
 /// BN folded, ReLU, rounded to fp16 as it would be stored) is staged in shared memory and
-/// each thread turns one pixel's channels into its label (seg_argmax); the conv's output
+/// each thread turns one pixel's channels into its label (seg_label); the conv's output
 /// itself is never written. `tile` is BM × BN fp32 of shared memory, free once every warp is
 /// past its MMAs.
 __device__ __forceinline__ void seg_tail(const ConvParams& p, const SegTail& seg, const IgemmAcc& acc,
@@ -109,10 +109,9 @@ __device__ __forceinline__ void seg_tail(const ConvParams& p, const SegTail& seg
     __syncthreads();
     const int r = threadIdx.x, m = m0 + r;
     if (m >= M) return;
-    const int best = seg_argmax(seg, [&](int c) { return tile[r * BN + c]; });
     int pn, py, px;
     pixel_of_row(m, p.h, p.w, p.quad, pn, py, px);
-    seg.labels[(size_t(pn) * p.h + py) * p.w + px] = (unsigned char)best;
+    seg_label(seg, [&](int c) { return tile[r * BN + c]; }, (size_t(pn) * p.h + py) * p.w + px);
 }
 
 template <bool UPSAMPLE, bool SEG = false>

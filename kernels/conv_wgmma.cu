@@ -148,8 +148,8 @@ __device__ __forceinline__ void conv3x3_wgmma_body(const WgmmaConvParams& p, con
     if (seg != nullptr) {
         const int yy = y0 + ct / p.tile_x, xx = x0 + ct % p.tile_x;
         if (yy < y_end && xx < x_end)
-            seg->labels[(size_t(img) * p.h + yy) * p.w + xx] =
-                (unsigned char)seg_argmax(*seg, [&](int c) { return __half2float(tile[ct * LD + c]); });
+            seg_label(*seg, [&](int c) { return __half2float(tile[ct * LD + c]); },
+                      (size_t(img) * p.h + yy) * p.w + xx);
         return;
     }
     constexpr int CH = BN / 8;

@@ -38,6 +38,7 @@ extern "C" __global__ void seg_head(const SegHeadParams p) {
         for (int k = 0; k < 16; ++k)
             if (k < p.classes) p.logits[(size_t(n) * p.classes + k) * p.hw + pix] = o[k];
     if (p.labels != nullptr) p.labels[u] = (unsigned char)first_argmax(o, p.classes);
+    if (p.costs != nullptr) class_costs(o, p.classes, p.costs + size_t(u) * (p.classes - 1));
 }
 
 /// Grid (m, ⌈k/32⌉), 256 threads: 32 concepts × 8 warps, warp w scoring instances w, w+8, …

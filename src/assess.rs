@@ -6,13 +6,14 @@
 use crate::config::ModelConfig;
 use crate::ct_input::{CtInput, LoadedCt};
 use crate::data::dataset::stem;
+use crate::data::lobe_order::order_lobes_along_z;
 use crate::data::lung_mask::{lung_mask, LungMask};
 use crate::data::preprocess::{
-    keep_largest_components, order_lobes_along_z, paste_patches, volume_patches, CanonicalCt,
-    PreprocessConfig, VolumePatches,
+    keep_largest_components, paste_patches, volume_patches, CanonicalCt, PreprocessConfig,
+    VolumePatches,
 };
 use crate::data::{LOBE_NAMES, NUM_LOBES};
-use crate::engine::InferenceEngine;
+use crate::engine::{InferenceEngine, LobeScores};
 use crate::io::atomic::StagedFiles;
 use crate::io::dicom::SeriesInfo;
 use crate::io::nifti::{label_map_header, write_nifti_to, AffineSource, Volume, VoxelData};
@@ -61,8 +62,9 @@ pub struct AssessOptions {
     pub label_scheme: LabelScheme,
     /// How the report names the engine's weights (a path, or the embedded default).
     pub weights: Option<String>,
-    /// Put each craniocaudal column of each lung in anatomical lobe order
-    /// ([`order_lobes_along_z`]) before the largest components are kept.
+    /// Put each craniocaudal column of each lung in its most probable anatomical lobe order
+    /// ([`order_lobes_along_z`], on the network's lobe probabilities) before the largest
+    /// components are kept.
     pub order_lobes: bool,
 }
 
@@ -252,18 +254,11 @@ pub fn assess_input_with_progress(
         )
     };
     let seg = stage(bar, "segmenting", &mut t.segment, || {
-        segment(engine, &body, patch, opts.batch_size, bar)
+        segment(engine, &body, patch, opts.batch_size, opts.order_lobes, bar)
     })
     .with_context(|| engine_failed("segmentation", engine))?;
     let lobes = stage(bar, "post-processing", &mut t.postprocess, || {
-        Ok(LobeMap::new(
-            &seg,
-            &body,
-            &ct,
-            patch,
-            &lung,
-            opts.order_lobes,
-        ))
+        Ok(LobeMap::new(&seg, &body, &ct, patch, &lung))
     })?;
     let mut warnings = warnings;
     let bag = stage(bar, "classifying", &mut t.classify, || {
@@ -333,31 +328,47 @@ fn body_patches(
     Ok((ct, vp))
 }
 
-/// Lobe labels [M, P, P] of the body patches, `batch_size` patches per engine call.
+/// Lobe labels [M, P, P] of the body patches, `batch_size` patches per engine call, with every
+/// pixel's lobe costs when the lobe-order step will run (`with_costs`).
 fn segment(
     engine: &mut dyn InferenceEngine,
     body: &VolumePatches,
     p: usize,
     batch_size: usize,
+    with_costs: bool,
     bar: &ProgressBar,
-) -> Result<Vec<u8>> {
+) -> Result<LobeScores> {
     let pp = p * p;
+    let classes = engine.config().seg_classes;
+    if classes != NUM_LOBES + 1 {
+        bail!(
+            "the weights segment {classes} classes; a lobe map needs {}",
+            NUM_LOBES + 1
+        );
+    }
     bar.set_length(body.slices.len() as u64);
     bar.set_position(0);
-    let mut seg = Vec::with_capacity(body.patches.len());
+    let mut seg = LobeScores::default();
     for chunk in body.patches.chunks(batch_size * pp) {
-        let labels = engine.segment(chunk, p)?;
-        if labels.len() != chunk.len() {
+        let next = engine.segment(chunk, p, with_costs)?;
+        if next.labels.len() != chunk.len() {
             bail!(
                 "the engine returned {} labels for {} patch pixels",
-                labels.len(),
+                next.labels.len(),
                 chunk.len()
             );
         }
-        if let Some(&bad) = labels.iter().find(|&&l| l as usize > NUM_LOBES) {
+        if with_costs && next.costs().len() != chunk.len() * NUM_LOBES {
+            bail!(
+                "the engine returned {} lobe costs for {} patch pixels of {NUM_LOBES} lobes",
+                next.costs().len(),
+                chunk.len()
+            );
+        }
+        if let Some(&bad) = next.labels.iter().find(|&&l| l as usize > NUM_LOBES) {
             bail!("the engine returned label {bad}, outside 0–{NUM_LOBES}");
         }
-        seg.extend_from_slice(&labels);
+        seg.append(next);
         bar.inc((chunk.len() / pp) as u64);
     }
     Ok(seg)
@@ -382,18 +393,17 @@ struct LobeMap {
 
 impl LobeMap {
     /// The patches' labels pasted back on the canonical grid and kept only inside the lung
-    /// mask's envelope, each lung's columns put in lobe order (`order_lobes`), the largest
-    /// component of each lobe kept, and the sums of every slice.
+    /// mask's envelope, each lung's columns put in their most probable lobe order (when `seg`
+    /// has lobe costs), the largest component of each lobe kept, and the sums of every slice.
     fn new(
-        seg: &[u8],
+        seg: &LobeScores,
         body: &VolumePatches,
         ct: &CanonicalCt,
         patch: usize,
         lung: &LungMask,
-        order_lobes: bool,
     ) -> LobeMap {
         let dims = ct.dims;
-        let mut labels = paste_patches(seg, &body.slices, dims, patch);
+        let mut labels = paste_patches(&seg.labels, &body.slices, dims, patch);
         labels
             .par_iter_mut()
             .zip(lung.envelope.par_iter())
@@ -402,8 +412,17 @@ impl LobeMap {
                     *l = 0;
                 }
             });
-        if order_lobes {
-            order_lobes_along_z(&mut labels, dims);
+        if seg.has_costs() {
+            // A voxel's cost is that of the patch pixel it was pasted from.
+            let mut patch_of_slice = vec![usize::MAX; dims[2]];
+            for (m, s) in body.slices.iter().enumerate() {
+                patch_of_slice[s.z] = m;
+            }
+            order_lobes_along_z(&mut labels, dims, |x, y, z, lobe| {
+                let m = patch_of_slice[z];
+                let pixel = body.slices[m].crop.patch_pixel(x, y, patch);
+                seg.cost(m * patch * patch + pixel, lobe)
+            });
         }
         keep_largest_components(&mut labels, dims);
         let n = dims[0] * dims[1];

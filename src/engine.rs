@@ -140,8 +140,105 @@ pub trait InferenceEngine {
     /// `forward_eval`; memory does not grow with the bag beyond its patches and bottleneck.
     fn classify(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Vec<f32>>;
     /// Eval-mode segmentation only (no bag needed) of patches [M, in_channels, P, P] of side
-    /// `patch`: argmax lobe labels [M, P, P].
-    fn segment(&mut self, patches: &[f32], patch: usize) -> Result<Vec<u8>>;
+    /// `patch`: argmax labels [M, P, P] (first maximum wins) and, with `costs`, each pixel's
+    /// costs of classes 1.. for the lobe-order step ([`LobeScores`]); an engine may compute
+    /// them without writing the logits.
+    fn segment(&mut self, patches: &[f32], patch: usize, costs: bool) -> Result<LobeScores>;
+}
+
+/// Costs are stored in steps of 1/16 nat, so a u8 holds −ln p up to 15.94 (p ≥ 1.2·10⁻⁷).
+const COST_STEPS_PER_NAT: f32 = 16.0;
+
+/// What `segment` returns: labels [M, P, P] and, when asked for, every pixel's cost of each
+/// class but the background, −ln of its softmax probability quantised to 1/16 nat, rounded half
+/// away from zero and saturated at 255 (one byte per lobe: a 600-slice volume at P = 256 keeps
+/// 197 MB). kernels/common.cuh `class_costs` computes the same on the device.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LobeScores {
+    pub labels: Vec<u8>,
+    /// [pixel][class − 1], pixels in the order of `labels`; empty without costs.
+    costs: Vec<u8>,
+    /// Classes but the background (the costs per pixel).
+    stride: usize,
+}
+
+impl LobeScores {
+    /// Labels and costs as an engine computed them (`costs` empty, or `stride` per label).
+    pub fn from_parts(labels: Vec<u8>, costs: Vec<u8>, stride: usize) -> Self {
+        LobeScores {
+            labels,
+            costs,
+            stride,
+        }
+    }
+
+    /// The labels (first maximum wins) and, with `costs`, the class costs of logits
+    /// [m, classes, hw].
+    pub fn from_logits(logits: &[f32], classes: usize, hw: usize, costs: bool) -> Self {
+        let m = logits.len() / (classes * hw);
+        let mut scores = LobeScores::from_parts(
+            argmax_classes(logits, m, classes, hw),
+            Vec::new(),
+            classes - 1,
+        );
+        if costs {
+            scores.costs.reserve(m * hw * (classes - 1));
+            for img in logits.chunks(classes * hw) {
+                for px in 0..hw {
+                    let l = |k: usize| img[k * hw + px];
+                    let top = (1..classes).map(l).fold(l(0), f32::max);
+                    let sum: f32 = (0..classes).map(|k| (l(k) - top).exp()).sum();
+                    let lse = top + sum.ln();
+                    scores.costs.extend((1..classes).map(|k| {
+                        ((lse - l(k)) * COST_STEPS_PER_NAT)
+                            .round()
+                            .clamp(0.0, 255.0) as u8
+                    }));
+                }
+            }
+        }
+        scores
+    }
+
+    /// Appends the scores of the next patches (with costs exactly when these have them).
+    pub fn append(&mut self, next: LobeScores) {
+        self.labels.extend(next.labels);
+        self.costs.extend(next.costs);
+        self.stride = next.stride;
+    }
+
+    /// True when every label has its costs.
+    pub fn has_costs(&self) -> bool {
+        !self.labels.is_empty() && self.costs.len() == self.labels.len() * self.stride
+    }
+
+    /// The cost (nats, to 1/16) of class `class` (≥ 1) at `pixel` (an index into `labels`).
+    pub fn cost(&self, pixel: usize, class: u8) -> f32 {
+        self.costs[pixel * self.stride + class as usize - 1] as f32 / COST_STEPS_PER_NAT
+    }
+
+    /// The raw costs [pixel][class − 1] in 1/16 nat.
+    pub fn costs(&self) -> &[u8] {
+        &self.costs
+    }
+}
+
+/// Per-pixel argmax over classes of logits [m, c, hw] → labels [m, hw] (first maximum wins).
+pub fn argmax_classes(logits: &[f32], m: usize, c: usize, hw: usize) -> Vec<u8> {
+    let mut out = vec![0u8; m * hw];
+    for i in 0..m {
+        let img = &logits[i * c * hw..(i + 1) * c * hw];
+        for (px, o) in out[i * hw..(i + 1) * hw].iter_mut().enumerate() {
+            let mut best = 0;
+            for k in 1..c {
+                if img[k * hw + px] > img[best * hw + px] {
+                    best = k;
+                }
+            }
+            *o = best as u8;
+        }
+    }
+    out
 }
 
 /// The number M of patches of side `patch` in `patches`, for segmentation (checked: whole

@@ -4,7 +4,7 @@
 mod cli_common;
 
 use anyhow::{anyhow, Result};
-use cli_common::synth_args;
+use cli_common::{label_logits, synth_args};
 use flate2::read::GzDecoder;
 use m2unet::app::assess::{run_with_engine, AssessArgs};
 use m2unet::app::synth::{run as run_synth, SynthArgs};
@@ -15,20 +15,21 @@ use m2unet::data::dataset::{
     epoch_order, load_bag, read_manifest, split_by_case, stratified_slices, BagCache, BagConfig,
     Loading, Prefetcher,
 };
+use m2unet::data::lobe_order::order_lobes_along_z;
 use m2unet::data::phantom::{
     case_spec, generate, FieldOfView, FovChoice, Geometry, Phantom, PhantomSpec, StoredDtype,
     SynthOptions, XformKind,
 };
 use m2unet::data::preprocess::{
-    body_mask, keep_largest_components, label_patches, order_lobes_along_z, paste_patches,
-    resize_bilinear, volume_patches, CanonicalCt, CropBox, PreprocessConfig,
+    body_mask, keep_largest_components, label_patches, paste_patches, resize_bilinear,
+    volume_patches, CanonicalCt, CropBox, PreprocessConfig,
 };
-use m2unet::engine::{InferenceEngine, Outputs};
+use m2unet::engine::{InferenceEngine, LobeScores, Outputs};
 use m2unet::io::nifti::{read_volume, write_label_map, write_nifti, VoxelData};
 use nifti::NiftiHeader;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -897,9 +898,11 @@ fn largest_component_per_label_matches_a_naive_flood_fill() {
 
 /// A test engine whose `segment` answers with the ground-truth labels of each patch (looked up
 /// by the patch's exact values), and whose severity logit follows the bag's HU involvement.
+/// Patches in `doubt` answer RML where the truth is RUL, but barely (logits 8 against 7.9).
 struct OracleEngine {
     config: ModelConfig,
     table: HashMap<Vec<u32>, Vec<u8>>,
+    doubt: HashSet<Vec<u32>>,
 }
 
 impl OracleEngine {
@@ -922,7 +925,31 @@ impl OracleEngine {
                 ..ModelConfig::tiny()
             },
             table,
+            doubt: HashSet::new(),
         }
+    }
+
+    /// The same oracle, in doubt (see [`OracleEngine`]) on the patches of the slices in the
+    /// top `fraction` of the RUL's craniocaudal extent.
+    fn doubting_upper_rul(image: &Path, mask: &Path, patch: usize, fraction: f64) -> Self {
+        let mut oracle = OracleEngine::new(image, mask, patch);
+        let ct = CanonicalCt::from_volume(&read_volume(image).unwrap());
+        let vp = volume_patches(&ct, &PreprocessConfig::new(patch));
+        let truth = canonical_labels(mask);
+        let n = ct.dims[0] * ct.dims[1];
+        let rul: Vec<usize> = (0..ct.dims[2])
+            .filter(|&z| truth[z * n..(z + 1) * n].contains(&3))
+            .collect();
+        let (lo, hi) = (rul[0] as f64, *rul.last().unwrap() as f64);
+        let from = hi - fraction * (hi - lo);
+        for (img, s) in vp.patches.chunks(patch * patch).zip(&vp.slices) {
+            if s.z as f64 >= from {
+                oracle
+                    .doubt
+                    .insert(img.iter().map(|v| v.to_bits()).collect());
+            }
+        }
+        oracle
     }
 
     fn lookup(&self, patch: &[f32]) -> Result<&Vec<u8>> {
@@ -966,14 +993,98 @@ impl InferenceEngine for OracleEngine {
     fn classify(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Vec<f32>> {
         Ok(self.forward_eval(patches, bag_sizes)?.cls_logits)
     }
-    fn segment(&mut self, patches: &[f32], patch: usize) -> Result<Vec<u8>> {
-        let n = patch * patch;
-        let mut out = Vec::with_capacity(patches.len());
+    fn segment(&mut self, patches: &[f32], patch: usize, costs: bool) -> Result<LobeScores> {
+        let (n, classes) = (patch * patch, self.config.seg_classes);
+        let mut out = Vec::with_capacity(patches.len() * classes);
         for patch in patches.chunks(n) {
-            out.extend_from_slice(self.lookup(patch)?);
+            let labels = self.lookup(patch)?;
+            let mut logits = label_logits(labels, classes, n);
+            if self
+                .doubt
+                .contains(&patch.iter().map(|v| v.to_bits()).collect::<Vec<u32>>())
+            {
+                for (px, _) in labels.iter().enumerate().filter(|(_, &l)| l == 3) {
+                    logits[3 * n + px] = 7.9;
+                    logits[4 * n + px] = 8.0;
+                }
+            }
+            out.extend(logits);
         }
-        Ok(out)
+        Ok(LobeScores::from_logits(&out, classes, n, costs))
     }
+}
+
+#[test]
+fn lobe_order_follows_the_network_probabilities_not_the_label_count() {
+    // The oracle answers RML, barely (logits 8 against 7.9), for the true RUL in the upper 60 %
+    // of the RUL's slices, and is sure of every other label. A column then meets sure RUL below
+    // doubtful RML: out of lobe order. The most probable ordered labelling relabels the doubtful
+    // voxels (cost ≈ 0.1 nat each) rather than the sure RUL below them (≈ 8 nats each), even in
+    // the columns where the doubtful voxels outnumber the sure ones, where relabelling the fewest
+    // voxels would have turned the sure RUL into RML. Independent truth: the phantom's mask, and
+    // the same assessment with `--no-lobe-order`, which shows where the doubt fell.
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        [80, 72, 40],
+        [0.9, 0.9, 4.0],
+        "PSR",
+        StoredDtype::Int16,
+        XformKind::QformOnly,
+        true,
+    );
+    let ph: Phantom = generate(&s, 23);
+    ph.write(dir.path(), "case", 23, true).unwrap();
+    let image = dir.path().join("case.nii.gz");
+    let mask = dir.path().join("case_mask.nii.gz");
+    let mut engine = OracleEngine::doubting_upper_rul(&image, &mask, 64, 0.6);
+    let mut lobes = Vec::new();
+    for order_lobes in [true, false] {
+        let out_dir = dir.path().join(format!("out_{order_lobes}"));
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let opts = AssessOptions {
+            out_dir: Some(out_dir.clone()),
+            order_lobes,
+            ..AssessOptions::default()
+        };
+        assess_volume(&mut engine, &image, &opts).unwrap();
+        lobes.push(canonical_labels(&out_dir.join("case_lobes.nii.gz")));
+    }
+    let (ordered, raw) = (&lobes[0], &lobes[1]);
+    let truth = canonical_labels(&mask);
+    let dims = read_volume(&mask).unwrap().canonical_dims();
+    let n = dims[0] * dims[1];
+    let (mut doubtful, mut restored, mut outnumbered, mut outnumbered_restored) = (0, 0, 0, 0);
+    for c in 0..n {
+        let at = |z: usize| c + z * n;
+        // The doubtful voxels of this column, and the sure RUL below the lowest of them.
+        let band: Vec<usize> = (0..dims[2])
+            .filter(|&z| truth[at(z)] == 3 && raw[at(z)] == 4)
+            .collect();
+        let Some(&lowest) = band.first() else {
+            continue;
+        };
+        let sure = (0..lowest).filter(|&z| raw[at(z)] == 3).count();
+        if sure == 0 {
+            continue; // Doubtful RML on top of RML or RLL only is in lobe order: nothing to fix.
+        }
+        let fixed = band.iter().filter(|&&z| ordered[at(z)] == 3).count();
+        doubtful += band.len();
+        restored += fixed;
+        if band.len() > sure {
+            outnumbered += band.len();
+            outnumbered_restored += fixed;
+        }
+    }
+    let rul = |l: &[u8]| dice(l, &truth, 3);
+    println!(
+        "doubtful RML voxels above sure RUL: {restored} of {doubtful} relabelled RUL; where they outnumber the sure RUL: {outnumbered_restored} of {outnumbered}; RUL Dice {:.4} (without the lobe-order step {:.4})",
+        rul(ordered),
+        rul(raw)
+    );
+    assert!(outnumbered > 0 && doubtful > outnumbered);
+    assert!(restored as f64 >= 0.99 * doubtful as f64);
+    assert!(outnumbered_restored as f64 >= 0.99 * outnumbered as f64);
+    assert!(rul(ordered) > rul(raw));
 }
 
 #[test]
@@ -1636,47 +1747,87 @@ fn clinical_geometry_draws_scanner_grids_at_physical_scale() {
 }
 
 #[test]
-fn lobe_order_along_z_is_the_fewest_changes_to_an_ordered_column() {
+fn lobe_scores_are_the_argmax_and_the_quantised_negative_log_softmax() {
+    // Independent truth: argmax and −ln softmax in f64 of random logits [m, 6, hw], some of
+    // them far apart (costs past the u8 range saturate at 255/16 nat).
+    let (m, classes, hw) = (3, 6, 7);
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let logits: Vec<f32> = (0..m * classes * hw)
+        .map(|i| rng.gen_range(-6.0..6.0f32) * if i % 11 == 0 { 5.0 } else { 1.0 })
+        .collect();
+    let mut scores = LobeScores::from_logits(&logits[..classes * hw], classes, hw, true);
+    scores.append(LobeScores::from_logits(
+        &logits[classes * hw..],
+        classes,
+        hw,
+        true,
+    ));
+    assert!(scores.has_costs());
+    let (mut worst, mut saturated) = (0f64, 0);
+    for i in 0..m {
+        for px in 0..hw {
+            let l = |k: usize| logits[(i * classes + k) * hw + px] as f64;
+            let best = (1..classes).fold(0, |b, k| if l(k) > l(b) { k } else { b });
+            assert_eq!(scores.labels[i * hw + px] as usize, best);
+            let lse = (0..classes).map(|k| l(k).exp()).sum::<f64>().ln();
+            for lobe in 1..=5u8 {
+                let want = (lse - l(lobe as usize)).min(255.0 / 16.0);
+                let got = scores.cost(i * hw + px, lobe) as f64;
+                saturated += (want == 255.0 / 16.0) as usize;
+                worst = worst.max((got - want).abs());
+            }
+        }
+    }
+    println!("lobe costs vs f64 −ln softmax: worst |error| {worst:.4} nat (bound 1/32 + 1e-4), {saturated} saturated");
+    assert!(worst <= 1.0 / 32.0 + 1e-4);
+    assert!(saturated > 0);
+}
+
+#[test]
+fn lobe_order_along_z_is_the_least_cost_ordered_column() {
     // Independent truth: every ordered sequence of each lung's lobes along a short column
     // (left: LLL 2 below LUL 1; right: RLL 5 below RML 4 below RUL 3), enumerated by its cut
-    // points, and the fewest changes any of them needs. Background stays as it is.
-    fn fewest(column: &[u8], order: &[u8]) -> usize {
-        let lung: Vec<u8> = column
-            .iter()
-            .copied()
-            .filter(|l| order.contains(l))
+    // points, and the least total cost any of them has, each voxel with its own random cost
+    // per lobe. Background stays as it is, and each voxel stays in its lung.
+    fn least(column: &[u8], costs: &[[f32; 6]], order: &[u8]) -> f32 {
+        let lung: Vec<usize> = (0..column.len())
+            .filter(|&z| order.contains(&column[z]))
             .collect();
         let n = lung.len();
-        let mut best = usize::MAX;
+        let mut best = f32::INFINITY;
         for a in 0..=n {
             for b in a..=n {
-                let changes = (0..n)
-                    .filter(|&i| {
-                        let state = if i < a {
-                            0
-                        } else if i < b {
-                            1
-                        } else {
-                            2
-                        };
-                        lung[i] != order[state.min(order.len() - 1)]
+                let total: f32 = (0..n)
+                    .map(|i| {
+                        let state = [0, 1, 2][(i >= a) as usize + (i >= b) as usize];
+                        costs[lung[i]][order[state.min(order.len() - 1)] as usize]
                     })
-                    .count();
-                best = best.min(changes);
+                    .sum();
+                best = best.min(total);
             }
         }
         best
     }
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let mut changed_total = 0;
+    let (mut changed_total, mut worst) = (0, 0f32);
     for case in 0..400 {
         let nz = 1 + case % 9;
-        let column: Vec<u8> = (0..nz).map(|_| rng.gen_range(0..6u8)).collect();
-        let want = fewest(&column, &[2, 1]) + fewest(&column, &[5, 4, 3]);
+        // Each voxel's label is its cheapest class (0 background), as the argmax of the
+        // network's probabilities is.
+        let costs: Vec<[f32; 6]> = (0..nz)
+            .map(|_| std::array::from_fn(|_| rng.gen_range(0.0..4.0f32)))
+            .collect();
+        let column: Vec<u8> = costs
+            .iter()
+            .map(|c| (0..6).min_by(|&a, &b| c[a].total_cmp(&c[b])).unwrap() as u8)
+            .collect();
+        let want = least(&column, &costs, &[2, 1]) + least(&column, &costs, &[5, 4, 3]);
         // The same column as a 1×1×nz volume.
         let mut labels = column.clone();
-        order_lobes_along_z(&mut labels, [1, 1, nz]);
-        let changes = (0..nz).filter(|&z| labels[z] != column[z]).count();
+        order_lobes_along_z(&mut labels, [1, 1, nz], |x, y, z, lobe| {
+            assert_eq!((x, y), (0, 0));
+            costs[z][lobe as usize]
+        });
         for order in [[2u8, 1, 1], [5, 4, 3]] {
             let ranks: Vec<usize> = labels
                 .iter()
@@ -1687,10 +1838,21 @@ fn lobe_order_along_z_is_the_fewest_changes_to_an_ordered_column() {
                 "{column:?} → {labels:?} is not in lobe order"
             );
         }
-        assert_eq!(changes, want, "{column:?} → {labels:?}");
         let side = |l: u8| [0, 1, 1, 2, 2, 2][l as usize];
         assert!((0..nz).all(|z| side(column[z]) == side(labels[z])));
-        changed_total += changes;
+        let got: f32 = (0..nz)
+            .filter(|&z| labels[z] > 0)
+            .map(|z| costs[z][labels[z] as usize])
+            .sum();
+        worst = worst.max((got - want).abs());
+        assert!(
+            (got - want).abs() <= 1e-4,
+            "{column:?} → {labels:?}: {got} vs {want}"
+        );
+        changed_total += (0..nz).filter(|&z| labels[z] != column[z]).count();
     }
-    println!("400 random columns: each ordered with the fewest changes ({changed_total} in all)");
+    println!(
+        "400 random columns with random lobe costs: each ordered at the least cost (worst |Δ| \
+         {worst:.1e}; {changed_total} voxels relabelled in all)"
+    );
 }

@@ -9,8 +9,8 @@ use m2unet::config::TrainConfig;
 use m2unet::config::{GcpMode, ModelConfig};
 use m2unet::cuda::kernels::UpConvKernel;
 use m2unet::cuda::{CudaEngine, DeviceKind};
-use m2unet::engine::InferenceEngine;
 use m2unet::engine::Mode;
+use m2unet::engine::{InferenceEngine, LobeScores};
 use m2unet::model::Model;
 use m2unet::reference::network_pass;
 use rand::Rng;
@@ -138,7 +138,9 @@ fn segment_labels_match_eval_logits() {
         let mut r = rng(26);
         let x = uniform(&mut r, 2 * c.patch * c.patch, 0.0, 1.0);
         let mut engine = CudaEngine::new(&model, DeviceKind::Emu).unwrap();
-        let (labels, events) = m2unet::cuda::nvtx::record(|| engine.segment(&x, c.patch).unwrap());
+        let (scores, events) =
+            m2unet::cuda::nvtx::record(|| engine.segment(&x, c.patch, true).unwrap());
+        let labels = &scores.labels;
         let last = m2unet::model::Arch::new(&c)
             .units
             .last()
@@ -158,14 +160,26 @@ fn segment_labels_match_eval_logits() {
                 mism += (best != labels[i * pp + px] as usize) as usize;
             }
         }
+        // The lobe-order costs the seg head wrote (kernels/common.cuh class_costs) against
+        // the host's from forward_eval's logits (LobeScores::from_logits): off by at most one
+        // 1/16-nat step (expf/logf may round differently), and the share that is off.
+        let host = LobeScores::from_logits(&out.seg_logits, c.seg_classes, pp, true);
+        let (mut off, mut worst) = (0, 0);
+        for (&a, &b) in scores.costs().iter().zip(host.costs()) {
+            off += (a != b) as usize;
+            worst = worst.max(a.abs_diff(b));
+        }
         println!(
-            "W={}: seg head {} the last conv; segment vs argmax(forward_eval): {mism} mismatches of {}",
+            "W={}: seg head {} the last conv; segment vs argmax(forward_eval): {mism} mismatches of {}; lobe costs: {off} of {} off by up to {worst} step(s)",
             c.enc_width,
             if ran_last_conv { "after" } else { "fused into" },
-            labels.len()
+            labels.len(),
+            host.costs().len()
         );
         assert_eq!(ran_last_conv, !fused);
         assert_eq!(mism, 0);
+        assert_eq!(scores.costs().len(), host.costs().len());
+        assert!(worst <= 1 && off * 1000 <= host.costs().len());
     }
 }
 
@@ -215,7 +229,7 @@ fn bad_bags_are_errors() {
     let engines: [&mut dyn InferenceEngine; 2] = [&mut engine, &mut cpu];
     for e in engines {
         let e4 = e.forward_eval(&nan, &[3]).unwrap_err().to_string();
-        let e5 = e.segment(&nan, c.patch).unwrap_err().to_string();
+        let e5 = e.segment(&nan, c.patch, true).unwrap_err().to_string();
         println!("{}: {e4} | {e5}", e.describe());
         assert!(e4.contains("non-finite") && e4.contains("patch 2"));
         assert!(e5.contains("non-finite") && e5.contains("patch 2"));
@@ -350,27 +364,29 @@ fn wgmma_tier_forward_matches_cpu_engine() {
             outs[0].seg_logits == outs[1].seg_logits && outs[0].cls_logits == outs[1].cls_logits
         );
     }
-    // `segment` on the wgmma tier: its last conv carries the seg head and argmax
-    // (conv3x3_wgmma_seg); the labels must be the argmax of the same tier's logits.
+    // `segment` on the wgmma tier: its last conv carries the seg head, argmax and lobe-order
+    // costs (conv3x3_wgmma_seg); the labels must be the argmax of the same tier's logits and
+    // the costs the host's from them, within one 1/16-nat step.
     engine.device().log_launches(true);
-    let labels = engine.segment(&x, p).unwrap();
+    let scores = engine.segment(&x, p, true).unwrap();
     let launched = engine.device().log_launches(false);
-    let (pp, classes) = (p * p, c.seg_classes);
-    let logits = &outs[1].seg_logits;
-    let mism = (0..8 * pp)
-        .filter(|&u| {
-            let l = |k: usize| logits[(u / pp * classes + k) * pp + u % pp];
-            let best = (0..classes).fold(0, |b, k| if l(k) > l(b) { k } else { b });
-            best != labels[u] as usize
-        })
+    let host = LobeScores::from_logits(&outs[1].seg_logits, c.seg_classes, p * p, true);
+    let mism = (0..scores.labels.len())
+        .filter(|&u| scores.labels[u] != host.labels[u])
         .count();
+    let worst = (scores.costs().iter().zip(host.costs()))
+        .map(|(&a, &b)| a.abs_diff(b))
+        .max()
+        .unwrap();
     let fused = launched.contains(&"conv3x3_wgmma_seg");
     println!(
-        "segment on the wgmma tier: {mism} of {} labels differ from argmax(forward_eval); seg head in conv3x3_wgmma_seg: {fused}",
-        labels.len()
+        "segment on the wgmma tier: {mism} of {} labels differ from argmax(forward_eval), lobe costs off by up to {worst} step(s); seg head in conv3x3_wgmma_seg: {fused}",
+        scores.labels.len()
     );
     assert!(fused);
     assert_eq!(mism, 0);
+    assert_eq!(scores.costs().len(), host.costs().len());
+    assert!(worst <= 1);
 }
 
 /// A network that is not the paper's: 3 encoder stages (2 decoder blocks), other widths and

@@ -1,6 +1,9 @@
 //! The lung mask and the quality gate end to end: phantoms (whole, bases only, with abdominal gas, 512×512×300) keep their lungs, lobes and Dice and pass; noise, a constant volume, absurd scaling or spacing and real non-chest CT slices (pydicom-data) fail, with no lobe voxel outside the lung mask.
 
+mod cli_common;
+
 use anyhow::{anyhow, Result};
+use cli_common::label_logits;
 use m2unet::app::assess::{run_with_engine, AssessArgs};
 use m2unet::assess::{assess_volume, AssessOptions, LabelScheme};
 use m2unet::backend::{make_engine, Backend};
@@ -13,7 +16,7 @@ use m2unet::data::preprocess::{
     keep_largest_components, label_patches, paste_patches, volume_patches, CanonicalCt,
     PreprocessConfig,
 };
-use m2unet::engine::{InferenceEngine, Outputs};
+use m2unet::engine::{InferenceEngine, LobeScores, Outputs};
 use m2unet::io::nifti::{read_volume, write_nifti, VoxelData};
 use m2unet::metrics::lobe_dice;
 use m2unet::weights_source::WeightsSource;
@@ -121,7 +124,7 @@ impl InferenceEngine for Oracle {
     fn classify(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Vec<f32>> {
         Ok(self.forward_eval(patches, bag_sizes)?.cls_logits)
     }
-    fn segment(&mut self, patches: &[f32], patch: usize) -> Result<Vec<u8>> {
+    fn segment(&mut self, patches: &[f32], patch: usize, costs: bool) -> Result<LobeScores> {
         let mut out = Vec::with_capacity(patches.len());
         for p in patches.chunks(patch * patch) {
             let key: Vec<u32> = p.iter().map(|v| v.to_bits()).collect();
@@ -131,7 +134,14 @@ impl InferenceEngine for Oracle {
                     .ok_or_else(|| anyhow!("unknown patch"))?,
             );
         }
-        Ok(out)
+        let classes = self.config.seg_classes;
+        let logits = label_logits(&out, classes, patch * patch);
+        Ok(LobeScores::from_logits(
+            &logits,
+            classes,
+            patch * patch,
+            costs,
+        ))
     }
 }
 
@@ -165,10 +175,18 @@ impl InferenceEngine for Painter {
     fn classify(&mut self, patches: &[f32], bag_sizes: &[usize]) -> Result<Vec<f32>> {
         Ok(self.forward_eval(patches, bag_sizes)?.cls_logits)
     }
-    fn segment(&mut self, patches: &[f32], patch: usize) -> Result<Vec<u8>> {
-        Ok((0..patches.len())
+    fn segment(&mut self, patches: &[f32], patch: usize, costs: bool) -> Result<LobeScores> {
+        let labels: Vec<u8> = (0..patches.len())
             .map(|i| (i % patch * 5 / patch) as u8 + 1)
-            .collect())
+            .collect();
+        let classes = self.config.seg_classes;
+        let logits = label_logits(&labels, classes, patch * patch);
+        Ok(LobeScores::from_logits(
+            &logits,
+            classes,
+            patch * patch,
+            costs,
+        ))
     }
 }
 
@@ -341,7 +359,7 @@ fn the_lung_mask_costs_the_default_network_no_dice() {
         let ph = generate(&s, seed);
         let ct = canonical(&ph);
         let vp = volume_patches(&ct, &PreprocessConfig::new(patch));
-        let seg = engine.segment(&vp.patches, patch).unwrap();
+        let seg = engine.segment(&vp.patches, patch, false).unwrap().labels;
         let mut before = paste_patches(&seg, &vp.slices, ct.dims, patch);
         keep_largest_components(&mut before, ct.dims);
         let name = format!("case{seed}");

@@ -79,9 +79,10 @@ pub struct AssessArgs {
     /// Label values of the written lobe map.
     #[arg(long, value_enum, default_value_t = LabelScheme::Lungmask)]
     pub label_scheme: LabelScheme,
-    /// Write the network's lobes without putting each craniocaudal column of each lung in
-    /// anatomical lobe order (LLL below LUL; RLL below RML below RUL: the fewest voxels
-    /// relabelled so that every column meets the lobes in that order, each at most once).
+    /// Write the network's lobes (the argmax of its seg output) without putting each
+    /// craniocaudal column of each lung in anatomical lobe order (LLL below LUL; RLL below RML
+    /// below RUL: the labelling most probable under the network's lobe probabilities in which
+    /// every column meets the lobes in that order, each at most once).
     #[arg(long)]
     pub no_lobe_order: bool,
 }

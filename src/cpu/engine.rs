@@ -3,7 +3,7 @@
 
 use super::ops::{conv, linear, loss, mil, norm, optim, pool, tensor, upsample, Dims};
 use crate::config::{GcpMode, ModelConfig, TrainConfig};
-use crate::engine::{segment_count, Batch, InferenceEngine, Mode, Outputs};
+use crate::engine::{segment_count, Batch, InferenceEngine, LobeScores, Mode, Outputs};
 use crate::model::{Arch, ConvUnit, Linear, Model, Src};
 use anyhow::{bail, Result};
 use std::cell::RefCell;
@@ -796,32 +796,13 @@ impl InferenceEngine for CpuEngine {
         Ok(net.mil_head(&h, hd, &batch.bag_ranges()).cls_logits)
     }
 
-    fn segment(&mut self, patches: &[f32], p: usize) -> Result<Vec<u8>> {
+    fn segment(&mut self, patches: &[f32], p: usize, costs: bool) -> Result<LobeScores> {
         let m = segment_count(self.model.config(), patches, p)?;
         pool_begin(StepShape { m, p, train: false });
         let mut net = Net::new(&mut self.model, Mode::Eval);
         let acts = net.forward(patches, m, p, None);
-        let classes = net.arch.seg.classes;
-        let labels = argmax_classes(&acts.seg_logits, m, classes, p * p);
+        let scores = LobeScores::from_logits(&acts.seg_logits, net.arch.seg.classes, p * p, costs);
         acts.recycle();
-        Ok(labels)
+        Ok(scores)
     }
-}
-
-/// Per-pixel argmax over classes of logits [m, c, hw] → labels [m, hw] (first maximum wins).
-pub fn argmax_classes(logits: &[f32], m: usize, c: usize, hw: usize) -> Vec<u8> {
-    let mut out = vec![0u8; m * hw];
-    for i in 0..m {
-        let img = &logits[i * c * hw..(i + 1) * c * hw];
-        for (px, o) in out[i * hw..(i + 1) * hw].iter_mut().enumerate() {
-            let mut best = 0;
-            for k in 1..c {
-                if img[k * hw + px] > img[best * hw + px] {
-                    best = k;
-                }
-            }
-            *o = best as u8;
-        }
-    }
-    out
 }

@@ -3,4 +3,4 @@
 mod engine;
 pub mod ops;
 
-pub use engine::{argmax_classes, run_step, CpuEngine, Losses, StepResult, Trainer};
+pub use engine::{run_step, CpuEngine, Losses, StepResult, Trainer};

@@ -10,7 +10,7 @@ use super::weights::{
     concepts_row, pack_concepts, pack_conv3x3, pack_conv_up, pad8, padded, transpose,
 };
 use crate::config::{ModelConfig, BN_EPS, BN_MOMENTUM};
-use crate::engine::{segment_count, Batch, InferenceEngine, Mode, Outputs};
+use crate::engine::{segment_count, Batch, InferenceEngine, LobeScores, Mode, Outputs};
 use crate::model::{Arch, ConvUnit, Model, Src};
 use anyhow::{bail, ensure, Result};
 use bytemuck::Pod;
@@ -303,6 +303,8 @@ pub(super) struct Arena {
     pub partial: usize,
     pub seg_logits: usize,
     pub labels: usize,
+    /// `segment`'s lobe-order costs, [m·p·p][classes − 1] bytes.
+    pub costs: usize,
     pub mil_z: usize,
     /// The first-argmax instance of each patch's concept scores (train mode).
     pub mil_arg: usize,
@@ -370,6 +372,7 @@ impl Arena {
         );
         let seg_logits = take(m * arch.seg.classes * p * p * 4);
         let labels = take(m * p * p);
+        let costs = take(m * p * p * (arch.seg.classes - 1));
         let (k1, k2) = (arch.mil.emb_proj.fout, arch.mil.img_proj.fout);
         let a = Arena {
             m,
@@ -385,6 +388,7 @@ impl Arena {
             partial,
             seg_logits,
             labels,
+            costs,
             mil_z: take(rows * k1 * 4),
             mil_arg: take(rows * k1 * 4),
             mil_pre: take(rows * k1 * 4),
@@ -434,8 +438,8 @@ enum ConvIn {
 pub(super) enum Heads {
     /// Segmentation logits and the MIL head.
     All,
-    /// Argmax labels only.
-    Labels,
+    /// Argmax labels only, with or without their lobe-order costs.
+    Labels { costs: bool },
 }
 
 /// M²UNet's forward pass on CUDA kernels (a GPU, or the CPU emulator).
@@ -899,7 +903,7 @@ impl CudaEngine {
     /// `segment`'s last conv with the seg head and argmax in its epilogue, when the kernel can
     /// take it (the seg head reads the last unit, a plain or concatenated input, one column
     /// block, no split-K, no pooling). Returns whether it ran.
-    fn conv_with_seg_head(&self, m: usize) -> Result<bool> {
+    fn conv_with_seg_head(&self, m: usize, heads: Heads) -> Result<bool> {
         let a = self.arena.as_ref().expect("arena");
         let (seg, last) = (&self.arch.seg, self.arch.units.len() - 1);
         let u = &self.arch.units[last];
@@ -919,6 +923,7 @@ impl CudaEngine {
                 w: self.w.seg.w,
                 bias: self.w.seg.b,
                 labels: a.at(a.labels),
+                costs: self.costs_at(heads),
                 classes: seg.classes as i32,
                 c_real: seg.cin as i32,
             },
@@ -947,7 +952,9 @@ impl CudaEngine {
         let _range = nvtx::range("forward");
         let n = self.arch.units.len();
         self.run_units(mode, m, 0..n - 1)?;
-        let fused = heads == Heads::Labels && mode == Mode::Eval && self.conv_with_seg_head(m)?;
+        let fused = matches!(heads, Heads::Labels { .. })
+            && mode == Mode::Eval
+            && self.conv_with_seg_head(m, heads)?;
         if !fused {
             self.run_units(mode, m, n - 1..n)?;
             self.run_seg_head(heads, m)?;
@@ -971,6 +978,15 @@ impl CudaEngine {
         Ok(())
     }
 
+    /// Where the seg head writes the lobe-order costs for `heads` (0: not at all).
+    fn costs_at(&self, heads: Heads) -> DevAddr {
+        let a = self.arena.as_ref().expect("arena");
+        match heads {
+            Heads::Labels { costs: true } => a.at(a.costs),
+            _ => 0,
+        }
+    }
+
     /// The seg head on the last unit: logits, or argmax labels only.
     fn run_seg_head(&self, heads: Heads, m: usize) -> Result<()> {
         let a = self.arena.as_ref().expect("arena");
@@ -978,7 +994,7 @@ impl CudaEngine {
         let _range = nvtx::range(&seg.name);
         let (logits, labels) = match heads {
             Heads::All => (a.at(a.seg_logits), 0),
-            Heads::Labels => (0, a.at(a.labels)),
+            Heads::Labels { .. } => (0, a.at(a.labels)),
         };
         seg_head(
             &self.dev,
@@ -988,6 +1004,7 @@ impl CudaEngine {
                 bias: (self.w.seg.b),
                 logits,
                 labels,
+                costs: self.costs_at(heads),
                 n: m as i32,
                 hw: (p * p) as i32,
                 c: pad8(seg.cin) as i32,
@@ -1214,13 +1231,18 @@ impl InferenceEngine for CudaEngine {
         Ok(cls)
     }
 
-    fn segment(&mut self, patches: &[f32], p: usize) -> Result<Vec<u8>> {
+    fn segment(&mut self, patches: &[f32], p: usize, costs: bool) -> Result<LobeScores> {
         let m = segment_count(self.model.config(), patches, p)?;
         self.prepare(patches, None, m, p)?;
-        self.run(Mode::Eval, Heads::Labels, m, 0)?;
+        self.run(Mode::Eval, Heads::Labels { costs }, m, 0)?;
         let a = self.arena.as_ref().expect("arena");
         let mut labels = vec![0u8; m * p * p];
         self.dev.download(a.base.offset(a.labels), &mut labels)?;
-        Ok(labels)
+        let stride = self.arch.seg.classes - 1;
+        let mut cost = vec![0u8; if costs { labels.len() * stride } else { 0 }];
+        if costs {
+            self.dev.download(a.base.offset(a.costs), &mut cost)?;
+        }
+        Ok(LobeScores::from_parts(labels, cost, stride))
     }
 }

@@ -1,6 +1,7 @@
 //! CT data: preprocessing, the physical lung mask, synthetic chest phantoms, and the training dataset.
 
 pub mod dataset;
+pub mod lobe_order;
 pub mod lung_mask;
 pub mod phantom;
 pub mod preprocess;

@@ -76,6 +76,20 @@ pub struct CropBox {
     pub h: f64,
 }
 
+impl CropBox {
+    /// The pixel `v * p + u` of a P×P patch of this window that voxel (x, y)'s centre lands
+    /// in, clamped to the patch (the mapping [`paste_nearest`] pastes by).
+    pub fn patch_pixel(&self, x: usize, y: usize, p: usize) -> usize {
+        let cell = |c: usize, origin: f64, extent: f64| -> usize {
+            (((c as f64 + 0.5 - origin) * p as f64 / extent)
+                .floor()
+                .max(0.0) as usize)
+                .min(p - 1)
+        };
+        cell(y, self.y0, self.h) * p + cell(x, self.x0, self.w)
+    }
+}
+
 /// One axial slice that holds body, with its crop box.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SliceCrop {
@@ -332,16 +346,9 @@ pub fn paste_nearest(patch: &[u8], p: usize, crop: &CropBox, nx: usize, ny: usiz
     };
     let (x_lo, x_hi) = range(crop.x0, crop.w, nx);
     let (y_lo, y_hi) = range(crop.y0, crop.h, ny);
-    let cell = |c: usize, origin: f64, extent: f64| -> usize {
-        (((c as f64 + 0.5 - origin) * p as f64 / extent)
-            .floor()
-            .max(0.0) as usize)
-            .min(p - 1)
-    };
     for y in y_lo..y_hi {
-        let v = cell(y, crop.y0, crop.h);
         for x in x_lo..x_hi {
-            out[y * nx + x] = patch[v * p + cell(x, crop.x0, crop.w)];
+            out[y * nx + x] = patch[crop.patch_pixel(x, y, p)];
         }
     }
 }
@@ -560,97 +567,4 @@ pub fn keep_largest_components(labels: &mut [u8], dims: [usize; 3]) {
                 }
             }
         });
-}
-
-/// The lobes of each lung from the base up, as every craniocaudal line through the lung meets
-/// them: LLL below LUL on the left; RLL below RML below RUL on the right (the oblique fissure
-/// rises towards the back, the horizontal one caps the middle lobe).
-const LOBE_ORDER: [&[u8]; 2] = [&[2, 1], &[5, 4, 3]];
-
-/// Puts every craniocaudal column of each lung in anatomical lobe order ([`LOBE_ORDER`]) with
-/// the fewest relabelled voxels: a slice-wise network's labels along a column may flip back and
-/// forth near a fissure, while the lobes meet each column in one order, each at most once. Per
-/// column and lung, a dynamic programme over the column's voxels of that lung (other voxels are
-/// skipped) finds the non-decreasing lobe sequence closest to the labels; ties keep the lower
-/// lobe. Voxels that are background or of the other lung are not touched.
-pub fn order_lobes_along_z(labels: &mut [u8], dims: [usize; 3]) {
-    let [nx, ny, nz] = dims;
-    let n = nx * ny;
-    // One row of columns at a time, gathered as [x][z] from whole rows (cache-friendly reads).
-    let rows: Vec<(usize, Vec<u8>)> = (0..ny)
-        .into_par_iter()
-        .filter_map(|y| {
-            let mut block = vec![0u8; nx * nz];
-            for z in 0..nz {
-                let row = &labels[z * n + y * nx..z * n + (y + 1) * nx];
-                for (x, &l) in row.iter().enumerate() {
-                    block[x * nz + z] = l;
-                }
-            }
-            let mut changed = false;
-            for column in block.chunks_mut(nz) {
-                for order in LOBE_ORDER {
-                    changed |= order_column(column, order);
-                }
-            }
-            changed.then_some((y, block))
-        })
-        .collect();
-    for (y, block) in rows {
-        for z in 0..nz {
-            let row = &mut labels[z * n + y * nx..z * n + (y + 1) * nx];
-            for (x, l) in row.iter_mut().enumerate() {
-                *l = block[x * nz + z];
-            }
-        }
-    }
-}
-
-/// Relabels the voxels of `column` whose labels are in `order` into the non-decreasing (in
-/// `order`) sequence with the fewest changes; true when a label changed.
-fn order_column(column: &mut [u8], order: &[u8]) -> bool {
-    /// At most three lobes per lung.
-    const MAX: usize = 3;
-    let k = order.len();
-    let rank = |l: u8| order.iter().position(|&o| o == l);
-    // Most columns are already in order: check before allocating anything.
-    let mut highest = 0;
-    let ordered = column.iter().filter_map(|&l| rank(l)).all(|r| {
-        let ok = r >= highest;
-        highest = highest.max(r);
-        ok
-    });
-    if ordered {
-        return false;
-    }
-    let voxels: Vec<(usize, usize)> = column
-        .iter()
-        .enumerate()
-        .filter_map(|(z, &l)| rank(l).map(|r| (z, r)))
-        .collect();
-    // cost[s]: fewest changes so far with the current voxel in state s; from[i·k + s]: the
-    // best state of voxel i − 1 given state s at voxel i.
-    let mut cost = [0usize; MAX];
-    let mut from = vec![0u8; voxels.len() * k];
-    for (i, &(_, r)) in voxels.iter().enumerate() {
-        let mut best = (usize::MAX, 0usize);
-        let mut next = [0usize; MAX];
-        for s in 0..k {
-            if i > 0 && cost[s] < best.0 {
-                best = (cost[s], s);
-            }
-            let before = if i > 0 { best.0 } else { 0 };
-            from[i * k + s] = best.1 as u8;
-            next[s] = before + (s != r) as usize;
-        }
-        cost = next;
-    }
-    let mut s = (0..k)
-        .min_by_key(|&s| (cost[s], s))
-        .expect("non-empty order");
-    for i in (0..voxels.len()).rev() {
-        column[voxels[i].0] = order[s];
-        s = from[i * k + s] as usize;
-    }
-    true
 }

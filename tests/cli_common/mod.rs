@@ -77,3 +77,13 @@ pub fn training_set(dir: &Path, count: usize, seed: u64) -> PathBuf {
     run_synth(&synth_args(dir, count, seed, [48, 48, 24])).unwrap();
     dir.join("manifest.csv")
 }
+
+/// Seg logits [M, classes, hw] whose argmax is `labels` [M, hw]: 8 on the label, 0 elsewhere,
+/// as a test engine sure of its labels returns them.
+pub fn label_logits(labels: &[u8], classes: usize, hw: usize) -> Vec<f32> {
+    let mut logits = vec![0f32; labels.len() * classes];
+    for (i, &l) in labels.iter().enumerate() {
+        logits[(i / hw * classes + l as usize) * hw + i % hw] = 8.0;
+    }
+    logits
+}

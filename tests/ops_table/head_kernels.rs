@@ -1,4 +1,4 @@
-//! Device rows of kernels/heads.cu: seg_head (logits and labels), mil_concepts_gcp, linear_f32
+//! Device rows of kernels/heads.cu: seg_head (logits, labels and lobe-order costs), mil_concepts_gcp, linear_f32
 //! and gcp_bags.
 
 use crate::cuda_common::*;
@@ -46,12 +46,14 @@ fn seg_head_rows(dev: &mut Device, t: &mut Table) {
         let gb = Guarded::with(dev, &bias);
         let gl = Guarded::new(dev, logits.len() * 4);
         let glab = Guarded::new(dev, n * hw);
+        let gcost = Guarded::new(dev, n * hw * (classes - 1));
         let p = SegHeadParams {
             x: gx.addr(),
             w: gw.addr(),
             bias: gb.addr(),
             logits: gl.addr(),
             labels: glab.addr(),
+            costs: gcost.addr(),
             n: n as i32,
             hw: hw as i32,
             c: c as i32,
@@ -61,7 +63,7 @@ fn seg_head_rows(dev: &mut Device, t: &mut Table) {
         };
         seg_head(dev, &p).unwrap();
         let shape = format!("n{n} {h}×{w} c{c_real}→{classes}");
-        let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gl, &glab]);
+        let mut run = Launch::new(t, shape, dev, &[&gx, &gw, &gb, &gl, &glab, &gcost]);
         let bound = k * ACC * max_abs(&a);
         run.output("seg_head logits", &gl.read_f32(dev), &logits, 0.0, bound);
         // Labels: the share of pixels whose label differs from the reference's argmax, among
@@ -88,6 +90,29 @@ fn seg_head_rows(dev: &mut Device, t: &mut Table) {
         }
         let share = wrong as f64 / clear.max(1) as f64;
         run.add(&format!("seg_head labels ({clear} clear)"), share, 0.0);
+        // Lobe-order costs: −ln softmax of classes 1.. in 1/16-nat steps (saturated at 255)
+        // against the reference logits' exact value in steps; the device rounds its own fp32
+        // logits, so the bound is half a step plus the logits' error bound (twice: the
+        // log-sum-exp moves by at most the largest logit error) in steps, plus float slack.
+        let costs = gcost.read_u8(dev);
+        let mut worst = 0f64;
+        for i in 0..n {
+            for p in 0..hw {
+                let at = |k: usize| logits[(i * classes + k) * hw + p];
+                let top = (0..classes).map(at).fold(f64::NEG_INFINITY, f64::max);
+                let lse = top + (0..classes).map(|k| (at(k) - top).exp()).sum::<f64>().ln();
+                for k in 1..classes {
+                    let exact = ((lse - at(k)) * 16.0).min(255.0);
+                    let got = costs[(i * hw + p) * (classes - 1) + k - 1] as f64;
+                    worst = worst.max((got - exact).abs());
+                }
+            }
+        }
+        run.add(
+            "seg_head lobe costs (1/16 nat)",
+            worst,
+            0.5 + 32.0 * bound + 1e-3,
+        );
     }
 }
 

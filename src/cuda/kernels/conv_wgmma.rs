@@ -48,9 +48,10 @@ pub struct WgmmaSegParams {
     pub w: DevAddr,
     pub bias: DevAddr,
     pub labels: DevAddr,
+    pub costs: DevAddr,
     pub classes: i32,
     pub c_real: i32,
-    pub pad_: [u64; 12],
+    pub pad_: [u64; 11],
 }
 
 const _: () = {
@@ -122,9 +123,10 @@ pub fn conv3x3_wgmma_seg(dev: &Device, p: &ConvSegParams) -> Result<()> {
         w: p.w,
         bias: p.bias,
         labels: p.labels,
+        costs: p.costs,
         classes: p.classes,
         c_real: p.c_real,
-        pad_: [0; 12],
+        pad_: [0; 11],
     };
     let blocks = (q.conv.n * q.conv.tiles_x * q.conv.tiles_y) as u32;
     dev.launch_smem(

@@ -139,6 +139,8 @@ pub struct SegHeadParams {
     pub bias: DevAddr,
     pub logits: DevAddr,
     pub labels: DevAddr,
+    /// [n·hw][classes − 1] lobe-order costs (u8) or 0.
+    pub costs: DevAddr,
     pub n: i32,
     pub hw: i32,
     pub c: i32,
@@ -238,7 +240,7 @@ const _: () = {
     assert!(std::mem::size_of::<BnStatsParams>() == 32);
     assert!(std::mem::size_of::<BnFinalizeParams>() == 104);
     assert!(std::mem::size_of::<BnApplyParams>() == 56);
-    assert!(std::mem::size_of::<SegHeadParams>() == 64);
+    assert!(std::mem::size_of::<SegHeadParams>() == 72);
     assert!(std::mem::size_of::<ConceptsGcpParams>() == 64);
     assert!(std::mem::size_of::<ConceptsMmaParams>() == 64);
     assert!(std::mem::size_of::<LinearParams>() == 48);
@@ -328,7 +330,8 @@ pub fn conv3x3(dev: &Device, p: &ConvParams, upsample: bool) -> Result<()> {
     Ok(())
 }
 
-/// The seg head fused into a conv's epilogue (labels only; see kernels/conv.cu SegTail).
+/// The seg head fused into a conv's epilogue (labels and optional lobe-order costs, never the
+/// logits; see kernels/common.cuh SegTail).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct ConvSegParams {
@@ -338,11 +341,13 @@ pub struct ConvSegParams {
     pub bias: DevAddr,
     /// [n·h·w] argmax labels.
     pub labels: DevAddr,
+    /// [n·h·w][classes − 1] lobe-order costs (u8) or 0.
+    pub costs: DevAddr,
     pub classes: i32,
     pub c_real: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<ConvSegParams>() == 144);
+const _: () = assert!(std::mem::size_of::<ConvSegParams>() == 152);
 
 /// Whether a conv of padded `cout` channels split `splits` ways can take the seg head in its
 /// epilogue (one column block, no split-K).
