@@ -3,6 +3,7 @@
 
 use crate::config::ModelConfig;
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 /// Which BatchNorm statistics a forward uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,20 +183,24 @@ impl LobeScores {
             classes - 1,
         );
         if costs {
-            scores.costs.reserve(m * hw * (classes - 1));
-            for img in logits.chunks(classes * hw) {
-                for px in 0..hw {
-                    let l = |k: usize| img[k * hw + px];
-                    let top = (1..classes).map(l).fold(l(0), f32::max);
-                    let sum: f32 = (0..classes).map(|k| (l(k) - top).exp()).sum();
-                    let lse = top + sum.ln();
-                    scores.costs.extend((1..classes).map(|k| {
-                        ((lse - l(k)) * COST_STEPS_PER_NAT)
-                            .round()
-                            .clamp(0.0, 255.0) as u8
-                    }));
-                }
-            }
+            let stride = classes - 1;
+            scores.costs = vec![0u8; m * hw * stride];
+            scores
+                .costs
+                .par_chunks_mut(hw * stride)
+                .zip(logits.par_chunks(classes * hw))
+                .for_each(|(out, img)| {
+                    for (px, out) in out.chunks_mut(stride).enumerate() {
+                        let l = |k: usize| img[k * hw + px];
+                        let top = (1..classes).map(l).fold(l(0), f32::max);
+                        let sum: f32 = (0..classes).map(|k| (l(k) - top).exp()).sum();
+                        let lse = top + sum.ln();
+                        for (k, o) in (1..classes).zip(out) {
+                            let steps = (lse - l(k)) * COST_STEPS_PER_NAT;
+                            *o = steps.round().clamp(0.0, 255.0) as u8;
+                        }
+                    }
+                });
         }
         scores
     }
