@@ -9,8 +9,8 @@ use crate::data::dataset::stem;
 use crate::data::lobe_order::order_lobes_along_z;
 use crate::data::lung_mask::{lung_mask, LungMask};
 use crate::data::preprocess::{
-    keep_largest_components, paste_patches, volume_patches, CanonicalCt, PreprocessConfig,
-    VolumePatches,
+    keep_largest_components, paste_patches, patch_of_slice, volume_patches, CanonicalCt,
+    PreprocessConfig, VolumePatches,
 };
 use crate::data::{LOBE_NAMES, NUM_LOBES};
 use crate::engine::{InferenceEngine, LobeScores};
@@ -414,12 +414,9 @@ impl LobeMap {
             });
         if seg.has_costs() {
             // A voxel's cost is that of the patch pixel it was pasted from.
-            let mut patch_of_slice = vec![usize::MAX; dims[2]];
-            for (m, s) in body.slices.iter().enumerate() {
-                patch_of_slice[s.z] = m;
-            }
+            let which = patch_of_slice(&body.slices, dims[2]);
             order_lobes_along_z(&mut labels, dims, |x, y, z, lobe| {
-                let m = patch_of_slice[z];
+                let m = which[z];
                 let pixel = body.slices[m].crop.patch_pixel(x, y, patch);
                 seg.cost(m * patch * patch + pixel, lobe)
             });

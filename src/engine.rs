@@ -176,14 +176,10 @@ impl LobeScores {
     /// The labels (first maximum wins) and, with `costs`, the class costs of logits
     /// [m, classes, hw].
     pub fn from_logits(logits: &[f32], classes: usize, hw: usize, costs: bool) -> Self {
-        let m = logits.len() / (classes * hw);
-        let mut scores = LobeScores::from_parts(
-            argmax_classes(logits, m, classes, hw),
-            Vec::new(),
-            classes - 1,
-        );
+        let (m, stride) = (logits.len() / (classes * hw), classes - 1);
+        let labels = argmax_classes(logits, m, classes, hw);
+        let mut scores = LobeScores::from_parts(labels, Vec::new(), stride);
         if costs {
-            let stride = classes - 1;
             scores.costs = vec![0u8; m * hw * stride];
             scores
                 .costs
@@ -229,7 +225,7 @@ impl LobeScores {
 }
 
 /// Per-pixel argmax over classes of logits [m, c, hw] → labels [m, hw] (first maximum wins).
-pub fn argmax_classes(logits: &[f32], m: usize, c: usize, hw: usize) -> Vec<u8> {
+fn argmax_classes(logits: &[f32], m: usize, c: usize, hw: usize) -> Vec<u8> {
     let mut out = vec![0u8; m * hw];
     for i in 0..m {
         let img = &logits[i * c * hw..(i + 1) * c * hw];

@@ -3,7 +3,7 @@
 mod cli_common;
 
 use anyhow::{anyhow, Result};
-use cli_common::label_logits;
+use cli_common::label_scores;
 use m2unet::app::assess::{run_with_engine, AssessArgs};
 use m2unet::assess::{assess_volume, AssessOptions, LabelScheme};
 use m2unet::backend::{make_engine, Backend};
@@ -134,11 +134,9 @@ impl InferenceEngine for Oracle {
                     .ok_or_else(|| anyhow!("unknown patch"))?,
             );
         }
-        let classes = self.config.seg_classes;
-        let logits = label_logits(&out, classes, patch * patch);
-        Ok(LobeScores::from_logits(
-            &logits,
-            classes,
+        Ok(label_scores(
+            &out,
+            self.config.seg_classes,
             patch * patch,
             costs,
         ))
@@ -179,11 +177,9 @@ impl InferenceEngine for Painter {
         let labels: Vec<u8> = (0..patches.len())
             .map(|i| (i % patch * 5 / patch) as u8 + 1)
             .collect();
-        let classes = self.config.seg_classes;
-        let logits = label_logits(&labels, classes, patch * patch);
-        Ok(LobeScores::from_logits(
-            &logits,
-            classes,
+        Ok(label_scores(
+            &labels,
+            self.config.seg_classes,
             patch * patch,
             costs,
         ))

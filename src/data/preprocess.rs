@@ -424,13 +424,19 @@ pub fn label_patches(labels: &[u8], dims: [usize; 3], slices: &[SliceCrop], p: u
     out
 }
 
-/// Pastes per-slice label patches `[M, P, P]` back into a canonical volume (zero elsewhere).
-pub fn paste_patches(patches: &[u8], slices: &[SliceCrop], dims: [usize; 3], p: usize) -> Vec<u8> {
-    let n = dims[0] * dims[1];
-    let mut which = vec![usize::MAX; dims[2]];
+/// For each of `nz` slices, the index of its patch in `slices` (usize::MAX: none).
+pub fn patch_of_slice(slices: &[SliceCrop], nz: usize) -> Vec<usize> {
+    let mut which = vec![usize::MAX; nz];
     for (m, s) in slices.iter().enumerate() {
         which[s.z] = m;
     }
+    which
+}
+
+/// Pastes per-slice label patches `[M, P, P]` back into a canonical volume (zero elsewhere).
+pub fn paste_patches(patches: &[u8], slices: &[SliceCrop], dims: [usize; 3], p: usize) -> Vec<u8> {
+    let n = dims[0] * dims[1];
+    let which = patch_of_slice(slices, dims[2]);
     let mut out = vec![0u8; n * dims[2]];
     out.par_chunks_mut(n).enumerate().for_each(|(z, dst)| {
         let m = which[z];

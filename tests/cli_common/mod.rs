@@ -5,6 +5,7 @@
 
 use m2unet::app::synth::{run as run_synth, SynthArgs};
 use m2unet::data::phantom::Geometry;
+use m2unet::engine::LobeScores;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -86,4 +87,9 @@ pub fn label_logits(labels: &[u8], classes: usize, hw: usize) -> Vec<f32> {
         logits[(i / hw * classes + l as usize) * hw + i % hw] = 8.0;
     }
     logits
+}
+
+/// What `segment` of a test engine sure of `labels` [M, hw] returns (see [`label_logits`]).
+pub fn label_scores(labels: &[u8], classes: usize, hw: usize, costs: bool) -> LobeScores {
+    LobeScores::from_logits(&label_logits(labels, classes, hw), classes, hw, costs)
 }
